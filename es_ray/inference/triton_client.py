@@ -1,0 +1,86 @@
+"""Embedding through Triton: tokenise here, send token ids over gRPC, receive normalised vectors.
+
+The gRPC client is thread-safe, so one encoder serves every request thread of a replica; the
+tokenizer is not (a fast tokenizer refuses concurrent calls), so each thread gets its own.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import tritonclient.grpc as triton_grpc
+
+from es_ray.data.chunking import Chunks, split
+from es_ray.inference.encoder import load_tokenizer
+
+
+class TritonUnavailable(RuntimeError):
+    """Triton did not answer or failed the request."""
+
+
+class TritonEncoder:
+    """Client for one served encoder (query or item) of one model version.
+
+    `url` is Triton's gRPC address (host:port).
+    """
+
+    def __init__(self, url: str, model_name: str, model_version: int, tokenizer_dir: str,
+                 max_length: int, max_batch_size: int = 64, timeout_s: float = 30.0):
+        self.url, self.model_name, self.model_version = url, model_name, str(model_version)
+        self.max_length, self.max_batch_size, self.timeout_s = max_length, max_batch_size, timeout_s
+        self.tokenizer_dir = tokenizer_dir
+        self._local = threading.local()
+        self.client = triton_grpc.InferenceServerClient(url)
+
+    @property
+    def tokenizer(self):
+        if not hasattr(self._local, "tokenizer"):
+            self._local.tokenizer = load_tokenizer(self.tokenizer_dir)
+        return self._local.tokenizer
+
+    def embed_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Vectors for token-id rows, sent in batches of at most max_batch_size."""
+        out = []
+        for start in range(0, len(input_ids), self.max_batch_size):
+            ids = input_ids[start:start + self.max_batch_size]
+            mask = attention_mask[start:start + self.max_batch_size]
+            width = int(mask.sum(axis=1).max()) if len(mask) else 1  # drop all-padding columns
+            ids, mask = np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(mask[:, :width])
+            inputs = [triton_grpc.InferInput("input_ids__0", list(ids.shape), "INT64"),
+                      triton_grpc.InferInput("attention_mask__1", list(mask.shape), "INT64")]
+            inputs[0].set_data_from_numpy(ids)
+            inputs[1].set_data_from_numpy(mask)
+            try:
+                result = self.client.infer(self.model_name, inputs, model_version=self.model_version,
+                                           outputs=[triton_grpc.InferRequestedOutput("embedding__0")],
+                                           client_timeout=self.timeout_s)
+            except Exception as err:  # noqa: BLE001 - network errors and server errors alike
+                raise TritonUnavailable(f"Triton {self.model_name} v{self.model_version}: {err}") from err
+            out.append(result.as_numpy("embedding__0"))
+        return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    def embed_queries(self, texts: list[str]) -> np.ndarray:
+        """One vector per text, truncated to max_length tokens (queries are short)."""
+        encoded = self.tokenizer(texts, max_length=self.max_length, truncation=True, padding=True, return_tensors="np")
+        return self.embed_ids(encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64))
+
+    def embed_chunks(self, texts: list[str], overlap: int, max_chunks: int) -> tuple[Chunks, np.ndarray]:
+        """Splits long texts into chunks and embeds every chunk; returns the chunks and their vectors."""
+        chunks = split(self.tokenizer, texts, self.max_length, overlap, max_chunks)
+        order = np.argsort(-chunks.attention_mask.sum(axis=1), kind="stable")  # similar lengths share a batch
+        vectors = np.empty((len(order), 0), dtype=np.float32)
+        if len(order):
+            sorted_vectors = self.embed_ids(chunks.input_ids[order], chunks.attention_mask[order])
+            vectors = np.empty_like(sorted_vectors)
+            vectors[order] = sorted_vectors
+        return chunks, vectors
+
+    def ready(self) -> bool:
+        try:
+            return bool(self.client.is_model_ready(self.model_name, self.model_version))
+        except Exception:  # noqa: BLE001
+            return False
+
+    def close(self) -> None:
+        self.client.close()

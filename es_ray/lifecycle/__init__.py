@@ -1,0 +1,1 @@
+"""The lifecycle driver: a detached Ray actor that owns the blue/green state."""

@@ -1,0 +1,110 @@
+"""LifecycleDriver: the detached, named Ray actor that owns which model and collection are blue.
+
+Its state lives in Postgres (models, collections, blue), never only in the actor, so a restarted
+driver (Ray restarts it: max_restarts=-1) reads it back and carries on. Services find the stack's
+addresses through it, so a Ray job needs nothing but the cluster address.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from es_ray.config import Settings
+from es_ray.inference import deploy, registry
+from es_ray.inference.encoder import resolve_model_dir
+from es_ray.logs import get_logger
+from es_ray.stack.manifest import StackManifest
+from es_ray.store import db, lifecycle
+from es_ray.store.collections import Collection, collection_name
+
+log = get_logger(__name__)
+
+DRIVER_NAME = "lifecycle-driver"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class LifecycleDriver:
+    def __init__(self, settings: dict[str, Any], manifest: dict[str, Any]):
+        self.settings = Settings.model_validate(settings)
+        self.manifest = StackManifest.model_validate(manifest)
+        self.repo = Path(self.manifest.state_dir) / "triton" / "models"
+        db.migrate(self.manifest.postgres_dsn)
+        # After a restart, put the blue model back into Triton if Triton lost it.
+        if self.blue() is not None:
+            self.ensure_serving()
+
+    def _conn(self):
+        return db.connect(self.manifest.postgres_dsn)
+
+    def stack(self) -> dict[str, Any]:
+        """Addresses and settings for jobs and replicas."""
+        return {"settings": self.settings.model_dump(mode="json"), "manifest": self.manifest.model_dump()}
+
+    def blue(self) -> dict[str, Any] | None:
+        with self._conn() as conn:
+            blue = lifecycle.get_blue(conn)
+        return blue.__dict__ if blue else None
+
+    def ensure_serving(self) -> dict[str, Any]:
+        """Idempotent bootstrap: a registered v1, deployed to Triton, with a collection, pointed to by blue."""
+        started = time.monotonic()
+        with self._conn() as conn:
+            blue = lifecycle.get_blue(conn)
+            if blue is None:
+                model_dir = resolve_model_dir(self.settings.model.source)
+                version = registry.register_initial_model(self.settings, model_dir)
+                local_dir = registry.download(self.settings, version)
+                model = lifecycle.ModelRecord(version=version, mlflow_uri=registry.model_uri(self.settings, version),
+                                              source_dir=str(local_dir), dim=deploy.model_dim(local_dir),
+                                              max_length=self.settings.model.max_length)
+                lifecycle.save_model(conn, model)
+                deploy.deploy(self.settings, self.repo, self.manifest.triton_url, version, local_dir)
+                lifecycle.save_model(conn, lifecycle.ModelRecord(**{**model.__dict__, "state": "deployed"}))
+                name = collection_name(version)
+                Collection(name, model.dim).create(conn, self.settings.postgres.hnsw_m,
+                                                   self.settings.postgres.hnsw_ef_construction)
+                lifecycle.save_collection(conn, name, version, "ready")
+                lifecycle.set_blue(conn, version, name)
+                log.info("lifecycle.bootstrapped", model_version=version, collection=name)
+            else:
+                deploy.deploy(self.settings, self.repo, self.manifest.triton_url, blue.model_version,
+                              Path(blue.source_dir))
+            blue = lifecycle.get_blue(conn)
+        log.info("lifecycle.serving", model_version=blue.model_version, collection=blue.collection,
+                 seconds=round(time.monotonic() - started, 2))
+        return blue.__dict__
+
+    def status(self) -> dict[str, Any]:
+        with self._conn() as conn:
+            blue = lifecycle.get_blue(conn)
+            count = Collection(blue.collection, blue.dim).count(conn) if blue else 0
+        return {"blue": blue.__dict__ if blue else None, "items": count}
+
+    def health(self) -> dict[str, str]:
+        """Postgres and the MLflow registry, as seen from the driver."""
+        report = {}
+        try:
+            with self._conn() as conn:
+                conn.execute("SELECT 1")
+            report["postgres"] = "ok"
+        except Exception as err:  # noqa: BLE001
+            report["postgres"] = f"error: {err}"
+        try:
+            registry.client(registry.tracking_uri(self.settings)).search_registered_models(max_results=1)
+            report["mlflow"] = "ok"
+        except Exception as err:  # noqa: BLE001
+            report["mlflow"] = f"error: {err}"
+        return report
+
+
+def get_driver(namespace: str = "es-ray"):
+    return ray.get_actor(DRIVER_NAME, namespace=namespace)
+
+
+def start_driver(settings: Settings, manifest: StackManifest):
+    return LifecycleDriver.options(name=DRIVER_NAME, namespace=settings.ray.namespace, lifetime="detached",
+                                   get_if_exists=True).remote(settings.model_dump(mode="json"), manifest.model_dump())

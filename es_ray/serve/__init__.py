@@ -1,0 +1,1 @@
+"""Ray Serve: the HTTP API (search, items, health) as one FastAPI ingress deployment."""

@@ -1,0 +1,208 @@
+"""The HTTP API: one FastAPI ingress deployment on Ray Serve.
+
+A request reads top to bottom here: validate (schemas.py) -> embed through Triton
+(inference/triton_client.py) -> query or write the blue collection (store/collections.py).
+Replicas find the stack through the lifecycle driver and follow the blue pointer in Postgres.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from es_ray.config import Settings
+from es_ray.data import pipeline
+from es_ray.inference.triton_client import TritonEncoder, TritonUnavailable
+from es_ray.inference.triton_repo import ENCODERS, QUERY_ENCODER
+from es_ray.lifecycle.driver import get_driver
+from es_ray.logs import get_logger
+from es_ray.serve import schemas
+from es_ray.stack.manifest import StackManifest
+from es_ray.store import db, lifecycle
+from es_ray.store.collections import Collection
+from es_ray.store.lifecycle import Blue
+
+log = get_logger(__name__)
+
+app = FastAPI(
+    title="es-ray",
+    description="Self-improving semantic search: search, items and health. Errors are JSON objects "
+                "{\"error\": message, \"details\": [...]}.",
+    version="0.1.0",
+)
+
+
+def _field_path(location: tuple) -> str:
+    return ".".join(str(part) for part in location if part != "body") or "body"
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = []
+    for error in exc.errors():
+        message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+        field = _field_path(tuple(error.get("loc", ())))
+        if error.get("type") == "json_invalid":
+            position = error.get("loc", ("body", "?"))[-1]
+            field, message = "body", (f"request body is not valid JSON at character {position} "
+                                      f"({error.get('ctx', {}).get('error', 'parse error')})")
+        details.append({"field": field, "message": message})
+    summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
+    return JSONResponse(status_code=422, content={"error": summary, "details": details})
+
+
+class BlueWatcher:
+    """Keeps the replica's view of the blue pointer fresh by polling Postgres in the background.
+
+    A request takes one snapshot at its start and uses it to the end, so a switch never mixes two
+    models or collections inside one response.
+    """
+
+    def __init__(self, pool, refresh_s: float):
+        self.pool, self.refresh_s = pool, refresh_s
+        self.current: Blue | None = self._read()
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, name="blue-watcher", daemon=True).start()
+
+    def _read(self) -> Blue | None:
+        with self.pool.connection() as conn:
+            return lifecycle.get_blue(conn)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            try:
+                self.current = self._read()
+            except Exception as err:  # noqa: BLE001 - keep the last known pointer while Postgres is away
+                log.warning("blue.refresh_failed", error=str(err))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class ServiceUnavailable(Exception):
+    pass
+
+
+@app.exception_handler(ServiceUnavailable)
+async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
+
+
+@serve.deployment(name="SearchAPI", ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class SearchAPI:
+    def __init__(self, namespace: str = "es-ray"):
+        stack = ray.get(get_driver(namespace).stack.remote())
+        self.settings = Settings.model_validate(stack["settings"])
+        self.manifest = StackManifest.model_validate(stack["manifest"])
+        schemas.configure_limits(self.settings.serve)
+        self.driver = get_driver(namespace)
+        self.pool = db.open_pool(self.manifest.postgres_dsn, self.settings.postgres.pool_size,
+                                 self.settings.postgres.hnsw_ef_search)
+        self.blue = BlueWatcher(self.pool, self.settings.serve.blue_refresh_s)
+        self._encoders: dict[tuple[str, int], TritonEncoder] = {}
+        self._lock = threading.Lock()
+
+    def _encoder(self, name: str, blue: Blue) -> TritonEncoder:
+        key = (name, blue.model_version)
+        with self._lock:
+            if key not in self._encoders:
+                self._encoders[key] = TritonEncoder(self.manifest.triton_grpc_url, name, blue.model_version,
+                                                    blue.source_dir, blue.max_length,
+                                                    self.settings.triton.max_batch_size, self.settings.triton.timeout_s)
+            return self._encoders[key]
+
+    def _blue(self) -> Blue:
+        blue = self.blue.current
+        if blue is None:
+            raise ServiceUnavailable("no blue model yet: the stack is still bootstrapping")
+        return blue
+
+    @app.get("/healthz", summary="200 once Postgres, Triton, MLflow and the lifecycle driver answer")
+    def healthz(self) -> JSONResponse:
+        report: dict[str, Any] = {}
+        try:
+            report.update(ray.get(self.driver.health.remote(), timeout=10))
+            report["lifecycle_driver"] = "ok"
+        except Exception as err:  # noqa: BLE001
+            report["lifecycle_driver"] = f"error: {err}"
+        blue = self.blue.current
+        if blue is None:
+            report["triton"] = "error: no blue model"
+        else:
+            ready = all(self._encoder(name, blue).ready() for name in ENCODERS)
+            report["triton"] = "ok" if ready else f"error: model v{blue.model_version} not ready"
+            report["blue"] = {"model_version": blue.model_version, "collection": blue.collection}
+        healthy = all(v == "ok" for k, v in report.items() if k != "blue")
+        return JSONResponse(status_code=200 if healthy else 503, content={"healthy": healthy, **report})
+
+    @app.post("/v1/search", response_model=schemas.SearchResponse, summary="Semantic search over the blue collection")
+    def search(self, request: schemas.SearchRequest) -> schemas.SearchResponse:
+        blue = self._blue()
+        try:
+            vector = self._encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]
+            with self.pool.connection() as conn:
+                hits = Collection(blue.collection, blue.dim).search(conn, vector, request.limit, request.offset,
+                                                                    request.filter)
+        except TritonUnavailable as err:
+            raise ServiceUnavailable(f"embedding service unavailable: {err}") from err
+        except db.OperationalError as err:
+            raise ServiceUnavailable(f"database unavailable: {err}") from err
+        return schemas.SearchResponse(model=f"v{blue.model_version}",
+                                      results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
+                                               for h in hits])
+
+    @app.put("/v1/items", response_model=schemas.UpsertResponse,
+             summary="Insert or replace items (long texts are chunked; each chunk and the average get a vector)")
+    def upsert(self, request: schemas.UpsertRequest) -> schemas.UpsertResponse:
+        blue = self._blue()
+        items = [item.model_dump() for item in request.items]
+        started = time.monotonic()
+        if len(items) > self.settings.serve.large_upsert_items:
+            written, failed = self._upsert_with_ray_data(items, blue)
+        else:
+            written, failed = pipeline.upsert_now(self._encoder(pipeline.ITEM_ENCODER, blue), self.pool,
+                                                  Collection(blue.collection, blue.dim), self.settings, items)
+        if failed and not written:
+            raise ServiceUnavailable(f"no item could be stored: {failed[0]['error']}")
+        log.info("items.upserted", items=written, failed=len(failed), seconds=round(time.monotonic() - started, 3))
+        return schemas.UpsertResponse(upserted=written, failed=[schemas.ItemFailure(**f) for f in failed])
+
+    def _upsert_with_ray_data(self, items: list[dict[str, Any]], blue: Blue) -> tuple[int, list[dict[str, str]]]:
+        import json
+
+        import ray.data
+
+        rows = [{"id": i["id"], "text": i["text"], "payload_json": json.dumps(i["payload"])} for i in items]
+        written, failed = 0, []
+        for batch in pipeline.upsert_dataset(ray.data.from_items(rows), self.settings, self.manifest.triton_grpc_url,
+                                             self.manifest.postgres_dsn, blue):
+            for item_id, error in zip(batch["id"], batch["error"]):
+                if error:
+                    failed.append({"id": str(item_id), "error": str(error)})
+                else:
+                    written += 1
+        return written, failed
+
+    @app.delete("/v1/items", response_model=schemas.DeleteResponse, summary="Delete items by id")
+    def delete(self, request: schemas.DeleteRequest) -> schemas.DeleteResponse:
+        blue = self._blue()
+        try:
+            with self.pool.connection() as conn:
+                deleted = Collection(blue.collection, blue.dim).delete(conn, request.ids)
+        except db.OperationalError as err:
+            raise ServiceUnavailable(f"database unavailable: {err}") from err
+        return schemas.DeleteResponse(deleted=deleted)
+
+
+def build_app(args: dict[str, Any] | None = None):
+    """Serve application builder (import path es_ray.serve.app:build_app, see configs/serve.yaml)."""
+    args = args or {}
+    return SearchAPI.options(num_replicas=int(args.get("replicas", 1))).bind(args.get("namespace", "es-ray"))

@@ -1,0 +1,137 @@
+"""Request and response bodies of the HTTP API. Limits come from configs/stack.yaml (serve:)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from es_ray.config import ServeSettings
+from es_ray.store.filters import compile_filter
+
+LIMITS = ServeSettings()  # replaced by configure_limits() at app build time
+
+
+def configure_limits(settings: ServeSettings) -> None:
+    global LIMITS
+    LIMITS = settings
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _check_id(value: str) -> str:
+    if not value:
+        raise ValueError("id must not be empty")
+    if len(value) > LIMITS.max_id_length:
+        raise ValueError(f"id is {len(value)} characters long; the limit is {LIMITS.max_id_length}")
+    if "\x00" in value:
+        raise ValueError("id must not contain NUL characters")
+    return value
+
+
+class Item(Strict):
+    id: str = Field(description="Your identifier for the item; re-upserting an id replaces the item.")
+    text: str = Field(description="The text to embed; long texts are split into chunks.")
+    payload: dict[str, Any] = Field(default_factory=dict, description="Any JSON object, returned with results "
+                                    "and usable in filters.")
+
+    _id = field_validator("id")(_check_id)
+
+    @field_validator("text")
+    @classmethod
+    def _check_text(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text must not be empty")
+        if len(value) > LIMITS.max_text_chars:
+            raise ValueError(f"text is {len(value)} characters long; the limit is {LIMITS.max_text_chars}")
+        if "\x00" in value:
+            raise ValueError("text must not contain NUL characters")
+        return value
+
+
+class UpsertRequest(Strict):
+    items: list[Item] = Field(min_length=1)
+
+    @field_validator("items")
+    @classmethod
+    def _check_count(cls, items: list[Item]) -> list[Item]:
+        if len(items) > LIMITS.max_items_per_request:
+            raise ValueError(f"{len(items)} items in one request; the limit is {LIMITS.max_items_per_request} "
+                             "(use the bulk upsert job for more)")
+        return items
+
+
+class ItemFailure(BaseModel):
+    id: str
+    error: str
+
+
+class UpsertResponse(BaseModel):
+    upserted: int
+    failed: list[ItemFailure] = []
+
+
+class DeleteRequest(Strict):
+    ids: list[str] = Field(min_length=1)
+
+    @field_validator("ids")
+    @classmethod
+    def _check_ids(cls, ids: list[str]) -> list[str]:
+        if len(ids) > LIMITS.max_items_per_request:
+            raise ValueError(f"{len(ids)} ids in one request; the limit is {LIMITS.max_items_per_request}")
+        return [_check_id(i) for i in ids]
+
+
+class DeleteResponse(BaseModel):
+    deleted: int
+
+
+class SearchRequest(Strict):
+    query: str = Field(description="Free text.")
+    limit: int = Field(10, description="Results per page, 1 to serve.max_limit (default 100).")
+    offset: int = Field(0, description="Results to skip, 0 to serve.max_offset.")
+    filter: dict[str, Any] | None = Field(None, description="Payload filter, see es_ray.store.filters: "
+                                          '{"field": value}, {"field": {"in"|"gt"|"gte"|"lt"|"lte"|"ne"|"exists": '
+                                          '...}}, {"and"|"or": [...]}, {"not": {...}}.')
+
+    @field_validator("query")
+    @classmethod
+    def _check_query(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("query must not be empty")
+        if len(value) > LIMITS.max_text_chars:
+            raise ValueError(f"query is {len(value)} characters long; the limit is {LIMITS.max_text_chars}")
+        return value
+
+    @field_validator("filter")
+    @classmethod
+    def _check_filter(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        compile_filter(value)  # raises FilterError (a ValueError) naming the bad part
+        return value
+
+    @field_validator("limit")
+    @classmethod
+    def _check_limit(cls, value: int) -> int:
+        if not 1 <= value <= LIMITS.max_limit:
+            raise ValueError(f"limit must be between 1 and {LIMITS.max_limit}")
+        return value
+
+    @field_validator("offset")
+    @classmethod
+    def _check_offset(cls, value: int) -> int:
+        if not 0 <= value <= LIMITS.max_offset:
+            raise ValueError(f"offset must be between 0 and {LIMITS.max_offset}")
+        return value
+
+
+class SearchResult(BaseModel):
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    model: str = Field(description="The model version that embedded the query, e.g. 'v1'.")
+    results: list[SearchResult]

@@ -1,0 +1,1 @@
+"""The embedded stack: starts, checks and stops Ray, PostgreSQL, Triton and MLflow on one machine."""

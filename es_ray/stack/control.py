@@ -1,0 +1,219 @@
+"""`es-ray up`, `status` and `down`: the embedded stack as one unit, recorded in <state dir>/stack.json.
+
+Each component is either started here (embedded default) or taken from configuration (an external
+address), and `down` stops only what this state dir started. Ports chosen at the first `up` are
+kept in the manifest, so a restarted stack listens where it did before.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from es_ray.config import Settings
+from es_ray.inference import registry
+from es_ray.logs import get_logger
+from es_ray.stack import postgres, ray_head, triton
+from es_ray.stack.manifest import StackManifest, free_port, port_or_free
+
+log = get_logger(__name__)
+
+
+def _port(recorded_url: str, configured: int) -> int:
+    """The port recorded at an earlier `up`, else the configured one, else a free one."""
+    if recorded_url:
+        return int(recorded_url.rsplit(":", 1)[1])
+    return port_or_free(configured)
+
+
+def up(settings: Settings, wait_s: float = 600) -> StackManifest:
+    """Starts what is not running yet, bootstraps the blue model, deploys Serve; returns once healthy."""
+    started = time.monotonic()
+    state = settings.state_path
+    state.mkdir(parents=True, exist_ok=True)
+    manifest = StackManifest.load(state) or StackManifest(state_dir=str(state))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    # PostgreSQL + pgvector
+    if settings.postgres.dsn:
+        manifest.postgres_dsn, manifest.postgres_started = settings.postgres.dsn, False
+    else:
+        manifest.postgres_dsn, manifest.postgres_started = postgres.start(state), True
+
+    # Triton
+    if settings.triton.url:
+        manifest.triton_url = settings.triton.url
+        manifest.triton_grpc_url = settings.triton.url.rsplit(":", 1)[0] + f":{settings.triton.grpc_port or 8001}"
+        manifest.triton_pid = 0
+    else:
+        http_port = _port(manifest.triton_url, settings.triton.http_port)
+        grpc_port = _port(manifest.triton_grpc_url, settings.triton.grpc_port)
+        metrics_port = _port(manifest.triton_metrics_url, settings.triton.metrics_port)
+        pid = triton.running_pid(state)
+        if pid is None:
+            pid = triton.start(state, http_port, grpc_port, metrics_port)
+        manifest.triton_url, manifest.triton_grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+        manifest.triton_metrics_url, manifest.triton_pid = f"127.0.0.1:{metrics_port}", pid
+
+    # MLflow: a sqlite file under the state dir unless a tracking server is configured.
+    manifest.mlflow_uri = registry.tracking_uri(settings)
+
+    # Ray head
+    if settings.ray.address:
+        manifest.ray_address, manifest.ray_started = settings.ray.address, False
+        manifest.ray_dashboard_url = manifest.ray_dashboard_url or f"http://127.0.0.1:{settings.ray.dashboard_port}"
+    else:
+        gcs_port = _port(manifest.ray_address, settings.ray.gcs_port)
+        dashboard_port = _port(manifest.ray_dashboard_url, settings.ray.dashboard_port)
+        if not (ray_head.is_running(state) and ray_head.dashboard_up(f"http://127.0.0.1:{dashboard_port}")):
+            ray_head.stop(state)  # leftovers of a crashed head
+            ray_head.start(state, gcs_port, dashboard_port, port_or_free(settings.ray.client_server_port),
+                           free_port(), settings.ray.num_cpus)
+        manifest.ray_address, manifest.ray_started = f"127.0.0.1:{gcs_port}", True
+        manifest.ray_dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    manifest.serve_url = f"http://{settings.serve.host}:{settings.serve.port}"
+    manifest.save()
+
+    _start_driver_and_serve(settings, manifest)
+    wait_healthy(manifest.serve_url, wait_s)
+    log.info("stack.up", seconds=round(time.monotonic() - started, 1), url=manifest.serve_url)
+    return manifest
+
+
+def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None:
+    import ray
+    from ray import serve
+
+    from es_ray.lifecycle.driver import start_driver
+    from es_ray.serve.app import build_app
+
+    os.environ.update({k: v for k, v in ray_head.environment(Path(manifest.state_dir)).items()
+                       if k.startswith(("RAY_", "HF_", "TOKENIZERS"))})
+    ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning",
+             log_to_driver=False)
+    try:
+        driver = start_driver(settings, manifest)
+        ray.get(driver.ensure_serving.remote())
+        serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port},
+                    logging_config={"enable_access_log": False})
+        application = build_app({"namespace": settings.ray.namespace, "replicas": settings.serve.replicas})
+        serve.run(application, name=settings.serve.app_name, route_prefix="/", blocking=False)
+    finally:
+        ray.shutdown()
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    deadline, last = time.monotonic() + timeout_s, "no answer"
+    while time.monotonic() < deadline:
+        try:
+            response = requests.get(f"{url}/healthz", timeout=10)
+            if response.status_code == 200:
+                return
+            last = response.text
+        except requests.RequestException as err:
+            last = str(err)
+        time.sleep(1)
+    raise TimeoutError(f"{url}/healthz not healthy after {timeout_s}s: {last}")
+
+
+def down(settings: Settings) -> list[str]:
+    """Stops what this state dir started, and nothing else; returns what it stopped."""
+    state = settings.state_path
+    manifest = StackManifest.load(state)
+    stopped = []
+    if manifest is None:
+        return stopped
+    if manifest.ray_started:
+        if ray_head.stop(state):
+            stopped.append("ray")
+    elif manifest.ray_address:
+        _remove_from_external_ray(settings, manifest)
+        stopped.append("serve app and lifecycle driver")
+    if manifest.triton_pid and triton.running_pid(state):
+        triton.stop(state)
+        stopped.append("triton")
+    if manifest.postgres_started and postgres.is_running(state):
+        postgres.stop(state)
+        stopped.append("postgres")
+    log.info("stack.down", stopped=stopped)
+    return stopped
+
+
+def _remove_from_external_ray(settings: Settings, manifest: StackManifest) -> None:
+    import ray
+    from ray import serve
+
+    from es_ray.lifecycle.driver import DRIVER_NAME
+
+    ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning")
+    try:
+        serve.delete(settings.serve.app_name)
+        ray.kill(ray.get_actor(DRIVER_NAME, namespace=settings.ray.namespace), no_restart=True)
+    except ValueError:
+        pass
+    finally:
+        ray.shutdown()
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    """What runs, read without starting anything."""
+    state = settings.state_path
+    manifest = StackManifest.load(state)
+    if manifest is None:
+        return {"state_dir": str(state), "running": False, "note": "no stack.json: `es-ray up` has not run here"}
+    report: dict[str, Any] = {"state_dir": str(state)}
+    report["ray"] = {"address": manifest.ray_address, "dashboard": manifest.ray_dashboard_url,
+                     "up": ray_head.dashboard_up(manifest.ray_dashboard_url)}
+    report["postgres"] = {"dsn": manifest.postgres_dsn, "up": _postgres_up(manifest.postgres_dsn)}
+    report["triton"] = {"http": manifest.triton_url, "grpc": manifest.triton_grpc_url,
+                        "up": _http_ok(f"http://{manifest.triton_url}/v2/health/live")}
+    report["mlflow"] = {"tracking_uri": manifest.mlflow_uri, "up": _mlflow_up(manifest.mlflow_uri)}
+    report["serve"] = {"url": manifest.serve_url, "healthy": _http_ok(f"{manifest.serve_url}/healthz")}
+    if report["postgres"]["up"]:
+        report.update(_blue_and_count(manifest.postgres_dsn))
+    return report
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def _postgres_up(dsn: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(dsn, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def _mlflow_up(uri: str) -> bool:
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).exists()
+    return _http_ok(f"{uri.rstrip('/')}/health")
+
+
+def _blue_and_count(dsn: str) -> dict[str, Any]:
+    import psycopg
+
+    from es_ray.store import db, lifecycle
+    from es_ray.store.collections import Collection
+
+    try:
+        with db.connect(dsn) as conn:
+            blue = lifecycle.get_blue(conn)
+            if blue is None:
+                return {"blue": None, "items": 0}
+            return {"blue": {"model_version": blue.model_version, "collection": blue.collection},
+                    "items": Collection(blue.collection, blue.dim).count(conn)}
+    except psycopg.Error as err:
+        return {"blue": f"error: {err}"}

@@ -1,0 +1,57 @@
+"""What `es-ray up` started and where it listens, saved as <state dir>/stack.json.
+
+`status` and `down` read it so they act only on what this state dir started; jobs and tests read it
+to find the services.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel
+
+MANIFEST_NAME = "stack.json"
+
+
+class StackManifest(BaseModel):
+    state_dir: str
+    ray_address: str = ""          # GCS address, host:port
+    ray_dashboard_url: str = ""    # for `ray job submit` and the dashboard
+    ray_started: bool = False      # did this state dir start the Ray head?
+    postgres_dsn: str = ""
+    postgres_started: bool = False
+    triton_url: str = ""           # host:port of Triton's HTTP API (model control, health)
+    triton_grpc_url: str = ""      # host:port of Triton's gRPC API (inference)
+    triton_metrics_url: str = ""
+    triton_pid: int = 0
+    mlflow_uri: str = ""
+    serve_url: str = ""
+
+    @classmethod
+    def path(cls, state_dir: Path) -> Path:
+        return Path(state_dir) / MANIFEST_NAME
+
+    @classmethod
+    def load(cls, state_dir: Path) -> "StackManifest | None":
+        path = cls.path(state_dir)
+        if not path.exists():
+            return None
+        return cls.model_validate_json(path.read_text())
+
+    def save(self) -> None:
+        path = self.path(Path(self.state_dir))
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.model_dump(), indent=2))
+        tmp.replace(path)  # atomic: a crash never leaves half a manifest
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_or_free(port: int) -> int:
+    return port if port else free_port()

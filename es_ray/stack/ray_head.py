@@ -1,0 +1,110 @@
+"""The embedded Ray head: `ray start --head` with its temp dir under the state dir.
+
+`ray stop` would stop every Ray process on the machine, so `stop()` ends only the processes that
+belong to this state dir's head (they all carry its temp dir on their command line).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+from es_ray.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def temp_dir(state_dir: Path) -> Path:
+    return state_dir / "ray"
+
+
+def environment(state_dir: Path) -> dict[str, str]:
+    env = os.environ.copy()
+    env["RAY_TMPDIR"] = str(temp_dir(state_dir))
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only embedded head; see DESIGN.md
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def start(state_dir: Path, gcs_port: int, dashboard_port: int, client_server_port: int, agent_port: int,
+          num_cpus: int = 0) -> None:
+    temp = temp_dir(state_dir)
+    temp.mkdir(parents=True, exist_ok=True)
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head",
+               "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+               f"--ray-client-server-port={client_server_port}", f"--dashboard-agent-listen-port={agent_port}",
+               f"--temp-dir={temp}", "--disable-usage-stats"]
+    if num_cpus:
+        command.append(f"--num-cpus={num_cpus}")
+    result = subprocess.run(command, env=environment(state_dir), capture_output=True, text=True, timeout=180)
+    if result.returncode != 0:
+        raise RuntimeError(f"ray start failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    wait_dashboard(f"http://127.0.0.1:{dashboard_port}", 120)
+    log.info("ray.started", address=f"127.0.0.1:{gcs_port}", dashboard=f"http://127.0.0.1:{dashboard_port}")
+
+
+def wait_dashboard(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if dashboard_up(url):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"Ray dashboard at {url} did not answer within {timeout_s}s")
+
+
+def dashboard_up(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/api/version", timeout=2).ok
+    except requests.RequestException:
+        return False
+
+
+def processes(state_dir: Path) -> list[psutil.Process]:
+    marker = str(temp_dir(state_dir))
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            continue
+    # Workers are children of the raylet and may not carry the marker themselves.
+    children = [c for p in found for c in _children(p)]
+    return list({p.pid: p for p in found + children}.values())
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def is_running(state_dir: Path) -> bool:
+    return bool(processes(state_dir))
+
+
+def stop(state_dir: Path, timeout_s: float = 20) -> int:
+    victims = [p for p in processes(state_dir) if p.pid != os.getpid()]
+    for process in victims:
+        try:
+            process.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=timeout_s)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    log.info("ray.stopped", processes=len(victims))
+    return len(victims)

@@ -1,0 +1,126 @@
+"""Embedded Triton Inference Server: the `tritonserver` binary shipped inside the nvidia-pytriton wheel.
+
+Runs in explicit model-control mode over <state dir>/triton/models, so models load and unload only
+when the lifecycle driver asks. The wheel bundles just the python backend; its stub process needs the
+interpreter's lib dir and the wheel's bundled libs on LD_LIBRARY_PATH (see DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import psutil
+
+from es_ray.logs import get_logger
+
+log = get_logger(__name__)
+
+
+def model_repository(state_dir: Path) -> Path:
+    return state_dir / "triton" / "models"
+
+
+def _install_server(state_dir: Path) -> Path:
+    """Copies the server out of the wheel once, with the stub for this Python placed in the backend dir."""
+    from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+
+    server_dir = state_dir / "triton" / "server"
+    stub_dst = server_dir / "backends" / "python" / "triton_python_backend_stub"
+    if not stub_dst.exists():
+        dist = get_root_module_path() / "tritonserver"
+        shutil.copytree(dist, server_dir, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("python_backend_stubs"))
+        shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"), stub_dst)
+    (server_dir / "libs").unlink(missing_ok=True)
+    (server_dir / "libs").symlink_to(get_libs_path())
+    return server_dir
+
+
+def _environment(server_dir: Path) -> dict[str, str]:
+    env = os.environ.copy()
+    lib_dirs = [str(server_dir / "libs"), sysconfig.get_config_var("LIBDIR") or ""]
+    env["LD_LIBRARY_PATH"] = ":".join([d for d in lib_dirs if d] + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+    # The stub runs the base interpreter; the venv's bin first on PATH keeps its tools visible.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def start(state_dir: Path, http_port: int, grpc_port: int, metrics_port: int, timeout_s: float = 60) -> int:
+    """Starts tritonserver detached from this process and waits until it is live; returns its pid."""
+    server_dir = _install_server(state_dir)
+    repo = model_repository(state_dir)
+    repo.mkdir(parents=True, exist_ok=True)
+    log_path = state_dir / "triton" / "tritonserver.log"
+    command = [
+        str(server_dir / "bin" / "tritonserver"),
+        f"--model-repository={repo}",
+        "--model-control-mode=explicit",
+        f"--backend-directory={server_dir / 'backends'}",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-port={metrics_port}",
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--exit-on-error=false",
+        "--strict-readiness=false",
+        "--log-verbose=0",
+    ]
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=_environment(server_dir),
+                                   start_new_session=True, cwd=state_dir)
+    (state_dir / "triton" / "tritonserver.pid").write_text(str(process.pid))
+    wait_live(f"127.0.0.1:{http_port}", timeout_s, process)
+    log.info("triton.started", pid=process.pid, http_port=http_port, grpc_port=grpc_port, repository=str(repo))
+    return process.pid
+
+
+def wait_live(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
+    import tritonclient.http as triton_http
+
+    deadline = time.monotonic() + timeout_s
+    client = triton_http.InferenceServerClient(url)
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with code {process.returncode}; see its log in the state dir")
+        try:
+            if client.is_server_live():
+                return
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"Triton at {url} not live after {timeout_s}s")
+
+
+def running_pid(state_dir: Path) -> int | None:
+    pid_file = state_dir / "triton" / "tritonserver.pid"
+    if not pid_file.exists():
+        return None
+    pid = int(pid_file.read_text())
+    try:
+        process = psutil.Process(pid)
+        if process.is_running() and "tritonserver" in " ".join(process.cmdline()):
+            return pid
+    except psutil.Error:
+        pass
+    return None
+
+
+def stop(state_dir: Path, timeout_s: float = 20) -> None:
+    pid = running_pid(state_dir)
+    if pid is None:
+        return
+    process = psutil.Process(pid)
+    children = process.children(recursive=True)  # python backend stubs
+    os.kill(pid, signal.SIGTERM)
+    _, alive = psutil.wait_procs([process, *children], timeout=timeout_s)
+    for leftover in alive:
+        leftover.kill()
+    (state_dir / "triton" / "tritonserver.pid").unlink(missing_ok=True)
+    log.info("triton.stopped", pid=pid)

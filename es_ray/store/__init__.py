@@ -1,0 +1,1 @@
+"""PostgreSQL + pgvector: the one database for items, vectors, clickstream and lifecycle state."""

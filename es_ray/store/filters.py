@@ -1,0 +1,128 @@
+"""The payload filter language, compiled to parameterised SQL over the items' JSONB payload.
+
+A filter is a JSON object. Keys are payload fields (dotted paths reach nested objects) or the
+combinators `and`, `or`, `not`:
+
+    {"category": "news"}                         equality (also {"category": {"eq": "news"}})
+    {"category": {"ne": "news"}}                 not equal (items without the field match too)
+    {"tags": {"in": ["a", "b"]}}                 the field equals one of the values, or, for an
+                                                 array field, contains one of them
+    {"year": {"gte": 2000, "lt": 2010}}          range: gt, gte, lt, lte (numbers or strings)
+    {"author": {"exists": true}}                 the field is present (false: absent)
+    {"and": [f1, f2]}, {"or": [f1, f2]}, {"not": f}
+    {"a": 1, "b": 2}                             several keys in one object are ANDed
+
+Field names never reach the SQL text: paths are passed as text[] parameters (`payload #> %(f0)s`) and
+values as JSONB parameters. Range comparisons only match values of the same JSON type, so a string
+never compares with a number and no cast can fail at query time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from psycopg import sql
+
+FIELD_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}(\.[A-Za-z_][A-Za-z0-9_-]{0,63}){0,7}$")
+RANGE_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
+OPERATORS = {"eq", "ne", "in", "exists", *RANGE_OPERATORS}
+MAX_DEPTH = 16
+MAX_IN_VALUES = 1000
+
+
+class FilterError(ValueError):
+    """The filter is not valid; the message says where and why."""
+
+
+class _Params(dict):
+    """Named query parameters f0, f1, ...; `add` returns the placeholder for a new one."""
+
+    def add(self, value: Any, cast: str) -> sql.Composable:
+        name = f"f{len(self)}"
+        self[name] = value
+        return sql.SQL("{}::" + cast).format(sql.Placeholder(name))
+
+
+def compile_filter(filter_: dict[str, Any] | None, column: str = "payload") -> tuple[sql.Composable, dict[str, Any]]:
+    """Returns (SQL condition, named parameters). An empty or missing filter is TRUE."""
+    params = _Params()
+    if not filter_:
+        return sql.SQL("TRUE"), params
+    condition = _compile_object(filter_, sql.Identifier(*column.split(".")), params, "filter", 0)
+    return condition, params
+
+
+def _compile_object(obj: Any, column: sql.Composable, params: _Params, where: str, depth: int) -> sql.Composable:
+    if depth > MAX_DEPTH:
+        raise FilterError(f"{where}: filter nested deeper than {MAX_DEPTH} levels")
+    if not isinstance(obj, dict) or not obj:
+        raise FilterError(f"{where}: expected a non-empty object, got {json.dumps(obj)[:80]}")
+    parts = []
+    for key, value in obj.items():
+        here = f"{where}.{key}"
+        if key in ("and", "or"):
+            if not isinstance(value, list) or not value:
+                raise FilterError(f"{here}: expected a non-empty list of filters")
+            inner = [_compile_object(v, column, params, f"{here}[{i}]", depth + 1) for i, v in enumerate(value)]
+            joiner = sql.SQL(" AND ") if key == "and" else sql.SQL(" OR ")
+            parts.append(sql.SQL("({})").format(joiner.join(inner)))
+        elif key == "not":
+            parts.append(sql.SQL("(NOT {})").format(_compile_object(value, column, params, here, depth + 1)))
+        else:
+            parts.append(_compile_field(key, value, column, params, here))
+    return parts[0] if len(parts) == 1 else sql.SQL("({})").format(sql.SQL(" AND ").join(parts))
+
+
+def _compile_field(field: str, spec: Any, column: sql.Composable, params: _Params, where: str) -> sql.Composable:
+    if not FIELD_PATTERN.match(field):
+        raise FilterError(f"{where}: '{field[:80]}' is not a field name (letters, digits, _ and -, dots for nesting)"
+                          " nor one of and/or/not")
+    path = field.split(".")
+    if not isinstance(spec, dict):
+        return _equals(path, spec, column, params, where)
+    if not spec:
+        raise FilterError(f"{where}: empty operator object")
+    unknown = sorted(set(spec) - OPERATORS)
+    if unknown:
+        raise FilterError(f"{where}: unknown operator '{unknown[0]}' (known: {', '.join(sorted(OPERATORS))})")
+    parts = []
+    for op, value in spec.items():
+        if op == "eq":
+            parts.append(_equals(path, value, column, params, f"{where}.eq"))
+        elif op == "ne":
+            parts.append(sql.SQL("(NOT {})").format(_equals(path, value, column, params, f"{where}.ne")))
+        elif op == "in":
+            if not isinstance(value, list) or not value or len(value) > MAX_IN_VALUES:
+                raise FilterError(f"{where}.in: expected a list of 1 to {MAX_IN_VALUES} values")
+            alternatives = [_equals(path, v, column, params, f"{where}.in") for v in value]
+            parts.append(sql.SQL("({})").format(sql.SQL(" OR ").join(alternatives)))
+        elif op == "exists":
+            if not isinstance(value, bool):
+                raise FilterError(f"{where}.exists: expected true or false")
+            test = sql.SQL("({} #> {} IS NOT NULL)").format(column, params.add(path, "text[]"))
+            parts.append(test if value else sql.SQL("(NOT {})").format(test))
+        else:
+            parts.append(_range(path, op, value, column, params, f"{where}.{op}"))
+    return parts[0] if len(parts) == 1 else sql.SQL("({})").format(sql.SQL(" AND ").join(parts))
+
+
+def _equals(path: list[str], value: Any, column: sql.Composable, params: _Params, where: str) -> sql.Composable:
+    if isinstance(value, (dict, list)):
+        raise FilterError(f"{where}: equality takes a string, number, boolean or null, not {type(value).__name__}")
+    # Containment ({"a": {"b": v}} <@ payload) uses the GIN index and matches v inside arrays too.
+    nested: Any = value
+    for key in reversed(path):
+        nested = {key: nested}
+    return sql.SQL("({} @> {})").format(column, params.add(json.dumps(nested), "jsonb"))
+
+
+def _range(path: list[str], op: str, value: Any, column: sql.Composable, params: _Params, where: str) -> sql.Composable:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise FilterError(f"{where}: range bounds must be numbers or strings")
+    json_type = "string" if isinstance(value, str) else "number"
+    field_path = params.add(path, "text[]")
+    return sql.SQL("(jsonb_typeof({col} #> {path}) = {type} AND {col} #> {path} {op} {value})").format(
+        col=column, path=field_path, type=params.add(json_type, "text"), op=sql.SQL(RANGE_OPERATORS[op]),
+        value=params.add(json.dumps(value), "jsonb"))
