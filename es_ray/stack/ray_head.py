@@ -26,6 +26,9 @@ def temp_dir(state_dir: Path) -> Path:
 
 def environment(state_dir: Path) -> dict[str, str]:
     env = os.environ.copy()
+    # Job entrypoints say `python`: make it this environment's interpreter.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(Path(sys.executable).parent.parent)
     env["RAY_TMPDIR"] = str(temp_dir(state_dir))
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only embedded head; see DESIGN.md

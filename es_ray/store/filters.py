@@ -111,11 +111,15 @@ def _compile_field(field: str, spec: Any, column: sql.Composable, params: _Param
 def _equals(path: list[str], value: Any, column: sql.Composable, params: _Params, where: str) -> sql.Composable:
     if isinstance(value, (dict, list)):
         raise FilterError(f"{where}: equality takes a string, number, boolean or null, not {type(value).__name__}")
-    # Containment ({"a": {"b": v}} <@ payload) uses the GIN index and matches v inside arrays too.
-    nested: Any = value
-    for key in reversed(path):
-        nested = {key: nested}
-    return sql.SQL("({} @> {})").format(column, params.add(json.dumps(nested), "jsonb"))
+    # Containment uses the GIN index: {"a": {"b": v}} for the value itself, {"a": {"b": [v]}} for an
+    # array field holding v among its elements.
+    def nest(leaf: Any) -> str:
+        for key in reversed(path):
+            leaf = {key: leaf}
+        return json.dumps(leaf)
+
+    return sql.SQL("({col} @> {scalar} OR {col} @> {array})").format(
+        col=column, scalar=params.add(nest(value), "jsonb"), array=params.add(nest([value]), "jsonb"))
 
 
 def _range(path: list[str], op: str, value: Any, column: sql.Composable, params: _Params, where: str) -> sql.Composable:

@@ -1,0 +1,43 @@
+# es-ray: `make demo` and `make test` do all set-up on a fresh machine.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+DATA   ?=
+STATE  ?= .es-ray
+
+.PHONY: venv demo test bench up down status clean
+
+# The venv is (re)built when pyproject.toml changes. torch comes first, pinned to the CPU wheel,
+# so no dependency can pull a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(BIN)/es-ray up --state-dir $(STATE)
+	$(BIN)/es-ray demo --state-dir $(STATE) $(if $(DATA),--data $(DATA))
+
+test: venv
+	$(BIN)/python -m pytest -q -rs tests
+
+# Benchmarks start their own stack under /tmp; results go to bench/results/*.json and BENCHMARKS.md.
+bench: venv
+	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
+	$(BIN)/python -m es_ray.bench.ingest $(if $(DATA),--data $(DATA))
+
+up: venv
+	$(BIN)/es-ray up --state-dir $(STATE)
+
+down:
+	$(BIN)/es-ray down --state-dir $(STATE)
+
+status:
+	$(BIN)/es-ray status --state-dir $(STATE)
+
+clean: down
+	rm -rf $(STATE)

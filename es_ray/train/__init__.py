@@ -1,0 +1,1 @@
+"""Training: clickstream -> pairs, losses, metrics, Ray Tune search (metrics only so far)."""

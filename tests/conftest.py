@@ -1,0 +1,86 @@
+"""Shared fixtures: one real stack (Ray head, PostgreSQL + pgvector, Triton, MLflow, Serve) per session.
+
+The stack lives in its own state dir under /tmp with free ports, so it never touches a developer's
+`.es-ray/` stack or anything else on the machine, and is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from es_ray.data import beir
+from es_ray.stack.manifest import free_port
+
+SCIFACT = beir.shared_dataset("scifact")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The restart test stops and starts the shared stack: run it after everything else.
+    items.sort(key=lambda item: 1 if item.get_closest_marker("restart") else 0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "restart: stops and restarts the shared stack (runs last)")
+
+
+@pytest.fixture(scope="session")
+def settings():
+    from es_ray.config import load_settings
+
+    state_dir = Path(tempfile.mkdtemp(prefix="esr-test-", dir="/tmp"))  # short: Ray's socket paths are limited
+    os.environ.update({
+        "ES_RAY_STATE_DIR": str(state_dir),
+        "ES_RAY_SERVE__PORT": str(free_port()),
+        "ES_RAY_RAY__DASHBOARD_PORT": "0",
+        "ES_RAY_RAY__NUM_CPUS": "2",
+        "HF_HUB_OFFLINE": "1",
+    })
+    yield load_settings(state_dir)
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def stack(settings):
+    """The running stack's manifest (addresses of every component)."""
+    from es_ray.stack import control
+
+    manifest = control.up(settings)
+    yield manifest
+    control.down(settings)
+
+
+@pytest.fixture(scope="session")
+def api(stack):
+    with httpx.Client(base_url=stack.serve_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def scifact():
+    if SCIFACT is None:
+        pytest.skip("../shared/data/scifact is absent: this end-to-end test needs the SciFact collection")
+    return SCIFACT
+
+
+@pytest.fixture(scope="session")
+def scifact_sample(scifact):
+    """20 test queries, their relevant abstracts and random others: 200 documents."""
+    return beir.sample(scifact, docs=200, queries=20, seed=7)
+
+
+@pytest.fixture(scope="session")
+def loaded_scifact(api, scifact_sample):
+    """The sample upserted over HTTP (in requests of 50 items)."""
+    items, queries, qrels = scifact_sample
+    for start in range(0, len(items), 50):
+        response = api.put("/v1/items", json={"items": items[start:start + 50]})
+        assert response.status_code == 200, response.text
+        assert response.json() == {"upserted": len(items[start:start + 50]), "failed": []}
+    return items, queries, qrels
+

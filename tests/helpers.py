@@ -1,0 +1,13 @@
+"""Small helpers shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+
+def search(api, query: str, **kwargs) -> dict:
+    response = api.post("/v1/search", json={"query": query, **kwargs})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def ids(response: dict) -> list[str]:
+    return [r["id"] for r in response["results"]]

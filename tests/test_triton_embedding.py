@@ -1,0 +1,26 @@
+"""Triton serves the same embedding as the local model."""
+
+import numpy as np
+import torch
+
+from es_ray.inference.encoder import load_encoder
+from es_ray.inference.triton_client import TritonEncoder
+from es_ray.store import db, lifecycle
+
+
+def test_served_embedding_equals_local_model(stack, settings):
+    with db.connect(stack.postgres_dsn) as conn:
+        blue = lifecycle.get_blue(conn)
+    texts = ["What causes lift on an aircraft wing?", "x",
+             "Transcription factors regulate gene expression in eukaryotic cells. " * 30,  # truncated at max_length
+             "Ünïcödé тексты и 中文 also embed."]
+    for name in ("query_encoder", "item_encoder"):
+        client = TritonEncoder(stack.triton_grpc_url, name, blue.model_version, blue.source_dir, blue.max_length)
+        served = client.embed_queries(texts)
+        encoded = client.tokenizer(texts, max_length=blue.max_length, truncation=True, padding=True,
+                                   return_tensors="pt")
+        with torch.inference_mode():
+            local = load_encoder(blue.source_dir)(encoded["input_ids"], encoded["attention_mask"]).numpy()
+        cosine = (served * local).sum(axis=1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(local, axis=1))
+        assert served.shape == (4, 384)
+        assert cosine.min() > 0.9999, cosine

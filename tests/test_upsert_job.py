@@ -1,0 +1,46 @@
+"""Bulk upsert as a Ray job (`ray job submit --working-dir . -- python -m es_ray.data.upsert`)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from es_ray.data import beir
+from es_ray.stack.jobs import REPO_ROOT
+from es_ray.store import db
+from tests.helpers import ids, search
+
+
+def test_bulk_upsert_job_loads_a_beir_corpus_and_can_run_again(stack, scifact, settings, api):
+    items, queries, _ = beir.sample(scifact, docs=60, queries=5, seed=99)
+    corpus = Path(settings.state_path) / "job-corpus.jsonl"
+    # the job reads the raw BEIR layout (_id, title, text, metadata), not es-ray items
+    wanted = {i["id"] for i in items}
+    with open(scifact / "corpus.jsonl") as source, open(corpus, "w") as out:
+        for line in source:
+            if json.loads(line)["_id"] in wanted:
+                out.write(line)
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", stack.ray_dashboard_url,
+               "--working-dir", str(REPO_ROOT), "--", "python", "-m", "es_ray.data.upsert", "--input", str(corpus)]
+    env = {"RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    for attempt in range(2):  # the second run must replace, not duplicate
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert json.dumps({"upserted": len(items), "failed": []}) in result.stdout
+    with db.connect(stack.postgres_dsn) as conn:
+        stored = conn.execute("SELECT object_id, payload FROM items_v1 WHERE object_id = ANY(%s)",
+                              (list(wanted),)).fetchall()
+        averages = conn.execute("SELECT count(*) FROM parts_v1 WHERE is_average AND object_id = ANY(%s)",
+                                (list(wanted),)).fetchone()[0]
+    assert len(stored) == len(items) and averages == len(items)
+    title = {i["id"]: i["payload"].get("title") for i in items}
+    assert all(payload.get("title") == title[object_id] for object_id, payload in stored)
+    one = items[0]
+    assert one["id"] in ids(search(api, one["text"][:200], limit=5))
+    api.request("DELETE", "/v1/items", json={"ids": sorted(wanted)})
+
+
+def test_job_refuses_a_missing_input(stack):
+    result = subprocess.run([sys.executable, "-m", "es_ray.data.upsert", "--input", "/nonexistent.jsonl"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "does not exist" in result.stderr

@@ -1,0 +1,52 @@
+"""`es-ray status`, then `down` and `up` on the same state dir: data, registry and blue pointer survive."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from es_ray.inference import registry
+from es_ray.stack import control, ray_head, triton
+from tests.helpers import ids, search
+
+
+def es_ray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / "es-ray"), *args], capture_output=True, text=True,
+                          timeout=900)
+
+
+def test_status_reports_every_component(stack, settings):
+    result = es_ray("status", "--json", "--state-dir", str(settings.state_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["ray"]["up"] and report["postgres"]["up"] and report["triton"]["up"] and report["mlflow"]["up"]
+    assert report["serve"]["healthy"]
+    assert report["blue"] == {"model_version": 1, "collection": "v1"}
+    assert report["items"] >= 0
+
+
+@pytest.mark.restart
+def test_down_then_up_keeps_everything(stack, settings, api):
+    items = [{"id": f"keep-{i}", "text": f"Durable item {i} about glaciers and ice sheets", "payload": {"i": i}}
+             for i in range(5)]
+    assert api.put("/v1/items", json={"items": items}).json()["upserted"] == 5
+    before = ids(search(api, "glaciers", limit=50))
+    count_before = control.status(settings)["items"]
+
+    result = es_ray("down", "--state-dir", str(settings.state_path))
+    assert result.returncode == 0, result.stderr
+    assert not ray_head.is_running(settings.state_path) and triton.running_pid(settings.state_path) is None
+    assert control.status(settings)["postgres"]["up"] is False
+
+    result = es_ray("up", "--state-dir", str(settings.state_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert stack.serve_url in result.stdout
+    report = control.status(settings)
+    assert report["items"] == count_before
+    assert report["blue"] == {"model_version": 1, "collection": "v1"}
+    assert ids(search(api, "glaciers", limit=50)) == before
+    versions = registry.client(registry.tracking_uri(settings)).search_model_versions(
+        f"name = '{settings.mlflow.registered_model}'")
+    assert [v.version for v in versions] == ["1"]  # the second up registered nothing new
