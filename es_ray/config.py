@@ -60,6 +60,7 @@ class ModelSettings(BaseModel):
     chunk_overlap: int = Field(32, ge=0)
     max_chunks: int = Field(16, ge=1)
     torch_threads: int = 0
+    query_pad_multiple: int = Field(16, ge=1)
 
 
 class ServeSettings(BaseModel):

@@ -17,8 +17,9 @@ def test_served_embedding_equals_local_model(stack, settings):
     for name in ("query_encoder", "item_encoder"):
         client = TritonEncoder(stack.triton_grpc_url, name, blue.model_version, blue.source_dir, blue.max_length)
         served = client.embed_queries(texts)
-        encoded = client.tokenizer(texts, max_length=blue.max_length, truncation=True, padding=True,
-                                   return_tensors="pt")
+        with client.tokenizer() as tokenizer:
+            encoded = tokenizer(texts, max_length=blue.max_length, truncation=True, padding=True,
+                                return_tensors="pt")
         with torch.inference_mode():
             local = load_encoder(blue.source_dir)(encoded["input_ids"], encoded["attention_mask"]).numpy()
         cosine = (served * local).sum(axis=1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(local, axis=1))

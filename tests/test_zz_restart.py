@@ -49,4 +49,4 @@ def test_down_then_up_keeps_everything(stack, settings, api):
     assert ids(search(api, "glaciers", limit=50)) == before
     versions = registry.client(registry.tracking_uri(settings)).search_model_versions(
         f"name = '{settings.mlflow.registered_model}'")
-    assert [v.version for v in versions] == ["1"]  # the second up registered nothing new
+    assert [int(v.version) for v in versions] == [1]  # the second up registered nothing new

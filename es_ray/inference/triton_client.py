@@ -1,12 +1,14 @@
 """Embedding through Triton: tokenise here, send token ids over gRPC, receive normalised vectors.
 
-The gRPC client is thread-safe, so one encoder serves every request thread of a replica; the
-tokenizer is not (a fast tokenizer refuses concurrent calls), so each thread gets its own.
+The gRPC client is thread-safe, so one encoder serves every request thread of a replica; a fast
+tokenizer refuses concurrent calls, so threads borrow one from a small pool (request threads come
+and go, so a per-thread tokenizer would be loaded again for nearly every request).
 """
 
 from __future__ import annotations
 
-import threading
+import queue
+from contextlib import contextmanager
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
@@ -26,26 +28,40 @@ class TritonEncoder:
     """
 
     def __init__(self, url: str, model_name: str, model_version: int, tokenizer_dir: str,
-                 max_length: int, max_batch_size: int = 64, timeout_s: float = 30.0):
+                 max_length: int, max_batch_size: int = 64, timeout_s: float = 30.0, query_pad_multiple: int = 16):
         self.url, self.model_name, self.model_version = url, model_name, str(model_version)
         self.max_length, self.max_batch_size, self.timeout_s = max_length, max_batch_size, timeout_s
         self.tokenizer_dir = tokenizer_dir
-        self._local = threading.local()
+        # Queries are padded to a multiple of this many tokens: Triton's dynamic batcher only merges
+        # requests of one shape, so concurrent short queries can share a forward pass.
+        self.query_pad_multiple = query_pad_multiple
+        self._idle_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle_tokenizers.put(load_tokenizer(tokenizer_dir))
         self.client = triton_grpc.InferenceServerClient(url)
 
-    @property
+    @contextmanager
     def tokenizer(self):
-        if not hasattr(self._local, "tokenizer"):
-            self._local.tokenizer = load_tokenizer(self.tokenizer_dir)
-        return self._local.tokenizer
+        """Borrows a tokenizer for the duration of a `with` block."""
+        try:
+            tokenizer = self._idle_tokenizers.get_nowait()
+        except queue.Empty:
+            tokenizer = load_tokenizer(self.tokenizer_dir)
+        try:
+            yield tokenizer
+        finally:
+            self._idle_tokenizers.put(tokenizer)
 
-    def embed_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """Vectors for token-id rows, sent in batches of at most max_batch_size."""
+    def embed_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray, trim: bool = True) -> np.ndarray:
+        """Vectors for token-id rows, sent in batches of at most max_batch_size.
+
+        `trim` drops all-padding columns; queries keep their bucketed width instead (see
+        query_pad_multiple).
+        """
         out = []
         for start in range(0, len(input_ids), self.max_batch_size):
             ids = input_ids[start:start + self.max_batch_size]
             mask = attention_mask[start:start + self.max_batch_size]
-            width = int(mask.sum(axis=1).max()) if len(mask) else 1  # drop all-padding columns
+            width = int(mask.sum(axis=1).max()) if trim and len(mask) else ids.shape[1]
             ids, mask = np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(mask[:, :width])
             inputs = [triton_grpc.InferInput("input_ids__0", list(ids.shape), "INT64"),
                       triton_grpc.InferInput("attention_mask__1", list(mask.shape), "INT64")]
@@ -62,12 +78,16 @@ class TritonEncoder:
 
     def embed_queries(self, texts: list[str]) -> np.ndarray:
         """One vector per text, truncated to max_length tokens (queries are short)."""
-        encoded = self.tokenizer(texts, max_length=self.max_length, truncation=True, padding=True, return_tensors="np")
-        return self.embed_ids(encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64))
+        with self.tokenizer() as tokenizer:
+            encoded = tokenizer(texts, max_length=self.max_length, truncation=True, padding=True,
+                                pad_to_multiple_of=self.query_pad_multiple, return_tensors="np")
+        return self.embed_ids(encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64),
+                              trim=False)
 
     def embed_chunks(self, texts: list[str], overlap: int, max_chunks: int) -> tuple[Chunks, np.ndarray]:
         """Splits long texts into chunks and embeds every chunk; returns the chunks and their vectors."""
-        chunks = split(self.tokenizer, texts, self.max_length, overlap, max_chunks)
+        with self.tokenizer() as tokenizer:
+            chunks = split(tokenizer, texts, self.max_length, overlap, max_chunks)
         order = np.argsort(-chunks.attention_mask.sum(axis=1), kind="stable")  # similar lengths share a batch
         vectors = np.empty((len(order), 0), dtype=np.float32)
         if len(order):

@@ -116,7 +116,8 @@ class SearchAPI:
             if key not in self._encoders:
                 self._encoders[key] = TritonEncoder(self.manifest.triton_grpc_url, name, blue.model_version,
                                                     blue.source_dir, blue.max_length,
-                                                    self.settings.triton.max_batch_size, self.settings.triton.timeout_s)
+                                                    self.settings.triton.max_batch_size, self.settings.triton.timeout_s,
+                                                    self.settings.model.query_pad_multiple)
             return self._encoders[key]
 
     def _blue(self) -> Blue:

@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): each writes bench/results/<name>-<dataset>.json and refreshes BENCHMARKS.md."""

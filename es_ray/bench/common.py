@@ -1,0 +1,94 @@
+"""What every benchmark shares: a stack to run against, the machine's description, the results files."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from es_ray.config import Settings, load_settings
+from es_ray.stack import control
+from es_ray.stack.jobs import REPO_ROOT
+from es_ray.stack.manifest import StackManifest, free_port
+
+RESULTS = REPO_ROOT / "bench" / "results"
+REPORT = REPO_ROOT / "BENCHMARKS.md"
+DEFAULT_STATE = Path("/tmp/esr-bench")
+
+
+def bench_stack(state_dir: Path = DEFAULT_STATE) -> tuple[Settings, StackManifest]:
+    """Starts (or reuses) the benchmark stack: its own state dir and ports, never the user's `.es-ray/`."""
+    manifest = StackManifest.load(state_dir)
+    if manifest is None:
+        os.environ.setdefault("ES_RAY_SERVE__PORT", str(free_port()))
+        os.environ.setdefault("ES_RAY_RAY__DASHBOARD_PORT", "0")
+    else:
+        os.environ.setdefault("ES_RAY_SERVE__PORT", manifest.serve_url.rsplit(":", 1)[1])
+    settings = load_settings(state_dir)
+    return settings, control.up(settings)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
+            "gpu": None}
+
+
+def git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def percentiles(samples_s: list[float]) -> dict[str, float]:
+    ms = np.asarray(samples_s) * 1000
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p99_ms": round(float(np.percentile(ms, 99)), 2),
+            "mean_ms": round(float(ms.mean()), 2), "n": int(len(ms))}
+
+
+def timed(fn, *args, **kwargs) -> float:
+    started = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - started
+
+
+def write_result(name: str, dataset: str, result: dict[str, Any], command: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result = {**result, "dataset": dataset, "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "command": command}
+    path = RESULTS / f"{name}-{dataset}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    refresh_report()
+    return path
+
+
+def refresh_report() -> None:
+    """Rewrites the generated part of BENCHMARKS.md from every results file."""
+    from es_ray.bench.report import render
+
+    text = REPORT.read_text() if REPORT.exists() else ""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    generated = f"{start}\n{render(sorted(RESULTS.glob('*.json')))}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + generated + text[text.index(end) + len(end):]
+    else:
+        text = text + "\n" + generated + "\n"
+    REPORT.write_text(text)

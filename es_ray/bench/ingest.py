@@ -1,0 +1,92 @@
+"""Ingest benchmark: documents/s through the bulk upsert job vs the raw torch forward pass.
+
+    python -m es_ray.bench.ingest --data ../shared/data/scifact --docs 1000
+
+Both sides embed the same documents, chunked the same way, at the same batch size and max_length,
+one after the other in the same run (so neither competes with the other for the 2 cores). The raw
+side is the floor of what any pipeline can do here: tokenise + chunk + forward in plain torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from es_ray.bench.common import DEFAULT_STATE, bench_stack, write_result
+from es_ray.data import beir
+from es_ray.data.chunking import split
+from es_ray.data.corpus import read_corpus
+from es_ray.inference.encoder import load_encoder, load_tokenizer
+from es_ray.stack import jobs
+from es_ray.store import db, lifecycle
+
+
+def raw_forward(texts: list[str], model_dir: str, batch_items: int, max_rows: int, max_length: int, overlap: int,
+                max_chunks: int) -> tuple[float, int]:
+    """Seconds to tokenise, chunk and embed `texts` in plain torch, batched as the pipeline batches them."""
+    model, tokenizer = load_encoder(model_dir), load_tokenizer(model_dir)
+    started, chunks_total = time.perf_counter(), 0
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(texts), batch_items), desc="raw torch", unit="batch"):
+            chunks = split(tokenizer, texts[start:start + batch_items], max_length, overlap, max_chunks)
+            order = np.argsort(-chunks.attention_mask.sum(axis=1), kind="stable")
+            for row in range(0, len(order), max_rows):
+                rows = order[row:row + max_rows]
+                mask = chunks.attention_mask[rows]
+                width = int(mask.sum(axis=1).max())
+                model(torch.from_numpy(chunks.input_ids[rows][:, :width]), torch.from_numpy(mask[:, :width]))
+            chunks_total += len(order)
+    return time.perf_counter() - started, chunks_total
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="BEIR directory (default ../shared/data/scifact)")
+    parser.add_argument("--docs", type=int, default=1000)
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
+    args = parser.parse_args(argv)
+
+    settings, manifest = bench_stack(args.state_dir)
+    data = beir.locate(args.data, settings.state_path)
+    corpus = list(read_corpus(data / "corpus.jsonl"))
+    random.Random(1).shuffle(corpus)
+    items = corpus[:args.docs]
+    path = settings.state_path / "bench" / f"ingest-{data.name}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    with db.connect(manifest.postgres_dsn) as conn:
+        blue = lifecycle.get_blue(conn)
+
+    raw_s, chunks = raw_forward([i["text"] for i in items], blue.source_dir, settings.upsert.batch_size,
+                                settings.triton.max_batch_size, blue.max_length, settings.model.chunk_overlap,
+                                settings.model.max_chunks)
+    started = time.perf_counter()
+    status, logs = jobs.submit_and_wait(manifest, f"python -m es_ray.data.upsert --input {path}", echo_logs=False)
+    wall_s = time.perf_counter() - started
+    if status != "SUCCEEDED":
+        raise SystemExit(f"upsert job {status}:\n{logs[-3000:]}")
+    done = json.loads(re.search(r'\{[^\n]*"event": "upsert.done"[^\n]*\}', logs).group(0))
+    job_s = float(done["seconds"])
+    result = {
+        "benchmark": "ingest", "docs": len(items), "chunks": chunks, "batch_size": settings.upsert.batch_size,
+        "max_length": blue.max_length, "encoders": settings.upsert.encoders,
+        "docs_per_s": round(len(items) / job_s, 2), "raw_docs_per_s": round(len(items) / raw_s, 2),
+        "ratio": round(raw_s / job_s, 3), "job_s": round(job_s, 1), "job_wall_s": round(wall_s, 1),
+        "raw_s": round(raw_s, 1),
+        "note": "docs_per_s is measured inside the job (read -> embedded -> written, actor start-up included); "
+                "job_wall_s adds submission and runtime-env set-up",
+    }
+    out = write_result("ingest", data.name, result, f"python -m es_ray.bench.ingest --docs {args.docs}")
+    print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Renders bench/results/*.json as the tables in BENCHMARKS.md: one table per benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+Column = tuple[str, Callable[[dict[str, Any]], Any]]
+
+
+def _machine(r: dict[str, Any]) -> str:
+    m = r.get("machine", {})
+    return f"{m.get('cores')} cores, {m.get('ram_gib')} GiB"
+
+
+def _search_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{**r, **level, "embed": r["parts_p50_ms"]["embed"], "pgvector": r["parts_p50_ms"]["pgvector"]}
+            for level in r["levels"]]
+
+
+TABLES: list[tuple[str, str, Callable[[dict], list[dict]], list[Column]]] = [
+    ("search", "Search latency (HTTP end to end vs its parts, same run)", _search_rows, [
+        ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("clients", lambda r: r["clients"]),
+        ("p50 ms", lambda r: r["p50_ms"]), ("p99 ms", lambda r: r["p99_ms"]), ("req/s", lambda r: r["requests_per_s"]),
+        ("embed p50 ms", lambda r: r["embed"]), ("pgvector p50 ms", lambda r: r["pgvector"]),
+        ("ratio (target <= 1.3)", lambda r: r["ratio"])]),
+    ("ingest", "Ingest throughput (upsert job vs raw torch forward, same run)", lambda r: [r], [
+        ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("chunks", lambda r: r["chunks"]),
+        ("batch", lambda r: r["batch_size"]), ("max_length", lambda r: r["max_length"]),
+        ("job docs/s", lambda r: r["docs_per_s"]), ("raw docs/s", lambda r: r["raw_docs_per_s"]),
+        ("ratio (target >= 0.8)", lambda r: r["ratio"]), ("job wall s", lambda r: r["job_wall_s"])]),
+    ("recall", "HNSW recall@10 against exact search (same stored vectors)", lambda r: [r], [
+        ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("chunk vectors", lambda r: r["vectors"]),
+        ("queries", lambda r: r["queries"]), ("ef_search", lambda r: r["ef_search"]),
+        ("recall@10 (target >= 0.98)", lambda r: r["recall_at_10"])]),
+]
+COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
+
+
+def render(paths: list[Path]) -> str:
+    results = [json.loads(p.read_text()) for p in paths]
+    lines: list[str] = []
+    for name, title, rows_of, columns in TABLES:
+        rows = [row for r in results if r.get("benchmark") == name for row in rows_of(r)]
+        if not rows:
+            continue
+        columns = columns + COMMON
+        lines += [f"### {title}", "", "| " + " | ".join(h for h, _ in columns) + " |",
+                  "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(str(get(row)) for _, get in columns) + " |" for row in rows]
+        lines.append("")
+    commands = sorted({r["command"] for r in results if r.get("command")})
+    if commands:
+        lines.append("Commands: " + "; ".join(f"`{c}`" for c in commands))
+    return "\n".join(lines)
