@@ -27,8 +27,10 @@ test: venv
 
 # Benchmarks start their own stack under /tmp; results go to bench/results/*.json and BENCHMARKS.md.
 bench: venv
-	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.ingest $(if $(DATA),--data $(DATA))
+	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
+	$(BIN)/python -m es_ray.bench.clicks
+	$(BIN)/es-ray down --state-dir /tmp/esr-bench
 
 up: venv
 	$(BIN)/es-ray up --state-dir $(STATE)

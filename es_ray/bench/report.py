@@ -35,6 +35,10 @@ TABLES: list[tuple[str, str, Callable[[dict], list[dict]], list[Column]]] = [
         ("queries", lambda r: r["queries"]), ("ef_search", lambda r: r["ef_search"]),
         ("recall@10 (target >= 0.98)", lambda r: r["recall_at_10"])]),
 ]
+TABLES.append(("clicks", "Click ingestion (HTTP, every batch sent twice)", lambda r: [r], [
+    ("sessions", lambda r: r["sessions"]), ("events", lambda r: r["events"]), ("events/request", lambda r: r["batch"]),
+    ("clients", lambda r: r["clients"]), ("accepted events/s (target >= 500)", lambda r: r["events_per_s"]),
+    ("accepted", lambda r: r["first"]["accepted"]), ("resent: duplicates", lambda r: r["resend"]["duplicates"])]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -25,7 +26,7 @@ from es_ray.lifecycle.driver import get_driver
 from es_ray.logs import get_logger
 from es_ray.serve import schemas
 from es_ray.stack.manifest import StackManifest
-from es_ray.store import db, lifecycle
+from es_ray.store import clickstream, db, lifecycle
 from es_ray.store.collections import Collection
 from es_ray.store.lifecycle import Blue
 
@@ -95,6 +96,26 @@ async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONRespons
     return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
 
 
+@app.exception_handler(clickstream.UnknownSession)
+async def _unknown_session(request: Request, exc: clickstream.UnknownSession) -> JSONResponse:
+    return JSONResponse(status_code=404, content={"error": str(exc), "details": []})
+
+
+@app.exception_handler(clickstream.EventRejected)
+async def _event_rejected(request: Request, exc: clickstream.EventRejected) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"error": str(exc), "details": []})
+
+
+@app.exception_handler(clickstream.Conflict)
+async def _conflict(request: Request, exc: clickstream.Conflict) -> JSONResponse:
+    return JSONResponse(status_code=409, content={"error": str(exc), "details": []})
+
+
+@app.exception_handler(db.OperationalError)
+async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"error": f"database unavailable: {exc}"}, headers={"Retry-After": "1"})
+
+
 @serve.deployment(name="SearchAPI", ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class SearchAPI:
@@ -156,7 +177,13 @@ class SearchAPI:
             raise ServiceUnavailable(f"embedding service unavailable: {err}") from err
         except db.OperationalError as err:
             raise ServiceUnavailable(f"database unavailable: {err}") from err
-        return schemas.SearchResponse(model=f"v{blue.model_version}",
+        session_id = None
+        if request.session and hits:
+            session_id = uuid.uuid4().hex
+            with self.pool.connection() as conn:
+                clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
+                                           [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)])
+        return schemas.SearchResponse(model=f"v{blue.model_version}", session_id=session_id,
                                       results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
                                                for h in hits])
 
@@ -201,6 +228,39 @@ class SearchAPI:
         except db.OperationalError as err:
             raise ServiceUnavailable(f"database unavailable: {err}") from err
         return schemas.DeleteResponse(deleted=deleted)
+
+
+    # --- clickstream ------------------------------------------------------------------------------
+
+    @app.post("/v1/sessions", response_model=schemas.SessionCreated,
+              summary="Record a result list shown elsewhere (for clients that search another way)")
+    def create_session(self, request: schemas.SessionRequest) -> schemas.SessionCreated:
+        session_id = request.session_id or uuid.uuid4().hex
+        with self.pool.connection() as conn:
+            created = clickstream.record_session(conn, session_id, request.user_id, request.query, None,
+                                                 [(r.rank, r.id) for r in request.results])
+        return schemas.SessionCreated(session_id=session_id, created=created)
+
+    @app.get("/v1/sessions/{session_id}", response_model=schemas.SessionOut, summary="A session with its events")
+    def read_session(self, session_id: str) -> schemas.SessionOut:
+        with self.pool.connection() as conn:
+            session = clickstream.get_session(conn, session_id)
+        return schemas.SessionOut(**{**session.__dict__,
+                                     "results": [{"id": i, "rank": r} for r, i in session.results]})
+
+    @app.post("/v1/sessions/{session_id}/events", response_model=schemas.EventsResponse,
+              summary="Record clicks on shown results; idempotent by event_id, all or nothing")
+    def add_events(self, session_id: str, request: schemas.EventsRequest) -> schemas.EventsResponse:
+        with self.pool.connection() as conn:
+            accepted, duplicates = clickstream.add_events(
+                conn, session_id, [(e.event_id, e.item_id, e.type) for e in request.events])
+        return schemas.EventsResponse(accepted=accepted, duplicates=duplicates)
+
+    @app.post("/v1/sessions/{session_id}/irrelevant", summary="Mark the whole result list as irrelevant")
+    def mark_irrelevant(self, session_id: str) -> dict[str, Any]:
+        with self.pool.connection() as conn:
+            clickstream.mark_irrelevant(conn, session_id)
+        return {"session_id": session_id, "irrelevant": True}
 
 
 def build_app(args: dict[str, Any] | None = None):

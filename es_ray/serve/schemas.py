@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -95,6 +96,10 @@ class SearchRequest(Strict):
     filter: dict[str, Any] | None = Field(None, description="Payload filter, see es_ray.store.filters: "
                                           '{"field": value}, {"field": {"in"|"gt"|"gte"|"lt"|"lte"|"ne"|"exists": '
                                           '...}}, {"and"|"or": [...]}, {"not": {...}}.')
+    user_id: str | None = Field(None, description="Who searches: recorded with the session.")
+    session: bool = Field(True, description="Record the shown results as a clickstream session.")
+
+    _user = field_validator("user_id")(lambda value: value if value is None else _check_id(value))
 
     @field_validator("query")
     @classmethod
@@ -135,3 +140,81 @@ class SearchResult(BaseModel):
 class SearchResponse(BaseModel):
     model: str = Field(description="The model version that embedded the query, e.g. 'v1'.")
     results: list[SearchResult]
+    session_id: str | None = Field(None, description="Send click events for these results to this session.")
+
+
+# --- clickstream ---------------------------------------------------------------------------------
+
+class ShownResult(Strict):
+    id: str
+    rank: int = Field(ge=1, le=100_000, description="1 for the top result")
+
+    _id = field_validator("id")(_check_id)
+
+
+class SessionRequest(Strict):
+    session_id: str | None = Field(None, description="Your id for the session; generated when missing.")
+    user_id: str | None = None
+    query: str
+    results: list[ShownResult] = Field(min_length=1)
+
+    _ids = field_validator("session_id", "user_id")(lambda value: value if value is None else _check_id(value))
+    _query = field_validator("query")(lambda value: SearchRequest._check_query(value))
+
+    @field_validator("results")
+    @classmethod
+    def _check_results(cls, results: list[ShownResult]) -> list[ShownResult]:
+        if len(results) > LIMITS.max_items_per_request:
+            raise ValueError(f"{len(results)} results; the limit is {LIMITS.max_items_per_request}")
+        if len({r.rank for r in results}) != len(results):
+            raise ValueError("two results share a rank")
+        if len({r.id for r in results}) != len(results):
+            raise ValueError("an item is shown twice")
+        return results
+
+
+class SessionCreated(BaseModel):
+    session_id: str
+    created: bool = Field(description="False when the same session had been recorded before (idempotent).")
+
+
+class Event(Strict):
+    event_id: str = Field(description="Unique per event: a resent event is counted as a duplicate.")
+    item_id: str
+    type: Literal["click"]
+
+    _ids = field_validator("event_id", "item_id")(_check_id)
+
+
+class EventsRequest(Strict):
+    events: list[Event] = Field(min_length=1)
+
+    @field_validator("events")
+    @classmethod
+    def _check_count(cls, events: list[Event]) -> list[Event]:
+        if len(events) > LIMITS.max_items_per_request:
+            raise ValueError(f"{len(events)} events; the limit is {LIMITS.max_items_per_request}")
+        return events
+
+
+class EventsResponse(BaseModel):
+    accepted: int
+    duplicates: int
+
+
+class EventOut(BaseModel):
+    event_id: str
+    item_id: str
+    type: str
+    created_at: datetime
+
+
+class SessionOut(BaseModel):
+    session_id: str
+    user_id: str | None
+    query: str
+    model_version: int | None
+    irrelevant: bool
+    created_at: datetime
+    results: list[ShownResult]
+    events: list[EventOut]

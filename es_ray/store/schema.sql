@@ -29,3 +29,35 @@ CREATE TABLE IF NOT EXISTS blue (
     collection    text NOT NULL REFERENCES collections (name),
     switched_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- Clickstream. A session is one result list shown for one query; events are what the user did with it.
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id    text PRIMARY KEY,
+    user_id       text,
+    query         text NOT NULL,
+    model_version integer,                        -- the model that ranked the results (NULL: made elsewhere)
+    irrelevant    boolean NOT NULL DEFAULT false, -- the user said no result was right
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    improved_at   timestamptz                     -- set when the improvement loop consumed the session
+);
+CREATE INDEX IF NOT EXISTS sessions_pending ON sessions (created_at) WHERE improved_at IS NULL;
+CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, created_at) WHERE user_id IS NOT NULL;
+
+-- What was shown, with ranks (1 = top): the position-bias correction needs them.
+CREATE TABLE IF NOT EXISTS session_results (
+    session_id text NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
+    rank       integer NOT NULL CHECK (rank >= 1),
+    object_id  text NOT NULL,
+    PRIMARY KEY (session_id, rank),
+    UNIQUE (session_id, object_id)
+);
+
+-- Events are idempotent by event_id: a client may resend a batch after a timeout.
+CREATE TABLE IF NOT EXISTS events (
+    event_id   text PRIMARY KEY,
+    session_id text NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
+    object_id  text NOT NULL,
+    type       text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS events_session ON events (session_id);

@@ -1,0 +1,70 @@
+"""Clickstream ingestion benchmark: click events/s accepted over HTTP.
+
+    python -m es_ray.bench.clicks --sessions 200 --clients 4
+
+Records sessions through `POST /v1/sessions` (20 shown results each), then sends click events in
+batches of --batch per request from --clients concurrent clients, every batch sent twice (the second
+time they must all come back as duplicates, as a client retrying after a timeout would see).
+Target: at least 500 accepted events/s on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from es_ray.bench.common import DEFAULT_STATE, bench_stack, write_result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--events-per-session", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=20, help="events per request")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--state-dir", default=DEFAULT_STATE)
+    args = parser.parse_args(argv)
+
+    _, manifest = bench_stack(args.state_dir)
+    run = uuid.uuid4().hex[:8]
+    with httpx.Client(base_url=manifest.serve_url, timeout=60) as client:
+        sessions = []
+        for s in range(args.sessions):
+            body = {"query": f"bench query {s}", "user_id": f"user-{s % 10}",
+                    "results": [{"id": f"doc-{r}", "rank": r + 1} for r in range(20)]}
+            sessions.append(client.post("/v1/sessions", json=body).json()["session_id"])
+
+    requests = []
+    for sid in sessions:
+        events = [{"event_id": f"{run}-{sid}-{e}", "item_id": f"doc-{e % 20}", "type": "click"}
+                  for e in range(args.events_per_session)]
+        requests += [(sid, events[i:i + args.batch]) for i in range(0, len(events), args.batch)]
+
+    def send(request):
+        sid, events = request
+        with httpx.Client(base_url=manifest.serve_url, timeout=60) as client:
+            return client.post(f"/v1/sessions/{sid}/events", json={"events": events}).json()
+
+    counts = {}
+    for label in ("first", "resend"):
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            answers = list(pool.map(send, requests))
+        seconds = time.perf_counter() - started
+        counts[label] = {"accepted": sum(a["accepted"] for a in answers),
+                         "duplicates": sum(a["duplicates"] for a in answers), "seconds": round(seconds, 2),
+                         "events_per_s": round(sum(len(r[1]) for r in requests) / seconds, 1)}
+    result = {"benchmark": "clicks", "sessions": args.sessions, "events": sum(len(r[1]) for r in requests),
+              "batch": args.batch, "clients": args.clients, "events_per_s": counts["first"]["events_per_s"],
+              "first": counts["first"], "resend": counts["resend"]}
+    out = write_result("clicks", "synthetic", result, f"python -m es_ray.bench.clicks --clients {args.clients}")
+    print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""SQL for the clickstream: sessions (what was shown, ranked), events (what the user did), and the
+irrelevant mark. Writes are idempotent and all-or-nothing: a request that is refused stores nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+
+class UnknownSession(LookupError):
+    """No session has this id."""
+
+
+class Conflict(ValueError):
+    """The id is taken by a record with different content."""
+
+
+class EventRejected(ValueError):
+    """An event does not fit its session (for example an item that was not shown)."""
+
+
+@dataclass
+class Session:
+    session_id: str
+    user_id: str | None
+    query: str
+    model_version: int | None
+    irrelevant: bool
+    created_at: datetime
+    results: list[tuple[int, str]] = field(default_factory=list)   # (rank, object id)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+def record_session(conn: psycopg.Connection, session_id: str, user_id: str | None, query: str,
+                   model_version: int | None, results: list[tuple[int, str]]) -> bool:
+    """Stores a session; True if new. The same id with the same content again is a no-op."""
+    with conn.transaction():
+        inserted = conn.execute(
+            """INSERT INTO sessions (session_id, user_id, query, model_version) VALUES (%s, %s, %s, %s)
+               ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
+            (session_id, user_id, query, model_version)).fetchone()
+        if inserted is None:
+            existing = get_session(conn, session_id, with_events=False)
+            if (existing.user_id, existing.query, sorted(existing.results)) != (user_id, query, sorted(results)):
+                raise Conflict(f"session {session_id} already exists with other content")
+            return False
+        with conn.cursor().copy("COPY session_results (session_id, rank, object_id) FROM STDIN") as copy:
+            for rank, object_id in results:
+                copy.write_row((session_id, rank, object_id))
+    return True
+
+
+def get_session(conn: psycopg.Connection, session_id: str, with_events: bool = True) -> Session:
+    row = conn.execute("SELECT session_id, user_id, query, model_version, irrelevant, created_at FROM sessions "
+                       "WHERE session_id = %s", (session_id,)).fetchone()
+    if row is None:
+        raise UnknownSession(f"no session {session_id!r}")
+    session = Session(*row)
+    session.results = [tuple(r) for r in conn.execute(
+        "SELECT rank, object_id FROM session_results WHERE session_id = %s ORDER BY rank", (session_id,))]
+    if with_events:
+        session.events = [{"event_id": e[0], "item_id": e[1], "type": e[2], "created_at": e[3]} for e in conn.execute(
+            "SELECT event_id, object_id, type, created_at FROM events WHERE session_id = %s ORDER BY created_at, "
+            "event_id", (session_id,))]
+    return session
+
+
+def add_events(conn: psycopg.Connection, session_id: str, events: list[tuple[str, str, str]]) -> tuple[int, int]:
+    """Adds (event id, item id, type) events; returns (accepted, duplicates). All or nothing."""
+    with conn.transaction():
+        if conn.execute("SELECT 1 FROM sessions WHERE session_id = %s", (session_id,)).fetchone() is None:
+            raise UnknownSession(f"no session {session_id!r}")
+        shown = {r[0] for r in conn.execute(
+            "SELECT object_id FROM session_results WHERE session_id = %s", (session_id,))}
+        not_shown = sorted({item for _, item, _ in events} - shown)
+        if not_shown:
+            raise EventRejected(f"item(s) not shown in session {session_id}: {', '.join(not_shown[:10])}")
+        ids = [e[0] for e in events]
+        if len(set(ids)) != len(ids):
+            raise EventRejected("the same event_id appears twice in one request")
+        accepted = conn.execute(
+            """INSERT INTO events (event_id, session_id, object_id, type)
+               SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])
+               ON CONFLICT (event_id) DO NOTHING RETURNING event_id""",
+            (ids, [session_id] * len(ids), [e[1] for e in events], [e[2] for e in events])).fetchall()
+        accepted_ids = {r[0] for r in accepted}
+        resent = [e for e in events if e[0] not in accepted_ids]
+        if resent:
+            stored = {r[0]: (r[1], r[2], r[3]) for r in conn.execute(
+                "SELECT event_id, session_id, object_id, type FROM events WHERE event_id = ANY(%s)",
+                ([e[0] for e in resent],))}
+            for event_id, item, kind in resent:
+                if stored.get(event_id) != (session_id, item, kind):
+                    raise Conflict(f"event_id {event_id!r} was already recorded with other content")
+    return len(accepted_ids), len(resent)
+
+
+def mark_irrelevant(conn: psycopg.Connection, session_id: str) -> None:
+    with conn.transaction():
+        if conn.execute("UPDATE sessions SET irrelevant = true WHERE session_id = %s",
+                        (session_id,)).rowcount == 0:
+            raise UnknownSession(f"no session {session_id!r}")
