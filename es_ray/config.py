@@ -83,6 +83,25 @@ class UpsertSettings(BaseModel):
     write_batch_items: int = 256
 
 
+class AdjusterSettings(BaseModel):
+    learning_rate: float = 0.5
+    iterations: int = 10
+    pull: float = 1.0
+    push: float = 1.0
+    margin: float = 0.05
+    irrelevant: float = 0.5
+    irrelevant_floor: float = 0.2
+    anchor: float = 1.0
+
+
+class ImproveSettings(BaseModel):
+    enabled: bool = True
+    interval_s: float = 10.0
+    settle_s: float = 5.0
+    batch_sessions: int = 256
+    adjuster: AdjusterSettings = AdjusterSettings()
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by ES_RAY_CONFIG (default configs/stack.yaml)."""
 
@@ -107,6 +126,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     serve: ServeSettings = ServeSettings()
     upsert: UpsertSettings = UpsertSettings()
+    improve: ImproveSettings = ImproveSettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

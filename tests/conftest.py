@@ -39,6 +39,9 @@ def settings():
         "ES_RAY_SERVE__PORT": str(free_port()),
         "ES_RAY_RAY__DASHBOARD_PORT": "0",
         "ES_RAY_RAY__NUM_CPUS": "2",
+        # Tests run improvement passes themselves (POST /v1/improvement/run) so they can count them;
+        # the background loop's own behaviour is tested on its own.
+        "ES_RAY_IMPROVE__ENABLED": "false",
         "HF_HUB_OFFLINE": "1",
     })
     yield load_settings(state_dir)

@@ -7,6 +7,7 @@ bulk loads and large bodies (`upsert_dataset`): `EmbedStage` calls Triton from a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Iterator
 
@@ -34,7 +35,8 @@ def embed(encoder: TritonEncoder, settings: Settings, ids: list[str], texts: lis
     items = []
     for i, item_id in enumerate(ids):
         rows = vectors[chunks.owner == i]
-        source = {"chunks": int(len(rows)), "truncated": chunks.truncated[i], "chars": len(texts[i])}
+        source = {"chunks": int(len(rows)), "truncated": chunks.truncated[i], "chars": len(texts[i]),
+                  "text_sha256": hashlib.sha256(texts[i].encode()).hexdigest()}
         items.append(EmbeddedItem(id=item_id, payload=payloads[i], chunks=rows, source=source))
     return items
 

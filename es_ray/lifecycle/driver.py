@@ -15,7 +15,10 @@ import ray
 
 from es_ray.config import Settings
 from es_ray.inference import deploy, registry
+from es_ray.improve.loop import ImprovementLoop, adjuster_from, improve_once
 from es_ray.inference.encoder import resolve_model_dir
+from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.logs import get_logger
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import db, lifecycle
@@ -26,13 +29,16 @@ log = get_logger(__name__)
 DRIVER_NAME = "lifecycle-driver"
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)
 class LifecycleDriver:
+    """Threaded actor (max_concurrency): a long improvement pass never blocks health or blue reads."""
+
     def __init__(self, settings: dict[str, Any], manifest: dict[str, Any]):
         self.settings = Settings.model_validate(settings)
         self.manifest = StackManifest.model_validate(manifest)
         self.repo = Path(self.manifest.state_dir) / "triton" / "models"
         db.migrate(self.manifest.postgres_dsn)
+        self._improvement: ImprovementLoop | None = None
         # After a restart, put the blue model back into Triton if Triton lost it.
         if self.blue() is not None:
             self.ensure_serving()
@@ -76,7 +82,41 @@ class LifecycleDriver:
             blue = lifecycle.get_blue(conn)
         log.info("lifecycle.serving", model_version=blue.model_version, collection=blue.collection,
                  seconds=round(time.monotonic() - started, 2))
+        if self.settings.improve.enabled and self._improvement is None:
+            self._improvement = ImprovementLoop(self.improve_pass, self.settings.improve.interval_s)
         return blue.__dict__
+
+    def improve_pass(self, settle_s: float | None = None) -> dict[str, Any]:
+        """One improvement pass over settled sessions, on the blue collection."""
+        with self._conn() as conn:
+            blue = lifecycle.get_blue(conn)
+            encoder = self._query_encoder(blue)
+            return improve_once(conn, Collection(blue.collection, blue.dim), encoder.embed_queries,
+                                adjuster_from(self.settings), self.settings.improve.batch_sessions,
+                                self.settings.improve.settle_s if settle_s is None else settle_s)
+
+    def improve_now(self, settle_s: float | None = None) -> dict[str, Any]:
+        """Passes until no settled session is left; returns the totals."""
+        totals: dict[str, Any] = {"passes": 0, "sessions": 0, "vectors_global": 0, "vectors_personal": 0}
+        while True:
+            result = self.improve_pass(settle_s)
+            if result.get("busy"):
+                time.sleep(0.2)  # the background loop holds the lock: wait for it, then continue
+                continue
+            if not result["sessions"]:
+                return totals
+            totals["passes"] += 1
+            for key in ("sessions", "vectors_global", "vectors_personal"):
+                totals[key] += result.get(key, 0)
+
+    def _query_encoder(self, blue):
+        key = blue.model_version
+        if getattr(self, "_encoder_version", None) != key:
+            self._encoder = TritonEncoder(self.manifest.triton_grpc_url, QUERY_ENCODER, blue.model_version,
+                                          blue.source_dir, blue.max_length, self.settings.triton.max_batch_size,
+                                          self.settings.triton.timeout_s, self.settings.model.query_pad_multiple)
+            self._encoder_version = key
+        return self._encoder
 
     def status(self) -> dict[str, Any]:
         with self._conn() as conn:

@@ -172,7 +172,7 @@ class SearchAPI:
             vector = self._encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]
             with self.pool.connection() as conn:
                 hits = Collection(blue.collection, blue.dim).search(conn, vector, request.limit, request.offset,
-                                                                    request.filter)
+                                                                    request.filter, request.user_id)
         except TritonUnavailable as err:
             raise ServiceUnavailable(f"embedding service unavailable: {err}") from err
         except db.OperationalError as err:
@@ -261,6 +261,22 @@ class SearchAPI:
         with self.pool.connection() as conn:
             clickstream.mark_irrelevant(conn, session_id)
         return {"session_id": session_id, "irrelevant": True}
+
+    # --- improvement --------------------------------------------------------------------------------
+
+    @app.post("/v1/improvement/run", summary="Run the improvement loop now over every settled session")
+    def run_improvement(self, settle_s: float | None = None) -> dict[str, Any]:
+        if settle_s is not None and not 0 <= settle_s <= 86_400:
+            raise RequestValidationError([{"loc": ("query", "settle_s"), "msg": "settle_s must be 0 to 86400",
+                                           "type": "value_error"}])
+        return ray.get(self.driver.improve_now.remote(settle_s))
+
+    @app.delete("/v1/users/{user_id}/personalisation", summary="Forget everything learned from a user's clicks")
+    def forget_user(self, user_id: str) -> dict[str, Any]:
+        blue = self._blue()
+        with self.pool.connection() as conn:
+            deleted = Collection(blue.collection, blue.dim).forget_user(conn, user_id)
+        return {"user_id": user_id, "deleted_vectors": deleted}
 
 
 def build_app(args: dict[str, Any] | None = None):

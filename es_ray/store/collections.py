@@ -57,6 +57,7 @@ class Collection:
         self.name, self.dim = name, dim
         self.items = sql.Identifier(f"items_{name}")
         self.parts = sql.Identifier(f"parts_{name}")
+        self.user_parts = sql.Identifier(f"user_parts_{name}")
 
     # -- schema -------------------------------------------------------------------------------
     def create(self, conn: psycopg.Connection, m: int = 16, ef_construction: int = 64) -> None:
@@ -75,57 +76,82 @@ class Collection:
                 vector     vector({dim}) NOT NULL,
                 PRIMARY KEY (object_id, part_no)
             );
+            -- Improvement: global adjustments change parts.vector and keep the model's vector in
+            -- `original` (NULL while unadjusted); a user's adjustments live in user_parts only.
+            ALTER TABLE {items} ADD COLUMN IF NOT EXISTS text_hash text;
+            ALTER TABLE {parts} ADD COLUMN IF NOT EXISTS original vector({dim});
+            CREATE TABLE IF NOT EXISTS {user_parts} (
+                user_id    text NOT NULL,
+                object_id  text NOT NULL REFERENCES {items} (object_id) ON DELETE CASCADE,
+                part_no    integer NOT NULL,
+                vector     vector({dim}) NOT NULL,
+                updated_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (user_id, object_id, part_no)
+            );
+            CREATE INDEX IF NOT EXISTS {user_parts_object} ON {user_parts} (object_id);
             CREATE INDEX IF NOT EXISTS {payload_idx} ON {items} USING gin (payload jsonb_path_ops);
             CREATE INDEX IF NOT EXISTS {hnsw_idx} ON {parts} USING hnsw (vector vector_cosine_ops)
                 WITH (m = {m}, ef_construction = {efc}) WHERE NOT is_average;
         """).format(items=self.items, parts=self.parts, dim=sql.Literal(self.dim),
                     payload_idx=sql.Identifier(f"items_{self.name}_payload"),
-                    hnsw_idx=sql.Identifier(f"parts_{self.name}_hnsw"),
+                    hnsw_idx=sql.Identifier(f"parts_{self.name}_hnsw"), user_parts=self.user_parts,
+                    user_parts_object=sql.Identifier(f"user_parts_{self.name}_object"),
                     m=sql.Literal(m), efc=sql.Literal(ef_construction)))
 
     def drop(self, conn: psycopg.Connection) -> None:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {parts}; DROP TABLE IF EXISTS {items}")
-                     .format(parts=self.parts, items=self.items))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {user_parts}; DROP TABLE IF EXISTS {parts}; "
+                             "DROP TABLE IF EXISTS {items}")
+                     .format(user_parts=self.user_parts, parts=self.parts, items=self.items))
 
     # -- writes -------------------------------------------------------------------------------
     def upsert(self, conn: psycopg.Connection, items: Iterable[EmbeddedItem]) -> int:
-        """Replaces each item and all its parts in one transaction (last write of an id wins).
+        """Replaces each item in one transaction (last write of an id wins).
 
         Rows are staged with COPY (binary for vectors) and merged with one INSERT ... ON CONFLICT,
-        in id order so concurrent writers lock rows in the same order and cannot deadlock.
+        in id order so concurrent writers lock rows in the same order and cannot deadlock. An item
+        whose text is unchanged keeps its vectors and their learned adjustments (only the payload
+        changes); new text replaces the vectors and drops every adjustment made to the old ones.
         """
         by_id = {item.id: item for item in items}
         if not by_id:
             return 0
         ordered = [by_id[k] for k in sorted(by_id)]
+        stage_parts = sql.Identifier(f"stage_parts_{self.dim}")
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(sql.SQL("""
-                CREATE TEMP TABLE IF NOT EXISTS stage_items (object_id text, payload jsonb, source jsonb)
-                    ON COMMIT DELETE ROWS;
+                CREATE TEMP TABLE IF NOT EXISTS stage_items (object_id text, payload jsonb, source jsonb,
+                    text_hash text) ON COMMIT DELETE ROWS;
                 CREATE TEMP TABLE IF NOT EXISTS {stage_parts} (object_id text, part_no integer,
                     is_average boolean, vector vector({dim})) ON COMMIT DELETE ROWS;
-            """).format(stage_parts=sql.Identifier(f"stage_parts_{self.dim}"), dim=sql.Literal(self.dim)))
-            with cur.copy("COPY stage_items (object_id, payload, source) FROM STDIN") as copy:
+                CREATE TEMP TABLE IF NOT EXISTS stage_changed (object_id text PRIMARY KEY) ON COMMIT DELETE ROWS;
+            """).format(stage_parts=stage_parts, dim=sql.Literal(self.dim)))
+            with cur.copy("COPY stage_items (object_id, payload, source, text_hash) FROM STDIN") as copy:
                 for item in ordered:
-                    copy.write_row((item.id, json.dumps(item.payload), json.dumps(item.source)))
+                    copy.write_row((item.id, json.dumps(item.payload), json.dumps(item.source),
+                                    item.source.get("text_sha256")))
             with cur.copy(sql.SQL("COPY {} (object_id, part_no, is_average, vector) FROM STDIN WITH (FORMAT BINARY)")
-                          .format(sql.Identifier(f"stage_parts_{self.dim}"))) as copy:
+                          .format(stage_parts)) as copy:
                 copy.set_types(["text", "int4", "bool", "vector"])
                 for item in ordered:
                     copy.write_row((item.id, 0, True, item.average.astype(np.float32)))
                     for part_no, vector in enumerate(item.chunks, start=1):
                         copy.write_row((item.id, part_no, False, np.asarray(vector, dtype=np.float32)))
             cur.execute(sql.SQL("""
-                INSERT INTO {items} (object_id, payload, source, version)
-                    SELECT object_id, payload, source, nextval('item_write_seq') FROM stage_items ORDER BY object_id
+                INSERT INTO stage_changed (object_id)
+                    SELECT s.object_id FROM stage_items s LEFT JOIN {items} i ON i.object_id = s.object_id
+                    WHERE i.object_id IS NULL OR s.text_hash IS NULL OR i.text_hash IS DISTINCT FROM s.text_hash;
+                INSERT INTO {items} (object_id, payload, source, text_hash, version)
+                    SELECT object_id, payload, source, text_hash, nextval('item_write_seq')
+                    FROM stage_items ORDER BY object_id
                 ON CONFLICT (object_id) DO UPDATE
-                    SET payload = EXCLUDED.payload, source = EXCLUDED.source,
+                    SET payload = EXCLUDED.payload, source = EXCLUDED.source, text_hash = EXCLUDED.text_hash,
                         version = EXCLUDED.version, updated_at = now();
-                DELETE FROM {parts} WHERE object_id IN (SELECT object_id FROM stage_items);
+                DELETE FROM {user_parts} WHERE object_id IN (SELECT object_id FROM stage_changed);
+                DELETE FROM {parts} WHERE object_id IN (SELECT object_id FROM stage_changed);
                 INSERT INTO {parts} (object_id, part_no, is_average, vector)
-                    SELECT object_id, part_no, is_average, vector FROM {stage_parts};
-            """).format(items=self.items, parts=self.parts,
-                        stage_parts=sql.Identifier(f"stage_parts_{self.dim}")))
+                    SELECT object_id, part_no, is_average, vector FROM {stage_parts}
+                    WHERE object_id IN (SELECT object_id FROM stage_changed);
+            """).format(items=self.items, parts=self.parts, user_parts=self.user_parts, stage_parts=stage_parts))
         return len(ordered)
 
     def delete(self, conn: psycopg.Connection, ids: list[str]) -> int:
@@ -143,13 +169,15 @@ class Collection:
         return {r[0]: {"payload": r[1], "version": r[2]} for r in rows}
 
     def search(self, conn: psycopg.Connection, vector: np.ndarray, limit: int, offset: int = 0,
-               filter_: dict[str, Any] | None = None) -> list[SearchHit]:
+               filter_: dict[str, Any] | None = None, user_id: str | None = None) -> list[SearchHit]:
         """Items ranked by their best chunk, page [offset, offset + limit).
 
-        The HNSW scan yields chunks as one deterministic stream; an item's rank is where its first
-        chunk appears in it. A deeper page reads a longer prefix of the same stream, so the ranking
-        of earlier items never changes: pages have no duplicates and no gaps. If a prefix holds too
-        few distinct items (many chunks per item), it is doubled and read again.
+        The HNSW scan yields chunks as one deterministic stream (strict order); an item's rank is
+        where its first chunk appears in it. A deeper page reads a longer prefix of the same stream,
+        so the ranking of earlier items never changes: pages have no duplicates and no gaps. If a
+        prefix holds too few distinct items (many chunks per item), it is doubled and read again.
+        With a user id, the items that user's clicks adjusted are scored exactly with the user's
+        vectors and merged in by score (the global stream is in score order too).
         """
         condition, params = compile_filter(filter_, column="i.payload")
         query = sql.SQL("""
@@ -169,11 +197,77 @@ class Collection:
             FROM ranked r JOIN {items} i ON i.object_id = r.object_id
             ORDER BY r.first_position
         """).format(parts=self.parts, items=self.items, condition=condition)
+        q = np.asarray(vector, dtype=np.float32)
+        personal = self._personal_scores(conn, q, user_id, condition, params) if user_id else {}
         wanted = offset + limit
         pool = max(2 * wanted, 40)
         while True:
-            rows = conn.execute(query, {"q": np.asarray(vector, dtype=np.float32), "pool": pool, **params}).fetchall()
+            rows = conn.execute(query, {"q": q, "pool": pool, **params}).fetchall()
             streamed = sum(r[3] for r in rows)
-            if len(rows) >= wanted or streamed < pool or pool >= MAX_POOL:
-                return [SearchHit(id=r[0], score=float(r[1]), payload=r[2]) for r in rows[offset:wanted]]
+            hits = [SearchHit(id=r[0], score=float(r[1]), payload=r[2]) for r in rows if r[0] not in personal]
+            if len(hits) + len(personal) >= wanted or streamed < pool or pool >= MAX_POOL:
+                break
             pool *= 2
+        if personal:
+            hits = sorted(hits + list(personal.values()), key=lambda h: (-h.score, h.id))
+        return hits[offset:wanted]
+
+    def _personal_scores(self, conn: psycopg.Connection, q: np.ndarray, user_id: str, condition: sql.Composable,
+                         params: dict[str, Any]) -> dict[str, SearchHit]:
+        rows = conn.execute(sql.SQL("""
+            SELECT p.object_id, max(1 - (COALESCE(u.vector, p.vector) <=> %(q)s)), min(i.payload::text)
+            FROM {parts} p JOIN {items} i ON i.object_id = p.object_id
+            LEFT JOIN {user_parts} u ON u.user_id = %(user)s AND u.object_id = p.object_id AND u.part_no = p.part_no
+            WHERE NOT p.is_average AND {condition}
+              AND p.object_id IN (SELECT object_id FROM {user_parts} WHERE user_id = %(user)s)
+            GROUP BY p.object_id
+        """).format(parts=self.parts, items=self.items, user_parts=self.user_parts, condition=condition),
+            {"q": q, "user": user_id, **params}).fetchall()
+        return {r[0]: SearchHit(id=r[0], score=float(r[1]), payload=json.loads(r[2])) for r in rows}
+
+    # -- improvement ----------------------------------------------------------------------------
+    def chunk_vectors(self, conn: psycopg.Connection, object_ids: list[str], user_id: str | None = None,
+                      model: bool = False) -> dict[str, list[tuple[int, np.ndarray]]]:
+        """Chunk vectors of items as a user sees them (the user's adjusted ones where present), or
+        with `model` the model's own vectors from before any adjustment."""
+        seen = sql.SQL("COALESCE(p.original, p.vector)" if model else "COALESCE(u.vector, p.vector)")
+        rows = conn.execute(sql.SQL("""
+            SELECT p.object_id, p.part_no, {seen}
+            FROM {parts} p
+            LEFT JOIN {user_parts} u ON u.user_id = %(user)s AND u.object_id = p.object_id AND u.part_no = p.part_no
+            WHERE NOT p.is_average AND p.object_id = ANY(%(ids)s) ORDER BY p.object_id, p.part_no
+        """).format(parts=self.parts, user_parts=self.user_parts, seen=seen), {"user": user_id, "ids": list(object_ids)})
+        out: dict[str, list[tuple[int, np.ndarray]]] = {}
+        for object_id, part_no, vec in rows:
+            out.setdefault(object_id, []).append((part_no, vec.to_numpy()))
+        return out
+
+    def save_global(self, conn: psycopg.Connection, updates: list[tuple[str, int, np.ndarray]]) -> None:
+        """New vectors for chunks; the model's vector is kept in `original` the first time."""
+        if updates:
+            conn.execute(sql.SQL("""
+                UPDATE {parts} p SET original = COALESCE(p.original, p.vector), vector = u.vector
+                FROM unnest(%s::text[], %s::int[], %s::vector[]) AS u(object_id, part_no, vector)
+                WHERE p.object_id = u.object_id AND p.part_no = u.part_no
+            """).format(parts=self.parts), ([u[0] for u in updates], [u[1] for u in updates],
+                                            [np.asarray(u[2], dtype=np.float32) for u in updates]))
+
+    def save_user(self, conn: psycopg.Connection, user_id: str, updates: list[tuple[str, int, np.ndarray]]) -> None:
+        if updates:
+            conn.execute(sql.SQL("""
+                INSERT INTO {user_parts} (user_id, object_id, part_no, vector)
+                SELECT %s, u.object_id, u.part_no, u.vector
+                FROM unnest(%s::text[], %s::int[], %s::vector[]) AS u(object_id, part_no, vector)
+                WHERE EXISTS (SELECT 1 FROM {items} i WHERE i.object_id = u.object_id)
+                ON CONFLICT (user_id, object_id, part_no) DO UPDATE SET vector = EXCLUDED.vector, updated_at = now()
+            """).format(user_parts=self.user_parts, items=self.items),
+                (user_id, [u[0] for u in updates], [u[1] for u in updates],
+                 [np.asarray(u[2], dtype=np.float32) for u in updates]))
+
+    def forget_user(self, conn: psycopg.Connection, user_id: str) -> int:
+        return conn.execute(sql.SQL("DELETE FROM {} WHERE user_id = %s").format(self.user_parts), (user_id,)).rowcount
+
+    def undo_global(self, conn: psycopg.Connection) -> int:
+        """Puts the model's vectors back wherever clicks moved them."""
+        return conn.execute(sql.SQL("UPDATE {} SET vector = original, original = NULL WHERE original IS NOT NULL")
+                            .format(self.parts)).rowcount

@@ -1,0 +1,1 @@
+"""Improvement from clicks without retraining: move item vectors towards the queries they answer."""

@@ -1,0 +1,160 @@
+"""Improvement from clicks on the real stack: global moves, per-user personalisation, exactly once."""
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from es_ray.improve.loop import ImprovementLoop
+from es_ray.store import db
+from tests.helpers import ids, search
+
+TOPIC = [f"Volcanic eruptions release ash and sulfur gases into the atmosphere, study {i}" for i in range(6)] + \
+        [f"Magma chambers under volcanoes and their pressure, report {i}" for i in range(6)]
+ITEMS = [{"id": f"imp-{i}", "text": text, "payload": {"group": "imp"}} for i, text in enumerate(TOPIC)]
+ONLY = {"group": "imp"}
+
+
+@pytest.fixture(scope="module")
+def items(api):
+    assert api.put("/v1/items", json={"items": ITEMS}).json()["upserted"] == len(ITEMS)
+    improve(api)  # start from a clean backlog
+    yield
+    api.request("DELETE", "/v1/items", json={"ids": [i["id"] for i in ITEMS]})
+
+
+def improve(api) -> dict:
+    response = api.post("/v1/improvement/run", params={"settle_s": 0})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def click(api, query, target, user_id=None, times=1):
+    for _ in range(times):
+        body = search(api, query, limit=10, filter=ONLY, **({"user_id": user_id} if user_id else {}))
+        assert target in ids(body)
+        event = {"event_id": uuid.uuid4().hex, "item_id": target, "type": "click"}
+        assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": [event]}).json()["accepted"] == 1
+
+
+def rank(api, query, target, **kwargs) -> int:
+    return ids(search(api, query, limit=12, filter=ONLY, session=False, **kwargs)).index(target)
+
+
+def vectors_of(stack, object_id):
+    with db.connect(stack.postgres_dsn) as conn:
+        return {r[0]: r[1].to_numpy() for r in conn.execute(
+            "SELECT part_no, vector FROM parts_v1 WHERE object_id = %s", (object_id,))}
+
+
+def test_global_clicks_move_the_clicked_item_up_for_that_query(api, stack, items):
+    query = "volcanic ash in the atmosphere"
+    order = ids(search(api, query, limit=12, filter=ONLY, session=False))
+    target = order[7]
+    click(api, query, target, times=3)
+    result = improve(api)
+    assert result["sessions"] == 3 and result["vectors_global"] >= 3
+    assert rank(api, query, target) < 7
+
+
+def test_sessions_are_applied_exactly_once_also_after_a_driver_restart(api, stack, settings, items):
+    query = "magma chamber pressure"
+    target = ids(search(api, query, limit=12, filter=ONLY, session=False))[5]
+    click(api, query, target, times=2)
+    assert improve(api)["sessions"] == 2
+    after_first = vectors_of(stack, target)
+    assert improve(api)["sessions"] == 0
+
+    import ray
+
+    from es_ray.lifecycle.driver import DRIVER_NAME
+    ray.init(address=stack.ray_address, namespace=settings.ray.namespace, logging_level="warning")
+    try:
+        ray.kill(ray.get_actor(DRIVER_NAME, namespace=settings.ray.namespace), no_restart=False)
+    finally:
+        ray.shutdown()
+    deadline = time.monotonic() + 120
+    while api.post("/v1/improvement/run", params={"settle_s": 0}).status_code != 200:
+        assert time.monotonic() < deadline, "driver did not come back"
+        time.sleep(1)
+    assert improve(api)["sessions"] == 0
+    for part, vector in vectors_of(stack, target).items():
+        assert np.allclose(vector, after_first[part])
+
+
+def test_concurrent_runs_consume_each_session_once(api, items):
+    query = "sulfur gases from eruptions"
+    target = ids(search(api, query, limit=12, filter=ONLY, session=False))[4]
+    click(api, query, target, times=6)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: improve(api), range(3)))
+    assert sum(r["sessions"] for r in results) == 6
+
+
+def test_a_users_clicks_change_only_that_users_ranking(api, stack, items):
+    query = "eruption study"
+    baseline = ids(search(api, query, limit=12, filter=ONLY, session=False))
+    target = baseline[9]
+    click(api, query, target, user_id="ann", times=4)
+    result = improve(api)
+    assert result["vectors_personal"] >= 1 and result["vectors_global"] == 0
+    assert rank(api, query, target, user_id="ann") < 9
+    assert ids(search(api, query, limit=12, filter=ONLY, session=False, user_id="ben")) == baseline
+    assert ids(search(api, query, limit=12, filter=ONLY, session=False)) == baseline
+    with db.connect(stack.postgres_dsn) as conn:
+        stored = conn.execute("SELECT count(*) FROM user_parts_v1 WHERE user_id = 'ann'").fetchone()[0]
+        # only the touched chunks (the click and what was skipped above it, one chunk each), not a copy
+        # of every item
+        assert 1 <= stored <= 10
+
+    forgotten = api.delete("/v1/users/ann/personalisation").json()
+    assert forgotten == {"user_id": "ann", "deleted_vectors": stored}
+    assert ids(search(api, query, limit=12, filter=ONLY, session=False, user_id="ann")) == baseline
+
+
+def test_delete_and_new_text_drop_adjustments_same_text_keeps_them(api, stack, items):
+    query = "magma under volcanoes"
+    extra = {"id": "imp-extra", "text": "Lava domes grow slowly above magma", "payload": {"group": "imp"}}
+    assert api.put("/v1/items", json={"items": [extra]}).json()["upserted"] == 1
+    click(api, query, "imp-extra", times=2)
+    click(api, query, "imp-extra", user_id="cat", times=2)
+    improve(api)
+    with db.connect(stack.postgres_dsn) as conn:
+        def counts():
+            return conn.execute("""SELECT (SELECT count(*) FROM parts_v1 WHERE object_id = 'imp-extra'
+                                           AND original IS NOT NULL),
+                                          (SELECT count(*) FROM user_parts_v1 WHERE object_id = 'imp-extra')""").fetchone()
+        assert counts()[0] >= 1 and counts()[1] >= 1
+        api.put("/v1/items", json={"items": [{**extra, "payload": {"group": "imp", "v": 2}}]})  # same text
+        assert counts()[0] >= 1 and counts()[1] >= 1
+        api.put("/v1/items", json={"items": [{**extra, "text": "Completely new text about glaciers"}]})
+        assert counts() == (0, 0)
+        click(api, "glaciers", "imp-extra", user_id="cat")
+        improve(api)
+        assert counts()[1] >= 1
+        api.request("DELETE", "/v1/items", json={"ids": ["imp-extra"]})
+        assert counts() == (0, 0)
+
+
+def test_background_loop_runs_passes_until_the_backlog_is_empty():
+    backlog, calls = [3, 2, 0], []
+
+    def run_pass():
+        calls.append(time.monotonic())
+        return {"sessions": backlog.pop(0) if backlog else 0}
+
+    loop = ImprovementLoop(run_pass, interval_s=0.05)
+    deadline = time.monotonic() + 5
+    while len(calls) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    loop.stop()
+    assert len(calls) >= 4 and not backlog  # drained 3 then 2 then stopped at 0, and ran again later
+
+
+def test_improvement_run_validates_its_input(api):
+    response = api.post("/v1/improvement/run", params={"settle_s": -1})
+    assert response.status_code == 422 and "settle_s" in response.json()["error"]
+    assert api.post("/v1/improvement/run", params={"settle_s": "soon"}).status_code == 422
