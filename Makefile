@@ -31,6 +31,8 @@ bench: venv
 	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.clicks
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench
+	$(BIN)/python -m es_ray.bench.improve $(if $(DATA),--data $(DATA))
+	$(BIN)/es-ray down --state-dir /tmp/esr-bench-improve
 
 up: venv
 	$(BIN)/es-ray up --state-dir $(STATE)

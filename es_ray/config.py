@@ -84,14 +84,15 @@ class UpsertSettings(BaseModel):
 
 
 class AdjusterSettings(BaseModel):
-    learning_rate: float = 0.5
+    learning_rate: float = 0.01
     iterations: int = 10
     pull: float = 1.0
-    push: float = 1.0
+    push: float = 0.3
     margin: float = 0.05
     irrelevant: float = 0.5
     irrelevant_floor: float = 0.2
-    anchor: float = 1.0
+    anchor: float = 0.3
+    max_step: float = 0.5
 
 
 class ImproveSettings(BaseModel):

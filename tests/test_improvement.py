@@ -60,6 +60,18 @@ def test_global_clicks_move_the_clicked_item_up_for_that_query(api, stack, items
     assert rank(api, query, target) < 7
 
 
+def test_global_adjustments_can_be_undone(api, stack, items):
+    query = "ash and sulfur"
+    target = ids(search(api, query, limit=12, filter=ONLY, session=False))[6]
+    model_vectors = vectors_of(stack, target)
+    click(api, query, target, times=2)
+    improve(api)
+    assert any(not np.allclose(v, model_vectors[p]) for p, v in vectors_of(stack, target).items())
+    assert api.post("/v1/improvement/undo").json()["restored_vectors"] >= 1
+    for part, vector in vectors_of(stack, target).items():
+        assert np.allclose(vector, model_vectors[part], atol=1e-6)
+
+
 def test_sessions_are_applied_exactly_once_also_after_a_driver_restart(api, stack, settings, items):
     query = "magma chamber pressure"
     target = ids(search(api, query, limit=12, filter=ONLY, session=False))[5]

@@ -39,6 +39,13 @@ TABLES.append(("clicks", "Click ingestion (HTTP, every batch sent twice)", lambd
     ("sessions", lambda r: r["sessions"]), ("events", lambda r: r["events"]), ("events/request", lambda r: r["batch"]),
     ("clients", lambda r: r["clients"]), ("accepted events/s (target >= 500)", lambda r: r["events_per_s"]),
     ("accepted", lambda r: r["first"]["accepted"]), ("resent: duplicates", lambda r: r["resend"]["duplicates"])]))
+TABLES.append(("improve", "Improvement from simulated clicks (nDCG@10; test queries never clicked)", lambda r: [r], [
+    ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("sessions", lambda r: r["sessions"]),
+    ("clicks", lambda r: r["clicks"]), ("train before", lambda r: r["train"]["before"]["ndcg@10"]),
+    ("train after (target +0.10)", lambda r: r["train"]["after"]["ndcg@10"]),
+    ("test before", lambda r: r["test"]["before"]["ndcg@10"]),
+    ("test after (target >= -0.005)", lambda r: r["test"]["after"]["ndcg@10"]),
+    ("improve s", lambda r: r["improve_s"])]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 

@@ -14,8 +14,9 @@ user marked as irrelevant). The loss, minimised over the touched chunk vectors o
 
 Why gradient steps and not "v += lr * (q - v)": the pairwise term only moves vectors whose order is
 wrong, and the anchor bounds the drift, which keeps test queries (never clicked) from degrading.
-Each row's gradient is averaged over the examples touching it (popular items do not take giant
-steps), and vectors are re-normalised after every step (the index is cosine). Works on plain tensors.
+Gradients add up over examples, so evidence counts: five clicks move a chunk further than one noise
+click; each step is capped at `max_step` so popular chunks stay stable, and vectors are re-normalised
+after every step (the index is cosine). Works on plain tensors.
 """
 
 from __future__ import annotations
@@ -31,14 +32,15 @@ CLICKED, SKIPPED, IRRELEVANT = 0, 1, 2
 
 @dataclass
 class AdjusterConfig:
-    learning_rate: float = 0.5
+    learning_rate: float = 0.01
     iterations: int = 10
     pull: float = 1.0
-    push: float = 1.0
+    push: float = 0.3
     margin: float = 0.05
     irrelevant: float = 0.5
     irrelevant_floor: float = 0.2
-    anchor: float = 1.0
+    anchor: float = 0.3
+    max_step: float = 0.5
 
 
 @dataclass
@@ -83,17 +85,15 @@ class VectorAdjuster:
             return vectors
         v = torch.tensor(vectors, dtype=torch.float32, requires_grad=True)
         a = torch.as_tensor(anchors, dtype=torch.float32)
-        # A chunk clicked in 50 sessions gets 50 times the gradient of one clicked once: divide each
-        # row's gradient by the examples that touch it so one learning rate is stable for both.
-        touches = np.bincount(examples.chunk, minlength=len(vectors)).astype(np.float32)
-        skipped = examples.kind == SKIPPED
-        np.add.at(touches, examples.chunk[examples.best_click[skipped]], 1)
-        scale = torch.as_tensor(np.maximum(touches, 1.0))[:, None]
+        # Evidence adds up: a chunk clicked in 5 sessions moves further than one clicked once (a lone
+        # noise click must not count as much as five real ones). `max_step` caps the per-step move so
+        # heavily clicked chunks stay stable.
         optimiser = torch.optim.SGD([v], lr=self.config.learning_rate)
         for _ in range(self.config.iterations):
             optimiser.zero_grad()
             self.compute_loss(v, a, examples).backward()
-            v.grad /= scale
+            norms = v.grad.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            v.grad *= (self.config.max_step / (self.config.learning_rate * norms)).clamp(max=1.0)
             optimiser.step()
             with torch.no_grad():
                 v.copy_(F.normalize(v, dim=1))

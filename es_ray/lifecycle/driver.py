@@ -146,5 +146,15 @@ def get_driver(namespace: str = "es-ray"):
 
 
 def start_driver(settings: Settings, manifest: StackManifest):
+    """The running driver, or a new one; a driver started with other settings or addresses is replaced
+    (its state is in Postgres, so nothing is lost)."""
+    try:
+        running = ray.get_actor(DRIVER_NAME, namespace=settings.ray.namespace)
+        wanted = {"settings": settings.model_dump(mode="json"), "manifest": manifest.model_dump()}
+        if ray.get(running.stack.remote(), timeout=60) != wanted:
+            ray.kill(running, no_restart=True)
+            log.info("lifecycle.driver_replaced", reason="settings or stack addresses changed")
+    except ValueError:
+        pass  # none running
     return LifecycleDriver.options(name=DRIVER_NAME, namespace=settings.ray.namespace, lifetime="detached",
                                    get_if_exists=True).remote(settings.model_dump(mode="json"), manifest.model_dump())

@@ -271,6 +271,13 @@ class SearchAPI:
                                            "type": "value_error"}])
         return ray.get(self.driver.improve_now.remote(settle_s))
 
+    @app.post("/v1/improvement/undo", summary="Put back the model's vectors wherever global clicks moved them")
+    def undo_improvement(self) -> dict[str, Any]:
+        blue = self._blue()
+        with self.pool.connection() as conn:
+            restored = Collection(blue.collection, blue.dim).undo_global(conn)
+        return {"restored_vectors": restored}
+
     @app.delete("/v1/users/{user_id}/personalisation", summary="Forget everything learned from a user's clicks")
     def forget_user(self, user_id: str) -> dict[str, Any]:
         blue = self._blue()

@@ -1,0 +1,50 @@
+"""Simulated users: a position-based click model over real search sessions (configs/clicks.yaml)."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from es_ray.config import CONFIG_DIR
+
+
+@dataclass
+class ClickModel:
+    examination_by_rank: list[float]
+    click_relevant: float
+    click_noise: float
+    sessions_per_query: int
+    seed: int
+
+    @classmethod
+    def load(cls, path: Path = CONFIG_DIR / "clicks.yaml") -> "ClickModel":
+        return cls(**yaml.safe_load(path.read_text()))
+
+    def clicks(self, shown: list[str], relevant: set[str], rng: random.Random) -> list[str]:
+        """Items clicked in one session: examined by rank, clicked by relevance (with noise)."""
+        out = []
+        for rank, item in enumerate(shown[:len(self.examination_by_rank)]):
+            if rng.random() < self.examination_by_rank[rank]:
+                if rng.random() < (self.click_relevant if item in relevant else self.click_noise):
+                    out.append(item)
+        return out
+
+
+def simulate_session(client, model: ClickModel, query: str, relevant: set[str], rng: random.Random,
+                     user_id: str | None = None) -> int:
+    """One search with a recorded session, then its clicks; returns the number of clicks sent."""
+    body = {"query": query, "limit": len(model.examination_by_rank)}
+    if user_id:
+        body["user_id"] = user_id
+    response = client.post("/v1/search", json=body)
+    response.raise_for_status()
+    result = response.json()
+    clicked = model.clicks([r["id"] for r in result["results"]], relevant, rng)
+    if clicked and result["session_id"]:
+        events = [{"event_id": uuid.uuid4().hex, "item_id": item, "type": "click"} for item in clicked]
+        client.post(f"/v1/sessions/{result['session_id']}/events", json={"events": events}).raise_for_status()
+    return len(clicked)
