@@ -27,20 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from es_ray.config import AdjusterSettings
+
 CLICKED, SKIPPED, IRRELEVANT = 0, 1, 2
 
 
-@dataclass
-class AdjusterConfig:
-    learning_rate: float = 0.01
-    iterations: int = 10
-    pull: float = 1.0
-    push: float = 0.3
-    margin: float = 0.05
-    irrelevant: float = 0.5
-    irrelevant_floor: float = 0.2
-    anchor: float = 0.3
-    max_step: float = 0.5
+# The adjuster's settings are the `improve.adjuster` section of configs/stack.yaml.
+AdjusterConfig = AdjusterSettings
 
 
 @dataclass
@@ -58,7 +51,7 @@ class VectorAdjuster:
         self.config = config or AdjusterConfig()
 
     def get_config_dict(self) -> dict[str, float]:
-        return dict(self.config.__dict__)
+        return self.config.model_dump()
 
     def compute_loss(self, vectors: torch.Tensor, anchors: torch.Tensor, ex: Examples) -> torch.Tensor:
         c = self.config

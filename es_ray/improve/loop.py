@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, AdjusterConfig, Examples, VectorAdjuster
+from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, Examples, VectorAdjuster
 from es_ray.logs import get_logger
 from es_ray.store.collections import Collection
 
@@ -167,4 +167,4 @@ class ImprovementLoop:
 
 
 def adjuster_from(settings) -> VectorAdjuster:
-    return VectorAdjuster(AdjusterConfig(**settings.improve.adjuster.model_dump()))
+    return VectorAdjuster(settings.improve.adjuster)
