@@ -33,6 +33,8 @@ bench: venv
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench
 	$(BIN)/python -m es_ray.bench.improve $(if $(DATA),--data $(DATA))
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-improve
+	$(BIN)/python -m es_ray.bench.finetune $(if $(DATA),--data $(DATA))
+	$(BIN)/es-ray down --state-dir /tmp/esr-bench-finetune
 
 up: venv
 	$(BIN)/es-ray up --state-dir $(STATE)

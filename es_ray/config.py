@@ -103,6 +103,12 @@ class ImproveSettings(BaseModel):
     adjuster: AdjusterSettings = AdjusterSettings()
 
 
+class TasksSettings(BaseModel):
+    heartbeat_s: float = 10.0
+    lease_s: float = 120.0
+    check_interval_s: float = 15.0
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by ES_RAY_CONFIG (default configs/stack.yaml)."""
 
@@ -128,6 +134,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     upsert: UpsertSettings = UpsertSettings()
     improve: ImproveSettings = ImproveSettings()
+    tasks: TasksSettings = TasksSettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

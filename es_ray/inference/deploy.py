@@ -10,7 +10,7 @@ import tritonclient.http as triton_http
 
 from es_ray.config import Settings
 from es_ray.inference import triton_repo
-from es_ray.inference.encoder import load_encoder, trace
+from es_ray.inference.encoder import load_encoder, query_tower_dir, trace
 from es_ray.logs import get_logger
 
 log = get_logger(__name__)
@@ -24,9 +24,12 @@ def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, m
     """Makes both encoders of `version` ready in Triton; versions already loaded keep serving."""
     if not triton_repo.has_version(repo, version):
         started = time.monotonic()
-        scripted = trace(load_encoder(model_dir))
-        triton_repo.write_version(repo, version, scripted, model_dim(model_dir), settings.triton,
-                                  settings.model.torch_threads)
+        item_tower = trace(load_encoder(model_dir))
+        query_dir = query_tower_dir(model_dir)
+        query_tower = item_tower if query_dir == Path(model_dir) else trace(load_encoder(query_dir))
+        triton_repo.write_version(repo, version, {triton_repo.QUERY_ENCODER: query_tower,
+                                                  triton_repo.ITEM_ENCODER: item_tower},
+                                  model_dim(model_dir), settings.triton, settings.model.torch_threads)
         log.info("deploy.traced", version=version, seconds=round(time.monotonic() - started, 2))
     client = triton_http.InferenceServerClient(triton_http_url, network_timeout=300)
     for name in triton_repo.ENCODERS:

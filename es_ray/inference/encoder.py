@@ -26,6 +26,16 @@ def resolve_model_dir(source: str | os.PathLike | None) -> Path:
     return Path(source) if source else default_model_dir()
 
 
+# A model directory is a Hugging Face encoder directory (the item tower, and the query tower too),
+# or, after a query-tower fine-tune, that directory with the trained query tower inside it here.
+QUERY_TOWER_DIR = "query_encoder"
+
+
+def query_tower_dir(model_dir: str | os.PathLike) -> Path:
+    inner = Path(model_dir) / QUERY_TOWER_DIR
+    return inner if (inner / "config.json").exists() else Path(model_dir)
+
+
 class SentenceEncoder(nn.Module):
     """token ids -> mean-pooled, L2-normalised sentence vectors (batch, dim)."""
 

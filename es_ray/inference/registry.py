@@ -61,11 +61,27 @@ def register_initial_model(settings: Settings, model_dir: Path) -> int:
                            "normalised": True})
         mlflow.log_artifacts(str(model_dir), artifact_path="model")
         mlflow.set_tag("es_ray.role", "initial")
+    return _create_version(mlflow_client, name, run.info.run_id, f"{run.info.artifact_uri}/model",
+                           f"initial model from {model_dir}", {})
+
+
+def register_version(settings: Settings, run_id: str, model_dir: Path, description: str,
+                     tags: dict[str, str]) -> int:
+    """Logs `model_dir` as the run's `model` artifact and registers it as the next version."""
+    mlflow_client = client(tracking_uri(settings))
+    mlflow_client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    artifact_uri = mlflow_client.get_run(run_id).info.artifact_uri
+    return _create_version(mlflow_client, settings.mlflow.registered_model, run_id, f"{artifact_uri}/model",
+                           description, tags)
+
+
+def _create_version(mlflow_client, name: str, run_id: str, source: str, description: str,
+                    tags: dict[str, str]) -> int:
     if not mlflow_client.search_registered_models(f"name = '{name}'"):
         mlflow_client.create_registered_model(name, description="es-ray embedding model (query and item encoder)")
-    version = mlflow_client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id,
-                                                 description=f"initial model from {model_dir}")
-    log.info("registry.registered", name=name, version=version.version, run_id=run.info.run_id)
+    version = mlflow_client.create_model_version(name, source=source, run_id=run_id, description=description,
+                                                 tags={k: str(v) for k, v in tags.items()})
+    log.info("registry.registered", name=name, version=version.version, run_id=run_id)
     return int(version.version)
 
 

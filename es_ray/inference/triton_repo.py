@@ -1,7 +1,8 @@
 """The versioned Triton model repository: <repo>/<model name>/config.pbtxt and <version>/model.pt.
 
-Query and item encoders are separate Triton models (they can be scaled and batched differently)
-whose version directories hold the same TorchScript file (a hard link, so the weights are on disk once).
+Query and item encoders are separate Triton models (they can be scaled and batched differently).
+Their version directories hold the same TorchScript file (a hard link, so the weights are on disk
+once), or two files where a fine-tune trained the query tower alone.
 Triton versions are the MLflow registry versions, so `query_encoder` version 3 is registry version 3.
 """
 
@@ -57,25 +58,27 @@ instance_group [ {{ kind: {instance_kind} count: {settings.instances} }} ]
 {parameters}"""
 
 
-def write_version(repo: Path, version: int, scripted: torch.jit.ScriptModule, dim: int,
+def write_version(repo: Path, version: int, towers: dict[str, torch.jit.ScriptModule], dim: int,
                   settings: TritonSettings, torch_threads: int = 0) -> list[str]:
-    """Writes both encoders' entries for `version`; returns the Triton model names written."""
-    first_file: Path | None = None
+    """Writes both encoders' entries for `version` from {model name: TorchScript module}; a module
+    shared by both is saved once and hard-linked. Returns the Triton model names written."""
+    saved: dict[int, Path] = {}
     for name in ENCODERS:
         version_dir = repo / name / str(version)
         version_dir.mkdir(parents=True, exist_ok=True)
         target = version_dir / "model.pt"
         tmp = version_dir / "model.pt.tmp"
-        if first_file is None:
-            torch.jit.save(scripted, str(tmp))
-            first_file = target
-        else:
-            tmp.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        module = towers[name]
+        if id(module) in saved:
             try:
-                os.link(first_file, tmp)
+                os.link(saved[id(module)], tmp)
             except OSError:
-                shutil.copy(first_file, tmp)
+                shutil.copy(saved[id(module)], tmp)
+        else:
+            torch.jit.save(module, str(tmp))
         tmp.replace(target)
+        saved.setdefault(id(module), target)
         shutil.copy(TEMPLATE, version_dir / "model.py")
         (repo / name / "config.pbtxt").write_text(config_pbtxt(name, dim, settings, torch_threads))
     return list(ENCODERS)

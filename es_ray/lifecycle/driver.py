@@ -7,6 +7,7 @@ addresses through it, so a Ray job needs nothing but the cluster address.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,29 @@ from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.logs import get_logger
 from es_ray.stack.manifest import StackManifest
-from es_ray.store import db, lifecycle
+from es_ray.stack import jobs
+from es_ray.store import db, lifecycle, tasks
 from es_ray.store.collections import Collection, collection_name
 
 log = get_logger(__name__)
 
 DRIVER_NAME = "lifecycle-driver"
+FINE_TUNE = "fine-tune"
+
+
+class PeriodicThread:
+    """Calls `fn` every `interval_s` in a daemon thread."""
+
+    def __init__(self, fn, interval_s: float, name: str):
+        self.fn, self.interval_s, self._stop = fn, interval_s, threading.Event()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.fn()
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)
@@ -39,9 +57,17 @@ class LifecycleDriver:
         self.repo = Path(self.manifest.state_dir) / "triton" / "models"
         db.migrate(self.manifest.postgres_dsn)
         self._improvement: ImprovementLoop | None = None
+        self._task_watcher = PeriodicThread(self._check_tasks_safely, self.settings.tasks.check_interval_s,
+                                            "task-watcher")
         # After a restart, put the blue model back into Triton if Triton lost it.
         if self.blue() is not None:
             self.ensure_serving()
+
+    def _check_tasks_safely(self) -> None:
+        try:
+            self.check_tasks()
+        except Exception:  # noqa: BLE001 - try again at the next interval
+            log.exception("task.check_failed")
 
     def _conn(self):
         return db.connect(self.manifest.postgres_dsn)
@@ -117,6 +143,50 @@ class LifecycleDriver:
                                           self.settings.triton.timeout_s, self.settings.model.query_pad_multiple)
             self._encoder_version = key
         return self._encoder
+
+    # --- tasks: fine-tune (and later reindex) as Ray jobs ------------------------------------------
+
+    def start_fine_tune(self, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Creates a fine-tune task and submits its Ray job; TaskConflict if one is already active."""
+        with self._conn() as conn:
+            task = tasks.create(conn, FINE_TUNE, {"config": overrides, "submitted_by": "api"})
+            job_id = f"fine-tune-{task.task_id}"
+            tasks.set_job(conn, task.task_id, job_id)
+            try:
+                jobs.submit(self.manifest.ray_dashboard_url,
+                            f"python -m es_ray.train --task-id {task.task_id} --namespace {self.settings.ray.namespace}",
+                            submission_id=job_id)
+            except Exception as err:  # noqa: BLE001 - the task must not stay pending forever
+                tasks.fail(conn, task.task_id, f"could not submit the Ray job: {err}")
+            return tasks.get(conn, task.task_id).__dict__
+
+    def check_tasks(self) -> list[str]:
+        """Fails active tasks whose Ray job has ended or whose heartbeat is older than the lease;
+        returns their ids. Runs every tasks.check_interval_s."""
+        ended = []
+        lease = self.settings.tasks.lease_s
+        with self._conn() as conn:
+            stale = {t.task_id for t in tasks.stale(conn, lease)}
+            for task in tasks.active(conn):
+                reason = self._job_ended(task.job_id)
+                if reason is None and task.task_id in stale:
+                    reason = f"no heartbeat from its job for more than {lease:.0f}s: the job is presumed dead"
+                if reason and tasks.fail(conn, task.task_id, reason):
+                    log.warning("task.failed", task_id=task.task_id, kind=task.kind, reason=reason)
+                    ended.append(task.task_id)
+        return ended
+
+    def _job_ended(self, job_id: str | None) -> str | None:
+        if not job_id:
+            return None
+        try:
+            info = jobs.client(self.manifest.ray_dashboard_url).get_job_info(job_id)
+        except Exception:  # noqa: BLE001 - unknown to Ray (a CLI job's Ray id) or the dashboard is busy
+            return None
+        if not info.status.is_terminal():
+            return None
+        return (f"its Ray job {job_id} ended {info.status.value} without finishing the task"
+                + (f": {info.message}" if info.message else ""))
 
     def status(self) -> dict[str, Any]:
         with self._conn() as conn:

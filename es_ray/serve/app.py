@@ -26,7 +26,7 @@ from es_ray.lifecycle.driver import get_driver
 from es_ray.logs import get_logger
 from es_ray.serve import schemas
 from es_ray.stack.manifest import StackManifest
-from es_ray.store import clickstream, db, lifecycle
+from es_ray.store import clickstream, db, lifecycle, tasks
 from es_ray.store.collections import Collection
 from es_ray.store.lifecycle import Blue
 
@@ -109,6 +109,16 @@ async def _event_rejected(request: Request, exc: clickstream.EventRejected) -> J
 @app.exception_handler(clickstream.Conflict)
 async def _conflict(request: Request, exc: clickstream.Conflict) -> JSONResponse:
     return JSONResponse(status_code=409, content={"error": str(exc), "details": []})
+
+
+@app.exception_handler(tasks.TaskConflict)
+async def _task_conflict(request: Request, exc: tasks.TaskConflict) -> JSONResponse:
+    return JSONResponse(status_code=409, content={"error": str(exc), "details": []})
+
+
+@app.exception_handler(tasks.UnknownTask)
+async def _unknown_task(request: Request, exc: tasks.UnknownTask) -> JSONResponse:
+    return JSONResponse(status_code=404, content={"error": str(exc), "details": []})
 
 
 @app.exception_handler(db.OperationalError)
@@ -284,6 +294,27 @@ class SearchAPI:
         with self.pool.connection() as conn:
             deleted = Collection(blue.collection, blue.dim).forget_user(conn, user_id)
         return {"user_id": user_id, "deleted_vectors": deleted}
+
+
+    # --- tasks: long-running work as Ray jobs -------------------------------------------------------
+
+    @app.post("/v1/tasks/fine-tune", status_code=202, response_model=schemas.TaskOut,
+              summary="Start a fine-tune from the clickstream (a Ray job); 409 while one runs")
+    def start_fine_tune(self, request: schemas.FineTuneRequest) -> schemas.TaskOut:
+        return schemas.TaskOut(**ray.get(self.driver.start_fine_tune.remote(request.config)))
+
+    @app.get("/v1/tasks/{task_id}", response_model=schemas.TaskOut, summary="A task: status, progress, result")
+    def read_task(self, task_id: str) -> schemas.TaskOut:
+        with self.pool.connection() as conn:
+            return schemas.TaskOut(**tasks.get(conn, task_id).__dict__)
+
+    @app.get("/v1/tasks", response_model=schemas.TaskList, summary="Recent tasks, newest first")
+    def list_tasks(self, kind: str | None = None, limit: int = 20) -> schemas.TaskList:
+        if not 1 <= limit <= 200:
+            raise RequestValidationError([{"loc": ("query", "limit"), "msg": "limit must be 1 to 200",
+                                           "type": "value_error"}])
+        with self.pool.connection() as conn:
+            return schemas.TaskList(tasks=[schemas.TaskOut(**t.__dict__) for t in tasks.recent(conn, kind, limit)])
 
 
 def build_app(args: dict[str, Any] | None = None):

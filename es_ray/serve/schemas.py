@@ -216,3 +216,43 @@ class SessionOut(BaseModel):
     created_at: datetime
     results: list[ShownResult]
     events: list[EventOut]
+
+
+# --- tasks ---------------------------------------------------------------------------------------
+
+class FineTuneRequest(Strict):
+    config: dict[str, Any] = Field(default_factory=dict, description="Overrides of configs/finetune.yaml, e.g. "
+                                   '{"tune": {"num_samples": 4}, "debias": {"enabled": false}}; unknown keys are refused.')
+
+    @field_validator("config")
+    @classmethod
+    def _check_config(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from pydantic import ValidationError
+
+        from es_ray.train.config import load_finetune_config
+
+        try:
+            load_finetune_config(overrides=value)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"invalid fine-tune config: {problems}") from None
+        return value
+
+
+class TaskOut(BaseModel):
+    task_id: str
+    kind: str
+    status: str = Field(description="pending | running | done | failed | cancelled")
+    params: dict[str, Any]
+    progress: dict[str, Any] = Field(description="Stage, trials done / running / total, best so far.")
+    result: dict[str, Any] | None = None
+    error: str | None = Field(None, description="Why a failed task failed.")
+    job_id: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskOut]

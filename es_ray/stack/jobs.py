@@ -13,30 +13,43 @@ log = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def submit_and_wait(manifest: StackManifest, entrypoint: str, timeout_s: float = 3600,
-                    echo_logs: bool = True) -> tuple[str, str]:
-    """Runs `entrypoint` as a Ray job with this checkout as its working dir; returns (status, logs)."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def client(dashboard_url: str):
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only embedded head; see DESIGN.md
+    from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(manifest.ray_dashboard_url)
+    return JobSubmissionClient(dashboard_url)
+
+
+def submit(dashboard_url: str, entrypoint: str, submission_id: str | None = None) -> str:
+    """Submits `entrypoint` as a Ray job with this checkout as its working dir; returns the job id."""
     # The checkout travels as the job's working dir (.gitignore'd paths such as .venv and .es-ray stay behind).
     runtime_env = {"working_dir": str(REPO_ROOT)} if (REPO_ROOT / "pyproject.toml").exists() else None
-    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+    job_id = client(dashboard_url).submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                              submission_id=submission_id)
     log.info("job.submitted", job_id=job_id, entrypoint=entrypoint)
+    return job_id
+
+
+def submit_and_wait(manifest: StackManifest, entrypoint: str, timeout_s: float = 3600,
+                    echo_logs: bool = True) -> tuple[str, str]:
+    """Runs `entrypoint` as a Ray job and waits for it; returns (status, logs)."""
+    from ray.job_submission import JobStatus
+
+    job_id = submit(manifest.ray_dashboard_url, entrypoint)
+    jobs_client = client(manifest.ray_dashboard_url)
     deadline, printed = time.monotonic() + timeout_s, 0
-    status = client.get_job_status(job_id)
+    status = jobs_client.get_job_status(job_id)
     while not status.is_terminal():
         if time.monotonic() > deadline:
-            client.stop_job(job_id)
+            jobs_client.stop_job(job_id)
             raise TimeoutError(f"job {job_id} did not finish within {timeout_s}s")
         time.sleep(1)
         if echo_logs:
-            logs = client.get_job_logs(job_id)
+            logs = jobs_client.get_job_logs(job_id)
             print(logs[printed:], end="", flush=True)  # noqa: T201 - the job's own output, passed through
             printed = len(logs)
-        status = client.get_job_status(job_id)
-    logs = client.get_job_logs(job_id)
+        status = jobs_client.get_job_status(job_id)
+    logs = jobs_client.get_job_logs(job_id)
     if echo_logs:
         print(logs[printed:], end="", flush=True)  # noqa: T201
     log.info("job.finished", job_id=job_id, status=str(status))

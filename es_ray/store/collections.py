@@ -168,6 +168,11 @@ class Collection:
                             .format(self.items), (list(ids),)).fetchall()
         return {r[0]: {"payload": r[1], "version": r[2]} for r in rows}
 
+    def sample_ids(self, conn: psycopg.Connection, n: int, seed: int = 0) -> list[str]:
+        """Up to n item ids in a seeded pseudo-random order (all of them when there are fewer)."""
+        return [r[0] for r in conn.execute(sql.SQL("SELECT object_id FROM {} ORDER BY md5(object_id || %s) LIMIT %s")
+                                           .format(self.items), (str(seed), n))]
+
     def search(self, conn: psycopg.Connection, vector: np.ndarray, limit: int, offset: int = 0,
                filter_: dict[str, Any] | None = None, user_id: str | None = None) -> list[SearchHit]:
         """Items ranked by their best chunk, page [offset, offset + limit).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,7 @@ class ModelRecord:
     source_dir: str
     dim: int
     max_length: int
-    state: str = "registered"
+    state: str = "registered"   # registered | deployed | retired; fine-tuned: candidate | rejected
 
 
 @dataclass(frozen=True)
@@ -61,3 +62,17 @@ def set_blue(conn: psycopg.Connection, model_version: int, collection: str) -> N
         """INSERT INTO blue (singleton, model_version, collection) VALUES (true, %s, %s)
            ON CONFLICT (singleton) DO UPDATE SET model_version = EXCLUDED.model_version,
                collection = EXCLUDED.collection, switched_at = now()""", (model_version, collection))
+
+
+def record_lineage(conn: psycopg.Connection, version: int, parent_version: int, metrics: dict,
+                   gate: dict) -> None:
+    """A fine-tuned version's parent, held-out metrics and quality-gate decision."""
+    conn.execute("UPDATE models SET parent_version = %s, metrics = %s, gate = %s WHERE version = %s",
+                 (parent_version, Jsonb(metrics), Jsonb(gate), version))
+
+
+def list_models(conn: psycopg.Connection) -> list[dict]:
+    rows = conn.execute("""SELECT version, state, parent_version, metrics, gate, created_at FROM models
+                           ORDER BY version""").fetchall()
+    return [{"version": r[0], "state": r[1], "parent_version": r[2], "metrics": r[3], "gate": r[4],
+             "created_at": r[5]} for r in rows]

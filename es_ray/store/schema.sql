@@ -61,3 +61,27 @@ CREATE TABLE IF NOT EXISTS events (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS events_session ON events (session_id);
+
+-- Fine-tuned versions: where they came from, what they scored, what the quality gate decided.
+ALTER TABLE models ADD COLUMN IF NOT EXISTS parent_version integer;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS metrics jsonb;
+ALTER TABLE models ADD COLUMN IF NOT EXISTS gate jsonb;
+
+-- Long-running work (fine-tune, reindex): one row per run, updated by the Ray job that does it.
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id      text PRIMARY KEY,
+    kind         text NOT NULL,                   -- fine-tune | reindex
+    status       text NOT NULL DEFAULT 'pending', -- pending | running | done | failed | cancelled
+    params       jsonb NOT NULL DEFAULT '{}',
+    progress     jsonb NOT NULL DEFAULT '{}',
+    result       jsonb,
+    error        text,
+    job_id       text,                            -- the Ray job's submission id
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    started_at   timestamptz,
+    finished_at  timestamptz,
+    heartbeat_at timestamptz                      -- a running job refreshes it; a stale one means a dead job
+);
+-- One active task per kind: a second fine-tune while one runs is refused by the database itself.
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_one_active ON tasks (kind) WHERE status IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at DESC);

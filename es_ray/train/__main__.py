@@ -1,0 +1,162 @@
+"""The fine-tune job.
+
+    ray job submit --working-dir . -- python -m es_ray.train --config configs/finetune.yaml
+
+Runs against the stack's Ray cluster: reads the click log from Postgres, runs the Tune search,
+registers the best model in MLflow and records the gate's decision. Its task row (created here, or
+passed by `POST /v1/tasks/fine-tune` as --task-id) shows progress and ends done or failed with the
+reason; a heartbeat tells the lifecycle driver the job is alive. The last line printed is the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from es_ray.logs import get_logger
+
+log = get_logger("es_ray.train")
+KIND = "fine-tune"
+
+
+class Heartbeat:
+    """Refreshes the task's heartbeat and progress every `interval_s` from a background thread."""
+
+    def __init__(self, dsn: str, task_id: str, interval_s: float):
+        from es_ray.store import db
+
+        self.conn, self.task_id, self.interval_s = db.connect(dsn), task_id, interval_s
+        self.progress: dict[str, Any] = {}
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        threading.Thread(target=self._run, name="task-heartbeat", daemon=True).start()
+
+    def update(self, progress: dict[str, Any]) -> None:
+        self.progress = {**self.progress, **progress}
+        self._beat()
+
+    def _beat(self) -> None:
+        from es_ray.store import tasks
+
+        with self._lock:
+            try:
+                tasks.heartbeat(self.conn, self.task_id, self.progress)
+            except Exception as err:  # noqa: BLE001 - a missed beat is retried; the lease is generous
+                log.warning("task.heartbeat_failed", task_id=self.task_id, error=str(err))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _submission_id() -> str | None:
+    """This Ray job's submission id (what `ray job status` takes), from the job's config."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return json.loads(raw).get("metadata", {}).get("job_submission_id") if raw else None
+
+
+def _stopped(signum, frame) -> None:
+    raise SystemExit("stopped by SIGTERM (ray job stop)")
+
+
+def run(settings, manifest, config, progress) -> dict[str, Any]:
+    from es_ray.store import db, lifecycle
+    from es_ray.store.collections import Collection
+    from es_ray.train.clicklog import read_sessions
+    from es_ray.train.finetune import ParentModel, fine_tune, load_item_vectors
+
+    with db.connect(manifest.postgres_dsn) as conn:
+        blue = lifecycle.get_blue(conn)
+        batch = read_sessions(conn, config.data.max_sessions)
+        items = load_item_vectors(conn, Collection(blue.collection, blue.dim), batch, config.data.eval_corpus_items,
+                                  config.data.split_seed)
+    parent = ParentModel(blue.model_version, Path(blue.source_dir), blue.dim, blue.max_length)
+    result = fine_tune(settings, config, batch, items, parent, progress)
+    with db.connect(manifest.postgres_dsn) as conn:
+        from es_ray.inference import registry
+
+        state = "candidate" if result["candidate"] else "rejected"
+        lifecycle.save_model(conn, lifecycle.ModelRecord(result["version"], registry.model_uri(settings, result["version"]),
+                                                         result["model_dir"], blue.dim, blue.max_length, state))
+        lifecycle.record_lineage(conn, result["version"], blue.model_version, result["heldout"], result["gate"])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None, help="fine-tune YAML (default configs/finetune.yaml)")
+    parser.add_argument("--overrides", default="{}", help="JSON object merged over the config file")
+    parser.add_argument("--task-id", default=None, help="an existing pending task to run (set by the HTTP API)")
+    parser.add_argument("--namespace", default="es-ray", help="Ray namespace of the lifecycle driver")
+    args = parser.parse_args(argv)
+
+    import ray
+    from pydantic import ValidationError
+
+    from es_ray.config import Settings
+    from es_ray.lifecycle.driver import get_driver
+    from es_ray.stack.manifest import StackManifest
+    from es_ray.store import db, tasks
+    from es_ray.train.config import load_finetune_config
+
+    if args.config is not None and not args.config.exists():
+        parser.error(f"--config {args.config} does not exist")
+    try:
+        overrides = json.loads(args.overrides)
+    except json.JSONDecodeError as err:
+        parser.error(f"--overrides is not JSON: {err}")
+    ray.init(address="auto", namespace=args.namespace, logging_level="warning", log_to_driver=False)
+    stack = ray.get(get_driver(args.namespace).stack.remote())
+    settings = Settings.model_validate(stack["settings"])
+    manifest = StackManifest.model_validate(stack["manifest"])
+    job_id = _submission_id()
+
+    with db.connect(manifest.postgres_dsn) as conn:
+        try:
+            if args.task_id:
+                task = tasks.start(conn, args.task_id, None)
+                overrides = {**task.params.get("config", {}), **overrides}
+            else:
+                task = tasks.create(conn, KIND, {"config": overrides, "submitted_by": "ray job"}, job_id,
+                                    status="running")
+        except tasks.TaskConflict as err:
+            print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the job's answer to its submitter
+            return 2
+        try:
+            config = load_finetune_config(args.config, overrides)
+        except (ValidationError, ValueError) as err:
+            tasks.fail(conn, task.task_id, f"invalid fine-tune config: {err}")
+            print(f"error: invalid fine-tune config: {err}", file=sys.stderr)  # noqa: T201
+            return 2
+
+    heartbeat = Heartbeat(manifest.postgres_dsn, task.task_id, settings.tasks.heartbeat_s)
+    # `ray job stop` sends SIGTERM: end the task as failed with that reason instead of vanishing.
+    signal.signal(signal.SIGTERM, _stopped)
+    log.info("finetune.start", task_id=task.task_id, overrides=overrides)
+    try:
+        result = run(settings, manifest, config, heartbeat.update)
+    except BaseException as err:  # noqa: BLE001 - recorded as the task's reason, then re-raised
+        heartbeat.stop()
+        reason = f"{type(err).__name__}: {err}"
+        with db.connect(manifest.postgres_dsn) as conn:
+            tasks.fail(conn, task.task_id, reason)
+        log.exception("finetune.failed", task_id=task.task_id, reason=reason)
+        raise
+    heartbeat.stop()
+    with db.connect(manifest.postgres_dsn) as conn:
+        tasks.finish(conn, task.task_id, {**result, "task_id": task.task_id})
+    print(json.dumps({"task_id": task.task_id, "version": result["version"],  # noqa: T201 - the job's result
+                      "candidate": result["candidate"], "gate": result["gate"]["reason"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

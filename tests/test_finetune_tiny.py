@@ -1,0 +1,95 @@
+"""A small fine-tune on a tiny encoder and a few hundred synthetic sessions, through Ray Tune, Ray
+Train and MLflow end to end (on the session's Ray cluster, with an MLflow store of its own)."""
+
+import random
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+import torch
+
+from es_ray.config import load_settings
+from es_ray.inference import registry
+from es_ray.inference.encoder import load_encoder, load_tokenizer
+from es_ray.train.clicklog import LoggedSession, SessionBatch
+from es_ray.train.config import load_finetune_config
+from es_ray.train.finetune import EXPERIMENT, ParentModel, fine_tune
+from es_ray.train.item_vectors import ItemVectors
+from es_ray.inference.encoder import QUERY_TOWER_DIR
+from es_ray.train.trainer import embed_queries
+from tests.tiny_model import tiny_encoder_dir
+
+TOPICS = ["volcano", "glacier", "protein", "galaxy", "river", "vaccine", "neuron", "crystal", "desert", "forest"]
+
+
+def synthetic_log(rng: random.Random, sessions: int = 300):
+    """Queries about a topic, each with one relevant item among ten shown; position-biased clicks."""
+    items = {f"{t}-{k}": f"{t} study number {k}" for t in TOPICS for k in range(6)}
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    log = []
+    for n in range(sessions):
+        topic, k = rng.choice(TOPICS), rng.randrange(6)
+        query = f"what about {topic} {k}"
+        shown = [f"{topic}-{k}"] + rng.sample([i for i in items if i != f"{topic}-{k}"], 9)
+        rng.shuffle(shown)
+        clicked = {d for r, d in enumerate(shown) if rng.random() < (0.8 / (r + 1)) * (0.9 if d == f"{topic}-{k}" else 0.1)}
+        log.append(LoggedSession(f"s{n}", query, False, start + timedelta(seconds=n),
+                                 [(r + 1, d) for r, d in enumerate(shown)], clicked))
+    return items, log
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(stack, settings):
+    import ray
+
+    ray.init(address=stack.ray_address, namespace=settings.ray.namespace, logging_level="warning",
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_tiny_finetune_runs_through_tune_and_mlflow(ray_cluster, tmp_path):
+    settings = load_settings(tmp_path / "state")       # an MLflow store of its own
+    parent_dir = tiny_encoder_dir(tmp_path / "tiny")
+    items, log = synthetic_log(random.Random(5))
+    encoder, tokenizer = load_encoder(parent_dir), load_tokenizer(parent_dir)
+    with torch.no_grad():
+        vectors = embed_queries(encoder, tokenizer, list(items.values()), 32, "cpu").numpy()
+    item_vectors = ItemVectors.from_chunks({i: [(1, v)] for i, v in zip(items, vectors)})
+    config = load_finetune_config(overrides={
+        "data": {"min_heldout_queries": 2}, "debias": {"propensity": "config"},
+        "train": {"max_steps": 6, "eval_every_steps": 2},
+        "tune": {"num_samples": 3, "max_concurrent_trials": 2, "cpus_per_trial": 0.5, "grace_period": 1},
+        "space": {"epochs": {"choice": [1, 2]}, "batch_size": {"choice": [16]}},
+        "gate": {"margin": 1.0}})                      # no model can beat blue by 1.0: the gate must refuse
+    progress = []
+    result = fine_tune(settings, config, SessionBatch(log), item_vectors, ParentModel(1, parent_dir, 32, 128),
+                       progress.append)
+
+    assert len(result["trials"]) == 3 and all(t["status"] in {"completed", "stopped"} for t in result["trials"])
+    assert result["tune_wall_s"] > 0 and result["ideal_wall_s"] > 0
+    assert {p["stage"] for p in progress} >= {"preparing data", "tuning", "registering"}
+    assert any(p.get("trials_done") == 3 for p in progress)
+    # the gate refused, and the version is registered all the same, with both scores and its lineage
+    assert result["candidate"] is False and "does not beat" in result["gate"]["reason"]
+    assert result["gate"]["blue"] == pytest.approx(result["blue_heldout"]["ndcg@10"], abs=1e-6)
+    client = registry.client(registry.tracking_uri(settings))
+    version = client.get_model_version(settings.mlflow.registered_model, str(result["version"]))
+    tags = version.tags
+    assert tags["es_ray.parent_version"] == "1" and tags["es_ray.split_seed"] == "13"
+    assert tags["es_ray.sessions"] == "300" and tags["es_ray.gate"] == "rejected"
+    assert float(tags["es_ray.heldout.ndcg_at_10"]) == pytest.approx(result["heldout"]["ndcg@10"], abs=1e-5)
+    # every trial is a child run with its hyperparameters and curves
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{result['mlflow_run_id']}'")
+    assert len(children) == 3
+    for child in children:
+        assert {"learning_rate", "frozen_layers", "scale", "epochs", "batch_size"} <= set(child.data.params)
+        assert child.info.status in {"FINISHED", "KILLED"}
+        assert len(client.get_metric_history(child.info.run_id, "ndcg_at_10")) >= 1
+    # the registered directory has the trained query tower beside the parent's item tower
+    model_dir = registry.download(settings, result["version"])
+    assert (model_dir / QUERY_TOWER_DIR / "config.json").exists() and (model_dir / "config.json").exists()
+    trained = load_encoder(model_dir / QUERY_TOWER_DIR)
+    changed = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), encoder.state_dict().values())]
+    assert any(changed)
