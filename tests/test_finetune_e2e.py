@@ -1,14 +1,19 @@
 """Fine-tuning on the real stack: POST /v1/tasks/fine-tune runs a Ray job (Tune over Train, MLflow),
 registers a version, records the gate's decision; one fine-tune at a time; a killed job ends failed."""
 
+import json
 import random
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
 
 from es_ray.inference import registry
+from es_ray.stack.jobs import REPO_ROOT
 from es_ray.store import db, lifecycle, tasks
 from tests.helpers import search
 
@@ -114,3 +119,17 @@ def test_fine_tune_requests_are_validated(api):
     missing = api.get("/v1/tasks/no-such-task")
     assert missing.status_code == 404 and "no-such-task" in missing.json()["error"]
     assert api.get("/v1/tasks", params={"limit": 0}).status_code == 422
+
+
+def test_ray_job_submit_entry_point_records_its_task_and_refuses_a_bad_config(stack):
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", stack.ray_dashboard_url,
+               "--working-dir", str(REPO_ROOT), "--", "python", "-m", "es_ray.train", "--config",
+               "configs/finetune.yaml", "--overrides", json.dumps({"tune": {"num_samples": 0}})]
+    env = {"RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "invalid fine-tune config" in output and "num_samples" in output, output[-3000:]
+    with db.connect(stack.postgres_dsn) as conn:
+        task = tasks.recent(conn, "fine-tune", limit=1)[0]
+    assert task.status == "failed" and "num_samples" in task.error
+    assert task.params["submitted_by"] == "ray job" and task.job_id and task.job_id.startswith("raysubmit_")

@@ -4,7 +4,6 @@ Train and MLflow end to end (on the session's Ray cluster, with an MLflow store 
 import random
 from datetime import datetime, timedelta, timezone
 
-import numpy as np
 import pytest
 import torch
 
@@ -93,3 +92,23 @@ def test_tiny_finetune_runs_through_tune_and_mlflow(ray_cluster, tmp_path):
     trained = load_encoder(model_dir / QUERY_TOWER_DIR)
     changed = [not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), encoder.state_dict().values())]
     assert any(changed)
+
+
+def test_repository_entry_holds_two_towers_or_one_shared_file(tmp_path):
+    from es_ray.config import TritonSettings
+    from es_ray.inference import triton_repo
+    from es_ray.inference.encoder import trace
+
+    parent_dir = tiny_encoder_dir(tmp_path / "tiny", seed=0)
+    other_dir = tiny_encoder_dir(tmp_path / "tiny-other", seed=1)
+    item, query = trace(load_encoder(parent_dir)), trace(load_encoder(other_dir))
+    repo = tmp_path / "repo"
+    triton_repo.write_version(repo, 1, {"query_encoder": item, "item_encoder": item}, 32, TritonSettings())
+    triton_repo.write_version(repo, 2, {"query_encoder": query, "item_encoder": item}, 32, TritonSettings())
+    shared = [(repo / name / "1" / "model.pt").stat().st_ino for name in triton_repo.ENCODERS]
+    assert shared[0] == shared[1]                                   # one file on disk, hard-linked
+    two = [torch.jit.load(str(repo / name / "2" / "model.pt")) for name in ("query_encoder", "item_encoder")]
+    ids, mask = torch.randint(100, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        assert not torch.allclose(two[0](ids, mask), two[1](ids, mask))
+        assert torch.allclose(two[0](ids, mask), query(ids, mask))

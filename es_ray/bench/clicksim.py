@@ -48,3 +48,26 @@ def simulate_session(client, model: ClickModel, query: str, relevant: set[str], 
         events = [{"event_id": uuid.uuid4().hex, "item_id": item, "type": "click"} for item in clicked]
         client.post(f"/v1/sessions/{result['session_id']}/events", json={"events": events}).raise_for_status()
     return len(clicked)
+
+
+def simulate_sessions(url: str, queries: dict[str, str], qrels: dict[str, dict[str, int]], model: ClickModel,
+                      clients: int = 3) -> tuple[int, int]:
+    """`sessions_per_query` searches with clicks for every query, from concurrent simulated users;
+    returns (sessions, clicks)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from tqdm import tqdm
+
+    rng = random.Random(model.seed)
+    plan = [(q, rng.random()) for q in queries for _ in range(model.sessions_per_query)]
+    relevant = {q: {d for d, g in qrels[q].items() if g > 0} for q in queries}
+
+    def one(task):
+        qid, seed = task
+        with httpx.Client(base_url=url, timeout=120) as client:
+            return simulate_session(client, model, queries[qid], relevant[qid], random.Random(seed))
+
+    with ThreadPoolExecutor(clients) as pool:
+        clicks = sum(tqdm(pool.map(one, plan), total=len(plan), desc="simulate", unit="session"))
+    return len(plan), clicks

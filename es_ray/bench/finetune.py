@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import httpx
 import torch
 
 from es_ray.bench.common import bench_stack, write_result
-from es_ray.bench.clicksim import ClickModel, simulate_session
+from es_ray.bench.clicksim import ClickModel, simulate_sessions
 from es_ray.bench.improve import load_corpus, reset_learning
 from es_ray.data import beir
 from es_ray.data.corpus import read_qrels, read_queries
@@ -50,26 +49,6 @@ def test_quality(model_dir: Path, items: ItemVectors, queries: dict[str, str], q
                                 "cpu").numpy()
     scores = evaluate(items.rank(vectors, qids, k=100), qrels)
     return {k: round(scores[k], 4) for k in METRICS}
-
-
-def simulate(url: str, train: dict[str, str], qrels, clients: int) -> tuple[int, int]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    model = ClickModel.load()
-    rng = random.Random(model.seed)
-    plan = [(q, rng.random()) for q in train for _ in range(model.sessions_per_query)]
-    relevant = {q: {d for d, g in qrels[q].items() if g > 0} for q in train}
-
-    def one(task):
-        qid, seed = task
-        with httpx.Client(base_url=url, timeout=120) as client:
-            return simulate_session(client, model, train[qid], relevant[qid], random.Random(seed))
-
-    with ThreadPoolExecutor(clients) as pool:
-        clicks = sum(tqdm(pool.map(one, plan), total=len(plan), desc="simulate", unit="session"))
-    return len(plan), clicks
 
 
 def fine_tune(url: str, overrides: dict, timeout_s: float = 7200) -> dict:
@@ -122,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             clicks = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     else:
         reset_learning(manifest)
-        sessions, clicks = simulate(manifest.serve_url, train, train_qrels, args.clients)
+        sessions, clicks = simulate_sessions(manifest.serve_url, train, train_qrels, ClickModel.load(), args.clients)
 
     overrides = json.loads(args.overrides)
     max_length = load_finetune_config(overrides=overrides).model.max_query_length

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from es_ray.bench.clicksim import ClickModel, simulate_session
+from es_ray.bench.clicksim import ClickModel, simulate_sessions
 from es_ray.bench.common import bench_stack, write_result
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
@@ -96,19 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     before = {"train": evaluate(run_queries(manifest.serve_url, train), train_qrels),
               "test": evaluate(run_queries(manifest.serve_url, test), test_qrels)}
 
-    model = ClickModel.load()
-    rng = random.Random(model.seed)
-    plan = [(q, rng.random()) for q in train for _ in range(model.sessions_per_query)]
-    relevant = {q: {d for d, g in train_qrels[q].items() if g > 0} for q in train}
-
-    def simulate(task):
-        qid, seed = task
-        with httpx.Client(base_url=manifest.serve_url, timeout=120) as client:
-            return simulate_session(client, model, train[qid], relevant[qid], random.Random(seed))
-
     started = time.monotonic()
-    with ThreadPoolExecutor(args.clients) as pool:
-        clicks = sum(tqdm(pool.map(simulate, plan), total=len(plan), desc="simulate", unit="session"))
+    sessions, clicks = simulate_sessions(manifest.serve_url, train, train_qrels, ClickModel.load(), args.clients)
     simulate_s = time.monotonic() - started
     started = time.monotonic()
     improvement = httpx.post(f"{manifest.serve_url}/v1/improvement/run", params={"settle_s": 0}, timeout=3600).json()
@@ -117,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     after = {"train": evaluate(run_queries(manifest.serve_url, train), train_qrels),
              "test": evaluate(run_queries(manifest.serve_url, test), test_qrels)}
     result = {
-        "benchmark": "improve", "docs": docs, "sessions": len(plan), "clicks": clicks,
+        "benchmark": "improve", "docs": docs, "sessions": sessions, "clicks": clicks,
         "train": {"before": {"ndcg@10": round(before["train"]["ndcg@10"], 4)},
                   "after": {"ndcg@10": round(after["train"]["ndcg@10"], 4)}, "queries": len(train)},
         "test": {"before": {"ndcg@10": round(before["test"]["ndcg@10"], 4)},

@@ -96,29 +96,19 @@ async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONRespons
     return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
 
 
-@app.exception_handler(clickstream.UnknownSession)
-async def _unknown_session(request: Request, exc: clickstream.UnknownSession) -> JSONResponse:
-    return JSONResponse(status_code=404, content={"error": str(exc), "details": []})
+# Domain errors -> HTTP status, each answered as {"error": message, "details": []}.
+CLIENT_ERRORS = {clickstream.UnknownSession: 404, clickstream.EventRejected: 422, clickstream.Conflict: 409,
+                 tasks.UnknownTask: 404, tasks.TaskConflict: 409}
 
 
-@app.exception_handler(clickstream.EventRejected)
-async def _event_rejected(request: Request, exc: clickstream.EventRejected) -> JSONResponse:
-    return JSONResponse(status_code=422, content={"error": str(exc), "details": []})
+def _client_error(status: int):
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(status_code=status, content={"error": str(exc), "details": []})
+    return handler
 
 
-@app.exception_handler(clickstream.Conflict)
-async def _conflict(request: Request, exc: clickstream.Conflict) -> JSONResponse:
-    return JSONResponse(status_code=409, content={"error": str(exc), "details": []})
-
-
-@app.exception_handler(tasks.TaskConflict)
-async def _task_conflict(request: Request, exc: tasks.TaskConflict) -> JSONResponse:
-    return JSONResponse(status_code=409, content={"error": str(exc), "details": []})
-
-
-@app.exception_handler(tasks.UnknownTask)
-async def _unknown_task(request: Request, exc: tasks.UnknownTask) -> JSONResponse:
-    return JSONResponse(status_code=404, content={"error": str(exc), "details": []})
+for _error, _status in CLIENT_ERRORS.items():
+    app.add_exception_handler(_error, _client_error(_status))
 
 
 @app.exception_handler(db.OperationalError)
@@ -301,7 +291,10 @@ class SearchAPI:
     @app.post("/v1/tasks/fine-tune", status_code=202, response_model=schemas.TaskOut,
               summary="Start a fine-tune from the clickstream (a Ray job); 409 while one runs")
     def start_fine_tune(self, request: schemas.FineTuneRequest) -> schemas.TaskOut:
-        return schemas.TaskOut(**ray.get(self.driver.start_fine_tune.remote(request.config)))
+        try:
+            return schemas.TaskOut(**ray.get(self.driver.start_fine_tune.remote(request.config)))
+        except tasks.TaskConflict as err:  # raised in the driver actor: keep its message, not Ray's traceback
+            raise tasks.TaskConflict(str(getattr(err, "cause", err))) from None
 
     @app.get("/v1/tasks/{task_id}", response_model=schemas.TaskOut, summary="A task: status, progress, result")
     def read_task(self, task_id: str) -> schemas.TaskOut:

@@ -28,7 +28,7 @@ from es_ray.inference import registry
 from es_ray.inference.encoder import QUERY_TOWER_DIR, load_encoder, load_tokenizer, query_tower_dir
 from es_ray.logs import get_logger
 from es_ray.train import gate
-from es_ray.train.clicklog import SessionBatch, read_sessions, split_by_query
+from es_ray.train.clicklog import SessionBatch, split_by_query
 from es_ray.train.config import FinetuneConfig
 from es_ray.train.examples import build_examples, heldout_labels
 from es_ray.train.item_vectors import ItemVectors
@@ -166,8 +166,10 @@ def fine_tune(settings: Settings, config: FinetuneConfig, batch: SessionBatch, i
         _close_trial_runs(mlflow_client, run.info.run_id, {t.trial_id: t.status for t in outcome.trials})
         best = outcome.best(config.tune.metric)
         if best is None:
+            errors = sorted({t.error for t in outcome.trials if t.error})
             raise RuntimeError(f"none of {len(outcome.trials)} trials produced a checkpoint "
-                               f"({', '.join(sorted({t.status for t in outcome.trials}))})")
+                               f"({', '.join(sorted({t.status for t in outcome.trials}))})"
+                               + (f"; trial errors: {' | '.join(errors)[:1500]}" if errors else ""))
         new_scores = {k: best.metrics[k] for k in ("ndcg@10", "mrr@10", "recall@100")}
         decision = gate.decide(new_scores, blue_scores, config.gate)
         mlflow.log_metrics({f"best_{_key(k)}": v for k, v in new_scores.items()})
@@ -194,7 +196,8 @@ def fine_tune(settings: Settings, config: FinetuneConfig, batch: SessionBatch, i
         "gate": decision.as_dict(), "heldout": new_scores, "blue_heldout": blue_scores, "best_trial": {
             "trial_id": best.trial_id, "config": best.config, "step": best.metrics.get("step")},
         "trials": [{"trial_id": t.trial_id, "status": t.status, "seconds": round(t.seconds, 1), "reports": t.reports,
-                    "config": t.config, **{k: round(v, 4) for k, v in t.metrics.items()}} for t in outcome.trials],
+                    "config": t.config, "error": t.error, **{k: round(v, 4) for k, v in t.metrics.items()}}
+                   for t in outcome.trials],
         "tune_wall_s": round(outcome.wall_s, 1), "ideal_wall_s": round(outcome.ideal_wall_s, 1),
         "mlflow_run_id": run.info.run_id, "model_dir": str(local_dir), "data": details, "lineage": lineage,
         "seconds": round(time.monotonic() - started, 1)}

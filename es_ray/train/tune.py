@@ -70,6 +70,15 @@ class TrialOutcome:
     seconds: float                     # the trial's own wall time
     reports: int
     status: str                        # completed | stopped (by ASHA) | error
+    error: str | None = None
+
+
+def _last_line(error: BaseException | None) -> str | None:
+    """The root cause of a failed trial, without the nested Ray tracebacks."""
+    if error is None:
+        return None
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
 
 
 @dataclass
@@ -162,7 +171,7 @@ def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: s
         trial_config = {k: v for k, v in (result.config or {}).items() if k != "static"}
         if frame is None or frame.empty or metric not in frame:
             trials.append(TrialOutcome(result.metrics.get("trial_id", "?") if result.metrics else "?", trial_config,
-                                       {}, None, 0.0, 0, "error"))
+                                       {}, None, 0.0, 0, "error", _last_line(result.error)))
             continue
         if "checkpoint_path" in frame:
             frame = frame.assign(checkpoint_path=frame["checkpoint_path"].where(frame["checkpoint_path"].notna(), None))
@@ -177,7 +186,8 @@ def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: s
             metrics={k: float(best_row[k]) for k in ("ndcg@10", "mrr@10", "recall@100", "step") if k in best_row},
             checkpoint_path=best_row.get("checkpoint_path") if not saved.empty else None,
             seconds=float(last["time_total_s"]), reports=len(frame),
-            status="error" if result.error else ("completed" if completed else "stopped")))
+            status="error" if result.error else ("completed" if completed else "stopped"),
+            error=_last_line(result.error)))
     log.info("tune.done", trials=len(trials), wall_s=round(wall, 1),
              ideal_s=round(SearchOutcome(trials, wall, config.tune.max_concurrent_trials).ideal_wall_s, 1))
     return SearchOutcome(trials, wall, config.tune.max_concurrent_trials)
