@@ -18,7 +18,7 @@ from es_ray.store import db, lifecycle, tasks
 from tests.helpers import search
 
 CLICKS = [0.81, 0.56, 0.46, 0.39, 0.29, 0.26, 0.24, 0.20, 0.20, 0.19]   # examination by rank
-SMALL = {"data": {"min_heldout_queries": 2, "heldout_fraction": 0.25},
+SMALL = {"data": {"min_heldout_queries": 2, "heldout_fraction": 0.25, "min_train_examples": 5},
          "train": {"max_steps": 4, "eval_every_steps": 2},
          "tune": {"num_samples": 2, "max_concurrent_trials": 2, "cpus_per_trial": 0.5},
          "space": {"epochs": {"choice": [1]}, "batch_size": {"choice": [16]}}}

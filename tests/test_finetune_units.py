@@ -96,10 +96,11 @@ def test_examples_naive_ips_and_posterior():
     assert all(n not in {"c", "d"} for n in posterior.negatives if n)
 
 
-def test_heldout_labels_are_the_clicked_items():
-    queries, qrels = heldout_labels([session("Q A", ["x", "y"], ["y"]), session("q a", ["x", "y"], ["x"]),
-                                     session("q b", ["z"])])
-    assert queries == {"q a": "Q A"} and qrels == {"q a": {"x": 1, "y": 1}}
+def test_heldout_labels_are_the_clicked_items_among_the_shown_ones():
+    heldout = heldout_labels([session("Q A", ["x", "y"], ["y"]), session("q a", ["x", "w"], ["x"]),
+                              session("q b", ["z"])])
+    assert heldout.queries == {"q a": "Q A"} and heldout.qrels == {"q a": {"x": 1, "y": 1}}
+    assert heldout.judged == {"q a": {"x", "y", "w"}}     # a query without clicks is not evaluated
 
 
 def test_item_vectors_rank_by_best_chunk():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -61,10 +60,6 @@ def _submission_id() -> str | None:
     """This Ray job's submission id (what `ray job status` takes), from the job's config."""
     raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
     return json.loads(raw).get("metadata", {}).get("job_submission_id") if raw else None
-
-
-def _stopped(signum, frame) -> None:
-    raise SystemExit("stopped by SIGTERM (ray job stop)")
 
 
 def run(settings, manifest, config, progress) -> dict[str, Any]:
@@ -138,14 +133,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
 
     heartbeat = Heartbeat(manifest.postgres_dsn, task.task_id, settings.tasks.heartbeat_s)
-    # `ray job stop` sends SIGTERM: end the task as failed with that reason instead of vanishing.
-    signal.signal(signal.SIGTERM, _stopped)
     log.info("finetune.start", task_id=task.task_id, overrides=overrides)
     try:
         result = run(settings, manifest, config, heartbeat.update)
     except BaseException as err:  # noqa: BLE001 - recorded as the task's reason, then re-raised
         heartbeat.stop()
-        reason = f"{type(err).__name__}: {err}"
+        # `ray job stop` sends SIGTERM, which Ray's driver turns into SystemExit.
+        reason = (f"the job was stopped ({type(err).__name__} {err})" if isinstance(err, (SystemExit, KeyboardInterrupt))
+                  else f"{type(err).__name__}: {err}")
         with db.connect(manifest.postgres_dsn) as conn:
             tasks.fail(conn, task.task_id, reason)
         log.exception("finetune.failed", task_id=task.task_id, reason=reason)

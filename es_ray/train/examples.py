@@ -140,16 +140,27 @@ def build_examples(sessions: list[LoggedSession], propensities: Propensities, co
     return TrainingExamples(queries, positives, negatives, w, details)
 
 
-def heldout_labels(sessions: list[LoggedSession]) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
-    """Held-out queries and their labels: an item clicked in any held-out session of the query is
-    relevant. The same labels judge every model (and both training modes), so scores compare."""
+@dataclass
+class HeldOut:
+    """Held-out queries, their labels and what each was shown: an item clicked in any held-out session
+    of the query is relevant; the items shown for it are the judged ones. The same labels judge every
+    model (and both training modes), so scores compare."""
+
+    queries: dict[str, str]                 # normalised query -> text
+    qrels: dict[str, dict[str, int]]        # normalised query -> {clicked item: 1}
+    judged: dict[str, set[str]]             # normalised query -> items shown for it
+
+
+def heldout_labels(sessions: list[LoggedSession]) -> HeldOut:
     queries: dict[str, str] = {}
     qrels: dict[str, dict[str, int]] = defaultdict(dict)
+    judged: dict[str, set[str]] = defaultdict(set)
     for s in sessions:
+        qid = normalise_query(s.query)
+        judged[qid].update(item for _, item in s.shown)
         if not s.clicked:
             continue
-        qid = normalise_query(s.query)
         queries.setdefault(qid, s.query)
         for item in s.clicked:
             qrels[qid][item] = 1
-    return queries, dict(qrels)
+    return HeldOut(queries, dict(qrels), {q: judged[q] for q in queries})

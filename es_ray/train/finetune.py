@@ -71,10 +71,11 @@ def prepare(batch: SessionBatch, items: ItemVectors, parent: ParentModel, config
     examples = build_examples(train_sessions, props, config.debias, seed=config.train.seed)
     known = items.index()
     keep = [i for i, pos in enumerate(examples.positives) if pos in known]
-    heldout_queries, qrels = heldout_labels(heldout_sessions)
-    qrels = {q: {d: g for d, g in docs.items() if d in known} for q, docs in qrels.items()}
+    heldout = heldout_labels(heldout_sessions)
+    qrels = {q: {d: g for d, g in docs.items() if d in known} for q, docs in heldout.qrels.items()}
     qrels = {q: docs for q, docs in qrels.items() if docs}
-    heldout_queries = {q: t for q, t in heldout_queries.items() if q in qrels}
+    heldout_queries = {q: t for q, t in heldout.queries.items() if q in qrels}
+    judged = {q: sorted(d for d in heldout.judged[q] if d in known) for q in heldout_queries}
     details = {"sessions": len(batch.sessions), "train_sessions": len(train_sessions),
                "heldout_sessions": len(heldout_sessions), "heldout_queries": len(heldout_queries),
                "propensity_source": props.source, "propensity": [round(float(p), 4) for p in props.by_rank],
@@ -106,7 +107,8 @@ def prepare(batch: SessionBatch, items: ItemVectors, parent: ParentModel, config
         queries=queries, positive_ids=positive_ids,
         positives=items.best_chunks(query_vectors, positive_ids),
         negatives=items.best_chunks(query_vectors, negative_ids),
-        weights=examples.weights[keep], heldout_queries=heldout_queries, heldout_qrels=qrels, items=items,
+        weights=examples.weights[keep], heldout_queries=heldout_queries, heldout_qrels=qrels, heldout_judged=judged,
+        items=items,
         parent_dir=str(parent.query_tower), max_query_length=config.model.max_query_length,
         # One epoch is one pass over the clicks, whether they became one example each (naive, ips) or
         # were aggregated per (query, item) pair (posterior): both methods get the same step budget.
