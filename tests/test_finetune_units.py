@@ -96,11 +96,13 @@ def test_examples_naive_ips_and_posterior():
     assert all(n not in {"c", "d"} for n in posterior.negatives if n)
 
 
-def test_heldout_labels_are_the_clicked_items_among_the_shown_ones():
-    heldout = heldout_labels([session("Q A", ["x", "y"], ["y"]), session("q a", ["x", "w"], ["x"]),
-                              session("q b", ["z"])])
-    assert heldout.queries == {"q a": "Q A"} and heldout.qrels == {"q a": {"x": 1, "y": 1}}
-    assert heldout.judged == {"q a": {"x", "y", "w"}}     # a query without clicks is not evaluated
+def test_heldout_labels_are_position_corrected_clicks_among_the_shown_ones():
+    props = Propensities(THETA, "config")
+    heldout = heldout_labels([session("Q A", ["x", "y", "w"], ["x"]), session("q a", ["x", "y", "w"], ["w"]),
+                              session("q b", ["z"])], props)
+    assert heldout.queries == {"q a": "Q A"} and heldout.judged == {"q a": {"x", "y", "w"}}
+    # x: 1 click in 2 impressions at rank 1 (examined 0.9 each); w: 1 in 2 at rank 3 (0.45 each)
+    assert heldout.qrels == {"q a": {"x": round(10 / 1.8), "w": 10}}   # a query without clicks is not evaluated
 
 
 def test_item_vectors_rank_by_best_chunk():

@@ -142,25 +142,30 @@ def build_examples(sessions: list[LoggedSession], propensities: Propensities, co
 
 @dataclass
 class HeldOut:
-    """Held-out queries, their labels and what each was shown: an item clicked in any held-out session
-    of the query is relevant; the items shown for it are the judged ones. The same labels judge every
-    model (and both training modes), so scores compare."""
+    """Held-out queries, graded labels and what each query was shown; the same labels judge every model
+    (and both training modes), so their scores compare."""
 
     queries: dict[str, str]                 # normalised query -> text
-    qrels: dict[str, dict[str, int]]        # normalised query -> {clicked item: 1}
+    qrels: dict[str, dict[str, int]]        # normalised query -> {clicked item: grade 1..10}
     judged: dict[str, set[str]]             # normalised query -> items shown for it
 
 
-def heldout_labels(sessions: list[LoggedSession]) -> HeldOut:
+def heldout_labels(sessions: list[LoggedSession], propensities: Propensities) -> HeldOut:
+    """Labels from held-out clicks, corrected for position: an item's grade is its click-through rate
+    per expected examination, clicks / sum of propensity(rank) over its impressions (capped at 1,
+    times 10). Raw clicks would favour the model that logged them: what it ranked first was examined,
+    so clicked, more often, and any other order would look worse. A click at rank 8 (examined one
+    time in five) counts for about four at rank 1."""
     queries: dict[str, str] = {}
-    qrels: dict[str, dict[str, int]] = defaultdict(dict)
-    judged: dict[str, set[str]] = defaultdict(set)
+    clicks: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    examined: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for s in sessions:
         qid = normalise_query(s.query)
-        judged[qid].update(item for _, item in s.shown)
-        if not s.clicked:
-            continue
-        queries.setdefault(qid, s.query)
-        for item in s.clicked:
-            qrels[qid][item] = 1
-    return HeldOut(queries, dict(qrels), {q: judged[q] for q in queries})
+        for rank, item in s.shown:
+            examined[qid][item] += float(propensities.at([rank])[0])
+            if item in s.clicked:
+                clicks[qid][item] += 1
+                queries.setdefault(qid, s.query)
+    qrels = {q: {item: max(1, round(10 * min(1.0, n / examined[q][item]))) for item, n in clicks[q].items()}
+             for q in queries}
+    return HeldOut(queries, qrels, {q: set(examined[q]) for q in queries})

@@ -71,7 +71,7 @@ def prepare(batch: SessionBatch, items: ItemVectors, parent: ParentModel, config
     examples = build_examples(train_sessions, props, config.debias, seed=config.train.seed)
     known = items.index()
     keep = [i for i, pos in enumerate(examples.positives) if pos in known]
-    heldout = heldout_labels(heldout_sessions)
+    heldout = heldout_labels(heldout_sessions, props)
     qrels = {q: {d: g for d, g in docs.items() if d in known} for q, docs in heldout.qrels.items()}
     qrels = {q: docs for q, docs in qrels.items() if docs}
     heldout_queries = {q: t for q, t in heldout.queries.items() if q in qrels}
