@@ -80,6 +80,8 @@ def prepare(batch: SessionBatch, items: ItemVectors, parent: ParentModel, config
                "heldout_sessions": len(heldout_sessions), "heldout_queries": len(heldout_queries),
                "propensity_source": props.source, "propensity": [round(float(p), 4) for p in props.by_rank],
                "propensity_details": props.details, **examples.details, "examples": len(keep), "items": len(items)}
+    if len(items) < 2:
+        raise NotEnoughData(f"the collection holds {len(items)} item(s): nothing to rank")
     if len(keep) < config.data.min_train_examples:
         raise NotEnoughData(f"{len(keep)} training examples from {len(train_sessions)} train sessions; "
                             f"at least {config.data.min_train_examples} are needed (data.min_train_examples)")
