@@ -92,8 +92,9 @@ def test_examples_naive_ips_and_posterior():
     assert ips.weights[0] > ips.weights[2]            # rank 3 is examined less than rank 1: weighs more
     assert ips.weights.mean() == pytest.approx(1.0)
     posterior = build_examples(log, props, DebiasConfig(method="posterior", positive_threshold=0.01))
-    assert sorted(posterior.positives) == ["c", "d"]  # one example per (query, item) pair
-    assert all(n not in {"c", "d"} for n in posterior.negatives if n)
+    # one example per (query, item) pair and mined negative, never a positive as a negative
+    assert sorted(zip(posterior.positives, posterior.negatives)) == [("c", "a"), ("c", "b"), ("d", "e")]
+    assert posterior.weights[0] == pytest.approx(posterior.weights[1])   # c's weight is shared by its two
 
 
 def test_heldout_labels_are_position_corrected_clicks_among_the_shown_ones():

@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
                    "ideal_wall_s": debiased["ideal_wall_s"],
                    "tune_overhead": round(debiased["tune_wall_s"] / max(debiased["ideal_wall_s"], 1e-9), 3)})
     command = f"python -m es_ray.bench.finetune --data {args.data or '../shared/data/' + data.name}"
+    if overrides:
+        command += f" --overrides '{json.dumps(overrides)}'"
     out = write_result("finetune", data.name, result, command)
     print(json.dumps({k: result[k] for k in ("baseline", "naive", "debiased", "tune_wall_s", "ideal_wall_s")}),
           f"\nwritten to {out}")  # noqa: T201

@@ -37,6 +37,7 @@ class DebiasConfig(_Section):
     min_rank_variation: int = Field(50, ge=1)
     ips_clip: float = Field(10.0, ge=1)
     positive_threshold: float = Field(0.5, gt=0, lt=1)
+    max_negatives: int = Field(5, ge=1)
     examination_prior: list[float] = Field(default_factory=lambda: [0.81, 0.56, 0.46, 0.39, 0.29, 0.26, 0.24,
                                                                      0.20, 0.20, 0.19], min_length=1)
 

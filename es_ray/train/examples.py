@@ -117,8 +117,12 @@ def build_examples(sessions: list[LoggedSession], propensities: Propensities, co
             if (query, item) not in relevant:
                 continue
             pool = sorted(n for n in pools.get(query, ()) if (query, n) not in relevant)
-            queries.append(text_of[query]), positives.append(item)
-            negatives.append(rng.choice(pool) if pool else None), weights.append(prob)
+            # One example per mined negative (up to max_negatives), sharing the pair's weight: training
+            # draws a pair many times and should meet its different negatives, not one fixed one.
+            chosen = rng.sample(pool, min(len(pool), config.max_negatives)) if pool else [None]
+            for negative in chosen:
+                queries.append(text_of[query]), positives.append(item)
+                negatives.append(negative), weights.append(prob / len(chosen))
     else:
         for s in sessions:
             query = normalise_query(s.query)
