@@ -138,6 +138,7 @@ def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: s
     """Runs the Tune search; returns every trial's best report, checkpoint and time."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     reports_per_trial = math.ceil(config.train.max_steps / config.train.eval_every_steps) + 1
     metric = config.tune.metric
@@ -157,6 +158,9 @@ def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: s
         param_space={**search_space(config), "static": static},
         tune_config=tune.TuneConfig(metric=metric, mode="max", scheduler=scheduler,
                                     num_samples=config.tune.num_samples,
+                                    # seeded draws: the same config samples the same trials, so runs
+                                    # (naive against debiased, say) compare like with like
+                                    search_alg=BasicVariantGenerator(random_state=config.train.seed),
                                     max_concurrent_trials=config.tune.max_concurrent_trials,
                                     time_budget_s=config.tune.time_budget_s),
         run_config=tune.RunConfig(name=run_name, storage_path=str(storage_path), callbacks=callbacks,
