@@ -167,7 +167,11 @@ def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: s
                                   verbose=0),
     )
     started = time.monotonic()
-    grid = tuner.fit()
+    try:
+        grid = tuner.fit()
+    finally:
+        for callback in callbacks:
+            _REPORTERS.pop(callback.key, None)
     wall = time.monotonic() - started
     trials = []
     for result in grid:
