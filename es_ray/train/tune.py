@@ -148,9 +148,8 @@ def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: s
     static = {"data": data_ref, "mlflow": mlflow, "cpus_per_trial": config.tune.cpus_per_trial,
               "storage_path": str(storage_path), "run_name": run_name,
               "train": {"tuned_metric": metric, **config.train.model_dump()}}
-    callbacks = []
+    callbacks, key = [], f"reporter-{time.monotonic_ns()}"
     if progress:
-        key = f"reporter-{time.monotonic_ns()}"
         _REPORTERS[key] = progress
         callbacks.append(ProgressCallback(key, config.tune.num_samples, metric))
     tuner = tune.Tuner(
@@ -170,8 +169,7 @@ def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: s
     try:
         grid = tuner.fit()
     finally:
-        for callback in callbacks:
-            _REPORTERS.pop(callback.key, None)
+        _REPORTERS.pop(key, None)
     wall = time.monotonic() - started
     trials = []
     for result in grid:
