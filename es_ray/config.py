@@ -109,6 +109,21 @@ class TasksSettings(BaseModel):
     check_interval_s: float = 15.0
 
 
+class ReindexSettings(BaseModel):
+    range_items: int = Field(500, ge=1)
+    workers: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1)
+    hnsw: str = Field("after", pattern="^(after|during)$")
+    adjustments: str = Field("rederive", pattern="^(rederive|drop)$")
+    switch: str = Field("auto", pattern="^(auto|force|never)$")
+
+
+class LifecycleSettings(BaseModel):
+    grace_s: float = Field(600.0, ge=0)
+    lock_lease_s: float = Field(60.0, gt=0)
+    switch_pause_s: float = Field(0.0, ge=0)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by ES_RAY_CONFIG (default configs/stack.yaml)."""
 
@@ -135,6 +150,8 @@ class Settings(BaseSettings):
     upsert: UpsertSettings = UpsertSettings()
     improve: ImproveSettings = ImproveSettings()
     tasks: TasksSettings = TasksSettings()
+    reindex: ReindexSettings = ReindexSettings()
+    lifecycle: LifecycleSettings = LifecycleSettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

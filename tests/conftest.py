@@ -21,11 +21,14 @@ SCIFACT = beir.shared_dataset("scifact")
 
 
 def pytest_collection_modifyitems(config, items):
-    # The restart test stops and starts the shared stack: run it after everything else.
-    items.sort(key=lambda item: 1 if item.get_closest_marker("restart") else 0)
+    # Lifecycle tests switch the blue model: they run after the tests that expect v1. The restart
+    # test stops and starts the shared stack: it runs after everything else.
+    items.sort(key=lambda item: 2 if item.get_closest_marker("restart") else
+               1 if item.get_closest_marker("lifecycle") else 0)
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "lifecycle: reindexes and switches the blue model (runs late)")
     config.addinivalue_line("markers", "restart: stops and restarts the shared stack (runs last)")
 
 
@@ -43,6 +46,13 @@ def settings():
         # the background loop's own behaviour is tested on its own.
         "ES_RAY_IMPROVE__ENABLED": "false",
         "HF_HUB_OFFLINE": "1",
+        # Lifecycle tests: small reindex ranges (a killed reindex has something to resume), a dead job
+        # noticed within seconds, a switch slow enough to kill the driver in the middle of it, and
+        # cleanup only when a test asks for it.
+        "ES_RAY_REINDEX__RANGE_ITEMS": "40",
+        "ES_RAY_TASKS__CHECK_INTERVAL_S": "2",
+        "ES_RAY_LIFECYCLE__SWITCH_PAUSE_S": "4",
+        "ES_RAY_LIFECYCLE__GRACE_S": "3600",
     })
     yield load_settings(state_dir)
     shutil.rmtree(state_dir, ignore_errors=True)

@@ -3,12 +3,15 @@
 The same two stages run in-process for small HTTP bodies (`upsert_now`) and as Ray Data stages for
 bulk loads and large bodies (`upsert_dataset`): `EmbedStage` calls Triton from an actor pool,
 `WriteStage` writes with COPY and reports per-item failures, so one bad batch never stops a load.
+Writes go to every live collection (lifecycle/dual_write.py), each embedded by its own model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -16,15 +19,16 @@ import numpy as np
 from es_ray.config import Settings
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER
+from es_ray.lifecycle.dual_write import write_items
 from es_ray.logs import get_logger
-from es_ray.store import db
-from es_ray.store.collections import Collection, EmbeddedItem
-from es_ray.store.lifecycle import Blue
+from es_ray.store import db, lifecycle
+from es_ray.store.collections import EmbeddedItem
+from es_ray.store.lifecycle import Target
 
 log = get_logger(__name__)
 
 
-def item_encoder(settings: Settings, grpc_url: str, blue: Blue) -> TritonEncoder:
+def item_encoder(settings: Settings, grpc_url: str, blue: Target) -> TritonEncoder:
     return TritonEncoder(grpc_url, ITEM_ENCODER, blue.model_version, blue.source_dir, blue.max_length,
                          settings.triton.max_batch_size, settings.triton.timeout_s)
 
@@ -37,11 +41,27 @@ def embed(encoder: TritonEncoder, settings: Settings, ids: list[str], texts: lis
         rows = vectors[chunks.owner == i]
         source = {"chunks": int(len(rows)), "truncated": chunks.truncated[i], "chars": len(texts[i]),
                   "text_sha256": hashlib.sha256(texts[i].encode()).hexdigest()}
-        items.append(EmbeddedItem(id=item_id, payload=payloads[i], chunks=rows, source=source))
+        items.append(EmbeddedItem(id=item_id, payload=payloads[i], chunks=rows, source=source, text=texts[i]))
     return items
 
 
-def upsert_now(encoder: TritonEncoder, pool, collection: Collection, settings: Settings,
+class Encoders:
+    """Item-encoder clients by model version, made on first use."""
+
+    def __init__(self, settings: Settings, grpc_url: str):
+        self.settings, self.grpc_url, self._clients = settings, grpc_url, {}
+        self._lock = threading.Lock()
+
+    def embed_for(self, target: Target, items: list[dict[str, Any]]) -> list[EmbeddedItem]:
+        with self._lock:
+            if target.model_version not in self._clients:
+                self._clients[target.model_version] = item_encoder(self.settings, self.grpc_url, target)
+            client = self._clients[target.model_version]
+        return embed(client, self.settings, [i["id"] for i in items], [i["text"] for i in items],
+                     [i["payload"] for i in items])
+
+
+def upsert_now(encoders: Encoders, pool, settings: Settings,
                items: list[dict[str, Any]]) -> tuple[int, list[dict[str, str]]]:
     """Embeds and writes in batches of upsert.batch_size; a failing batch is reported, the rest kept."""
     written, failed = 0, []
@@ -50,9 +70,8 @@ def upsert_now(encoder: TritonEncoder, pool, collection: Collection, settings: S
         batch = items[start:start + size]
         ids = [i["id"] for i in batch]
         try:
-            embedded = embed(encoder, settings, ids, [i["text"] for i in batch], [i["payload"] for i in batch])
             with pool.connection() as conn:
-                written += collection.upsert(conn, embedded)
+                written += write_items(conn, batch, encoders.embed_for)
         except Exception as err:  # noqa: BLE001 - reported per item, never swallowed silently
             log.warning("upsert.batch_failed", items=len(batch), error=str(err))
             failed.extend({"id": item_id, "error": f"{type(err).__name__}: {err}"} for item_id in ids)
@@ -78,66 +97,65 @@ def parse_jsonl(batch: dict[str, np.ndarray]) -> dict[str, list]:
 
 
 class EmbedStage:
-    """Actor-pool stage: one Triton client per actor; outputs vectors as float32 bytes per item."""
+    """Actor-pool stage: embeds each batch with the model of every live collection (read per batch, so
+    a long load follows a switch); outputs the embeddings pickled per item."""
 
-    def __init__(self, settings: dict[str, Any], grpc_url: str, blue: dict[str, Any]):
+    def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str):
         self.settings = Settings.model_validate(settings)
-        self.encoder = item_encoder(self.settings, grpc_url, Blue(**blue))
+        self.encoders = Encoders(self.settings, grpc_url)
+        self.conn = db.connect(dsn)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        ids, texts = [str(i) for i in batch["id"]], [str(t) for t in batch["text"]]
-        out: dict[str, list] = {"id": ids, "payload_json": list(batch["payload_json"]), "vectors": [],
-                                "n_chunks": [], "source_json": [], "error": []}
+        items = [{"id": str(i), "text": str(t), "payload": json.loads(p)}
+                 for i, t, p in zip(batch["id"], batch["text"], batch["payload_json"])]
+        out: dict[str, list] = {"id": [i["id"] for i in items], "text": [i["text"] for i in items],
+                                "payload_json": list(batch["payload_json"]), "embedded": [], "error": []}
         try:
-            items = embed(self.encoder, self.settings, ids, texts, [{}] * len(ids))
-            for item in items:
-                out["vectors"].append(item.chunks.astype(np.float32).tobytes())
-                out["n_chunks"].append(len(item.chunks))
-                out["source_json"].append(json.dumps(item.source))
+            per_version = {t.model_version: self.encoders.embed_for(t, items)
+                           for t in lifecycle.get_state(self.conn).write_targets()}
+            for k in range(len(items)):
+                out["embedded"].append(pickle.dumps({v: embedded[k] for v, embedded in per_version.items()}))
                 out["error"].append("")
         except Exception as err:  # noqa: BLE001 - recorded per item by the write stage
-            message = f"embed: {type(err).__name__}: {err}"
-            for _ in ids:
-                out["vectors"].append(b"")
-                out["n_chunks"].append(0)
-                out["source_json"].append("{}")
-                out["error"].append(message)
+            out["embedded"] = [b""] * len(items)
+            out["error"] = [f"embed: {type(err).__name__}: {err}"] * len(items)
         return out
 
 
 class WriteStage:
-    """Actor-pool stage: COPY into the collection; outputs one (id, error) row per item."""
+    """Actor-pool stage: writes to every live collection with COPY; outputs one (id, error) row per item."""
 
-    def __init__(self, dsn: str, collection: str, dim: int):
+    def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str):
+        self.encoders = Encoders(Settings.model_validate(settings), grpc_url)  # for a collection added meanwhile
         self.conn = db.connect(dsn)
-        self.collection = Collection(collection, dim)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         ids = [str(i) for i in batch["id"]]
         errors = [str(e) for e in batch["error"]]
-        items = []
-        for k, item_id in enumerate(ids):
-            if errors[k]:
-                continue
-            vectors = np.frombuffer(batch["vectors"][k], dtype=np.float32).reshape(int(batch["n_chunks"][k]), -1)
-            items.append(EmbeddedItem(id=item_id, payload=json.loads(batch["payload_json"][k]), chunks=vectors,
-                                      source=json.loads(batch["source_json"][k])))
+        ok = [k for k in range(len(ids)) if not errors[k]]
+        items = [{"id": ids[k], "text": str(batch["text"][k]), "payload": json.loads(batch["payload_json"][k])}
+                 for k in ok]
+        embedded: dict[int, list[EmbeddedItem]] = {}
+        for k in ok:
+            for version, item in pickle.loads(batch["embedded"][k]).items():
+                embedded.setdefault(version, []).append(item)
         try:
-            self.collection.upsert(self.conn, items)
+            write_items(self.conn, items, self.encoders.embed_for, embedded)
         except Exception as err:  # noqa: BLE001
             errors = [e or f"write: {type(err).__name__}: {err}" for e in errors]
         return {"id": ids, "error": errors}
 
 
-def upsert_dataset(dataset, settings: Settings, grpc_url: str, dsn: str, blue: Blue) -> Iterator[dict[str, list]]:
+def upsert_dataset(dataset, settings: Settings, grpc_url: str, dsn: str) -> Iterator[dict[str, list]]:
     """Runs embed + write over a Ray Dataset with id/text/payload_json columns; yields result batches."""
     import ray.data
 
+    args = (settings.model_dump(mode="json"), grpc_url, dsn)
     embedded = dataset.map_batches(
-        EmbedStage, fn_constructor_args=(settings.model_dump(mode="json"), grpc_url, blue.__dict__),
-        batch_size=settings.upsert.batch_size, compute=ray.data.ActorPoolStrategy(size=settings.upsert.encoders),
+        EmbedStage, fn_constructor_args=args, batch_size=settings.upsert.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=settings.upsert.encoders),
         num_cpus=0.25)  # the model runs in Triton; these actors tokenise and wait on the network
     written = embedded.map_batches(
-        WriteStage, fn_constructor_args=(dsn, blue.collection, blue.dim), batch_size=settings.upsert.write_batch_items,
+        WriteStage, fn_constructor_args=args, batch_size=settings.upsert.write_batch_items,
         compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
     yield from written.iter_batches(batch_size=None, batch_format="numpy")

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     dataset = ray.data.read_text(str(path)).map_batches(parse_jsonl, batch_size=1024)
     written, failed = 0, []
     with tqdm(total=total, desc="upsert", unit="item", file=sys.stderr) as progress:
-        for batch in upsert_dataset(dataset, settings, manifest.triton_grpc_url, manifest.postgres_dsn, blue):
+        for batch in upsert_dataset(dataset, settings, manifest.triton_grpc_url, manifest.postgres_dsn):
             for item_id, error in zip(batch["id"], batch["error"]):
                 if error:
                     failed.append({"id": str(item_id), "error": str(error)})

@@ -43,6 +43,21 @@ def claim_sessions(conn: psycopg.Connection, limit: int, settle_s: float) -> lis
         """SELECT session_id, user_id, query, irrelevant FROM sessions
            WHERE improved_at IS NULL AND created_at < now() - make_interval(secs => %s)
            ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED""", (settle_s, limit)).fetchall()
+    return _with_results(conn, rows)
+
+
+def improved_sessions(conn: psycopg.Connection, after: tuple | None, limit: int) -> tuple[list[SessionRecord], tuple]:
+    """Sessions already applied to the blue collection, in (created_at, id) order from `after`; for
+    re-deriving their adjustments on a new model's collection. Returns them and the next `after`."""
+    rows = conn.execute(
+        """SELECT session_id, user_id, query, irrelevant, created_at FROM sessions
+           WHERE improved_at IS NOT NULL AND (%(at)s::timestamptz IS NULL OR (created_at, session_id) > (%(at)s, %(id)s))
+           ORDER BY created_at, session_id LIMIT %(limit)s""",
+        {"at": after[0] if after else None, "id": after[1] if after else None, "limit": limit}).fetchall()
+    return _with_results(conn, [r[:4] for r in rows]), ((rows[-1][4], rows[-1][0]) if rows else after)
+
+
+def _with_results(conn: psycopg.Connection, rows: list[tuple]) -> list[SessionRecord]:
     if not rows:
         return []
     ids = [r[0] for r in rows]
@@ -112,37 +127,44 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
         sessions = claim_sessions(conn, batch_sessions, settle_s)
         if not sessions:
             return {"sessions": 0}
-        useful = [s for s in sessions if labelled(s)]
-        adjusted = {"global": 0, "personal": 0}
-        if useful:
-            vectors = embed_queries([s.query for s in useful])
-            query_vectors = {s.session_id: v for s, v in zip(useful, vectors)}
-            by_user: dict[str | None, list[SessionRecord]] = defaultdict(list)
-            for s in useful:
-                by_user[s.user_id].append(s)
-            for user_id, group in by_user.items():
-                items = sorted({item for s in group for item, _ in labelled(s)})
-                seen = collection.chunk_vectors(conn, items, user_id)
-                keys, current, examples = build_examples(group, query_vectors, seen)
-                if not keys:
-                    continue
-                # Anchor: the model's vectors for global moves, the global vectors for a user's.
-                anchors = collection.chunk_vectors(conn, items, None, model=user_id is None)
-                anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
-                new = adjuster.adjust(current, anchor, examples)
-                updates = [(o, p, v) for (o, p), v in zip(keys, new)]
-                if user_id is None:
-                    collection.save_global(conn, updates)
-                    adjusted["global"] += len(updates)
-                else:
-                    collection.save_user(conn, user_id, updates)
-                    adjusted["personal"] += len(updates)
+        adjusted = apply_sessions(conn, collection, sessions, embed_queries, adjuster)
         conn.execute("UPDATE sessions SET improved_at = now() WHERE session_id = ANY(%s)",
                      ([s.session_id for s in sessions],))
-    result = {"sessions": len(sessions), "useful": len(useful), "vectors_global": adjusted["global"],
+    result = {"sessions": len(sessions), "useful": adjusted["useful"], "vectors_global": adjusted["global"],
               "vectors_personal": adjusted["personal"], "seconds": round(time.monotonic() - started, 3)}
     log.info("improve.pass", collection=collection.name, **result)
     return result
+
+
+def apply_sessions(conn: psycopg.Connection, collection: Collection, sessions: list[SessionRecord], embed_queries,
+                   adjuster: VectorAdjuster) -> dict[str, int]:
+    """Adjusts the collection's vectors from the sessions (global ones and each user's); returns counts."""
+    useful = [s for s in sessions if labelled(s)]
+    adjusted = {"useful": len(useful), "global": 0, "personal": 0}
+    if useful:
+        vectors = embed_queries([s.query for s in useful])
+        query_vectors = {s.session_id: v for s, v in zip(useful, vectors)}
+        by_user: dict[str | None, list[SessionRecord]] = defaultdict(list)
+        for s in useful:
+            by_user[s.user_id].append(s)
+        for user_id, group in by_user.items():
+            items = sorted({item for s in group for item, _ in labelled(s)})
+            seen = collection.chunk_vectors(conn, items, user_id)
+            keys, current, examples = build_examples(group, query_vectors, seen)
+            if not keys:
+                continue
+            # Anchor: the model's vectors for global moves, the global vectors for a user's.
+            anchors = collection.chunk_vectors(conn, items, None, model=user_id is None)
+            anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
+            new = adjuster.adjust(current, anchor, examples)
+            updates = [(o, p, v) for (o, p), v in zip(keys, new)]
+            if user_id is None:
+                collection.save_global(conn, updates)
+                adjusted["global"] += len(updates)
+            else:
+                collection.save_user(conn, user_id, updates)
+                adjusted["personal"] += len(updates)
+    return adjusted
 
 
 class ImprovementLoop:

@@ -103,3 +103,13 @@ def download(settings: Settings, version: int) -> Path:
 
 def model_uri(settings: Settings, version: int) -> str:
     return f"models:/{settings.mlflow.registered_model}/{version}"
+
+
+def has_version(settings: Settings, version: int) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(tracking_uri(settings)).get_model_version(settings.mlflow.registered_model, str(version))
+        return True
+    except MlflowException:
+        return False

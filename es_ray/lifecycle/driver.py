@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,23 @@ from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.logs import get_logger
 from es_ray.stack.manifest import StackManifest
 from es_ray.stack import jobs
-from es_ray.store import db, lifecycle, tasks
+from es_ray.store import db, lifecycle, locks, tasks
 from es_ray.store.collections import Collection, collection_name
 
 log = get_logger(__name__)
 
 DRIVER_NAME = "lifecycle-driver"
 FINE_TUNE = "fine-tune"
+REINDEX = "reindex"
+CLEANUP_MARGIN_S = 10.0  # even `cleanup --now` leaves replicas this long to let go of the old collection
+
+
+class SwitchRefused(RuntimeError):
+    """The switch (or rollback) cannot happen now; the message says why."""
+
+
+class UnknownModel(LookupError):
+    pass
 
 
 class PeriodicThread:
@@ -57,17 +68,19 @@ class LifecycleDriver:
         self.repo = Path(self.manifest.state_dir) / "triton" / "models"
         db.migrate(self.manifest.postgres_dsn)
         self._improvement: ImprovementLoop | None = None
-        self._task_watcher = PeriodicThread(self._check_tasks_safely, self.settings.tasks.check_interval_s,
-                                            "task-watcher")
-        # After a restart, put the blue model back into Triton if Triton lost it.
+        # After a restart, put the blue model back into Triton if Triton lost it, and finish (or
+        # abort) a switch the previous incarnation recorded but did not complete.
         if self.blue() is not None:
             self.ensure_serving()
+            self.resume_switches()
+        self._housekeeper = PeriodicThread(self._housekeeping, self.settings.tasks.check_interval_s, "housekeeper")
 
-    def _check_tasks_safely(self) -> None:
-        try:
-            self.check_tasks()
-        except Exception:  # noqa: BLE001 - try again at the next interval
-            log.exception("task.check_failed")
+    def _housekeeping(self) -> None:
+        for step in (self.check_tasks, self.cleanup):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - try again at the next interval
+                log.exception("housekeeping.failed", step=step.__name__)
 
     def _conn(self):
         return db.connect(self.manifest.postgres_dsn)
@@ -173,6 +186,7 @@ class LifecycleDriver:
                     reason = f"no heartbeat from its job for more than {lease:.0f}s: the job is presumed dead"
                 if reason and tasks.fail(conn, task.task_id, reason):
                     log.warning("task.failed", task_id=task.task_id, kind=task.kind, reason=reason)
+                    locks.release_owned_by(conn, f"{task.kind}:{task.task_id}")  # its holder is gone
                     ended.append(task.task_id)
         return ended
 
@@ -187,6 +201,175 @@ class LifecycleDriver:
             return None
         return (f"its Ray job {job_id} ended {info.status.value} without finishing the task"
                 + (f": {info.message}" if info.message else ""))
+
+    # --- reindex, switch, rollback, cleanup -----------------------------------------------------------
+
+    def start_reindex(self, version: int, switch: str | None = None) -> dict[str, Any]:
+        """Creates a reindex task and submits its Ray job (es_ray.data.reindex)."""
+        with self._conn() as conn:
+            if lifecycle.get_model(conn, version) is None and not registry.has_version(self.settings, version):
+                raise UnknownModel(f"model version {version} is not registered")
+            blue = lifecycle.get_blue(conn)
+            if blue.model_version == version:
+                raise SwitchRefused(f"version {version} is already blue: nothing to reindex")
+            task = tasks.create(conn, REINDEX, {"to": version, "switch": switch, "submitted_by": "api"})
+            job_id = f"reindex-{task.task_id}"
+            tasks.set_job(conn, task.task_id, job_id)
+            try:
+                jobs.submit(self.manifest.ray_dashboard_url,
+                            f"python -m es_ray.data.reindex --task-id {task.task_id} "
+                            f"--namespace {self.settings.ray.namespace}", submission_id=job_id)
+            except Exception as err:  # noqa: BLE001 - the task must not stay pending forever
+                tasks.fail(conn, task.task_id, f"could not submit the Ray job: {err}")
+            return tasks.get(conn, task.task_id).__dict__
+
+    def switch(self, force: bool = False, lock_owner: str | None = None,
+               expected_green: str | None = None) -> dict[str, Any]:
+        """Makes the (complete) green collection blue; SwitchRefused says why not. Without `force` the
+        green model must have passed the quality gate. `lock_owner`: the caller already holds the lock."""
+        owner = lock_owner or f"switch:{uuid.uuid4().hex}"
+        with self._conn() as conn:
+            self._acquire(conn, owner)
+            try:
+                state = lifecycle.get_state(conn)
+                green = state.green
+                if green is None:
+                    raise SwitchRefused("there is no green collection to switch to: run a reindex first")
+                if expected_green and green.collection != expected_green:
+                    raise SwitchRefused(f"green is {green.collection}, not {expected_green}")
+                collection = lifecycle.get_collection(conn, green.collection)
+                if collection["state"] != "ready":
+                    raise SwitchRefused(f"green collection {green.collection} is {collection['state']}: "
+                                        "its reindex has not finished")
+                if not force and not lifecycle.gate_passed(conn, green.model_version):
+                    raise SwitchRefused(f"model v{green.model_version} has not passed the quality gate; "
+                                        "switch with force to override")
+                deploy.deploy(self.settings, self.repo, self.manifest.triton_url, green.model_version,
+                              Path(green.source_dir))  # idempotent: makes sure Triton serves it before the switch
+                if state.previous is not None:
+                    # One rollback target at a time: the blue being replaced takes the older one's place.
+                    self._drop_previous(conn, state.previous)
+                record = lifecycle.begin_switch(conn, "switch", state.blue, green, force)
+                return self._complete(conn, record)
+            finally:
+                if lock_owner is None:
+                    locks.release(conn, locks.LIFECYCLE, owner)
+
+    def rollback(self) -> dict[str, Any]:
+        """Makes the previous blue (kept for the grace period) blue again."""
+        owner = f"switch:{uuid.uuid4().hex}"
+        with self._conn() as conn:
+            self._acquire(conn, owner)
+            try:
+                state = lifecycle.get_state(conn)
+                if state.previous is None:
+                    raise SwitchRefused("there is nothing to roll back to: no previous collection "
+                                        "(none was switched from, or its grace period is over)")
+                deploy.deploy(self.settings, self.repo, self.manifest.triton_url, state.previous.model_version,
+                              Path(state.previous.source_dir))
+                record = lifecycle.begin_switch(conn, "rollback", state.blue, state.previous, True)
+                return self._complete(conn, record)
+            finally:
+                locks.release(conn, locks.LIFECYCLE, owner)
+
+    def _acquire(self, conn, owner: str) -> None:
+        try:
+            locks.acquire(conn, locks.LIFECYCLE, owner, self.settings.lifecycle.lock_lease_s)
+        except locks.LockHeld as err:
+            raise SwitchRefused(f"{err}: one reindex or switch at a time") from None
+
+    def _complete(self, conn, record: lifecycle.Switch) -> dict[str, Any]:
+        if self.settings.lifecycle.switch_pause_s:
+            time.sleep(self.settings.lifecycle.switch_pause_s)  # fault-injection window (tests)
+        done = lifecycle.complete_switch(conn, record, self.settings.lifecycle.grace_s)
+        log.info("lifecycle.switched" if done.status == "switched" else "lifecycle.switch_aborted",
+                 kind=done.kind, switch_id=done.switch_id, from_collection=done.from_collection,
+                 to_collection=done.to_collection, status=done.status, reason=done.reason)
+        return done.as_dict()
+
+    def resume_switches(self) -> list[dict[str, Any]]:
+        """At start: finishes the switches a dead incarnation recorded (compare-and-swap: at most once)."""
+        with self._conn() as conn:
+            resumed = [self._complete(conn, record) for record in lifecycle.unfinished_switches(conn)]
+            for lock in locks.all_locks(conn):
+                if lock.owner.startswith("switch:"):  # only this actor takes those: its predecessor's
+                    locks.release(conn, lock.name, lock.owner)
+        for record in resumed:
+            log.info("lifecycle.switch_resumed", switch_id=record["switch_id"], status=record["status"])
+        return resumed
+
+    def cleanup(self, now: bool = False) -> dict[str, Any]:
+        """Drops the previous collection and unloads its model once the grace period is over (`now`:
+        without waiting for it); purges delete tombstones from blue when nothing is being reindexed."""
+        report: dict[str, Any] = {"dropped": None}
+        with self._conn() as conn:
+            state = lifecycle.get_state(conn)
+            if state is None:
+                return report
+            previous = state.previous
+            if previous is not None:
+                due = conn.execute("""SELECT previous_until <= now() OR (%s AND switched_at < now() - make_interval(secs => %s))
+                                      FROM blue""", (now, CLEANUP_MARGIN_S)).fetchone()[0]
+                if not due:
+                    report["previous_until"] = state.previous_until
+                    return report
+                owner = f"cleanup:{uuid.uuid4().hex}"
+                try:
+                    locks.acquire(conn, locks.LIFECYCLE, owner, self.settings.lifecycle.lock_lease_s)
+                except locks.LockHeld:
+                    report["busy"] = True
+                    return report
+                try:
+                    report["dropped"] = self._drop_previous(conn, previous)
+                finally:
+                    locks.release(conn, locks.LIFECYCLE, owner)
+            state = lifecycle.get_state(conn)
+            if state.green is None and state.previous is None:
+                report["tombstones_purged"] = Collection(state.blue.collection, state.blue.dim).purge_tombstones(conn)
+                conn.execute("DELETE FROM reindex_ranges WHERE collection = %s", (state.blue.collection,))
+        return report
+
+    def _drop_previous(self, conn, previous: lifecycle.Target) -> dict[str, Any] | None:
+        """Stops dual writes to the previous collection, drops it and unloads its model (if unused)."""
+        if not lifecycle.clear_previous(conn, previous.collection):
+            return None
+        Collection(previous.collection, previous.dim).drop(conn)
+        lifecycle.save_collection(conn, previous.collection, previous.model_version, "dropped")
+        live = {t.model_version for t in lifecycle.get_state(conn).write_targets()}
+        if previous.model_version not in live:
+            deploy.undeploy(self.repo, self.manifest.triton_url, previous.model_version)
+            lifecycle.set_model_state(conn, previous.model_version, "retired")
+        dropped = {"collection": previous.collection, "model_version": previous.model_version}
+        log.info("lifecycle.cleaned_up", **dropped)
+        return dropped
+
+    def lifecycle_state(self) -> dict[str, Any]:
+        """Blue, green (with its reindex progress), previous, locks, tasks and recent switches."""
+        with self._conn() as conn:
+            state = lifecycle.get_state(conn)
+            if state is None:
+                return {"blue": None}
+
+            def describe(target):
+                if target is None:
+                    return None
+                info = {"model_version": target.model_version, "collection": target.collection,
+                        "state": (lifecycle.get_collection(conn, target.collection) or {}).get("state"),
+                        "items": Collection(target.collection, target.dim).count(conn)}
+                ranges = conn.execute("""SELECT count(*), count(done_at) FROM reindex_ranges WHERE collection = %s""",
+                                      (target.collection,)).fetchone()
+                if ranges[0]:
+                    info["reindex_ranges"] = {"total": ranges[0], "done": ranges[1]}
+                return info
+
+            return {
+                "blue": describe(state.blue), "green": describe(state.green), "previous": describe(state.previous),
+                "previous_until": state.previous_until, "epoch": state.epoch,
+                "locks": [lock.__dict__ for lock in locks.all_locks(conn)],
+                "tasks": [t.__dict__ for t in tasks.recent(conn, None, 10)],
+                "switches": [s.as_dict() for s in lifecycle.recent_switches(conn, 10)],
+                "models": lifecycle.list_models(conn),
+            }
 
     def status(self) -> dict[str, Any]:
         with self._conn() as conn:

@@ -22,7 +22,8 @@ from es_ray.config import Settings
 from es_ray.data import pipeline
 from es_ray.inference.triton_client import TritonEncoder, TritonUnavailable
 from es_ray.inference.triton_repo import ENCODERS, QUERY_ENCODER
-from es_ray.lifecycle.driver import get_driver
+from es_ray.lifecycle import dual_write
+from es_ray.lifecycle.driver import SwitchRefused, UnknownModel, get_driver
 from es_ray.logs import get_logger
 from es_ray.serve import schemas
 from es_ray.stack.manifest import StackManifest
@@ -98,7 +99,18 @@ async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONRespons
 
 # Domain errors -> HTTP status, each answered as {"error": message, "details": []}.
 CLIENT_ERRORS = {clickstream.UnknownSession: 404, clickstream.EventRejected: 422, clickstream.Conflict: 409,
-                 tasks.UnknownTask: 404, tasks.TaskConflict: 409}
+                 tasks.UnknownTask: 404, tasks.TaskConflict: 409, SwitchRefused: 409, UnknownModel: 404}
+
+
+def _driver_call(ref):
+    """The driver's answer; a domain error raised in the actor is re-raised as itself (not Ray's wrapper)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, tuple(CLIENT_ERRORS)):
+            raise cause from None
+        raise
 
 
 def _client_error(status: int):
@@ -130,6 +142,7 @@ class SearchAPI:
         self.blue = BlueWatcher(self.pool, self.settings.serve.blue_refresh_s)
         self._encoders: dict[tuple[str, int], TritonEncoder] = {}
         self._lock = threading.Lock()
+        self.item_encoders = pipeline.Encoders(self.settings, self.manifest.triton_grpc_url)
 
     def _encoder(self, name: str, blue: Blue) -> TritonEncoder:
         key = (name, blue.model_version)
@@ -194,16 +207,15 @@ class SearchAPI:
         items = [item.model_dump() for item in request.items]
         started = time.monotonic()
         if len(items) > self.settings.serve.large_upsert_items:
-            written, failed = self._upsert_with_ray_data(items, blue)
+            written, failed = self._upsert_with_ray_data(items)
         else:
-            written, failed = pipeline.upsert_now(self._encoder(pipeline.ITEM_ENCODER, blue), self.pool,
-                                                  Collection(blue.collection, blue.dim), self.settings, items)
+            written, failed = pipeline.upsert_now(self.item_encoders, self.pool, self.settings, items)
         if failed and not written:
             raise ServiceUnavailable(f"no item could be stored: {failed[0]['error']}")
         log.info("items.upserted", items=written, failed=len(failed), seconds=round(time.monotonic() - started, 3))
         return schemas.UpsertResponse(upserted=written, failed=[schemas.ItemFailure(**f) for f in failed])
 
-    def _upsert_with_ray_data(self, items: list[dict[str, Any]], blue: Blue) -> tuple[int, list[dict[str, str]]]:
+    def _upsert_with_ray_data(self, items: list[dict[str, Any]]) -> tuple[int, list[dict[str, str]]]:
         import json
 
         import ray.data
@@ -211,7 +223,7 @@ class SearchAPI:
         rows = [{"id": i["id"], "text": i["text"], "payload_json": json.dumps(i["payload"])} for i in items]
         written, failed = 0, []
         for batch in pipeline.upsert_dataset(ray.data.from_items(rows), self.settings, self.manifest.triton_grpc_url,
-                                             self.manifest.postgres_dsn, blue):
+                                             self.manifest.postgres_dsn):
             for item_id, error in zip(batch["id"], batch["error"]):
                 if error:
                     failed.append({"id": str(item_id), "error": str(error)})
@@ -221,10 +233,10 @@ class SearchAPI:
 
     @app.delete("/v1/items", response_model=schemas.DeleteResponse, summary="Delete items by id")
     def delete(self, request: schemas.DeleteRequest) -> schemas.DeleteResponse:
-        blue = self._blue()
+        self._blue()
         try:
             with self.pool.connection() as conn:
-                deleted = Collection(blue.collection, blue.dim).delete(conn, request.ids)
+                deleted = dual_write.delete_items(conn, request.ids)
         except db.OperationalError as err:
             raise ServiceUnavailable(f"database unavailable: {err}") from err
         return schemas.DeleteResponse(deleted=deleted)
@@ -291,10 +303,13 @@ class SearchAPI:
     @app.post("/v1/tasks/fine-tune", status_code=202, response_model=schemas.TaskOut,
               summary="Start a fine-tune from the clickstream (a Ray job); 409 while one runs")
     def start_fine_tune(self, request: schemas.FineTuneRequest) -> schemas.TaskOut:
-        try:
-            return schemas.TaskOut(**ray.get(self.driver.start_fine_tune.remote(request.config)))
-        except tasks.TaskConflict as err:  # raised in the driver actor: keep its message, not Ray's traceback
-            raise tasks.TaskConflict(str(getattr(err, "cause", err))) from None
+        return schemas.TaskOut(**_driver_call(self.driver.start_fine_tune.remote(request.config)))
+
+    @app.post("/v1/tasks/reindex", status_code=202, response_model=schemas.TaskOut,
+              summary="Re-embed every item with a model version into a green collection (a Ray job); 409 while "
+                      "a reindex or switch runs, 404 for an unknown version")
+    def start_reindex(self, request: schemas.ReindexRequest) -> schemas.TaskOut:
+        return schemas.TaskOut(**_driver_call(self.driver.start_reindex.remote(request.to, request.switch)))
 
     @app.get("/v1/tasks/{task_id}", response_model=schemas.TaskOut, summary="A task: status, progress, result")
     def read_task(self, task_id: str) -> schemas.TaskOut:
@@ -308,6 +323,26 @@ class SearchAPI:
                                            "type": "value_error"}])
         with self.pool.connection() as conn:
             return schemas.TaskList(tasks=[schemas.TaskOut(**t.__dict__) for t in tasks.recent(conn, kind, limit)])
+
+
+    # --- lifecycle: blue/green ------------------------------------------------------------------------
+
+    @app.get("/v1/lifecycle", summary="Blue, green and previous collections, locks, tasks, switches, models")
+    def lifecycle_state(self) -> dict[str, Any]:
+        return _driver_call(self.driver.lifecycle_state.remote())
+
+    @app.post("/v1/lifecycle/switch", summary="Make the complete green collection blue (409 says why not)")
+    def switch(self, request: schemas.SwitchRequest) -> dict[str, Any]:
+        return _driver_call(self.driver.switch.remote(force=request.force))
+
+    @app.post("/v1/lifecycle/rollback", summary="Make the previous blue blue again, within its grace period")
+    def rollback(self) -> dict[str, Any]:
+        return _driver_call(self.driver.rollback.remote())
+
+    @app.post("/v1/lifecycle/cleanup", summary="Drop the previous collection and unload its model if its grace "
+                                                "period is over (or now)")
+    def cleanup(self, request: schemas.CleanupRequest) -> dict[str, Any]:
+        return _driver_call(self.driver.cleanup.remote(now=request.now))
 
 
 def build_app(args: dict[str, Any] | None = None):

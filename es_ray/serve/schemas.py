@@ -239,6 +239,21 @@ class FineTuneRequest(Strict):
         return value
 
 
+class ReindexRequest(Strict):
+    to: int = Field(ge=1, description="The registered model version to re-embed every item with.")
+    switch: Literal["auto", "force", "never"] | None = Field(
+        None, description="When green is complete: auto (switch if the quality gate passed), force, never. "
+                          "Default: reindex.switch in configs/stack.yaml.")
+
+
+class SwitchRequest(Strict):
+    force: bool = Field(False, description="Switch even if the green model has not passed the quality gate.")
+
+
+class CleanupRequest(Strict):
+    now: bool = Field(False, description="Drop the previous collection without waiting for its grace period.")
+
+
 class TaskOut(BaseModel):
     task_id: str
     kind: str

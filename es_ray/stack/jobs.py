@@ -13,6 +13,14 @@ log = get_logger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def current_submission_id() -> str | None:
+    """Inside a Ray job: its submission id (what `ray job status` takes), from the job's config."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    return json.loads(raw).get("metadata", {}).get("job_submission_id") if raw else None
+
+
 def client(dashboard_url: str):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only embedded head; see DESIGN.md
     from ray.job_submission import JobSubmissionClient

@@ -30,11 +30,22 @@ class EmbeddedItem:
     payload: dict[str, Any]
     chunks: np.ndarray                       # (n_chunks, dim), L2-normalised
     source: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None                  # kept so a new model can re-embed the item (reindex)
 
     @property
     def average(self) -> np.ndarray:
         mean = self.chunks.mean(axis=0)
         return mean / max(float(np.linalg.norm(mean)), 1e-12)
+
+
+@dataclass
+class StoredItem:
+    """An item as stored, read back for re-embedding."""
+
+    id: str
+    text: str | None
+    payload: dict[str, Any]
+    version: int
 
 
 @dataclass
@@ -46,6 +57,11 @@ class SearchHit:
 
 def collection_name(model_version: int) -> str:
     return f"v{int(model_version)}"
+
+
+def next_versions(conn: psycopg.Connection, n: int) -> list[int]:
+    """n fresh write versions from the global sequence (increasing, never reused)."""
+    return [r[0] for r in conn.execute("SELECT nextval('item_write_seq') FROM generate_series(1, %s)", (n,))]
 
 
 class Collection:
@@ -60,7 +76,9 @@ class Collection:
         self.user_parts = sql.Identifier(f"user_parts_{name}")
 
     # -- schema -------------------------------------------------------------------------------
-    def create(self, conn: psycopg.Connection, m: int = 16, ef_construction: int = 64) -> None:
+    def create(self, conn: psycopg.Connection, m: int = 16, ef_construction: int = 64, index: bool = True) -> None:
+        """Creates the tables (idempotent); `index=False` leaves the HNSW index to `create_index`, for a
+        bulk load that builds it once at the end."""
         conn.execute(sql.SQL("""
             CREATE TABLE IF NOT EXISTS {items} (
                 object_id  text PRIMARY KEY,
@@ -90,13 +108,25 @@ class Collection:
             );
             CREATE INDEX IF NOT EXISTS {user_parts_object} ON {user_parts} (object_id);
             CREATE INDEX IF NOT EXISTS {payload_idx} ON {items} USING gin (payload jsonb_path_ops);
-            CREATE INDEX IF NOT EXISTS {hnsw_idx} ON {parts} USING hnsw (vector vector_cosine_ops)
-                WITH (m = {m}, ef_construction = {efc}) WHERE NOT is_average;
+            -- The item's text (re-embedded by a reindex) and deletes as tombstones: a deleted item keeps
+            -- its row with the delete's version, so an older copy written later cannot bring it back.
+            ALTER TABLE {items} ADD COLUMN IF NOT EXISTS text text;
+            ALTER TABLE {items} ADD COLUMN IF NOT EXISTS deleted boolean NOT NULL DEFAULT false;
         """).format(items=self.items, parts=self.parts, dim=sql.Literal(self.dim),
-                    payload_idx=sql.Identifier(f"items_{self.name}_payload"),
-                    hnsw_idx=sql.Identifier(f"parts_{self.name}_hnsw"), user_parts=self.user_parts,
-                    user_parts_object=sql.Identifier(f"user_parts_{self.name}_object"),
-                    m=sql.Literal(m), efc=sql.Literal(ef_construction)))
+                    payload_idx=sql.Identifier(f"items_{self.name}_payload"), user_parts=self.user_parts,
+                    user_parts_object=sql.Identifier(f"user_parts_{self.name}_object")))
+        if index:
+            self.create_index(conn, m, ef_construction)
+
+    def create_index(self, conn: psycopg.Connection, m: int = 16, ef_construction: int = 64) -> None:
+        conn.execute(sql.SQL("""
+            CREATE INDEX IF NOT EXISTS {hnsw_idx} ON {parts} USING hnsw (vector vector_cosine_ops)
+                WITH (m = {m}, ef_construction = {efc}) WHERE NOT is_average
+        """).format(parts=self.parts, hnsw_idx=sql.Identifier(f"parts_{self.name}_hnsw"), m=sql.Literal(m),
+                    efc=sql.Literal(ef_construction)))
+
+    def exists(self, conn: psycopg.Connection) -> bool:
+        return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"items_{self.name}",)).fetchone()[0]
 
     def drop(self, conn: psycopg.Connection) -> None:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {user_parts}; DROP TABLE IF EXISTS {parts}; "
@@ -104,13 +134,17 @@ class Collection:
                      .format(user_parts=self.user_parts, parts=self.parts, items=self.items))
 
     # -- writes -------------------------------------------------------------------------------
-    def upsert(self, conn: psycopg.Connection, items: Iterable[EmbeddedItem]) -> int:
-        """Replaces each item in one transaction (last write of an id wins).
+    def upsert(self, conn: psycopg.Connection, items: Iterable[EmbeddedItem],
+               versions: dict[str, int] | None = None) -> int:
+        """Writes each item unless the collection holds a newer version of it; returns how many it wrote.
 
-        Rows are staged with COPY (binary for vectors) and merged with one INSERT ... ON CONFLICT,
-        in id order so concurrent writers lock rows in the same order and cannot deadlock. An item
-        whose text is unchanged keeps its vectors and their learned adjustments (only the payload
-        changes); new text replaces the vectors and drops every adjustment made to the old ones.
+        `versions` (id -> version) come from the caller when one write goes to several collections or
+        when a reindex copies an item; without them every item takes the next global version. A stored
+        version at least as new (a later write, or a delete's tombstone) wins, so copies may arrive in
+        any order. Rows are staged with COPY (binary for vectors), existing rows locked in id order (so
+        concurrent writers cannot deadlock) and merged with one INSERT ... ON CONFLICT. An item whose
+        text is unchanged keeps its vectors and their learned adjustments (only the payload changes);
+        new text replaces the vectors and drops every adjustment made to the old ones.
         """
         by_id = {item.id: item for item in items}
         if not by_id:
@@ -120,15 +154,20 @@ class Collection:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute(sql.SQL("""
                 CREATE TEMP TABLE IF NOT EXISTS stage_items (object_id text, payload jsonb, source jsonb,
-                    text_hash text) ON COMMIT DELETE ROWS;
+                    text_hash text, text text, version bigint) ON COMMIT DELETE ROWS;
                 CREATE TEMP TABLE IF NOT EXISTS {stage_parts} (object_id text, part_no integer,
                     is_average boolean, vector vector({dim})) ON COMMIT DELETE ROWS;
                 CREATE TEMP TABLE IF NOT EXISTS stage_changed (object_id text PRIMARY KEY) ON COMMIT DELETE ROWS;
+                CREATE TEMP TABLE IF NOT EXISTS stage_written (object_id text PRIMARY KEY) ON COMMIT DELETE ROWS;
+                -- One transaction may write several collections (dual writes): start from empty stages.
+                TRUNCATE stage_items, {stage_parts}, stage_changed, stage_written;
             """).format(stage_parts=stage_parts, dim=sql.Literal(self.dim)))
-            with cur.copy("COPY stage_items (object_id, payload, source, text_hash) FROM STDIN") as copy:
+            if versions is None:
+                versions = dict(zip((item.id for item in ordered), next_versions(conn, len(ordered))))
+            with cur.copy("COPY stage_items (object_id, payload, source, text_hash, text, version) FROM STDIN") as copy:
                 for item in ordered:
                     copy.write_row((item.id, json.dumps(item.payload), json.dumps(item.source),
-                                    item.source.get("text_sha256")))
+                                    item.source.get("text_sha256"), item.text, versions[item.id]))
             with cur.copy(sql.SQL("COPY {} (object_id, part_no, is_average, vector) FROM STDIN WITH (FORMAT BINARY)")
                           .format(stage_parts)) as copy:
                 copy.set_types(["text", "int4", "bool", "vector"])
@@ -137,40 +176,101 @@ class Collection:
                     for part_no, vector in enumerate(item.chunks, start=1):
                         copy.write_row((item.id, part_no, False, np.asarray(vector, dtype=np.float32)))
             cur.execute(sql.SQL("""
+                SELECT 1 FROM {items} WHERE object_id IN (SELECT object_id FROM stage_items)
+                    ORDER BY object_id FOR UPDATE;
                 INSERT INTO stage_changed (object_id)
                     SELECT s.object_id FROM stage_items s LEFT JOIN {items} i ON i.object_id = s.object_id
-                    WHERE i.object_id IS NULL OR s.text_hash IS NULL OR i.text_hash IS DISTINCT FROM s.text_hash;
-                INSERT INTO {items} (object_id, payload, source, text_hash, version)
-                    SELECT object_id, payload, source, text_hash, nextval('item_write_seq')
-                    FROM stage_items ORDER BY object_id
-                ON CONFLICT (object_id) DO UPDATE
-                    SET payload = EXCLUDED.payload, source = EXCLUDED.source, text_hash = EXCLUDED.text_hash,
-                        version = EXCLUDED.version, updated_at = now();
+                    WHERE i.object_id IS NULL OR i.deleted OR s.text_hash IS NULL
+                       OR i.text_hash IS DISTINCT FROM s.text_hash;
+                WITH written AS (
+                    INSERT INTO {items} (object_id, payload, source, text_hash, text, version, deleted)
+                        SELECT object_id, payload, source, text_hash, text, version, false
+                        FROM stage_items ORDER BY object_id
+                    ON CONFLICT (object_id) DO UPDATE
+                        SET payload = EXCLUDED.payload, source = EXCLUDED.source, text_hash = EXCLUDED.text_hash,
+                            text = EXCLUDED.text, version = EXCLUDED.version, deleted = false, updated_at = now()
+                        WHERE {items}.version < EXCLUDED.version
+                    RETURNING object_id)
+                INSERT INTO stage_written SELECT object_id FROM written;
+                DELETE FROM stage_changed WHERE object_id NOT IN (SELECT object_id FROM stage_written);
                 DELETE FROM {user_parts} WHERE object_id IN (SELECT object_id FROM stage_changed);
                 DELETE FROM {parts} WHERE object_id IN (SELECT object_id FROM stage_changed);
                 INSERT INTO {parts} (object_id, part_no, is_average, vector)
                     SELECT object_id, part_no, is_average, vector FROM {stage_parts}
                     WHERE object_id IN (SELECT object_id FROM stage_changed);
             """).format(items=self.items, parts=self.parts, user_parts=self.user_parts, stage_parts=stage_parts))
-        return len(ordered)
+            return cur.execute("SELECT count(*) FROM stage_written").fetchone()[0]
 
-    def delete(self, conn: psycopg.Connection, ids: list[str]) -> int:
+    def delete(self, conn: psycopg.Connection, ids: list[str], versions: dict[str, int] | None = None) -> int:
+        """Deletes items, leaving a tombstone with the delete's version; returns how many existed."""
+        ids = sorted(set(ids))
+        if not ids:
+            return 0
+        if versions is None:
+            versions = dict(zip(ids, next_versions(conn, len(ids))))
         with conn.transaction():
-            cur = conn.execute(sql.SQL("DELETE FROM {} WHERE object_id = ANY(%s)").format(self.items), (list(ids),))
-            return cur.rowcount
+            existed = conn.execute(sql.SQL("""
+                SELECT object_id FROM {items} WHERE object_id = ANY(%s) AND NOT deleted ORDER BY object_id FOR UPDATE
+            """).format(items=self.items), (ids,)).fetchall()
+            cur = conn.execute(sql.SQL("""
+                INSERT INTO {items} (object_id, version, deleted)
+                    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::boolean[]) ORDER BY 1
+                ON CONFLICT (object_id) DO UPDATE
+                    SET deleted = true, version = EXCLUDED.version, payload = '{{}}', source = '{{}}', text = NULL,
+                        text_hash = NULL, updated_at = now()
+                    WHERE {items}.version < EXCLUDED.version
+                RETURNING object_id
+            """).format(items=self.items), (ids, [versions[i] for i in ids], [True] * len(ids)))
+            removed = [r[0] for r in cur.fetchall()]
+            conn.execute(sql.SQL("DELETE FROM {} WHERE object_id = ANY(%s)").format(self.user_parts), (removed,))
+            conn.execute(sql.SQL("DELETE FROM {} WHERE object_id = ANY(%s)").format(self.parts), (removed,))
+            return len({r[0] for r in existed} & set(removed))
+
+    def purge_tombstones(self, conn: psycopg.Connection) -> int:
+        """Drops delete tombstones: only safe once no reindex copies into this collection."""
+        return conn.execute(sql.SQL("DELETE FROM {} WHERE deleted").format(self.items)).rowcount
 
     # -- reads --------------------------------------------------------------------------------
     def count(self, conn: psycopg.Connection) -> int:
-        return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(self.items)).fetchone()[0]
+        return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE NOT deleted").format(self.items)).fetchone()[0]
 
     def get(self, conn: psycopg.Connection, ids: list[str]) -> dict[str, dict[str, Any]]:
-        rows = conn.execute(sql.SQL("SELECT object_id, payload, version FROM {} WHERE object_id = ANY(%s)")
+        rows = conn.execute(sql.SQL("SELECT object_id, payload, version, text_hash FROM {} "
+                                    "WHERE object_id = ANY(%s) AND NOT deleted")
                             .format(self.items), (list(ids),)).fetchall()
-        return {r[0]: {"payload": r[1], "version": r[2]} for r in rows}
+        return {r[0]: {"payload": r[1], "version": r[2], "text_sha256": r[3]} for r in rows}
+
+    def key_bounds(self, conn: psycopg.Connection, every: int) -> list[str]:
+        """Every `every`-th item id in key order: the boundaries of reindex ranges of that many items."""
+        return [r[0] for r in conn.execute(sql.SQL("""
+            SELECT object_id FROM (SELECT object_id, row_number() OVER (ORDER BY object_id) AS n
+                                   FROM {} WHERE NOT deleted) k
+            WHERE n %% %s = 0 ORDER BY object_id""").format(self.items), (every,))]
+
+    def read_range(self, conn: psycopg.Connection, after_id: str | None, last_id: str | None) -> list[StoredItem]:
+        """Items with after_id < id <= last_id (None: unbounded), in key order."""
+        rows = conn.execute(sql.SQL("""
+            SELECT object_id, text, payload, version FROM {} WHERE NOT deleted
+               AND (%(after)s::text IS NULL OR object_id > %(after)s::text)
+               AND (%(last)s::text IS NULL OR object_id <= %(last)s::text)
+            ORDER BY object_id""").format(self.items), {"after": after_id, "last": last_id}).fetchall()
+        return [StoredItem(*r) for r in rows]
+
+    def differences(self, conn: psycopg.Connection, other: "Collection", limit: int = 20) -> dict[str, Any]:
+        """Live ids in one collection and not the other (both directions), to check a reindex is complete."""
+        rows = conn.execute(sql.SQL("""
+            SELECT a.object_id, b.object_id FROM (SELECT object_id FROM {a} WHERE NOT deleted) a
+            FULL JOIN (SELECT object_id FROM {b} WHERE NOT deleted) b ON a.object_id = b.object_id
+            WHERE a.object_id IS NULL OR b.object_id IS NULL""").format(a=self.items, b=other.items)).fetchall()
+        only_here = sorted(r[0] for r in rows if r[0] is not None)
+        only_there = sorted(r[1] for r in rows if r[1] is not None)
+        return {"missing": len(only_here), "extra": len(only_there), "missing_ids": only_here[:limit],
+                "extra_ids": only_there[:limit]}
 
     def sample_ids(self, conn: psycopg.Connection, n: int, seed: int = 0) -> list[str]:
         """Up to n item ids in a seeded pseudo-random order (all of them when there are fewer)."""
-        return [r[0] for r in conn.execute(sql.SQL("SELECT object_id FROM {} ORDER BY md5(object_id || %s) LIMIT %s")
+        return [r[0] for r in conn.execute(sql.SQL("SELECT object_id FROM {} WHERE NOT deleted "
+                                                           "ORDER BY md5(object_id || %s) LIMIT %s")
                                            .format(self.items), (str(seed), n))]
 
     def search(self, conn: psycopg.Connection, vector: np.ndarray, limit: int, offset: int = 0,
@@ -263,7 +363,7 @@ class Collection:
                 INSERT INTO {user_parts} (user_id, object_id, part_no, vector)
                 SELECT %s, u.object_id, u.part_no, u.vector
                 FROM unnest(%s::text[], %s::int[], %s::vector[]) AS u(object_id, part_no, vector)
-                WHERE EXISTS (SELECT 1 FROM {items} i WHERE i.object_id = u.object_id)
+                WHERE EXISTS (SELECT 1 FROM {items} i WHERE i.object_id = u.object_id AND NOT i.deleted)
                 ON CONFLICT (user_id, object_id, part_no) DO UPDATE SET vector = EXCLUDED.vector, updated_at = now()
             """).format(user_parts=self.user_parts, items=self.items),
                 (user_id, [u[0] for u in updates], [u[1] for u in updates],

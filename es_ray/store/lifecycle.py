@@ -1,8 +1,16 @@
-"""SQL for lifecycle state: registered models, collections and the blue pointer."""
+"""SQL for lifecycle state: registered models, collections, the blue pointer, green and switches.
+
+The `blue` row holds three targets: blue (serves searches), green (being built for a new model) and
+previous (the old blue, kept for rollback until `previous_until`). Every item write goes to all of them
+in one transaction that holds the row FOR SHARE; a switch updates it FOR UPDATE, so no write can
+commit to an old set of collections after a switch or after green appears.
+"""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -19,14 +27,49 @@ class ModelRecord:
 
 
 @dataclass(frozen=True)
-class Blue:
-    """What serves traffic: a model version and the collection its vectors live in."""
+class Target:
+    """A model version and the collection its vectors live in."""
 
     model_version: int
     collection: str
     dim: int
     source_dir: str
     max_length: int
+
+
+Blue = Target  # what serves traffic
+
+
+@dataclass(frozen=True)
+class State:
+    blue: Target
+    green: Target | None
+    previous: Target | None
+    previous_until: datetime | None
+    epoch: int
+
+    def write_targets(self) -> list[Target]:
+        """Every collection an item write must reach, in name order (the order rows are locked in)."""
+        targets = {t.collection: t for t in (self.blue, self.green, self.previous) if t is not None}
+        return [targets[name] for name in sorted(targets)]
+
+
+def get_state(conn: psycopg.Connection, lock: bool = False) -> State | None:
+    """The lifecycle state; `lock` holds it FOR SHARE until the transaction ends (item writes)."""
+    row = conn.execute(f"""
+        SELECT mb.version, b.collection, mb.dim, mb.source_dir, mb.max_length,
+               mg.version, b.green_collection, mg.dim, mg.source_dir, mg.max_length,
+               mp.version, b.previous_collection, mp.dim, mp.source_dir, mp.max_length,
+               b.previous_until, b.epoch
+        FROM blue b JOIN models mb ON mb.version = b.model_version
+        LEFT JOIN models mg ON mg.version = b.green_version
+        LEFT JOIN models mp ON mp.version = b.previous_version
+        {"FOR SHARE OF b" if lock else ""}""").fetchone()
+    if row is None:
+        return None
+    green = Target(*row[5:10]) if row[5] is not None else None
+    previous = Target(*row[10:15]) if row[10] is not None else None
+    return State(Target(*row[0:5]), green, previous, row[15], row[16])
 
 
 def save_model(conn: psycopg.Connection, model: ModelRecord) -> None:
@@ -51,10 +94,125 @@ def save_collection(conn: psycopg.Connection, name: str, model_version: int, sta
 
 
 def get_blue(conn: psycopg.Connection) -> Blue | None:
-    row = conn.execute(
-        """SELECT b.model_version, b.collection, m.dim, m.source_dir, m.max_length
-           FROM blue b JOIN models m ON m.version = b.model_version""").fetchone()
-    return Blue(*row) if row else None
+    state = get_state(conn)
+    return state.blue if state else None
+
+
+def get_collection(conn: psycopg.Connection, name: str) -> dict | None:
+    row = conn.execute("SELECT name, model_version, state, created_at FROM collections WHERE name = %s",
+                       (name,)).fetchone()
+    return {"name": row[0], "model_version": row[1], "state": row[2], "created_at": row[3]} if row else None
+
+
+def set_model_state(conn: psycopg.Connection, version: int, state: str) -> None:
+    conn.execute("UPDATE models SET state = %s WHERE version = %s", (state, version))
+
+
+def set_green(conn: psycopg.Connection, version: int | None, collection: str | None) -> None:
+    """Starts (or, with None, stops) dual writes to a green collection. Waits for writes in flight."""
+    with conn.transaction():
+        conn.execute("SELECT 1 FROM blue FOR UPDATE")
+        conn.execute("UPDATE blue SET green_version = %s, green_collection = %s", (version, collection))
+
+
+def gate_passed(conn: psycopg.Connection, version: int) -> bool:
+    """A fine-tuned version the quality gate accepted (state candidate, gate.candidate true)."""
+    row = conn.execute("SELECT state, gate FROM models WHERE version = %s", (version,)).fetchone()
+    return bool(row and (row[1] or {}).get("candidate") and row[0] != "rejected")
+
+
+# --- switches ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Switch:
+    switch_id: str
+    kind: str
+    from_version: int
+    from_collection: str
+    to_version: int
+    to_collection: str
+    status: str
+    forced: bool
+    reason: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+    def as_dict(self) -> dict:
+        """JSON-ready (task results, HTTP answers)."""
+        return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in self.__dict__.items()}
+
+
+SWITCH_COLUMNS = ("switch_id, kind, from_version, from_collection, to_version, to_collection, status, forced, reason, "
+                  "started_at, finished_at")
+
+
+def begin_switch(conn: psycopg.Connection, kind: str, frm: Target, to: Target, forced: bool) -> Switch:
+    """Records the intent before anything changes (kind: switch | rollback)."""
+    switch_id = uuid.uuid4().hex
+    conn.execute(f"""INSERT INTO switches (switch_id, kind, from_version, from_collection, to_version, to_collection,
+                                           forced) VALUES (%s, %s, %s, %s, %s, %s, %s)""",
+                 (switch_id, kind, frm.model_version, frm.collection, to.model_version, to.collection, forced))
+    return get_switch(conn, switch_id)
+
+
+def get_switch(conn: psycopg.Connection, switch_id: str) -> Switch:
+    return Switch(*conn.execute(f"SELECT {SWITCH_COLUMNS} FROM switches WHERE switch_id = %s", (switch_id,)).fetchone())
+
+
+def unfinished_switches(conn: psycopg.Connection) -> list[Switch]:
+    return [Switch(*r) for r in conn.execute(
+        f"SELECT {SWITCH_COLUMNS} FROM switches WHERE status = 'started' ORDER BY started_at")]
+
+
+def recent_switches(conn: psycopg.Connection, limit: int = 10) -> list[Switch]:
+    return [Switch(*r) for r in conn.execute(
+        f"SELECT {SWITCH_COLUMNS} FROM switches ORDER BY started_at DESC LIMIT %s", (limit,))]
+
+
+def complete_switch(conn: psycopg.Connection, switch: Switch, grace_s: float) -> Switch:
+    """Moves blue from `from` to `to` in one transaction, only if blue is still `from` (compare and
+    swap): the switch happens once or not at all. The old blue becomes `previous` until the grace
+    period ends; a switch to green clears green, a rollback to previous clears previous."""
+    with conn.transaction():
+        row = conn.execute("SELECT collection, green_collection, previous_collection FROM blue FOR UPDATE").fetchone()
+        status = conn.execute("SELECT status FROM switches WHERE switch_id = %s FOR UPDATE",
+                              (switch.switch_id,)).fetchone()[0]
+        if status != "started":
+            return get_switch(conn, switch.switch_id)
+        expected_to = row[1] if switch.kind == "switch" else row[2]
+        if row[0] != switch.from_collection or expected_to != switch.to_collection:
+            conn.execute("""UPDATE switches SET status = 'aborted', finished_at = now(), reason = %s
+                            WHERE switch_id = %s""",
+                         (f"blue is {row[0]}, green {row[1]}, previous {row[2]}: the state moved on", switch.switch_id))
+            return get_switch(conn, switch.switch_id)
+        # A switch consumes green; a rollback leaves green as it is.
+        keep_green = switch.kind == "rollback"
+        conn.execute("""UPDATE blue SET model_version = %s, collection = %s, previous_version = %s,
+                            previous_collection = %s, previous_until = now() + make_interval(secs => %s),
+                            green_version = CASE WHEN %s THEN green_version END,
+                            green_collection = CASE WHEN %s THEN green_collection END,
+                            epoch = epoch + 1, switched_at = now()""",
+                     (switch.to_version, switch.to_collection, switch.from_version, switch.from_collection, grace_s,
+                      keep_green, keep_green))
+        conn.execute("UPDATE switches SET status = 'switched', finished_at = now() WHERE switch_id = %s",
+                     (switch.switch_id,))
+        conn.execute("UPDATE collections SET state = 'ready' WHERE name = %s", (switch.to_collection,))
+        conn.execute("UPDATE models SET state = 'deployed' WHERE version = %s", (switch.to_version,))
+    return get_switch(conn, switch.switch_id)
+
+
+def abort_switch(conn: psycopg.Connection, switch_id: str, reason: str) -> None:
+    conn.execute("""UPDATE switches SET status = 'aborted', finished_at = now(), reason = %s
+                    WHERE switch_id = %s AND status = 'started'""", (reason, switch_id))
+
+
+def clear_previous(conn: psycopg.Connection, collection: str) -> bool:
+    """Stops dual writes to the previous collection (before it is dropped); False if it changed."""
+    with conn.transaction():
+        conn.execute("SELECT 1 FROM blue FOR UPDATE")
+        return conn.execute("""UPDATE blue SET previous_version = NULL, previous_collection = NULL,
+                                   previous_until = NULL WHERE previous_collection = %s""",
+                            (collection,)).rowcount == 1
 
 
 def set_blue(conn: psycopg.Connection, model_version: int, collection: str) -> None:

@@ -85,3 +85,57 @@ CREATE TABLE IF NOT EXISTS tasks (
 -- One active task per kind: a second fine-tune while one runs is refused by the database itself.
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_one_active ON tasks (kind) WHERE status IN ('pending', 'running');
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks (created_at DESC);
+
+-- Blue/green: while a green collection is built, and during the rollback grace period after a switch
+-- (previous), every item write goes to all of them in one transaction. `epoch` counts switches.
+ALTER TABLE blue ADD COLUMN IF NOT EXISTS green_version integer REFERENCES models (version);
+ALTER TABLE blue ADD COLUMN IF NOT EXISTS green_collection text REFERENCES collections (name);
+ALTER TABLE blue ADD COLUMN IF NOT EXISTS previous_version integer REFERENCES models (version);
+ALTER TABLE blue ADD COLUMN IF NOT EXISTS previous_collection text REFERENCES collections (name);
+ALTER TABLE blue ADD COLUMN IF NOT EXISTS previous_until timestamptz;
+ALTER TABLE blue ADD COLUMN IF NOT EXISTS epoch integer NOT NULL DEFAULT 0;
+
+-- Named locks with an owner and a lease: a holder that dies stops renewing, and the lock expires.
+CREATE TABLE IF NOT EXISTS locks (
+    name        text PRIMARY KEY,
+    owner       text NOT NULL,
+    acquired_at timestamptz NOT NULL DEFAULT now(),
+    expires_at  timestamptz NOT NULL
+);
+
+-- Switches and rollbacks, recorded before they happen: a driver that dies mid-switch finds its row
+-- `started` at restart and finishes it (or aborts it if blue moved meanwhile), never switching twice.
+CREATE TABLE IF NOT EXISTS switches (
+    switch_id       text PRIMARY KEY,
+    kind            text NOT NULL,                   -- switch | rollback
+    from_version    integer NOT NULL,
+    from_collection text NOT NULL,
+    to_version      integer NOT NULL,
+    to_collection   text NOT NULL,
+    status          text NOT NULL DEFAULT 'started', -- started | switched | aborted
+    forced          boolean NOT NULL DEFAULT false,
+    reason          text,
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    finished_at     timestamptz
+);
+
+-- Reindex checkpoints: the blue key space cut into contiguous ranges; a range is marked done in the
+-- transaction that writes its items, so a restarted reindex redoes exactly the ranges not yet done.
+CREATE TABLE IF NOT EXISTS reindex_ranges (
+    collection text NOT NULL,                  -- the green collection being filled
+    range_no   integer NOT NULL,
+    after_id   text,                           -- exclusive lower bound (NULL: from the first id)
+    last_id    text,                           -- inclusive upper bound (NULL: to the last id)
+    items      integer NOT NULL DEFAULT 0,     -- items written by the run that finished the range
+    done_at    timestamptz,
+    PRIMARY KEY (collection, range_no)
+);
+CREATE TABLE IF NOT EXISTS reindex_failures (
+    collection text NOT NULL,
+    object_id  text NOT NULL,
+    stage      text NOT NULL,                  -- read | embed | write
+    error      text NOT NULL,
+    task_id    text,
+    failed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (collection, object_id)
+);

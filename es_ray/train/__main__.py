@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,44 +21,6 @@ from es_ray.logs import get_logger
 
 log = get_logger("es_ray.train")
 KIND = "fine-tune"
-
-
-class Heartbeat:
-    """Refreshes the task's heartbeat and progress every `interval_s` from a background thread."""
-
-    def __init__(self, dsn: str, task_id: str, interval_s: float):
-        from es_ray.store import db
-
-        self.conn, self.task_id, self.interval_s = db.connect(dsn), task_id, interval_s
-        self.progress: dict[str, Any] = {}
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        threading.Thread(target=self._run, name="task-heartbeat", daemon=True).start()
-
-    def update(self, progress: dict[str, Any]) -> None:
-        self.progress = {**self.progress, **progress}
-        self._beat()
-
-    def _beat(self) -> None:
-        from es_ray.store import tasks
-
-        with self._lock:
-            try:
-                tasks.heartbeat(self.conn, self.task_id, self.progress)
-            except Exception as err:  # noqa: BLE001 - a missed beat is retried; the lease is generous
-                log.warning("task.heartbeat_failed", task_id=self.task_id, error=str(err))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._beat()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-
-def _submission_id() -> str | None:
-    """This Ray job's submission id (what `ray job status` takes), from the job's config."""
-    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    return json.loads(raw).get("metadata", {}).get("job_submission_id") if raw else None
 
 
 def run(settings, manifest, config, progress) -> dict[str, Any]:
@@ -98,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from es_ray.config import Settings
     from es_ray.lifecycle.driver import get_driver
+    from es_ray.lifecycle.heartbeat import Heartbeat
+    from es_ray.stack import jobs
     from es_ray.stack.manifest import StackManifest
     from es_ray.store import db, tasks
     from es_ray.train.config import load_finetune_config
@@ -112,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = ray.get(get_driver(args.namespace).stack.remote())
     settings = Settings.model_validate(stack["settings"])
     manifest = StackManifest.model_validate(stack["manifest"])
-    job_id = _submission_id()
+    job_id = jobs.current_submission_id()
 
     with db.connect(manifest.postgres_dsn) as conn:
         try:

@@ -1,0 +1,421 @@
+"""Reindex as a Ray job: re-embed every blue item with a new model into a green collection.
+
+    ray job submit --working-dir . -- python -m es_ray.data.reindex --to VERSION
+
+Steps (each one visible as the task's `stage`):
+1. take the `lifecycle` lock (one reindex or switch at a time; a dead holder's lease expires),
+2. deploy the version to Triton (blue keeps serving), create the green collection, turn on dual writes,
+3. cut the blue key space into ranges of `reindex.range_items` ids (kept in `reindex_ranges`, so a
+   restarted job skips the ranges already done),
+4. Ray Data over the pending ranges: an actor pool where each actor reads a range in key order,
+   embeds it through Triton in batches and writes it with COPY, marking the range done in the same
+   transaction; items that fail are recorded with the stage that failed,
+5. check green holds exactly blue's items, build the HNSW index, re-derive (or drop) click adjustments,
+6. mark green ready and ask the lifecycle driver to switch (`reindex.switch`: auto when the quality
+   gate passed, force, never).
+Copies carry the version read from blue, so a write or delete that reached green meanwhile (dual
+write) always wins over the copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from es_ray.config import Settings
+from es_ray.logs import get_logger
+from es_ray.store import db, lifecycle, locks, tasks
+from es_ray.store.collections import Collection, EmbeddedItem, collection_name
+from es_ray.store.lifecycle import Target
+
+log = get_logger("es_ray.data.reindex")
+KIND = "reindex"
+
+
+class ReindexIncomplete(RuntimeError):
+    pass
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+def plan_ranges(conn, source: Collection, green: str, range_items: int) -> int:
+    """Cuts the source's ids into contiguous ranges (once per green collection); returns how many."""
+    existing = conn.execute("SELECT count(*) FROM reindex_ranges WHERE collection = %s", (green,)).fetchone()[0]
+    if existing:
+        return existing
+    bounds = source.key_bounds(conn, range_items)
+    if bounds and source.read_range(conn, bounds[-1], None) == []:
+        bounds = bounds[:-1]  # the last range would be empty
+    edges = [None, *bounds, None]
+    with conn.transaction():
+        with conn.cursor().copy("COPY reindex_ranges (collection, range_no, after_id, last_id) FROM STDIN") as copy:
+            for n in range(len(edges) - 1):
+                copy.write_row((green, n, edges[n], edges[n + 1]))
+    return len(edges) - 1
+
+
+def pending_ranges(conn, green: str) -> list[dict[str, Any]]:
+    rows = conn.execute("""SELECT range_no, after_id, last_id FROM reindex_ranges
+                           WHERE collection = %s AND done_at IS NULL ORDER BY range_no""", (green,)).fetchall()
+    # "" for an open end: Ray Data would turn None into NaN (ids are never empty).
+    return [{"range_no": r[0], "after_id": r[1] or "", "last_id": r[2] or ""} for r in rows]
+
+
+def range_totals(conn, green: str) -> tuple[int, int, int]:
+    """(ranges, ranges done, items written by done ranges)."""
+    return conn.execute("""SELECT count(*), count(done_at), COALESCE(sum(items) FILTER (WHERE done_at IS NOT NULL), 0)
+                           FROM reindex_ranges WHERE collection = %s""", (green,)).fetchone()
+
+
+def record_failures(conn, green: str, task_id: str, failures: list[tuple[str, str, str]]) -> None:
+    if failures:
+        conn.execute("""INSERT INTO reindex_failures (collection, object_id, stage, error, task_id)
+                        SELECT %s, f.id, f.stage, f.error, %s FROM unnest(%s::text[], %s::text[], %s::text[])
+                            AS f(id, stage, error)
+                        ON CONFLICT (collection, object_id) DO UPDATE SET stage = EXCLUDED.stage,
+                            error = EXCLUDED.error, task_id = EXCLUDED.task_id, failed_at = now()""",
+                     (green, task_id, [f[0] for f in failures], [f[1] for f in failures], [f[2] for f in failures]))
+
+
+def failures(conn, green: str, limit: int = 20) -> tuple[int, list[dict[str, str]]]:
+    total = conn.execute("SELECT count(*) FROM reindex_failures WHERE collection = %s", (green,)).fetchone()[0]
+    rows = conn.execute("""SELECT object_id, stage, error FROM reindex_failures WHERE collection = %s
+                           ORDER BY object_id LIMIT %s""", (green, limit)).fetchall()
+    return total, [{"id": r[0], "stage": r[1], "error": r[2]} for r in rows]
+
+
+# --- the Ray Data stage -------------------------------------------------------------------------------
+
+class ReindexWorker:
+    """Actor-pool stage, one key range per call: read (blue) -> embed (Triton, new model) -> write (green)."""
+
+    def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str, source: dict[str, Any],
+                 green: dict[str, Any], task_id: str):
+        from es_ray.data.pipeline import item_encoder
+
+        self.settings = Settings.model_validate(settings)
+        self.source, self.green = Target(**source), Target(**green)
+        self.encoder = item_encoder(self.settings, grpc_url, self.green)
+        self.conn = db.connect(dsn)
+        self.task_id = task_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"range_no": [], "items": [], "written": [], "failed": []}
+        for k, range_no in enumerate(batch["range_no"]):
+            after, last = batch["after_id"][k], batch["last_id"][k]
+            items, written, failed = self.reindex_range(int(range_no), after or None, last or None)
+            for key, value in (("range_no", int(range_no)), ("items", items), ("written", written), ("failed", failed)):
+                out[key].append(value)
+        return out
+
+    def reindex_range(self, range_no: int, after: str | None, last: str | None) -> tuple[int, int, int]:
+        from es_ray.data.pipeline import embed
+
+        source = Collection(self.source.collection, self.source.dim)
+        green = Collection(self.green.collection, self.green.dim)
+        stored = source.read_range(self.conn, after, last)
+        failed = [(i.id, "read", "no stored text: the item was written before es-ray kept texts; upsert it again")
+                  for i in stored if i.text is None]
+        todo = [i for i in stored if i.text is not None]
+        embedded: list[EmbeddedItem] = []
+        size = self.settings.reindex.batch_size
+        for start in range(0, len(todo), size):
+            part = todo[start:start + size]
+            try:
+                embedded += embed(self.encoder, self.settings, [i.id for i in part], [i.text for i in part],
+                                  [i.payload for i in part])
+            except Exception as err:  # noqa: BLE001 - recorded per item; a later run retries the range
+                failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
+        versions = {i.id: i.version for i in stored}
+        try:
+            with self.conn.transaction():
+                written = green.upsert(self.conn, embedded, versions)
+                ids = [i.id for i in embedded]
+                self.conn.execute("DELETE FROM reindex_failures WHERE collection = %s AND object_id = ANY(%s)",
+                                  (green.name, ids))
+                record_failures(self.conn, green.name, self.task_id, failed)
+                if not failed:
+                    self.conn.execute("""UPDATE reindex_ranges SET done_at = now(), items = %s
+                                         WHERE collection = %s AND range_no = %s""", (len(stored), green.name, range_no))
+        except Exception as err:  # noqa: BLE001
+            failed = [(i.id, "write", f"{type(err).__name__}: {err}") for i in stored]
+            record_failures(self.conn, green.name, self.task_id, failed)
+            written = 0
+        return len(stored), written, len(failed)
+
+
+# --- the job ------------------------------------------------------------------------------------------
+
+class ReindexMetrics:
+    """Ray metrics (Prometheus, Ray dashboard): items done, items/s and ETA of the running reindex."""
+
+    def __init__(self, collection: str):
+        from ray.util.metrics import Gauge
+
+        tags = {"collection": collection}
+        self.done = Gauge("es_ray_reindex_items_done", "Items re-embedded into the green collection", ("collection",))
+        self.total = Gauge("es_ray_reindex_items_total", "Items the reindex will re-embed", ("collection",))
+        self.rate = Gauge("es_ray_reindex_items_per_second", "Reindex throughput", ("collection",))
+        self.eta = Gauge("es_ray_reindex_eta_seconds", "Estimated seconds to the end of the reindex", ("collection",))
+        for gauge in (self.done, self.total, self.rate, self.eta):
+            gauge.set_default_tags(tags)
+
+    def set(self, progress: dict[str, Any]) -> None:
+        self.done.set(progress["items_done"])
+        self.total.set(progress["items_total"])
+        self.rate.set(progress["items_per_s"])
+        self.eta.set(progress["eta_s"] or 0)
+
+
+def ensure_model(settings: Settings, conn, version: int) -> lifecycle.ModelRecord:
+    """The version's record, downloading it from the MLflow registry the first time."""
+    from es_ray.inference import deploy, registry
+
+    model = lifecycle.get_model(conn, version)
+    if model is None:
+        local_dir = registry.download(settings, version)
+        model = lifecycle.ModelRecord(version, registry.model_uri(settings, version), str(local_dir),
+                                      deploy.model_dim(local_dir), settings.model.max_length)
+        lifecycle.save_model(conn, model)
+    if model.state == "rejected":
+        log.warning("reindex.rejected_model", version=version, note="the quality gate refused this version")
+    return model
+
+
+def prepare_green(settings: Settings, manifest, conn, version: int, progress) -> tuple[Target, Target]:
+    """Deploys the version, creates its collection and turns on dual writes; returns (blue, green)."""
+    from es_ray.inference import deploy
+
+    state = lifecycle.get_state(conn)
+    if state.blue.model_version == version:
+        raise ValueError(f"version {version} is already blue: nothing to reindex")
+    model = ensure_model(settings, conn, version)
+    progress({"stage": "deploying", "to_version": version})
+    deploy.deploy(settings, Path(manifest.state_dir) / "triton" / "models", manifest.triton_url, version,
+                  Path(model.source_dir))
+    name = collection_name(version)
+    if state.green is not None and state.green.collection != name:
+        drop_collection(conn, state.green.collection, reason=f"replaced by a reindex to v{version}")
+    if state.previous is not None and state.previous.collection == name:
+        raise ValueError(f"collection {name} is the previous blue (kept for rollback): roll back instead")
+    progress({"stage": "creating the green collection"})
+    Collection(name, model.dim).create(conn, settings.postgres.hnsw_m, settings.postgres.hnsw_ef_construction,
+                                       index=settings.reindex.hnsw == "during")
+    if lifecycle.get_collection(conn, name) is None or lifecycle.get_collection(conn, name)["state"] != "building":
+        lifecycle.save_collection(conn, name, version, "building")
+    lifecycle.set_green(conn, version, name)
+    green = Target(version, name, model.dim, model.source_dir, model.max_length)
+    return state.blue, green
+
+
+def drop_collection(conn, name: str, reason: str) -> None:
+    """Stops dual writes to a green collection and drops it with its checkpoints."""
+    row = lifecycle.get_collection(conn, name)
+    with conn.transaction():
+        conn.execute("SELECT 1 FROM blue FOR UPDATE")
+        conn.execute("UPDATE blue SET green_version = NULL, green_collection = NULL WHERE green_collection = %s",
+                     (name,))
+    if row:
+        dim = conn.execute("SELECT dim FROM models WHERE version = %s", (row["model_version"],)).fetchone()[0]
+        Collection(name, dim).drop(conn)
+        lifecycle.save_collection(conn, name, row["model_version"], "dropped")
+    conn.execute("DELETE FROM reindex_ranges WHERE collection = %s", (name,))
+    conn.execute("DELETE FROM reindex_failures WHERE collection = %s", (name,))
+    log.info("reindex.green_dropped", collection=name, reason=reason)
+
+
+def rederive_adjustments(settings: Settings, manifest, conn, green: Target, progress) -> dict[str, int]:
+    """Replays the sessions already applied to blue on the green collection, with the new model's
+    query vectors (adjustments are never copied across vector spaces)."""
+    from es_ray.improve.loop import adjuster_from, apply_sessions, improved_sessions
+    from es_ray.inference.triton_client import TritonEncoder
+    from es_ray.inference.triton_repo import QUERY_ENCODER
+
+    encoder = TritonEncoder(manifest.triton_grpc_url, QUERY_ENCODER, green.model_version, green.source_dir,
+                            green.max_length, settings.triton.max_batch_size, settings.triton.timeout_s,
+                            settings.model.query_pad_multiple)
+    collection, adjuster = Collection(green.collection, green.dim), adjuster_from(settings)
+    totals = {"sessions": 0, "vectors_global": 0, "vectors_personal": 0}
+    after = None
+    while True:
+        sessions, after = improved_sessions(conn, after, settings.improve.batch_sessions)
+        if not sessions:
+            return totals
+        with conn.transaction():
+            counts = apply_sessions(conn, collection, sessions, encoder.embed_queries, adjuster)
+        totals["sessions"] += len(sessions)
+        totals["vectors_global"] += counts["global"]
+        totals["vectors_personal"] += counts["personal"]
+        progress({"stage": "re-deriving click adjustments", "adjustment_sessions": totals["sessions"]})
+
+
+def reindex(settings: Settings, manifest, task_id: str, version: int,
+            progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    import ray
+
+    started = time.monotonic()
+    conn = db.connect(manifest.postgres_dsn)
+    blue, green = prepare_green(settings, manifest, conn, version, progress)
+    source = Collection(blue.collection, blue.dim)
+    n_ranges = plan_ranges(conn, source, green.collection, settings.reindex.range_items)
+    pending = pending_ranges(conn, green.collection)
+    total_items = source.count(conn)
+    _, done_before, items_before = range_totals(conn, green.collection)
+    log.info("reindex.start", task_id=task_id, source=blue.collection, green=green.collection, ranges=n_ranges,
+             pending=len(pending), items=total_items)
+    metrics = ReindexMetrics(green.collection)
+    state = {"items_done": items_before, "items_total": total_items, "ranges_total": n_ranges,
+             "ranges_done": done_before, "resumed_from_ranges": done_before, "items_per_s": 0.0, "eta_s": None,
+             "failed": 0}
+    progress({"stage": "reindexing", **state})
+    load_started = time.monotonic()
+    if pending:
+        dataset = ray.data.from_items(pending).map_batches(
+            ReindexWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=settings.reindex.workers),
+            fn_constructor_args=(settings.model_dump(mode="json"), manifest.triton_grpc_url, manifest.postgres_dsn,
+                                 blue.__dict__, green.__dict__, task_id),
+            num_cpus=0.25)  # the model runs in Triton; workers tokenise, wait on the network and COPY
+        new_items = 0
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for items, failed in zip(batch["items"], batch["failed"]):
+                state["ranges_done"] += 1 if not failed else 0
+                state["failed"] += int(failed)
+                new_items += int(items)
+            elapsed = time.monotonic() - load_started
+            rate = new_items / max(elapsed, 1e-9)
+            state["items_done"] = items_before + new_items
+            state["items_per_s"] = round(rate, 2)
+            state["eta_s"] = round(max(total_items - state["items_done"], 0) / rate, 1) if rate > 0 else None
+            progress({"stage": "reindexing", **state})
+            metrics.set(state)
+    load_s = time.monotonic() - load_started
+
+    failed_total, failed_sample = failures(conn, green.collection)
+    if failed_total:
+        raise ReindexIncomplete(f"{failed_total} items failed (run the reindex again to retry them): "
+                                f"{json.dumps(failed_sample[:5])}")
+    differences = source.differences(conn, Collection(green.collection, green.dim))
+    if differences["missing"] or differences["extra"]:
+        raise ReindexIncomplete(f"green differs from blue after every range was done: {differences}")
+
+    index_s = 0.0
+    if settings.reindex.hnsw == "after":
+        progress({"stage": "building the HNSW index"})
+        index_started = time.monotonic()
+        conn.execute(f"SET maintenance_work_mem = '{settings.postgres.maintenance_work_mem}'")
+        Collection(green.collection, green.dim).create_index(conn, settings.postgres.hnsw_m,
+                                                             settings.postgres.hnsw_ef_construction)
+        index_s = time.monotonic() - index_started
+    if settings.reindex.adjustments == "rederive":
+        adjustments = {"mode": "rederive", **rederive_adjustments(settings, manifest, conn, green, progress)}
+    else:
+        dropped = conn.execute("SELECT count(*) FROM sessions WHERE improved_at IS NOT NULL").fetchone()[0]
+        adjustments = {"mode": "drop", "sessions_not_replayed": dropped}
+        log.warning("reindex.adjustments_dropped", sessions=dropped, collection=green.collection)
+    lifecycle.save_collection(conn, green.collection, version, "ready")
+    seconds = time.monotonic() - started
+    result = {"to_version": version, "from_version": blue.model_version, "collection": green.collection,
+              "items": Collection(green.collection, green.dim).count(conn), "ranges": n_ranges,
+              "resumed_from_ranges": done_before, "ranges_this_run": len(pending),
+              "load_s": round(load_s, 1), "index_s": round(index_s, 1), "hnsw": settings.reindex.hnsw,
+              "items_per_s": round((state["items_done"] - items_before) / max(load_s, 1e-9), 2),
+              "adjustments": adjustments, "seconds": round(seconds, 1)}
+    conn.close()
+    log.info("reindex.done", **{k: v for k, v in result.items() if k != "adjustments"})
+    return result
+
+
+def request_switch(driver, force: bool, owner: str, green: str) -> dict[str, Any]:
+    """Asks the lifecycle driver to switch to green; a refusal (gate not passed) is an answer, not an error."""
+    import ray
+
+    from es_ray.lifecycle.driver import SwitchRefused
+
+    try:
+        return ray.get(driver.switch.remote(force=force, lock_owner=owner, expected_green=green))
+    except ray.exceptions.RayTaskError as err:
+        if not isinstance(getattr(err, "cause", None), SwitchRefused):
+            raise
+        log.info("reindex.not_switched", reason=str(err.cause))
+        return {"status": "not switched", "reason": str(err.cause)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--to", type=int, default=None, help="the model version to reindex to")
+    parser.add_argument("--task-id", default=None, help="an existing pending task to run (set by the HTTP API)")
+    parser.add_argument("--switch", choices=("auto", "force", "never"), default=None,
+                        help="when green is complete: auto (if the quality gate passed), force, never "
+                             "(default: reindex.switch)")
+    parser.add_argument("--namespace", default="es-ray", help="Ray namespace of the lifecycle driver")
+    args = parser.parse_args(argv)
+    if args.to is None and args.task_id is None:
+        parser.error("--to VERSION is required")
+
+    import ray
+
+    from es_ray.lifecycle.driver import get_driver
+    from es_ray.lifecycle.heartbeat import Heartbeat
+    from es_ray.stack import jobs
+    from es_ray.stack.manifest import StackManifest
+
+    ray.init(address="auto", namespace=args.namespace, logging_level="warning", log_to_driver=False)
+    driver = get_driver(args.namespace)
+    stack = ray.get(driver.stack.remote())
+    settings = Settings.model_validate(stack["settings"])
+    manifest = StackManifest.model_validate(stack["manifest"])
+
+    with db.connect(manifest.postgres_dsn) as conn:
+        try:
+            if args.task_id:
+                task = tasks.start(conn, args.task_id, None)
+            else:
+                task = tasks.create(conn, KIND, {"to": args.to, "switch": args.switch, "submitted_by": "ray job"},
+                                    jobs.current_submission_id(), status="running")
+        except tasks.TaskConflict as err:
+            print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the job's answer to its submitter
+            return 2
+        version = int(task.params.get("to") or args.to)
+        switch = args.switch or task.params.get("switch") or settings.reindex.switch
+        owner = f"reindex:{task.task_id}"
+        try:
+            locks.acquire(conn, locks.LIFECYCLE, owner, settings.lifecycle.lock_lease_s)
+        except locks.LockHeld as err:
+            tasks.fail(conn, task.task_id, str(err))
+            print(f"error: {err}", file=sys.stderr)  # noqa: T201
+            return 2
+
+    heartbeat = Heartbeat(manifest.postgres_dsn, task.task_id, settings.tasks.heartbeat_s,
+                          lock=(locks.LIFECYCLE, owner, settings.lifecycle.lock_lease_s))
+    try:
+        result = reindex(settings, manifest, task.task_id, version, heartbeat.update)
+        heartbeat.update({"stage": "switching" if switch != "never" else "done"})
+        if switch != "never":
+            result["switch"] = request_switch(driver, switch == "force", owner, result["collection"])
+    except BaseException as err:  # noqa: BLE001 - recorded as the task's reason, then re-raised
+        heartbeat.stop()
+        cause = getattr(err, "cause", None) or err  # a Ray Data worker's error: its own, not Ray's wrapper
+        reason = (f"the job was stopped ({type(err).__name__} {err})" if isinstance(err, (SystemExit, KeyboardInterrupt))
+                  else f"{type(cause).__name__}: {cause}"[:2000])
+        with db.connect(manifest.postgres_dsn) as conn:
+            tasks.fail(conn, task.task_id, reason)
+            locks.release(conn, locks.LIFECYCLE, owner)
+        log.exception("reindex.failed", task_id=task.task_id, reason=reason)
+        raise
+    heartbeat.stop()
+    with db.connect(manifest.postgres_dsn) as conn:
+        locks.release(conn, locks.LIFECYCLE, owner)
+        tasks.finish(conn, task.task_id, {**result, "task_id": task.task_id})
+    print(json.dumps({"task_id": task.task_id, **{k: result[k] for k in ("to_version", "items", "items_per_s")},  # noqa: T201
+                      "switch": result.get("switch", {}).get("status", "not requested")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

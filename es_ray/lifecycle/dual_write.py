@@ -1,0 +1,64 @@
+"""Item writes reach every live collection: blue, green while it is built, previous during the
+rollback grace period.
+
+One write is one transaction over all of them, holding the lifecycle row FOR SHARE, with one version
+per item shared by every copy. A switch (or green appearing) takes that row FOR UPDATE, so it waits
+for writes in flight and every later write sees the new set of collections. A reindex copies items
+with the version it read; `Collection.upsert` keeps whichever copy is newer and deletes leave
+tombstones, so an older copy can neither overwrite a newer write nor bring a deleted item back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import psycopg
+
+from es_ray.store import lifecycle
+from es_ray.store.collections import Collection, EmbeddedItem, next_versions
+from es_ray.store.lifecycle import Target
+
+# (target, items as dicts with id/text/payload) -> the items embedded by the target's model
+EmbedFor = Callable[[Target, list[dict[str, Any]]], list[EmbeddedItem]]
+ATTEMPTS = 5
+
+
+class LifecycleMoved(RuntimeError):
+    """The set of collections kept changing while the write was embedding; retry later."""
+
+
+def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for: EmbedFor,
+                embedded: dict[int, list[EmbeddedItem]] | None = None) -> int:
+    """Upserts `items` into every live collection; returns how many the blue collection took.
+
+    Embeddings are made outside the transaction (one set per model version, reused from `embedded`
+    when the caller has them); if a collection for another model appeared meanwhile, its embeddings
+    are made and the transaction is tried again.
+    """
+    embedded = dict(embedded or {})
+    for _ in range(ATTEMPTS):
+        for target in lifecycle.get_state(conn).write_targets():
+            if target.model_version not in embedded:
+                embedded[target.model_version] = embed_for(target, items)
+        with conn.transaction():
+            state = lifecycle.get_state(conn, lock=True)
+            targets = state.write_targets()
+            if any(t.model_version not in embedded for t in targets):
+                continue
+            ids = sorted({item["id"] for item in items})
+            versions = dict(zip(ids, next_versions(conn, len(ids))))
+            written = {t.collection: Collection(t.collection, t.dim).upsert(conn, embedded[t.model_version], versions)
+                       for t in targets}
+            return written[state.blue.collection]
+    raise LifecycleMoved(f"the lifecycle state changed {ATTEMPTS} times during one write")
+
+
+def delete_items(conn: psycopg.Connection, ids: list[str]) -> int:
+    """Deletes from every live collection (tombstones); returns how many the blue collection held."""
+    ids = sorted(set(ids))
+    with conn.transaction():
+        state = lifecycle.get_state(conn, lock=True)
+        versions = dict(zip(ids, next_versions(conn, len(ids))))
+        deleted = {t.collection: Collection(t.collection, t.dim).delete(conn, ids, versions)
+                   for t in state.write_targets()}
+        return deleted[state.blue.collection]

@@ -1,0 +1,340 @@
+"""Blue/green on the real stack: reindex (a Ray Data job through Triton into pgvector), kills of its
+driver and of a worker, a driver-actor kill mid-switch, rollback, and a reindex + switch under search
+load with hundreds of concurrent upserts and deletes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER
+from es_ray.stack.jobs import REPO_ROOT
+from es_ray.store import db, lifecycle
+from es_ray.store.collections import Collection
+from tests.helpers import register_variant
+
+pytestmark = pytest.mark.lifecycle
+
+TOPICS = ["glacier melt", "protein folding", "bridge design", "tax policy", "jazz history", "volcano ash",
+          "bee colonies", "battery chemistry"]
+PROBES = ["how do glaciers melt", "protein structure", "suspension bridges", "taxes on income", "jazz musicians",
+          "volcanic eruptions", "honey bees", "lithium batteries"]
+
+
+def wait_task(api, task_id, statuses, timeout_s=600, until=None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        task = api.get(f"/v1/tasks/{task_id}").json()
+        if task["status"] in statuses or (until and until(task)):
+            return task
+        time.sleep(0.5)
+    raise AssertionError(f"task {task_id} still {task['status']} after {timeout_s}s: {task}")
+
+
+def served_model(api, expected: str, timeout_s: float = 10.0) -> str:
+    """The model search answers with, once replicas follow the blue pointer (they poll it every
+    serve.blue_refresh_s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        model = api.post("/v1/search", json={"query": "glacier"}).json()["model"]
+        if model == expected or time.monotonic() > deadline:
+            return model
+        time.sleep(0.2)
+
+
+def processes(marker: str, also: str = "") -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(p.info["cmdline"] or [])
+        if marker in cmdline and also in cmdline:
+            found.append(p)
+    return found
+
+
+def encoder(stack, settings, target: lifecycle.Target, name: str) -> TritonEncoder:
+    return TritonEncoder(stack.triton_grpc_url, name, target.model_version, target.source_dir, target.max_length,
+                         settings.triton.max_batch_size, settings.triton.timeout_s, settings.model.query_pad_multiple)
+
+
+def targets(stack) -> lifecycle.State:
+    with db.connect(stack.postgres_dsn) as conn:
+        return lifecycle.get_state(conn)
+
+
+def model_of(stack, version: int) -> lifecycle.Target:
+    with db.connect(stack.postgres_dsn) as conn:
+        m = lifecycle.get_model(conn, version)
+    return lifecycle.Target(m.version, f"v{m.version}", m.dim, m.source_dir, m.max_length)
+
+
+def assert_embedded_by(stack, settings, target: lifecycle.Target, ids: list[str], texts: dict[str, str]):
+    """Each item's first chunk vector in the target collection is the target model's embedding of its text."""
+    with db.connect(stack.postgres_dsn) as conn:
+        chunks = Collection(target.collection, target.dim).chunk_vectors(conn, ids)
+    _, expected = encoder(stack, settings, target, ITEM_ENCODER).embed_chunks([texts[i] for i in ids],
+                                                                             settings.model.chunk_overlap,
+                                                                             settings.model.max_chunks)
+    # Short texts: one chunk each, in order.
+    for k, item_id in enumerate(ids):
+        stored = dict(chunks[item_id])[1]
+        assert float(stored @ expected[k]) > 0.999, (item_id, float(stored @ expected[k]))
+
+
+@pytest.fixture(scope="module")
+def lifecycle_items(api):
+    items = [{"id": f"lc-{i:04d}", "text": f"Note {i}: {TOPICS[i % len(TOPICS)]}, part {i // len(TOPICS)}",
+              "payload": {"i": i}} for i in range(320)]
+    response = api.put("/v1/items", json={"items": items})
+    assert response.status_code == 200 and response.json()["failed"] == [], response.text
+    return {i["id"]: i["text"] for i in items}
+
+
+@pytest.fixture(scope="module")
+def variant(settings, stack):
+    return register_variant(settings, seed=11)
+
+
+def test_reindex_requests_are_validated(api, stack):
+    assert api.post("/v1/tasks/reindex", json={"to": 999}).status_code == 404
+    assert api.post("/v1/tasks/reindex", json={"to": 0}).status_code == 422
+    assert api.post("/v1/tasks/reindex", json={"to": 2, "switch": "maybe"}).status_code == 422
+    blue = targets(stack).blue.model_version
+    same = api.post("/v1/tasks/reindex", json={"to": blue})
+    assert same.status_code == 409 and "already blue" in same.json()["error"]
+    refused = api.post("/v1/lifecycle/switch", json={})
+    assert refused.status_code == 409 and "no green" in refused.json()["error"]
+    assert api.post("/v1/lifecycle/rollback").status_code == 409
+
+
+def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, settings, lifecycle_items, variant):
+    before = targets(stack)
+    task = api.post("/v1/tasks/reindex", json={"to": variant, "switch": "never"}).json()
+    assert task["status"] == "pending", task
+    running = wait_task(api, task["task_id"], {"failed", "done"},
+                        until=lambda t: t["progress"].get("ranges_done", 0) >= 2)
+    assert running["status"] == "running", running
+    total = running["progress"]["ranges_total"]
+    assert total >= 8, running["progress"]
+
+    workers = processes("ReindexWorker")
+    assert workers, "no Ray Data worker of the reindex was found"
+    random.Random(5).choice(workers).kill()                      # kill -9 of a Ray Data worker
+    done_then = api.get(f"/v1/tasks/{task['task_id']}").json()["progress"].get("ranges_done", 0)
+    wait_task(api, task["task_id"], {"failed", "done"},
+              until=lambda t: t["progress"].get("ranges_done", 0) > done_then)
+    drivers = processes("es_ray.data.reindex", task["task_id"])
+    assert drivers, "the reindex job's driver process was not found"
+    for process in drivers:
+        process.kill()                                           # kill -9 of the job's driver
+    failed = wait_task(api, task["task_id"], {"failed", "done"}, timeout_s=120)
+    assert failed["status"] == "failed" and "ended FAILED" in failed["error"], failed
+    ranges = api.get("/v1/lifecycle").json()["green"]["reindex_ranges"]
+    assert 0 < ranges["done"] < ranges["total"], ranges        # killed half-way
+    assert api.get("/v1/lifecycle").json()["locks"] == []      # the dead job's lock was released
+
+    # Started again with `ray job submit`: it resumes from the ranges already done.
+    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", stack.ray_dashboard_url,
+               "--working-dir", str(REPO_ROOT), "--", "python", "-m", "es_ray.data.reindex", "--to", str(variant),
+               "--switch", "never", "--namespace", settings.ray.namespace]
+    env = {"RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    with db.connect(stack.postgres_dsn) as conn:
+        from es_ray.store import tasks
+        rerun = tasks.recent(conn, "reindex", limit=1)[0]
+    assert rerun.status == "done", rerun
+    assert rerun.result["resumed_from_ranges"] >= ranges["done"], rerun.result
+    assert rerun.result["ranges_this_run"] == total - rerun.result["resumed_from_ranges"]
+
+    state = targets(stack)
+    assert state.blue == before.blue and state.green.model_version == variant   # not switched: switch=never
+    blue = Collection(state.blue.collection, state.blue.dim)
+    green = Collection(state.green.collection, state.green.dim)
+    with db.connect(stack.postgres_dsn) as conn:
+        assert blue.differences(conn, green) == {"missing": 0, "extra": 0, "missing_ids": [], "extra_ids": []}
+        assert green.count(conn) == blue.count(conn) == rerun.result["items"]
+        averages = conn.execute(f"SELECT count(*), count(DISTINCT object_id) FROM parts_{green.name} "
+                                "WHERE is_average").fetchone()
+        assert averages == (green.count(conn), green.count(conn))   # one vector set per item: no duplicates
+    sample = sorted(random.Random(1).sample(sorted(lifecycle_items), 40))
+    assert_embedded_by(stack, settings, state.green, sample, lifecycle_items)      # the new model's vectors
+    with pytest.raises(AssertionError):                          # ... and not the old model's
+        assert_embedded_by(stack, settings, dataclasses.replace(state.blue, collection=state.green.collection),
+                           sample[:5], lifecycle_items)
+
+
+def test_a_driver_killed_mid_switch_finishes_it_once(api, stack, settings, variant):
+    before = api.get("/v1/lifecycle").json()
+    assert before["green"]["state"] == "ready" and before["green"]["model_version"] == variant
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(api.post("/v1/lifecycle/switch", json={"force": True})))
+    caller.start()
+    deadline = time.monotonic() + 30
+    while True:                                                  # the switch is recorded, not yet made
+        with db.connect(stack.postgres_dsn) as conn:
+            started = lifecycle.unfinished_switches(conn)
+        if started:
+            break
+        assert time.monotonic() < deadline, "the switch was never recorded"
+        time.sleep(0.1)
+    from ray.util.state import list_actors
+
+    drivers = list_actors(address=stack.ray_dashboard_url, filters=[("class_name", "=", "LifecycleDriver"),
+                                                                     ("state", "=", "ALIVE")])
+    assert len(drivers) == 1, drivers
+    psutil.Process(drivers[0].pid).send_signal(signal.SIGKILL)  # the driver actor dies mid-switch
+    caller.join(timeout=120)
+
+    deadline = time.monotonic() + 180
+    while True:                                                  # Ray restarts it; it finishes the switch
+        state = api.get("/v1/lifecycle")
+        if state.status_code == 200 and state.json()["blue"]["model_version"] == variant:
+            break
+        assert time.monotonic() < deadline, state.text
+        time.sleep(1)
+    after = state.json()
+    assert after["epoch"] == before["epoch"] + 1                 # switched exactly once
+    assert after["previous"]["model_version"] == before["blue"]["model_version"] and after["green"] is None
+    with db.connect(stack.postgres_dsn) as conn:
+        record = lifecycle.get_switch(conn, started[0].switch_id)
+        assert record.status == "switched"
+        assert lifecycle.unfinished_switches(conn) == []
+    assert served_model(api, f"v{variant}") == f"v{variant}"
+    again = api.post("/v1/lifecycle/switch", json={"force": True})
+    assert again.status_code == 409 and "no green" in again.json()["error"]
+
+    # Rollback within the grace period: the old blue serves again, and it kept receiving writes.
+    put = api.put("/v1/items", json={"items": [{"id": "lc-after-switch", "text": "written after the switch"}]})
+    assert put.status_code == 200 and put.json()["upserted"] == 1, put.text
+    with db.connect(stack.postgres_dsn) as conn:
+        for name in (f"v{variant}", before["blue"]["collection"]):
+            assert "lc-after-switch" in Collection(name, 384).get(conn, ["lc-after-switch"]), name
+    rolled = api.post("/v1/lifecycle/rollback")
+    assert rolled.status_code == 200 and rolled.json()["status"] == "switched", rolled.text
+    assert api.get("/v1/lifecycle").json()["epoch"] == before["epoch"] + 2
+    served_model(api, f"v{before['blue']['model_version']}")
+    search = api.post("/v1/search", json={"query": "written after the switch", "limit": 3}).json()
+    assert search["model"] == f"v{before['blue']['model_version']}" and search["results"][0]["id"] == "lc-after-switch"
+
+
+def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, settings, lifecycle_items):
+    new_version = register_variant(settings, seed=12)
+    churn = [f"churn-{i:03d}" for i in range(80)]
+    assert api.put("/v1/items", json={"items": [{"id": i, "text": f"{i} initial text", "payload": {"rev": 0}}
+                                                for i in churn]}).status_code == 200
+    stop = threading.Event()
+    failures, responses = [], []
+    last_op: dict[str, tuple[str, str | None]] = {}              # id -> ("upsert", text) or ("delete", None)
+
+    def searcher(seed: int) -> None:
+        rng = random.Random(seed)
+        with api.__class__(base_url=stack.serve_url, timeout=60) as client:
+            while not stop.is_set():
+                query = rng.choice(PROBES)
+                r = client.post("/v1/search", json={"query": query, "limit": 10})
+                if r.status_code != 200:
+                    failures.append(("search", r.status_code, r.text[:300]))
+                else:
+                    responses.append((query, r.json()))
+
+    def writer(ids: list[str], seed: int) -> None:
+        rng = random.Random(seed)
+        rev = 0
+        with api.__class__(base_url=stack.serve_url, timeout=60) as client:
+            while not stop.is_set():
+                rev += 1
+                chosen = rng.sample(ids, rng.randint(1, 4))
+                if rng.random() < 0.35:
+                    r = client.request("DELETE", "/v1/items", json={"ids": chosen})
+                    ops = {i: ("delete", None) for i in chosen}
+                else:
+                    texts = {i: f"{i} revision {rev} about {rng.choice(TOPICS)}" for i in chosen}
+                    r = client.put("/v1/items", json={"items": [{"id": i, "text": t, "payload": {"rev": rev}}
+                                                                for i, t in texts.items()]})
+                    ops = {i: ("upsert", t) for i, t in texts.items()}
+                if r.status_code != 200 or (r.request.method == "PUT" and r.json()["failed"]):
+                    failures.append(("write", r.status_code, r.text[:300]))
+                else:
+                    last_op.update(ops)
+
+    threads = [threading.Thread(target=searcher, args=(s,)) for s in range(3)]
+    threads += [threading.Thread(target=writer, args=(churn[k::2], 100 + k)) for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        task = api.post("/v1/tasks/reindex", json={"to": new_version, "switch": "force"}).json()
+        done = wait_task(api, task["task_id"], {"failed", "done"}, timeout_s=900)
+        assert done["status"] == "done", done
+        assert done["result"]["switch"]["status"] == "switched", done["result"]
+        time.sleep(3)                                            # load goes on after the switch
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+
+    writes = sum(1 for _ in last_op)
+    assert failures == [], failures[:5]                          # zero failed requests
+    assert len(responses) > 50 and writes == len(churn)
+    models = {r["model"] for _, r in responses}
+    state = targets(stack)
+    assert state.blue.model_version == new_version and models <= {f"v{state.previous.model_version}",
+                                                                   f"v{new_version}"}
+    assert f"v{new_version}" in models and len(models) == 2, models   # both served during the test
+
+    # Never a mix inside one response: every score is that model's query against that model's collection.
+    by_model = {f"v{t.model_version}": t for t in (state.blue, state.previous)}
+    query_vectors = {(m, q): encoder(stack, settings, t, QUERY_ENCODER).embed_queries([q])[0]
+                     for m, t in by_model.items() for q in PROBES}
+    with db.connect(stack.postgres_dsn) as conn:
+        chunks = {m: Collection(t.collection, t.dim).chunk_vectors(conn, sorted(lifecycle_items))
+                  for m, t in by_model.items()}
+    checked = 0
+    for query, response in responses:
+        for hit in response["results"]:
+            if hit["id"] in chunks[response["model"]]:
+                expected = max(float(v @ query_vectors[(response["model"], query)])
+                               for _, v in chunks[response["model"]][hit["id"]])
+                assert abs(hit["score"] - expected) < 1e-3, (response["model"], query, hit)
+                checked += 1
+    assert checked > 100
+
+    # The final state is exactly what the writers last did, in blue and in the previous collection.
+    with db.connect(stack.postgres_dsn) as conn:
+        for target in (state.blue, state.previous):
+            stored = Collection(target.collection, target.dim).get(conn, churn)
+            for item_id, (op, text) in last_op.items():
+                if op == "delete":
+                    assert item_id not in stored, (target.collection, item_id)
+                else:
+                    assert stored[item_id]["text_sha256"] == hashlib.sha256(text.encode()).hexdigest(), item_id
+        blue = Collection(state.blue.collection, state.blue.dim)
+        assert blue.differences(conn, Collection(state.previous.collection, state.previous.dim))["missing"] == 0
+    alive = sorted(i for i, (op, _) in last_op.items() if op == "upsert")
+    assert alive, "the writers deleted everything"
+    assert_embedded_by(stack, settings, state.blue, alive[:10], {i: last_op[i][1] for i in alive})
+
+    # Cleanup drops the previous collection and unloads its model; blue serves on.
+    cleaned = api.post("/v1/lifecycle/cleanup", json={"now": True})
+    deadline = time.monotonic() + 30
+    while cleaned.json().get("dropped") is None and time.monotonic() < deadline:
+        time.sleep(2)                                            # cleanup waits a few seconds after a switch
+        cleaned = api.post("/v1/lifecycle/cleanup", json={"now": True})
+    assert cleaned.json()["dropped"]["collection"] == state.previous.collection, cleaned.text
+    after = api.get("/v1/lifecycle").json()
+    assert after["previous"] is None and after["blue"]["model_version"] == new_version
+    assert api.post("/v1/search", json={"query": "honey bees"}).json()["model"] == f"v{new_version}"
+    dropped = [m for m in after["models"] if m["version"] == state.previous.model_version][0]
+    assert dropped["state"] == "retired"
+    assert json.loads(json.dumps(after))                         # the whole answer is JSON
