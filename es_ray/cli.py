@@ -1,4 +1,4 @@
-"""The `es-ray` command: up, status, down, demo."""
+"""The `es-ray` command: up, status, down, demo, cycle."""
 
 from __future__ import annotations
 
@@ -61,6 +61,29 @@ def demo(state_dir: Optional[Path] = StateDir,
     from es_ray import demo as demo_module
 
     demo_module.run(load_settings(state_dir), data, docs, queries)
+
+
+@app.command()
+def cycle(state_dir: Optional[Path] = StateDir,
+          overrides: str = typer.Option("{}", help="JSON merged over configs/finetune.yaml, e.g. "
+                                                   "'{\"tune\": {\"num_samples\": 2}}'"),
+          force: bool = typer.Option(False, "--force", help="Deploy and switch even if the quality gate refuses"),
+          cleanup_now: bool = typer.Option(False, "--cleanup-now",
+                                           help="Drop the old collection right after the switch, not after "
+                                                "lifecycle.grace_s")) -> None:
+    """Run one cycle as a Ray job: fine-tune -> gate -> deploy -> reindex -> switch -> cleanup."""
+    import shlex
+
+    from es_ray.stack import control, jobs
+
+    settings = load_settings(state_dir)
+    manifest = control.up(settings)
+    entrypoint = (f"python -m es_ray.lifecycle.cycle --overrides {shlex.quote(overrides)} "
+                  f"--namespace {settings.ray.namespace}" + (" --force" if force else "")
+                  + (" --cleanup-now" if cleanup_now else ""))
+    status, _ = jobs.submit_and_wait(manifest, entrypoint, timeout_s=6 * 3600)
+    if status != "SUCCEEDED":
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -338,3 +338,39 @@ def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, 
     dropped = [m for m in after["models"] if m["version"] == state.previous.model_version][0]
     assert dropped["state"] == "retired"
     assert json.loads(json.dumps(after))                         # the whole answer is JSON
+
+
+def test_es_ray_cycle_runs_every_step_once(api, stack, settings, lifecycle_items):
+    """`es-ray cycle`: fine-tune -> gate -> deploy -> reindex -> switch -> cleanup, as one Ray job."""
+    rng = random.Random(9)
+    examination = [0.8, 0.55, 0.45, 0.38, 0.3, 0.26, 0.24, 0.2, 0.2, 0.19]
+    for _ in range(4):                                          # clicks: the fine-tune's training data
+        for topic, query in enumerate(PROBES):
+            body = api.post("/v1/search", json={"query": query, "limit": 10}).json()
+            clicked = [r["id"] for rank, r in enumerate(body["results"]) if r["id"].startswith("lc-")
+                       and rng.random() < examination[rank] * (0.9 if int(r["id"][3:]) % len(TOPICS) == topic else 0.1)]
+            if clicked and body["session_id"]:
+                events = [{"event_id": f"{body['session_id']}-{i}", "item_id": i, "type": "click"} for i in clicked]
+                assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": events}).status_code == 200
+    before = api.get("/v1/lifecycle").json()
+    small = {"data": {"min_heldout_queries": 2, "heldout_fraction": 0.25, "min_train_examples": 5},
+             "train": {"max_steps": 2, "eval_every_steps": 2},
+             "tune": {"num_samples": 1, "max_concurrent_trials": 1, "cpus_per_trial": 0.5},
+             "space": {"epochs": {"choice": [1]}, "batch_size": {"choice": [16]}}}
+    command = [str(Path(sys.executable).parent / "es-ray"), "cycle", "--state-dir", str(settings.state_path),
+               "--overrides", json.dumps(small), "--force", "--cleanup-now"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+
+    after = api.get("/v1/lifecycle").json()
+    cycle = [t for t in after["tasks"] if t["kind"] == "cycle"][0]
+    assert cycle["status"] == "done", cycle
+    steps = {s["step"]: s for s in cycle["result"]["steps"]}
+    assert list(steps) == ["fine-tune", "gate", "deploy", "reindex", "switch", "cleanup"]
+    assert all(s["status"] in ("done", "passed", "overridden (--force)") for s in steps.values()), steps
+    version = cycle["result"]["version"]
+    assert after["blue"]["model_version"] == version and after["epoch"] == before["epoch"] + 1
+    assert after["previous"] is None and after["green"] is None          # cleaned up at once (--cleanup-now)
+    assert steps["cleanup"]["dropped"]["collection"] == before["blue"]["collection"]
+    assert served_model(api, f"v{version}") == f"v{version}"
+    assert after["blue"]["items"] == before["blue"]["items"]
