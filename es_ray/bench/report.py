@@ -65,6 +65,15 @@ TABLES.append(("finetune", "Fine-tuning from simulated clicks (test queries neve
     ("trials", lambda r: len(r["run"].get("trials", [])) or ""), ("Tune wall s", lambda r: r["run"].get("tune_wall_s", "")),
     ("ideal s", lambda r: r["run"].get("ideal_wall_s", "")),
     ("wall / ideal (target <= 1.2)", lambda r: r["run"].get("overhead", ""))]))
+TABLES.append(("reindex", "Reindex to a new model (Ray Data job via Triton into a green collection, then switch)",
+               lambda r: [{**r, **run} for run in r["runs"]], [
+    ("items", lambda r: r["items"]), ("HNSW", lambda r: r["hnsw"]), ("items/s", lambda r: r["items_per_s"]),
+    ("raw forward items/s", lambda r: r["raw_items_per_s"]), ("ratio (target >= 0.8)", lambda r: r["ratio_to_raw"]),
+    ("index build s", lambda r: r["index_s"]), ("reindex s", lambda r: r["reindex_s"]),
+    ("ms per 1k items (linear: flat)", lambda r: r["ms_per_1k_items"]),
+    ("search p50 / p99 ms idle", lambda r: f"{r['search_idle']['p50_ms']} / {r['search_idle']['p99_ms']}"),
+    ("during reindex", lambda r: f"{r['search_during']['p50_ms']} / {r['search_during']['p99_ms']}"),
+    ("failed searches", lambda r: r["search_failures"])]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 

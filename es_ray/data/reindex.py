@@ -309,8 +309,9 @@ def reindex(settings: Settings, manifest, task_id: str, version: int,
         progress({"stage": "building the HNSW index"})
         index_started = time.monotonic()
         conn.execute(f"SET maintenance_work_mem = '{settings.postgres.maintenance_work_mem}'")
+        # CONCURRENTLY: dual writes to green go on while the index builds.
         Collection(green.collection, green.dim).create_index(conn, settings.postgres.hnsw_m,
-                                                             settings.postgres.hnsw_ef_construction)
+                                                             settings.postgres.hnsw_ef_construction, concurrently=True)
         index_s = time.monotonic() - index_started
     if settings.reindex.adjustments == "rederive":
         adjustments = {"mode": "rederive", **rederive_adjustments(settings, manifest, conn, green, progress)}
@@ -353,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch", choices=("auto", "force", "never"), default=None,
                         help="when green is complete: auto (if the quality gate passed), force, never "
                              "(default: reindex.switch)")
+    parser.add_argument("--hnsw", choices=("after", "during"), default=None,
+                        help="build the green HNSW index after the load or during it (default: reindex.hnsw)")
     parser.add_argument("--namespace", default="es-ray", help="Ray namespace of the lifecycle driver")
     args = parser.parse_args(argv)
     if args.to is None and args.task_id is None:
@@ -376,13 +379,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.task_id:
                 task = tasks.start(conn, args.task_id, None)
             else:
-                task = tasks.create(conn, KIND, {"to": args.to, "switch": args.switch, "submitted_by": "ray job"},
-                                    jobs.current_submission_id(), status="running")
+                task = tasks.create(conn, KIND, {"to": args.to, "switch": args.switch, "hnsw": args.hnsw,
+                                                 "submitted_by": "ray job"}, jobs.current_submission_id(),
+                                    status="running")
         except tasks.TaskConflict as err:
             print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the job's answer to its submitter
             return 2
         version = int(task.params.get("to") or args.to)
         switch = args.switch or task.params.get("switch") or settings.reindex.switch
+        settings.reindex.hnsw = args.hnsw or task.params.get("hnsw") or settings.reindex.hnsw
         owner = f"reindex:{task.task_id}"
         try:
             locks.acquire(conn, locks.LIFECYCLE, owner, settings.lifecycle.lock_lease_s)

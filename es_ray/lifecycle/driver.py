@@ -118,6 +118,12 @@ class LifecycleDriver:
             else:
                 deploy.deploy(self.settings, self.repo, self.manifest.triton_url, blue.model_version,
                               Path(blue.source_dir))
+                # Bring live collections made by an older es-ray up to the current schema (idempotent).
+                state = lifecycle.get_state(conn)
+                for target in state.write_targets():
+                    Collection(target.collection, target.dim).create(
+                        conn, self.settings.postgres.hnsw_m, self.settings.postgres.hnsw_ef_construction,
+                        index=target != state.green)
             blue = lifecycle.get_blue(conn)
         log.info("lifecycle.serving", model_version=blue.model_version, collection=blue.collection,
                  seconds=round(time.monotonic() - started, 2))
@@ -204,7 +210,7 @@ class LifecycleDriver:
 
     # --- reindex, switch, rollback, cleanup -----------------------------------------------------------
 
-    def start_reindex(self, version: int, switch: str | None = None) -> dict[str, Any]:
+    def start_reindex(self, version: int, switch: str | None = None, hnsw: str | None = None) -> dict[str, Any]:
         """Creates a reindex task and submits its Ray job (es_ray.data.reindex)."""
         with self._conn() as conn:
             if lifecycle.get_model(conn, version) is None and not registry.has_version(self.settings, version):
@@ -212,7 +218,8 @@ class LifecycleDriver:
             blue = lifecycle.get_blue(conn)
             if blue.model_version == version:
                 raise SwitchRefused(f"version {version} is already blue: nothing to reindex")
-            task = tasks.create(conn, REINDEX, {"to": version, "switch": switch, "submitted_by": "api"})
+            task = tasks.create(conn, REINDEX, {"to": version, "switch": switch, "hnsw": hnsw,
+                                                "submitted_by": "api"})
             job_id = f"reindex-{task.task_id}"
             tasks.set_job(conn, task.task_id, job_id)
             try:

@@ -10,6 +10,7 @@ tombstones, so an older copy can neither overwrite a newer write nor bring a del
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 import psycopg
@@ -21,6 +22,8 @@ from es_ray.store.lifecycle import Target
 # (target, items as dicts with id/text/payload) -> the items embedded by the target's model
 EmbedFor = Callable[[Target, list[dict[str, Any]]], list[EmbeddedItem]]
 ATTEMPTS = 5
+# Postgres breaks a deadlock by aborting one transaction; it did nothing, so it is safe to run again.
+RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
 class LifecycleMoved(RuntimeError):
@@ -36,29 +39,37 @@ def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for
     are made and the transaction is tried again.
     """
     embedded = dict(embedded or {})
-    for _ in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
         for target in lifecycle.get_state(conn).write_targets():
             if target.model_version not in embedded:
                 embedded[target.model_version] = embed_for(target, items)
-        with conn.transaction():
-            state = lifecycle.get_state(conn, lock=True)
-            targets = state.write_targets()
-            if any(t.model_version not in embedded for t in targets):
-                continue
-            ids = sorted({item["id"] for item in items})
-            versions = dict(zip(ids, next_versions(conn, len(ids))))
-            written = {t.collection: Collection(t.collection, t.dim).upsert(conn, embedded[t.model_version], versions)
-                       for t in targets}
-            return written[state.blue.collection]
-    raise LifecycleMoved(f"the lifecycle state changed {ATTEMPTS} times during one write")
+        try:
+            with conn.transaction():
+                state = lifecycle.get_state(conn, lock=True)
+                targets = state.write_targets()
+                if any(t.model_version not in embedded for t in targets):
+                    continue
+                ids = sorted({item["id"] for item in items})
+                versions = dict(zip(ids, next_versions(conn, len(ids))))
+                written = {t.collection: Collection(t.collection, t.dim).upsert(conn, embedded[t.model_version],
+                                                                                versions) for t in targets}
+                return written[state.blue.collection]
+        except RETRYABLE:
+            time.sleep(0.05 * (attempt + 1))  # rolled back whole: try again
+    raise LifecycleMoved(f"the write could not complete in {ATTEMPTS} attempts (lifecycle changes or deadlocks)")
 
 
 def delete_items(conn: psycopg.Connection, ids: list[str]) -> int:
     """Deletes from every live collection (tombstones); returns how many the blue collection held."""
     ids = sorted(set(ids))
-    with conn.transaction():
-        state = lifecycle.get_state(conn, lock=True)
-        versions = dict(zip(ids, next_versions(conn, len(ids))))
-        deleted = {t.collection: Collection(t.collection, t.dim).delete(conn, ids, versions)
-                   for t in state.write_targets()}
-        return deleted[state.blue.collection]
+    for attempt in range(ATTEMPTS):
+        try:
+            with conn.transaction():
+                state = lifecycle.get_state(conn, lock=True)
+                versions = dict(zip(ids, next_versions(conn, len(ids))))
+                deleted = {t.collection: Collection(t.collection, t.dim).delete(conn, ids, versions)
+                           for t in state.write_targets()}
+                return deleted[state.blue.collection]
+        except RETRYABLE:
+            time.sleep(0.05 * (attempt + 1))
+    raise LifecycleMoved(f"the delete could not complete in {ATTEMPTS} attempts (deadlocks)")

@@ -309,7 +309,7 @@ class SearchAPI:
               summary="Re-embed every item with a model version into a green collection (a Ray job); 409 while "
                       "a reindex or switch runs, 404 for an unknown version")
     def start_reindex(self, request: schemas.ReindexRequest) -> schemas.TaskOut:
-        return schemas.TaskOut(**_driver_call(self.driver.start_reindex.remote(request.to, request.switch)))
+        return schemas.TaskOut(**_driver_call(self.driver.start_reindex.remote(request.to, request.switch, request.hnsw)))
 
     @app.get("/v1/tasks/{task_id}", response_model=schemas.TaskOut, summary="A task: status, progress, result")
     def read_task(self, task_id: str) -> schemas.TaskOut:

@@ -244,6 +244,9 @@ class ReindexRequest(Strict):
     switch: Literal["auto", "force", "never"] | None = Field(
         None, description="When green is complete: auto (switch if the quality gate passed), force, never. "
                           "Default: reindex.switch in configs/stack.yaml.")
+    hnsw: Literal["after", "during"] | None = Field(
+        None, description="Build the green HNSW index after the load or maintain it during it. "
+                          "Default: reindex.hnsw.")
 
 
 class SwitchRequest(Strict):

@@ -112,18 +112,27 @@ class Collection:
             -- its row with the delete's version, so an older copy written later cannot bring it back.
             ALTER TABLE {items} ADD COLUMN IF NOT EXISTS text text;
             ALTER TABLE {items} ADD COLUMN IF NOT EXISTS deleted boolean NOT NULL DEFAULT false;
+            CREATE INDEX IF NOT EXISTS {tombstones_idx} ON {items} (object_id) WHERE deleted;
         """).format(items=self.items, parts=self.parts, dim=sql.Literal(self.dim),
                     payload_idx=sql.Identifier(f"items_{self.name}_payload"), user_parts=self.user_parts,
+                    tombstones_idx=sql.Identifier(f"items_{self.name}_tombstones"),
                     user_parts_object=sql.Identifier(f"user_parts_{self.name}_object")))
         if index:
             self.create_index(conn, m, ef_construction)
 
-    def create_index(self, conn: psycopg.Connection, m: int = 16, ef_construction: int = 64) -> None:
+    def create_index(self, conn: psycopg.Connection, m: int = 16, ef_construction: int = 64,
+                     concurrently: bool = False) -> None:
+        """The HNSW index over chunk vectors. `concurrently` (autocommit connection) lets writes go on
+        while it builds; an invalid index left by an interrupted concurrent build is rebuilt."""
+        name = f"parts_{self.name}_hnsw"
+        if concurrently and conn.execute("""SELECT NOT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                                            WHERE c.relname = %s""", (name,)).fetchone() == (True,):
+            conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
         conn.execute(sql.SQL("""
-            CREATE INDEX IF NOT EXISTS {hnsw_idx} ON {parts} USING hnsw (vector vector_cosine_ops)
+            CREATE INDEX {concurrently} IF NOT EXISTS {hnsw_idx} ON {parts} USING hnsw (vector vector_cosine_ops)
                 WITH (m = {m}, ef_construction = {efc}) WHERE NOT is_average
-        """).format(parts=self.parts, hnsw_idx=sql.Identifier(f"parts_{self.name}_hnsw"), m=sql.Literal(m),
-                    efc=sql.Literal(ef_construction)))
+        """).format(parts=self.parts, hnsw_idx=sql.Identifier(name), m=sql.Literal(m),
+                    efc=sql.Literal(ef_construction), concurrently=sql.SQL("CONCURRENTLY" if concurrently else "")))
 
     def exists(self, conn: psycopg.Connection) -> bool:
         return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"items_{self.name}",)).fetchone()[0]
@@ -209,8 +218,9 @@ class Collection:
         if versions is None:
             versions = dict(zip(ids, next_versions(conn, len(ids))))
         with conn.transaction():
-            existed = conn.execute(sql.SQL("""
-                SELECT object_id FROM {items} WHERE object_id = ANY(%s) AND NOT deleted ORDER BY object_id FOR UPDATE
+            # Lock every stored row (tombstones too) in id order first, as upsert does: no deadlock.
+            stored = conn.execute(sql.SQL("""
+                SELECT object_id, deleted FROM {items} WHERE object_id = ANY(%s) ORDER BY object_id FOR UPDATE
             """).format(items=self.items), (ids,)).fetchall()
             cur = conn.execute(sql.SQL("""
                 INSERT INTO {items} (object_id, version, deleted)
@@ -224,7 +234,7 @@ class Collection:
             removed = [r[0] for r in cur.fetchall()]
             conn.execute(sql.SQL("DELETE FROM {} WHERE object_id = ANY(%s)").format(self.user_parts), (removed,))
             conn.execute(sql.SQL("DELETE FROM {} WHERE object_id = ANY(%s)").format(self.parts), (removed,))
-            return len({r[0] for r in existed} & set(removed))
+            return len({r[0] for r in stored if not r[1]} & set(removed))
 
     def purge_tombstones(self, conn: psycopg.Connection) -> int:
         """Drops delete tombstones: only safe once no reindex copies into this collection."""

@@ -1,0 +1,161 @@
+"""Reindex benchmark: items/s of a full reindex at growing sizes, against the raw model forward pass,
+and search latency during the reindex against idle.
+
+    python -m es_ray.bench.reindex --sizes 10000,50000,100000
+
+Items are sentences of the SciFact and Cranfield abstracts (repeated with a suffix where a size needs
+more). For each size the blue collection is grown to that many items by writing rows directly
+(texts with placeholder vectors: the reindex reads only texts, and loading through the model would
+double the run), a new model version is registered (v1 with weight noise), and `POST /v1/tasks/reindex`
+re-embeds everything through Triton into a green collection and switches to it; meanwhile one client
+searches. The raw forward pass (plain torch, same texts, batch size and max_length) is measured in
+the same run with nothing else running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from tqdm import tqdm
+
+from es_ray.bench.common import bench_stack, percentiles, write_result
+from es_ray.bench.ingest import raw_forward
+from es_ray.bench.variants import register_variant
+from es_ray.data import beir
+from es_ray.data.corpus import read_corpus
+from es_ray.store import db, lifecycle
+from es_ray.store.collections import Collection, EmbeddedItem
+
+STATE = Path("/tmp/esr-bench-reindex")
+PROBES = ["protein folding in cells", "wing design at supersonic speed", "vaccine efficacy trial",
+          "boundary layer transition", "gene expression in tumours", "heat transfer in nozzles"]
+
+
+def sentences(data_dirs: list[Path], n: int) -> list[str]:
+    out: list[str] = []
+    for data in data_dirs:
+        for doc in read_corpus(data / "corpus.jsonl"):
+            out += [s.strip() for s in re.split(r"(?<=[.!?])\s+", doc["text"]) if len(s.strip()) > 30]
+    unique = len(out)
+    texts = [out[i % unique] + (f" ({i // unique})" if i >= unique else "") for i in range(n)]
+    return texts
+
+
+def grow_blue(dsn: str, texts: list[str], dim: int, batch: int = 2000) -> None:
+    """Writes items bench-<i> for every text not yet stored, with random placeholder vectors."""
+    with db.connect(dsn) as conn:
+        blue = lifecycle.get_blue(conn)
+        collection = Collection(blue.collection, blue.dim)
+        have = collection.count(conn)
+        if have >= len(texts):
+            return
+        conn.execute(f"DROP INDEX IF EXISTS parts_{blue.collection}_hnsw")   # one index build after the load
+        rng = np.random.default_rng(have)
+        for start in tqdm(range(have, len(texts), batch), desc="grow blue", unit="batch"):
+            chunk = texts[start:start + batch]
+            vectors = rng.normal(size=(len(chunk), 1, dim)).astype(np.float32)
+            vectors /= np.linalg.norm(vectors, axis=2, keepdims=True)
+            collection.upsert(conn, [EmbeddedItem(f"bench-{start + k:07d}", {"n": start + k}, vectors[k],
+                                                  {"text_sha256": hashlib.sha256(t.encode()).hexdigest()}, t)
+                                     for k, t in enumerate(chunk)])
+        conn.execute("SET maintenance_work_mem = '1GB'")
+        collection.create_index(conn)
+
+
+def search_latency(url: str, stop: threading.Event | None = None, n: int = 100, think_s: float = 0.2):
+    samples, failures = [], 0
+    with httpx.Client(base_url=url, timeout=60) as client:
+        k = 0
+        while (stop is None and k < n) or (stop is not None and not stop.is_set()):
+            started = time.perf_counter()
+            response = client.post("/v1/search", json={"query": PROBES[k % len(PROBES)], "limit": 10,
+                                                       "session": False})
+            samples.append(time.perf_counter() - started)
+            failures += response.status_code != 200
+            k += 1
+            time.sleep(think_s)
+    return samples, failures
+
+
+def reindex(url: str, version: int, hnsw: str) -> dict:
+    response = httpx.post(f"{url}/v1/tasks/reindex", json={"to": version, "switch": "force", "hnsw": hnsw},
+                          timeout=120)
+    response.raise_for_status()
+    task_id, last = response.json()["task_id"], None
+    while True:
+        task = httpx.get(f"{url}/v1/tasks/{task_id}", timeout=30).json()
+        if task["progress"].get("ranges_done") != last:
+            last = task["progress"].get("ranges_done")
+            print(json.dumps({"task": task_id, "status": task["status"], **task["progress"]}), flush=True)  # noqa: T201
+        if task["status"] == "done":
+            return task["result"]
+        if task["status"] == "failed":
+            raise SystemExit(f"reindex {task_id} failed: {task['error']}")
+        time.sleep(3)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,50000,100000", help="comma-separated item counts, growing")
+    parser.add_argument("--hnsw", default="after", choices=("after", "during"),
+                        help="build the green HNSW index after the load, or maintain it during it")
+    parser.add_argument("--raw-items", type=int, default=3000, help="texts the raw forward pass embeds")
+    parser.add_argument("--state-dir", type=Path, default=STATE)
+    args = parser.parse_args(argv)
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+
+    settings, manifest = bench_stack(args.state_dir)
+    data_dirs = [d for d in (beir.shared_dataset("scifact"), beir.shared_dataset("cranfield")) if d is not None]
+    if not data_dirs:
+        data_dirs = [beir.locate(None, settings.state_path)]
+    texts = sentences(data_dirs, sizes[-1])
+    with db.connect(manifest.postgres_dsn) as conn:
+        v1 = lifecycle.get_model(conn, 1)
+
+    raw_s, chunks = raw_forward(texts[:args.raw_items], v1.source_dir, settings.reindex.batch_size,
+                                settings.triton.max_batch_size, v1.max_length, settings.model.chunk_overlap,
+                                settings.model.max_chunks)
+    raw_per_s = args.raw_items / raw_s
+    runs = []
+    for size in sizes:
+        grow_blue(manifest.postgres_dsn, texts[:size], v1.dim)
+        idle, idle_failures = search_latency(manifest.serve_url)
+        version = register_variant(settings, seed=1000 + size)
+        stop = threading.Event()
+        during: dict = {}
+        client = threading.Thread(target=lambda: during.update(
+            zip(("samples", "failures"), search_latency(manifest.serve_url, stop))))
+        client.start()
+        result = reindex(manifest.serve_url, version, args.hnsw)
+        stop.set()
+        client.join()
+        httpx.post(f"{manifest.serve_url}/v1/lifecycle/cleanup", json={"now": True}, timeout=300)
+        run = {"items": result["items"], "items_per_s": result["items_per_s"], "load_s": result["load_s"],
+               "index_s": result["index_s"], "reindex_s": result["seconds"],
+               "ms_per_1k_items": round(1000 * 1000 * result["seconds"] / result["items"], 1),
+               "ratio_to_raw": round(result["items_per_s"] / raw_per_s, 3),
+               "search_idle": percentiles(idle), "search_during": percentiles(during["samples"]),
+               "search_failures": idle_failures + during["failures"], "version": version}
+        print(json.dumps(run), flush=True)  # noqa: T201 - progress of the benchmark
+        runs.append(run)
+    out = {"benchmark": "reindex", "runs": runs, "raw_items_per_s": round(raw_per_s, 2), "raw_chunks": chunks,
+           "hnsw": args.hnsw, "workers": settings.reindex.workers, "batch_size": settings.reindex.batch_size,
+           "range_items": settings.reindex.range_items, "max_length": v1.max_length,
+           "note": "items are sentences of the SciFact + Cranfield abstracts; items_per_s is the load phase (read "
+                   "-> Triton -> COPY), reindex_s adds the HNSW build, re-derived adjustments and the switch; one "
+                   "search client (0.2 s think time) runs during the reindex"}
+    path = write_result(f"reindex-{args.hnsw}", "+".join(d.name for d in data_dirs), out,
+                        f"python -m es_ray.bench.reindex --sizes {args.sizes} --hnsw {args.hnsw}")
+    print(json.dumps(out, indent=2), f"\nwritten to {path}")  # noqa: T201 - the benchmark's report
+
+
+if __name__ == "__main__":
+    main()
