@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?=
 STATE  ?= .es-ray
+# Items per reindex run. The model forward pass is the cost: about 25 items/s on 2 cores, so
+# 10000,50000,100000 (the full benchmark) takes about two hours there; minutes on a GPU.
+REINDEX_SIZES ?= 2500,5000,10000
 
 .PHONY: venv demo test bench up down status clean
 
@@ -35,6 +38,8 @@ bench: venv
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-improve
 	$(BIN)/python -m es_ray.bench.finetune $(if $(DATA),--data $(DATA))
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-finetune
+	$(BIN)/python -m es_ray.bench.reindex --sizes $(REINDEX_SIZES)
+	$(BIN)/es-ray down --state-dir /tmp/esr-bench-reindex
 
 up: venv
 	$(BIN)/es-ray up --state-dir $(STATE)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tritonclient.http
 
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER
@@ -119,6 +120,12 @@ def test_reindex_requests_are_validated(api, stack):
 
 
 def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, settings, lifecycle_items, variant):
+    # A user's click adjusts blue for that user; the reindex must re-derive it with the new model.
+    body = api.post("/v1/search", json={"query": PROBES[0], "limit": 10, "user_id": "lc-user"}).json()
+    click = {"event_id": f"{body['session_id']}-click", "item_id": body["results"][3]["id"], "type": "click"}
+    assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": [click]}).status_code == 200
+    assert api.post("/v1/improvement/run", params={"settle_s": 0}).json()["vectors_personal"] > 0
+
     before = targets(stack)
     task = api.post("/v1/tasks/reindex", json={"to": variant, "switch": "never"}).json()
     assert task["status"] == "pending", task
@@ -157,6 +164,7 @@ def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, se
     assert rerun.status == "done", rerun
     assert rerun.result["resumed_from_ranges"] >= ranges["done"], rerun.result
     assert rerun.result["ranges_this_run"] == total - rerun.result["resumed_from_ranges"]
+    assert rerun.result["adjustments"]["mode"] == "rederive" and rerun.result["adjustments"]["sessions"] >= 1
 
     state = targets(stack)
     assert state.blue == before.blue and state.green.model_version == variant   # not switched: switch=never
@@ -168,6 +176,8 @@ def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, se
         averages = conn.execute(f"SELECT count(*), count(DISTINCT object_id) FROM parts_{green.name} "
                                 "WHERE is_average").fetchone()
         assert averages == (green.count(conn), green.count(conn))   # one vector set per item: no duplicates
+        personal = conn.execute(f"SELECT count(*) FROM user_parts_{green.name} WHERE user_id = 'lc-user'").fetchone()
+        assert personal[0] > 0                                      # re-derived in the new model's space
     sample = sorted(random.Random(1).sample(sorted(lifecycle_items), 40))
     assert_embedded_by(stack, settings, state.green, sample, lifecycle_items)      # the new model's vectors
     with pytest.raises(AssertionError):                          # ... and not the old model's
@@ -337,6 +347,9 @@ def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, 
     assert api.post("/v1/search", json={"query": "honey bees"}).json()["model"] == f"v{new_version}"
     dropped = [m for m in after["models"] if m["version"] == state.previous.model_version][0]
     assert dropped["state"] == "retired"
+    triton = tritonclient.http.InferenceServerClient(stack.triton_url)
+    assert not triton.is_model_ready(ITEM_ENCODER, str(state.previous.model_version))   # unloaded
+    assert triton.is_model_ready(ITEM_ENCODER, str(new_version))
     assert json.loads(json.dumps(after))                         # the whole answer is JSON
 
 

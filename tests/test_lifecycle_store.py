@@ -115,3 +115,37 @@ def test_a_lock_has_one_owner_until_released_or_expired(conn):
     assert not locks.release(conn, "test-lock", "alice")
     assert locks.release(conn, "test-lock", "bob")
     assert locks.get(conn, "test-lock") is None
+
+
+def test_a_reindex_range_records_failed_items_with_their_stage_and_is_redone(stack, settings, conn):
+    """An item without a stored text fails at `read`; its range stays to do until a rerun succeeds."""
+    from es_ray.data.reindex import ReindexWorker, failures
+    from es_ray.store import lifecycle
+
+    blue = lifecycle.get_blue(conn)
+    source, green = Collection("t_reindex_src", blue.dim), Collection("t_reindex_green", blue.dim)
+    for collection in (source, green):
+        collection.drop(conn)
+        collection.create(conn)
+    conn.execute("DELETE FROM reindex_failures WHERE collection = %s", (green.name,))
+    conn.execute("DELETE FROM reindex_ranges WHERE collection = %s", (green.name,))
+    conn.execute("INSERT INTO reindex_ranges (collection, range_no) VALUES (%s, 0)", (green.name,))
+    source.upsert(conn, [item(f"r-{i}", f"text {i}", blue.dim) for i in range(5)])
+    conn.execute("UPDATE items_t_reindex_src SET text = NULL WHERE object_id = 'r-3'")   # written by an old es-ray
+
+    worker = ReindexWorker(settings.model_dump(mode="json"), stack.triton_grpc_url, stack.postgres_dsn,
+                           {**blue.__dict__, "collection": source.name}, {**blue.__dict__, "collection": green.name},
+                           "test-task")
+    assert worker.reindex_range(0, None, None) == (5, 4, 1)          # read, written, failed
+    count, sample = failures(conn, green.name)
+    assert count == 1 and (sample[0]["id"], sample[0]["stage"]) == ("r-3", "read")
+    assert "no stored text" in sample[0]["error"]
+    assert conn.execute("SELECT done_at FROM reindex_ranges WHERE collection = %s", (green.name,)).fetchone()[0] is None
+
+    source.upsert(conn, [item("r-3", "text 3", blue.dim)])           # written again, with its text
+    assert worker.reindex_range(0, None, None) == (5, 1, 0)          # the others are already there
+    assert failures(conn, green.name) == (0, [])
+    assert conn.execute("SELECT done_at FROM reindex_ranges WHERE collection = %s", (green.name,)).fetchone()[0]
+    assert source.differences(conn, green)["missing"] == 0
+    for collection in (source, green):
+        collection.drop(conn)

@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -173,32 +172,17 @@ class ReindexMetrics:
         self.eta.set(progress["eta_s"] or 0)
 
 
-def ensure_model(settings: Settings, conn, version: int) -> lifecycle.ModelRecord:
-    """The version's record, downloading it from the MLflow registry the first time."""
-    from es_ray.inference import deploy, registry
-
-    model = lifecycle.get_model(conn, version)
-    if model is None:
-        local_dir = registry.download(settings, version)
-        model = lifecycle.ModelRecord(version, registry.model_uri(settings, version), str(local_dir),
-                                      deploy.model_dim(local_dir), settings.model.max_length)
-        lifecycle.save_model(conn, model)
-    if model.state == "rejected":
-        log.warning("reindex.rejected_model", version=version, note="the quality gate refused this version")
-    return model
-
-
-def prepare_green(settings: Settings, manifest, conn, version: int, progress) -> tuple[Target, Target]:
+def prepare_green(settings: Settings, driver, conn, version: int, progress) -> tuple[Target, Target]:
     """Deploys the version, creates its collection and turns on dual writes; returns (blue, green)."""
-    from es_ray.inference import deploy
+    import ray
 
     state = lifecycle.get_state(conn)
     if state.blue.model_version == version:
         raise ValueError(f"version {version} is already blue: nothing to reindex")
-    model = ensure_model(settings, conn, version)
     progress({"stage": "deploying", "to_version": version})
-    deploy.deploy(settings, Path(manifest.state_dir) / "triton" / "models", manifest.triton_url, version,
-                  Path(model.source_dir))
+    model = lifecycle.ModelRecord(**ray.get(driver.deploy_version.remote(version)))  # blue keeps serving
+    if model.state == "rejected":
+        log.warning("reindex.rejected_model", version=version, note="the quality gate refused this version")
     name = collection_name(version)
     if state.green is not None and state.green.collection != name:
         drop_collection(conn, state.green.collection, reason=f"replaced by a reindex to v{version}")
@@ -207,7 +191,11 @@ def prepare_green(settings: Settings, manifest, conn, version: int, progress) ->
     progress({"stage": "creating the green collection"})
     Collection(name, model.dim).create(conn, settings.postgres.hnsw_m, settings.postgres.hnsw_ef_construction,
                                        index=settings.reindex.hnsw == "during")
-    if lifecycle.get_collection(conn, name) is None or lifecycle.get_collection(conn, name)["state"] != "building":
+    known = lifecycle.get_collection(conn, name)
+    if known is None or known["state"] != "building":
+        # A new reindex, not a resumed one: checkpoints of an earlier life of this collection do not count.
+        conn.execute("DELETE FROM reindex_ranges WHERE collection = %s", (name,))
+        conn.execute("DELETE FROM reindex_failures WHERE collection = %s", (name,))
         lifecycle.save_collection(conn, name, version, "building")
     lifecycle.set_green(conn, version, name)
     green = Target(version, name, model.dim, model.source_dir, model.max_length)
@@ -255,13 +243,13 @@ def rederive_adjustments(settings: Settings, manifest, conn, green: Target, prog
         progress({"stage": "re-deriving click adjustments", "adjustment_sessions": totals["sessions"]})
 
 
-def reindex(settings: Settings, manifest, task_id: str, version: int,
+def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
             progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     import ray
 
     started = time.monotonic()
     conn = db.connect(manifest.postgres_dsn)
-    blue, green = prepare_green(settings, manifest, conn, version, progress)
+    blue, green = prepare_green(settings, driver, conn, version, progress)
     source = Collection(blue.collection, blue.dim)
     n_ranges = plan_ranges(conn, source, green.collection, settings.reindex.range_items)
     pending = pending_ranges(conn, green.collection)
@@ -361,18 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.to is None and args.task_id is None:
         parser.error("--to VERSION is required")
 
-    import ray
-
-    from es_ray.lifecycle.driver import get_driver
+    from es_ray.lifecycle.driver import job_context
     from es_ray.lifecycle.heartbeat import Heartbeat
     from es_ray.stack import jobs
-    from es_ray.stack.manifest import StackManifest
 
-    ray.init(address="auto", namespace=args.namespace, logging_level="warning", log_to_driver=False)
-    driver = get_driver(args.namespace)
-    stack = ray.get(driver.stack.remote())
-    settings = Settings.model_validate(stack["settings"])
-    manifest = StackManifest.model_validate(stack["manifest"])
+    driver, settings, manifest = job_context(args.namespace)
 
     with db.connect(manifest.postgres_dsn) as conn:
         try:
@@ -399,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat = Heartbeat(manifest.postgres_dsn, task.task_id, settings.tasks.heartbeat_s,
                           lock=(locks.LIFECYCLE, owner, settings.lifecycle.lock_lease_s))
     try:
-        result = reindex(settings, manifest, task.task_id, version, heartbeat.update)
+        result = reindex(settings, manifest, driver, task.task_id, version, heartbeat.update)
         heartbeat.update({"stage": "switching" if switch != "never" else "done"})
         if switch != "never":
             result["switch"] = request_switch(driver, switch == "force", owner, result["collection"])

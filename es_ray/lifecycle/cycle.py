@@ -15,7 +15,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from es_ray.logs import get_logger
@@ -60,7 +59,6 @@ def run_cycle(driver, settings, manifest, steps: Steps, overrides: dict[str, Any
               cleanup_now: bool) -> dict[str, Any]:
     import ray
 
-    from es_ray.inference import deploy
     from es_ray.store import db, lifecycle
 
     dsn = manifest.postgres_dsn
@@ -80,10 +78,7 @@ def run_cycle(driver, settings, manifest, steps: Steps, overrides: dict[str, Any
     steps.end(started, "passed" if gate["candidate"] else "overridden (--force)", reason=gate["reason"])
 
     started = steps.start("deploy")
-    with db.connect(dsn) as conn:
-        model = lifecycle.get_model(conn, version)
-    deploy.deploy(settings, Path(manifest.state_dir) / "triton" / "models", manifest.triton_url, version,
-                  Path(model.source_dir))
+    ray.get(driver.deploy_version.remote(version))
     steps.end(started, version=version)
 
     started = steps.start("reindex")
@@ -130,20 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as err:
         parser.error(f"--overrides is not JSON: {err}")
 
-    import ray
-
-    from es_ray.config import Settings
-    from es_ray.lifecycle.driver import get_driver
+    from es_ray.lifecycle.driver import job_context
     from es_ray.lifecycle.heartbeat import Heartbeat
     from es_ray.stack import jobs
-    from es_ray.stack.manifest import StackManifest
     from es_ray.store import db, tasks
 
-    ray.init(address="auto", namespace=args.namespace, logging_level="warning", log_to_driver=False)
-    driver = get_driver(args.namespace)
-    stack = ray.get(driver.stack.remote())
-    settings = Settings.model_validate(stack["settings"])
-    manifest = StackManifest.model_validate(stack["manifest"])
+    driver, settings, manifest = job_context(args.namespace)
     with db.connect(manifest.postgres_dsn) as conn:
         try:
             task = tasks.create(conn, KIND, {"overrides": overrides, "force": args.force,

@@ -208,7 +208,22 @@ class LifecycleDriver:
         return (f"its Ray job {job_id} ended {info.status.value} without finishing the task"
                 + (f": {info.message}" if info.message else ""))
 
-    # --- reindex, switch, rollback, cleanup -----------------------------------------------------------
+    # --- deploy, reindex, switch, rollback, cleanup ---------------------------------------------------
+
+    def deploy_version(self, version: int) -> dict[str, Any]:
+        """Makes a registered version ready in Triton (traced into the repository this driver owns,
+        loaded next to the versions serving); records it in `models` the first time. Idempotent."""
+        with self._conn() as conn:
+            model = lifecycle.get_model(conn, version)
+            if model is None:
+                if not registry.has_version(self.settings, version):
+                    raise UnknownModel(f"model version {version} is not registered")
+                local_dir = registry.download(self.settings, version)
+                model = lifecycle.ModelRecord(version, registry.model_uri(self.settings, version), str(local_dir),
+                                              deploy.model_dim(local_dir), self.settings.model.max_length)
+                lifecycle.save_model(conn, model)
+        deploy.deploy(self.settings, self.repo, self.manifest.triton_url, version, Path(model.source_dir))
+        return model.__dict__
 
     def start_reindex(self, version: int, switch: str | None = None, hnsw: str | None = None) -> dict[str, Any]:
         """Creates a reindex task and submits its Ray job (es_ray.data.reindex)."""
@@ -403,6 +418,14 @@ class LifecycleDriver:
 
 def get_driver(namespace: str = "es-ray"):
     return ray.get_actor(DRIVER_NAME, namespace=namespace)
+
+
+def job_context(namespace: str = "es-ray") -> tuple[Any, Settings, StackManifest]:
+    """Inside a Ray job: connects to the cluster; returns the driver, the stack's settings and addresses."""
+    ray.init(address="auto", namespace=namespace, logging_level="warning", log_to_driver=False)
+    driver = get_driver(namespace)
+    stack = ray.get(driver.stack.remote())
+    return driver, Settings.model_validate(stack["settings"]), StackManifest.model_validate(stack["manifest"])
 
 
 def start_driver(settings: Settings, manifest: StackManifest):

@@ -203,7 +203,7 @@ class SearchAPI:
     @app.put("/v1/items", response_model=schemas.UpsertResponse,
              summary="Insert or replace items (long texts are chunked; each chunk and the average get a vector)")
     def upsert(self, request: schemas.UpsertRequest) -> schemas.UpsertResponse:
-        blue = self._blue()
+        self._blue()  # 503 while the stack bootstraps
         items = [item.model_dump() for item in request.items]
         started = time.monotonic()
         if len(items) > self.settings.serve.large_upsert_items:
@@ -233,7 +233,7 @@ class SearchAPI:
 
     @app.delete("/v1/items", response_model=schemas.DeleteResponse, summary="Delete items by id")
     def delete(self, request: schemas.DeleteRequest) -> schemas.DeleteResponse:
-        self._blue()
+        self._blue()  # 503 while the stack bootstraps
         try:
             with self.pool.connection() as conn:
                 deleted = dual_write.delete_items(conn, request.ids)

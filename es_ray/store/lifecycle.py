@@ -149,7 +149,7 @@ SWITCH_COLUMNS = ("switch_id, kind, from_version, from_collection, to_version, t
 def begin_switch(conn: psycopg.Connection, kind: str, frm: Target, to: Target, forced: bool) -> Switch:
     """Records the intent before anything changes (kind: switch | rollback)."""
     switch_id = uuid.uuid4().hex
-    conn.execute(f"""INSERT INTO switches (switch_id, kind, from_version, from_collection, to_version, to_collection,
+    conn.execute("""INSERT INTO switches (switch_id, kind, from_version, from_collection, to_version, to_collection,
                                            forced) VALUES (%s, %s, %s, %s, %s, %s, %s)""",
                  (switch_id, kind, frm.model_version, frm.collection, to.model_version, to.collection, forced))
     return get_switch(conn, switch_id)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,14 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", default="es-ray", help="Ray namespace of the lifecycle driver")
     args = parser.parse_args(argv)
 
-    import ray
     from pydantic import ValidationError
 
-    from es_ray.config import Settings
-    from es_ray.lifecycle.driver import get_driver
+    from es_ray.lifecycle.driver import job_context
     from es_ray.lifecycle.heartbeat import Heartbeat
     from es_ray.stack import jobs
-    from es_ray.stack.manifest import StackManifest
     from es_ray.store import db, tasks
     from es_ray.train.config import load_finetune_config
 
@@ -71,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = json.loads(args.overrides)
     except json.JSONDecodeError as err:
         parser.error(f"--overrides is not JSON: {err}")
-    ray.init(address="auto", namespace=args.namespace, logging_level="warning", log_to_driver=False)
-    stack = ray.get(get_driver(args.namespace).stack.remote())
-    settings = Settings.model_validate(stack["settings"])
-    manifest = StackManifest.model_validate(stack["manifest"])
+    _, settings, manifest = job_context(args.namespace)
     job_id = jobs.current_submission_id()
 
     with db.connect(manifest.postgres_dsn) as conn:
