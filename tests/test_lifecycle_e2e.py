@@ -286,7 +286,7 @@ def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, 
     try:
         task = api.post("/v1/tasks/reindex", json={"to": new_version, "switch": "force"}).json()
         done = wait_task(api, task["task_id"], {"failed", "done"}, timeout_s=900)
-        assert done["status"] == "done", done
+        assert done["status"] == "done", (done["error"], done["progress"])
         assert done["result"]["switch"]["status"] == "switched", done["result"]
         time.sleep(3)                                            # load goes on after the switch
     finally:

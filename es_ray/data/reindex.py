@@ -131,22 +131,37 @@ class ReindexWorker:
                                   [i.payload for i in part])
             except Exception as err:  # noqa: BLE001 - recorded per item; a later run retries the range
                 failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
-        versions = {i.id: i.version for i in stored}
         try:
-            with self.conn.transaction():
-                written = green.upsert(self.conn, embedded, versions)
-                ids = [i.id for i in embedded]
-                self.conn.execute("DELETE FROM reindex_failures WHERE collection = %s AND object_id = ANY(%s)",
-                                  (green.name, ids))
-                record_failures(self.conn, green.name, self.task_id, failed)
-                if not failed:
-                    self.conn.execute("""UPDATE reindex_ranges SET done_at = now(), items = %s
-                                         WHERE collection = %s AND range_no = %s""", (len(stored), green.name, range_no))
+            written = self.write(green, embedded, {i.id: i.version for i in stored}, failed, range_no, len(stored))
         except Exception as err:  # noqa: BLE001
             failed = [(i.id, "write", f"{type(err).__name__}: {err}") for i in stored]
             record_failures(self.conn, green.name, self.task_id, failed)
             written = 0
         return len(stored), written, len(failed)
+
+    def write(self, green: Collection, embedded: list[EmbeddedItem], versions: dict[str, int],
+              failed: list[tuple[str, str, str]], range_no: int, n_items: int) -> int:
+        """Writes the range's copies, its failures and (if none failed) its checkpoint in one transaction;
+        retried when Postgres breaks a deadlock with a concurrent dual write by aborting this one."""
+        from es_ray.lifecycle.dual_write import ATTEMPTS, RETRYABLE
+
+        for attempt in range(ATTEMPTS):
+            try:
+                with self.conn.transaction():
+                    written = green.upsert(self.conn, embedded, versions)
+                    self.conn.execute("DELETE FROM reindex_failures WHERE collection = %s AND object_id = ANY(%s)",
+                                      (green.name, [i.id for i in embedded]))
+                    record_failures(self.conn, green.name, self.task_id, failed)
+                    if not failed:
+                        self.conn.execute("""UPDATE reindex_ranges SET done_at = now(), items = %s
+                                             WHERE collection = %s AND range_no = %s""",
+                                          (n_items, green.name, range_no))
+                return written
+            except RETRYABLE:
+                if attempt == ATTEMPTS - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+        return 0
 
 
 # --- the job ------------------------------------------------------------------------------------------
@@ -321,7 +336,8 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
 
 
 def request_switch(driver, force: bool, owner: str, green: str) -> dict[str, Any]:
-    """Asks the lifecycle driver to switch to green; a refusal (gate not passed) is an answer, not an error."""
+    """Asks the lifecycle driver to switch to green; a refusal (gate not passed) or a failed switch is
+    part of the answer: the reindex itself is done."""
     import ray
 
     from es_ray.lifecycle.driver import SwitchRefused
@@ -329,10 +345,13 @@ def request_switch(driver, force: bool, owner: str, green: str) -> dict[str, Any
     try:
         return ray.get(driver.switch.remote(force=force, lock_owner=owner, expected_green=green))
     except ray.exceptions.RayTaskError as err:
-        if not isinstance(getattr(err, "cause", None), SwitchRefused):
-            raise
-        log.info("reindex.not_switched", reason=str(err.cause))
-        return {"status": "not switched", "reason": str(err.cause)}
+        cause = getattr(err, "cause", None) or err
+        if isinstance(cause, SwitchRefused):
+            log.info("reindex.not_switched", reason=str(cause))
+            return {"status": "not switched", "reason": str(cause)}
+        # Green is complete either way: the reindex is done, and a later switch can still make it blue.
+        log.error("reindex.switch_failed", error=f"{type(cause).__name__}: {cause}"[:2000])
+        return {"status": "failed", "reason": f"{type(cause).__name__}: {cause}"[:2000]}
 
 
 def main(argv: list[str] | None = None) -> int:

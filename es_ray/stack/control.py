@@ -71,8 +71,11 @@ def up(settings: Settings, wait_s: float = 600) -> StackManifest:
         dashboard_port = _port(manifest.ray_dashboard_url, settings.ray.dashboard_port)
         if not (ray_head.is_running(state) and ray_head.dashboard_up(f"http://127.0.0.1:{dashboard_port}")):
             ray_head.stop(state)  # leftovers of a crashed head
-            ray_head.start(state, gcs_port, dashboard_port, port_or_free(settings.ray.client_server_port),
-                           free_port(), settings.ray.num_cpus)
+            # A restart reuses the recorded ports, which are free now: new ones must not collide with them.
+            chosen = {gcs_port, dashboard_port}
+            client_port = port_or_free(settings.ray.client_server_port, avoid=chosen)
+            ray_head.start(state, gcs_port, dashboard_port, client_port, free_port(avoid=chosen | {client_port}),
+                           settings.ray.num_cpus)
         manifest.ray_address, manifest.ray_started = f"127.0.0.1:{gcs_port}", True
         manifest.ray_dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     manifest.serve_url = f"http://{settings.serve.host}:{settings.serve.port}"

@@ -47,11 +47,15 @@ class StackManifest(BaseModel):
         tmp.replace(path)  # atomic: a crash never leaves half a manifest
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+def free_port(host: str = "127.0.0.1", avoid: set[int] = frozenset()) -> int:
+    """A port free now, other than `avoid` (ports chosen for other components but not bound yet)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
-def port_or_free(port: int) -> int:
-    return port if port else free_port()
+def port_or_free(port: int, avoid: set[int] = frozenset()) -> int:
+    return port if port else free_port(avoid=avoid)
