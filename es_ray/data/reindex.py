@@ -96,11 +96,16 @@ class ReindexWorker:
 
     def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str, source: dict[str, Any],
                  green: dict[str, Any], task_id: str):
-        from es_ray.data.pipeline import item_encoder
+        from es_ray.inference.triton_client import TritonEncoder
+        from es_ray.inference.triton_repo import ITEM_ENCODER
 
         self.settings = Settings.model_validate(settings)
         self.source, self.green = Target(**source), Target(**green)
-        self.encoder = item_encoder(self.settings, grpc_url, self.green)
+        # Small requests with a patient deadline: the writes and searches served meanwhile share Triton's
+        # queue and must not wait behind big batches; a reindex can wait.
+        self.encoder = TritonEncoder(grpc_url, ITEM_ENCODER, self.green.model_version, self.green.source_dir,
+                                     self.green.max_length, self.settings.reindex.rows_per_request,
+                                     self.settings.reindex.embed_timeout_s)
         self.conn = db.connect(dsn)
         self.task_id = task_id
 
@@ -126,11 +131,16 @@ class ReindexWorker:
         size = self.settings.reindex.batch_size
         for start in range(0, len(todo), size):
             part = todo[start:start + size]
-            try:
-                embedded += embed(self.encoder, self.settings, [i.id for i in part], [i.text for i in part],
-                                  [i.payload for i in part])
-            except Exception as err:  # noqa: BLE001 - recorded per item; a later run retries the range
-                failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
+            for attempt in range(self.settings.reindex.embed_attempts):
+                try:
+                    embedded += embed(self.encoder, self.settings, [i.id for i in part], [i.text for i in part],
+                                      [i.payload for i in part])
+                    break
+                except Exception as err:  # noqa: BLE001 - retried, then recorded per item (a later pass retries)
+                    if attempt == self.settings.reindex.embed_attempts - 1:
+                        failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
+                    else:
+                        time.sleep(2 ** attempt)
         try:
             written = self.write(green, embedded, {i.id: i.version for i in stored}, failed, range_no, len(stored))
         except Exception as err:  # noqa: BLE001
@@ -267,29 +277,33 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     blue, green = prepare_green(settings, driver, conn, version, progress)
     source = Collection(blue.collection, blue.dim)
     n_ranges = plan_ranges(conn, source, green.collection, settings.reindex.range_items)
-    pending = pending_ranges(conn, green.collection)
+    todo = pending_ranges(conn, green.collection)
     total_items = source.count(conn)
     _, done_before, items_before = range_totals(conn, green.collection)
     log.info("reindex.start", task_id=task_id, source=blue.collection, green=green.collection, ranges=n_ranges,
-             pending=len(pending), items=total_items)
+             pending=len(todo), items=total_items)
     metrics = ReindexMetrics(green.collection)
     state = {"items_done": items_before, "items_total": total_items, "ranges_total": n_ranges,
              "ranges_done": done_before, "resumed_from_ranges": done_before, "items_per_s": 0.0, "eta_s": None,
              "failed": 0}
     progress({"stage": "reindexing", **state})
     load_started = time.monotonic()
-    if pending:
+    new_items = 0
+    for _ in range(settings.reindex.passes):  # a later pass redoes the ranges where items failed
+        pending = pending_ranges(conn, green.collection)
+        if not pending:
+            break
         dataset = ray.data.from_items(pending).map_batches(
             ReindexWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=settings.reindex.workers),
             fn_constructor_args=(settings.model_dump(mode="json"), manifest.triton_grpc_url, manifest.postgres_dsn,
                                  blue.__dict__, green.__dict__, task_id),
             num_cpus=0.25)  # the model runs in Triton; workers tokenise, wait on the network and COPY
-        new_items = 0
+        state["failed"] = 0
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for items, failed in zip(batch["items"], batch["failed"]):
                 state["ranges_done"] += 1 if not failed else 0
                 state["failed"] += int(failed)
-                new_items += int(items)
+                new_items += int(items) if not failed else 0
             elapsed = time.monotonic() - load_started
             rate = new_items / max(elapsed, 1e-9)
             state["items_done"] = items_before + new_items
@@ -326,7 +340,7 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     seconds = time.monotonic() - started
     result = {"to_version": version, "from_version": blue.model_version, "collection": green.collection,
               "items": Collection(green.collection, green.dim).count(conn), "ranges": n_ranges,
-              "resumed_from_ranges": done_before, "ranges_this_run": len(pending),
+              "resumed_from_ranges": done_before, "ranges_this_run": len(todo),
               "load_s": round(load_s, 1), "index_s": round(index_s, 1), "hnsw": settings.reindex.hnsw,
               "items_per_s": round((state["items_done"] - items_before) / max(load_s, 1e-9), 2),
               "adjustments": adjustments, "seconds": round(seconds, 1)}
