@@ -117,6 +117,12 @@ def test_reindex_requests_are_validated(api, stack):
     refused = api.post("/v1/lifecycle/switch", json={})
     assert refused.status_code == 409 and "no green" in refused.json()["error"]
     assert api.post("/v1/lifecycle/rollback").status_code == 409
+    for path, body, field in (("/v1/tasks/reindex", {"to": 2, "hnsw": "sometimes"}, "hnsw"),
+                              ("/v1/lifecycle/switch", {"force": 1}, "force"),
+                              ("/v1/lifecycle/cleanup", {"now": "soon"}, "now"),
+                              ("/v1/lifecycle/switch", {"forse": True}, "forse")):
+        bad = api.post(path, json=body)
+        assert bad.status_code == 422 and field in bad.json()["error"], (path, bad.text)
 
 
 def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, settings, lifecycle_items, variant):
