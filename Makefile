@@ -8,7 +8,7 @@ STATE  ?= .es-ray
 # 10000,50000,100000 (the full benchmark) takes about two hours there; minutes on a GPU.
 REINDEX_SIZES ?= 2500,5000,10000
 
-.PHONY: venv demo test bench up down status clean
+.PHONY: venv browser demo test bench up down status clean
 
 # The venv is (re)built when pyproject.toml changes. torch comes first, pinned to the CPU wheel,
 # so no dependency can pull a CUDA build.
@@ -25,7 +25,20 @@ demo: venv
 	$(BIN)/es-ray up --state-dir $(STATE)
 	$(BIN)/es-ray demo --state-dir $(STATE) $(if $(DATA),--data $(DATA))
 
-test: venv
+# The web page test drives Debian's chromium through Playwright (never `playwright install`, which
+# downloads its own browser builds). Installed here when missing and we are root with apt-get.
+browser:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for the web page test"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+			|| echo "browser: installing chromium failed; tests/test_web_page.py will be skipped"; \
+	else \
+		echo "browser: /usr/bin/chromium is missing and cannot be installed here (needs root and apt-get);" \
+		     "install Debian's chromium package, or tests/test_web_page.py is skipped"; \
+	fi
+
+test: venv browser
 	$(BIN)/python -m pytest -q -rs tests
 
 # Benchmarks start their own stack under /tmp; results go to bench/results/*.json and BENCHMARKS.md.

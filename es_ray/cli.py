@@ -55,12 +55,27 @@ def down(state_dir: Optional[Path] = StateDir) -> None:
 @app.command()
 def demo(state_dir: Optional[Path] = StateDir,
          data: Optional[Path] = typer.Option(None, "--data", envvar="DATA", help="A BEIR directory"),
-         docs: int = typer.Option(600, help="Documents to load (the test queries' relevant ones first)"),
-         queries: int = typer.Option(100, help="Test queries to run")) -> None:
-    """Bulk-load a BEIR sample as a Ray job, run its test queries through /v1/search, print nDCG@10."""
-    from es_ray import demo as demo_module
+         rounds: Optional[int] = typer.Option(None, help="Rounds of the loop (configs/demo.yaml: rounds)"),
+         docs: Optional[int] = typer.Option(None, help="Documents to load (judged ones first)"),
+         train_queries: Optional[int] = typer.Option(None, help="Queries the simulated users search and click"),
+         test_queries: Optional[int] = typer.Option(None, help="Held-out queries that measure quality"),
+         force: Optional[bool] = typer.Option(None, "--force/--no-force",
+                                              help="Switch to each new model even where the quality gate refuses")) -> None:
+    """Rounds of the self-improvement loop on a BEIR collection (configs/demo.yaml): simulated users click,
+    the improvement loop learns, a fine-tune cycle deploys, reindexes and switches; quality after each round."""
+    from pydantic import ValidationError
 
-    demo_module.run(load_settings(state_dir), data, docs, queries)
+    from es_ray.data.beir import DataUnavailable
+    from es_ray.demo.config import load_demo_config
+    from es_ray.demo.loop import run
+
+    try:
+        config = load_demo_config(docs=docs, train_queries=train_queries, test_queries=test_queries, rounds=rounds,
+                                  force=force)
+        run(load_settings(state_dir), data, config)
+    except (DataUnavailable, ValidationError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -72,16 +87,17 @@ def cycle(state_dir: Optional[Path] = StateDir,
                                            help="Drop the old collection right after the switch, not after "
                                                 "lifecycle.grace_s")) -> None:
     """Run one cycle as a Ray job: fine-tune -> gate -> deploy -> reindex -> switch -> cleanup."""
-    import shlex
-
+    from es_ray.lifecycle.cycle import entrypoint
     from es_ray.stack import control, jobs
 
+    try:
+        parsed = json.loads(overrides)
+    except json.JSONDecodeError as err:
+        raise typer.BadParameter(f"not JSON: {err}", param_hint="--overrides") from None
     settings = load_settings(state_dir)
     manifest = control.up(settings)
-    entrypoint = (f"python -m es_ray.lifecycle.cycle --overrides {shlex.quote(overrides)} "
-                  f"--namespace {settings.ray.namespace}" + (" --force" if force else "")
-                  + (" --cleanup-now" if cleanup_now else ""))
-    status, _ = jobs.submit_and_wait(manifest, entrypoint, timeout_s=6 * 3600)
+    status, _ = jobs.submit_and_wait(manifest, entrypoint(parsed, force, cleanup_now, settings.ray.namespace),
+                                     timeout_s=6 * 3600)
     if status != "SUCCEEDED":
         raise typer.Exit(1)
 

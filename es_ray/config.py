@@ -25,6 +25,7 @@ class RaySettings(BaseModel):
     gcs_port: int = 0
     dashboard_port: int = 8265
     client_server_port: int = 0
+    metrics_export_port: int = 0
     namespace: str = "es-ray"
 
 

@@ -17,6 +17,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BEIR_ARCHIVE = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 
 
+class DataUnavailable(RuntimeError):
+    """No collection given, none beside the checkout, and the public archive cannot be fetched."""
+
+
 def shared_dataset(name: str) -> Path | None:
     """../shared/data/<name> beside the checkout, where the project's test collections live."""
     path = REPO_ROOT.parent / "shared" / "data" / name
@@ -26,7 +30,7 @@ def shared_dataset(name: str) -> Path | None:
 def locate(data: Path | None, state_dir: Path, name: str = "scifact") -> Path:
     if data is not None:
         if not (Path(data) / "corpus.jsonl").exists():
-            raise FileNotFoundError(f"{data} is not a BEIR directory (no corpus.jsonl)")
+            raise DataUnavailable(f"{data} is not a BEIR directory (no corpus.jsonl)")
         return Path(data)
     shared = shared_dataset(name)
     if shared is not None:
@@ -45,7 +49,7 @@ def download(name: str, into: Path) -> Path:
     try:
         urllib.request.urlretrieve(url, archive)
     except (urllib.error.URLError, OSError) as err:
-        raise RuntimeError(f"could not download {url} ({err}); pass a local BEIR directory with DATA=... "
+        raise DataUnavailable(f"could not download {url} ({err}); pass a local BEIR directory with DATA=... "
                            "or --data") from err
     with zipfile.ZipFile(archive) as zipped:
         zipped.extractall(into)

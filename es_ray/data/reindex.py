@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.logs import get_logger
 from es_ray.store import db, lifecycle, locks, tasks
@@ -35,6 +36,7 @@ from es_ray.store.lifecycle import Target
 
 log = get_logger("es_ray.data.reindex")
 KIND = "reindex"
+POOL_START_TIMEOUT_S = 600  # how long the worker pool may take to start (Ray Data's wait_for_min_actors_s)
 
 
 class ReindexIncomplete(RuntimeError):
@@ -96,6 +98,8 @@ class ReindexWorker:
 
     def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str, source: dict[str, Any],
                  green: dict[str, Any], task_id: str):
+        import ray
+
         from es_ray.inference.triton_client import TritonEncoder
         from es_ray.inference.triton_repo import ITEM_ENCODER
 
@@ -108,13 +112,15 @@ class ReindexWorker:
                                      self.settings.reindex.embed_timeout_s)
         self.conn = db.connect(dsn)
         self.task_id = task_id
+        self.node_id = ray.get_runtime_context().get_node_id()  # reported per range: where the work ran
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"range_no": [], "items": [], "written": [], "failed": []}
+        out: dict[str, list] = {"range_no": [], "items": [], "written": [], "failed": [], "node_id": []}
         for k, range_no in enumerate(batch["range_no"]):
             after, last = batch["after_id"][k], batch["last_id"][k]
             items, written, failed = self.reindex_range(int(range_no), after or None, last or None)
-            for key, value in (("range_no", int(range_no)), ("items", items), ("written", written), ("failed", failed)):
+            for key, value in (("range_no", int(range_no)), ("items", items), ("written", written), ("failed", failed),
+                               ("node_id", self.node_id)):
                 out[key].append(value)
         return out
 
@@ -282,13 +288,17 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     _, done_before, items_before = range_totals(conn, green.collection)
     log.info("reindex.start", task_id=task_id, source=blue.collection, green=green.collection, ranges=n_ranges,
              pending=len(todo), items=total_items)
-    metrics = ReindexMetrics(green.collection)
+    gauges = ReindexMetrics(green.collection)
     state = {"items_done": items_before, "items_total": total_items, "ranges_total": n_ranges,
              "ranges_done": done_before, "resumed_from_ranges": done_before, "items_per_s": 0.0, "eta_s": None,
              "failed": 0}
     progress({"stage": "reindexing", **state})
     load_started = time.monotonic()
     new_items = 0
+    nodes: dict[str, int] = {}  # Ray node id -> ranges its workers ran (this run)
+    # The pool starts whole before the first range is handed out, so ranges spread over its actors (and
+    # their nodes) instead of queueing on the first actor up; a pool that cannot be placed fails the job.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = POOL_START_TIMEOUT_S
     for _ in range(settings.reindex.passes):  # a later pass redoes the ranges where items failed
         pending = pending_ranges(conn, green.collection)
         if not pending:
@@ -297,20 +307,27 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
             ReindexWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=settings.reindex.workers),
             fn_constructor_args=(settings.model_dump(mode="json"), manifest.triton_grpc_url, manifest.postgres_dsn,
                                  blue.__dict__, green.__dict__, task_id),
-            num_cpus=0.25)  # the model runs in Triton; workers tokenise, wait on the network and COPY
+            num_cpus=0.25,  # the model runs in Triton; workers tokenise, wait on the network and COPY
+            scheduling_strategy="SPREAD")  # on a cluster: one actor per node first, not all on the emptiest
         state["failed"] = 0
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for items, failed in zip(batch["items"], batch["failed"]):
+            for items, failed, node_id in zip(batch["items"], batch["failed"], batch["node_id"]):
                 state["ranges_done"] += 1 if not failed else 0
                 state["failed"] += int(failed)
                 new_items += int(items) if not failed else 0
+                nodes[str(node_id)] = nodes.get(str(node_id), 0) + 1
+            metrics.count("es_ray_reindex_written_items", sum(int(w) for w in batch["written"]),
+                          collection=green.collection)
+            metrics.count("es_ray_reindex_failed_items", sum(int(f) for f in batch["failed"]),
+                          collection=green.collection)
+            state["nodes"] = dict(nodes)
             elapsed = time.monotonic() - load_started
             rate = new_items / max(elapsed, 1e-9)
             state["items_done"] = items_before + new_items
             state["items_per_s"] = round(rate, 2)
             state["eta_s"] = round(max(total_items - state["items_done"], 0) / rate, 1) if rate > 0 else None
             progress({"stage": "reindexing", **state})
-            metrics.set(state)
+            gauges.set(state)
     load_s = time.monotonic() - load_started
 
     failed_total, failed_sample = failures(conn, green.collection)
@@ -343,7 +360,7 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
               "resumed_from_ranges": done_before, "ranges_this_run": len(todo),
               "load_s": round(load_s, 1), "index_s": round(index_s, 1), "hnsw": settings.reindex.hnsw,
               "items_per_s": round((state["items_done"] - items_before) / max(load_s, 1e-9), 2),
-              "adjustments": adjustments, "seconds": round(seconds, 1)}
+              "nodes": nodes, "adjustments": adjustments, "seconds": round(seconds, 1)}
     conn.close()
     log.info("reindex.done", **{k: v for k, v in result.items() if k != "adjustments"})
     return result

@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
+from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.data.pipeline import parse_jsonl, upsert_dataset
 from es_ray.lifecycle.driver import get_driver
@@ -59,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     written, failed = 0, []
     with tqdm(total=total, desc="upsert", unit="item", file=sys.stderr) as progress:
         for batch in upsert_dataset(dataset, settings, manifest.triton_grpc_url, manifest.postgres_dsn):
-            for item_id, error in zip(batch["id"], batch["error"]):
-                if error:
-                    failed.append({"id": str(item_id), "error": str(error)})
-                else:
-                    written += 1
+            errors = [{"id": str(i), "error": str(e)} for i, e in zip(batch["id"], batch["error"]) if e]
+            failed.extend(errors)
+            written += len(batch["id"]) - len(errors)
+            metrics.count("es_ray_upsert_items", len(batch["id"]) - len(errors), path="job")
+            metrics.count("es_ray_upsert_failures", len(errors), path="job")
             progress.update(len(batch["id"]))
     seconds = time.monotonic() - started
     log.info("upsert.done", upserted=written, failed=len(failed), seconds=round(seconds, 1),

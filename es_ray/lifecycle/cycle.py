@@ -44,6 +44,14 @@ class Steps:
         self.heartbeat.update({"steps": self.steps})
 
 
+def entrypoint(overrides: dict[str, Any], force: bool, cleanup_now: bool, namespace: str) -> str:
+    """The job's command line (`es-ray cycle` and the demo submit it)."""
+    import shlex
+
+    return (f"python -m es_ray.lifecycle.cycle --overrides {shlex.quote(json.dumps(overrides))} "
+            f"--namespace {namespace}" + (" --force" if force else "") + (" --cleanup-now" if cleanup_now else ""))
+
+
 def wait_task(dsn: str, task_id: str, poll_s: float = 2.0):
     from es_ray.store import db, tasks
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.inference import deploy, registry
 from es_ray.improve.loop import ImprovementLoop, adjuster_from, improve_once
@@ -76,7 +77,7 @@ class LifecycleDriver:
         self._housekeeper = PeriodicThread(self._housekeeping, self.settings.tasks.check_interval_s, "housekeeper")
 
     def _housekeeping(self) -> None:
-        for step in (self.check_tasks, self.cleanup):
+        for step in (self.check_tasks, self.cleanup, self._export_blue):
             try:
                 step()
             except Exception:  # noqa: BLE001 - try again at the next interval
@@ -84,6 +85,11 @@ class LifecycleDriver:
 
     def _conn(self):
         return db.connect(self.manifest.postgres_dsn)
+
+    def _export_blue(self) -> None:
+        blue = self.blue()
+        if blue is not None:
+            metrics.set_gauge("es_ray_blue_model_version", blue["model_version"])
 
     def stack(self) -> dict[str, Any]:
         """Addresses and settings for jobs and replicas."""
@@ -136,9 +142,15 @@ class LifecycleDriver:
         with self._conn() as conn:
             blue = lifecycle.get_blue(conn)
             encoder = self._query_encoder(blue)
-            return improve_once(conn, Collection(blue.collection, blue.dim), encoder.embed_queries,
-                                adjuster_from(self.settings), self.settings.improve.batch_sessions,
-                                self.settings.improve.settle_s if settle_s is None else settle_s)
+            result = improve_once(conn, Collection(blue.collection, blue.dim), encoder.embed_queries,
+                                  adjuster_from(self.settings), self.settings.improve.batch_sessions,
+                                  self.settings.improve.settle_s if settle_s is None else settle_s)
+        if result.get("sessions"):
+            metrics.count("es_ray_improvement_steps")
+            metrics.count("es_ray_improvement_sessions", result["sessions"])
+            for scope in ("global", "personal"):
+                metrics.count("es_ray_improvement_vectors", result.get(f"vectors_{scope}", 0), scope=scope)
+        return result
 
     def improve_now(self, settle_s: float | None = None) -> dict[str, Any]:
         """Passes until no settled session is left; returns the totals."""
@@ -304,6 +316,9 @@ class LifecycleDriver:
         if self.settings.lifecycle.switch_pause_s:
             time.sleep(self.settings.lifecycle.switch_pause_s)  # fault-injection window (tests)
         done = lifecycle.complete_switch(conn, record, self.settings.lifecycle.grace_s)
+        if done.status == "switched":
+            metrics.count("es_ray_switches", kind=done.kind)
+            metrics.set_gauge("es_ray_blue_model_version", done.to_version)
         log.info("lifecycle.switched" if done.status == "switched" else "lifecycle.switch_aborted",
                  kind=done.kind, switch_id=done.switch_id, from_collection=done.from_collection,
                  to_collection=done.to_collection, status=done.status, reason=done.reason)

@@ -10,14 +10,16 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from importlib import resources
 from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
+from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.data import pipeline
 from es_ray.inference.triton_client import TritonEncoder, TritonUnavailable
@@ -181,21 +183,27 @@ class SearchAPI:
     @app.post("/v1/search", response_model=schemas.SearchResponse, summary="Semantic search over the blue collection")
     def search(self, request: schemas.SearchRequest) -> schemas.SearchResponse:
         blue = self._blue()
+        started, status = time.monotonic(), "unavailable"
         try:
             vector = self._encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]
             with self.pool.connection() as conn:
                 hits = Collection(blue.collection, blue.dim).search(conn, vector, request.limit, request.offset,
                                                                     request.filter, request.user_id)
+            status = "ok"
         except TritonUnavailable as err:
             raise ServiceUnavailable(f"embedding service unavailable: {err}") from err
         except db.OperationalError as err:
             raise ServiceUnavailable(f"database unavailable: {err}") from err
+        finally:
+            metrics.count("es_ray_search_requests", model=blue.model_version, status=status)
+            metrics.observe("es_ray_search_latency_ms", (time.monotonic() - started) * 1000, model=blue.model_version)
         session_id = None
         if request.session and hits:
             session_id = uuid.uuid4().hex
             with self.pool.connection() as conn:
                 clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
                                            [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)])
+            metrics.count("es_ray_sessions", source="search")
         return schemas.SearchResponse(model=f"v{blue.model_version}", session_id=session_id,
                                       results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
                                                for h in hits])
@@ -212,6 +220,8 @@ class SearchAPI:
             written, failed = pipeline.upsert_now(self.item_encoders, self.pool, self.settings, items)
         if failed and not written:
             raise ServiceUnavailable(f"no item could be stored: {failed[0]['error']}")
+        metrics.count("es_ray_upsert_items", written, path="http")
+        metrics.count("es_ray_upsert_failures", len(failed), path="http")
         log.info("items.upserted", items=written, failed=len(failed), seconds=round(time.monotonic() - started, 3))
         return schemas.UpsertResponse(upserted=written, failed=[schemas.ItemFailure(**f) for f in failed])
 
@@ -239,6 +249,7 @@ class SearchAPI:
                 deleted = dual_write.delete_items(conn, request.ids)
         except db.OperationalError as err:
             raise ServiceUnavailable(f"database unavailable: {err}") from err
+        metrics.count("es_ray_deleted_items", deleted)
         return schemas.DeleteResponse(deleted=deleted)
 
 
@@ -251,6 +262,8 @@ class SearchAPI:
         with self.pool.connection() as conn:
             created = clickstream.record_session(conn, session_id, request.user_id, request.query, None,
                                                  [(r.rank, r.id) for r in request.results])
+        if created:
+            metrics.count("es_ray_sessions", source="external")
         return schemas.SessionCreated(session_id=session_id, created=created)
 
     @app.get("/v1/sessions/{session_id}", response_model=schemas.SessionOut, summary="A session with its events")
@@ -266,12 +279,15 @@ class SearchAPI:
         with self.pool.connection() as conn:
             accepted, duplicates = clickstream.add_events(
                 conn, session_id, [(e.event_id, e.item_id, e.type) for e in request.events])
+        metrics.count("es_ray_click_events", accepted, result="accepted")
+        metrics.count("es_ray_click_events", duplicates, result="duplicate")
         return schemas.EventsResponse(accepted=accepted, duplicates=duplicates)
 
     @app.post("/v1/sessions/{session_id}/irrelevant", summary="Mark the whole result list as irrelevant")
     def mark_irrelevant(self, session_id: str) -> dict[str, Any]:
         with self.pool.connection() as conn:
             clickstream.mark_irrelevant(conn, session_id)
+        metrics.count("es_ray_irrelevant_marks")
         return {"session_id": session_id, "irrelevant": True}
 
     # --- improvement --------------------------------------------------------------------------------
@@ -343,6 +359,20 @@ class SearchAPI:
                                                 "period is over (or now)")
     def cleanup(self, request: schemas.CleanupRequest) -> dict[str, Any]:
         return _driver_call(self.driver.cleanup.remote(now=request.now))
+
+    # --- web page ---------------------------------------------------------------------------------------
+    # Names used here live in the class: Serve serialises the class where it is defined, before any
+    # module-level name below it exists.
+
+    WEB_PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+                    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+    @app.get("/", include_in_schema=False, response_class=HTMLResponse)
+    def web_page(self) -> HTMLResponse:
+        """Search with click feedback and the lifecycle at a glance (es_ray/serve/web/index.html, read once)."""
+        if getattr(self, "_web_page_html", None) is None:
+            self._web_page_html = resources.files("es_ray.serve").joinpath("web/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(self._web_page_html, headers={"Content-Security-Policy": self.WEB_PAGE_CSP})
 
 
 def build_app(args: dict[str, Any] | None = None):

@@ -74,8 +74,11 @@ def up(settings: Settings, wait_s: float = 600) -> StackManifest:
             # A restart reuses the recorded ports, which are free now: new ones must not collide with them.
             chosen = {gcs_port, dashboard_port}
             client_port = port_or_free(settings.ray.client_server_port, avoid=chosen)
-            ray_head.start(state, gcs_port, dashboard_port, client_port, free_port(avoid=chosen | {client_port}),
+            agent_port = free_port(avoid=chosen | {client_port})
+            metrics_port = port_or_free(settings.ray.metrics_export_port, avoid=chosen | {client_port, agent_port})
+            ray_head.start(state, gcs_port, dashboard_port, client_port, agent_port, metrics_port,
                            settings.ray.num_cpus)
+            manifest.ray_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         manifest.ray_address, manifest.ray_started = f"127.0.0.1:{gcs_port}", True
         manifest.ray_dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     manifest.serve_url = f"http://{settings.serve.host}:{settings.serve.port}"
@@ -170,7 +173,7 @@ def status(settings: Settings) -> dict[str, Any]:
         return {"state_dir": str(state), "running": False, "note": "no stack.json: `es-ray up` has not run here"}
     report: dict[str, Any] = {"state_dir": str(state)}
     report["ray"] = {"address": manifest.ray_address, "dashboard": manifest.ray_dashboard_url,
-                     "up": ray_head.dashboard_up(manifest.ray_dashboard_url)}
+                     "metrics": manifest.ray_metrics_url, "up": ray_head.dashboard_up(manifest.ray_dashboard_url)}
     report["postgres"] = {"dsn": manifest.postgres_dsn, "up": _postgres_up(manifest.postgres_dsn)}
     report["triton"] = {"http": manifest.triton_url, "grpc": manifest.triton_grpc_url,
                         "up": _http_ok(f"http://{manifest.triton_url}/v2/health/live")}

@@ -19,6 +19,7 @@ class StackManifest(BaseModel):
     state_dir: str
     ray_address: str = ""          # GCS address, host:port
     ray_dashboard_url: str = ""    # for `ray job submit` and the dashboard
+    ray_metrics_url: str = ""      # the head's Prometheus endpoint (es_ray_* and Ray's own metrics)
     ray_started: bool = False      # did this state dir start the Ray head?
     postgres_dsn: str = ""
     postgres_started: bool = False

@@ -38,13 +38,14 @@ def environment(state_dir: Path) -> dict[str, str]:
 
 
 def start(state_dir: Path, gcs_port: int, dashboard_port: int, client_server_port: int, agent_port: int,
-          num_cpus: int = 0) -> None:
+          metrics_port: int, num_cpus: int = 0) -> None:
     temp = temp_dir(state_dir)
     temp.mkdir(parents=True, exist_ok=True)
     command = [str(Path(sys.executable).parent / "ray"), "start", "--head",
                "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                f"--ray-client-server-port={client_server_port}", f"--dashboard-agent-listen-port={agent_port}",
+               f"--metrics-export-port={metrics_port}",
                f"--temp-dir={temp}", "--disable-usage-stats"]
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")

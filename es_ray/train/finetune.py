@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.inference import registry
 from es_ray.inference.encoder import QUERY_TOWER_DIR, load_encoder, load_tokenizer, query_tower_dir
@@ -176,6 +177,9 @@ def fine_tune(settings: Settings, config: FinetuneConfig, batch: SessionBatch, i
                                + (f"; trial errors: {' | '.join(errors)[:1500]}" if errors else ""))
         new_scores = {k: best.metrics[k] for k in ("ndcg@10", "mrr@10", "recall@100")}
         decision = gate.decide(new_scores, blue_scores, config.gate)
+        metrics.count("es_ray_gate_decisions", decision="passed" if decision.candidate else "refused")
+        for trial in outcome.trials:
+            metrics.count("es_ray_finetune_trials", status=trial.status)
         mlflow.log_metrics({f"best_{_key(k)}": v for k, v in new_scores.items()})
         mlflow.log_metrics({"tune_wall_s": outcome.wall_s, "ideal_wall_s": outcome.ideal_wall_s})
         mlflow.set_tags({"es_ray.gate": "candidate" if decision.candidate else "rejected",

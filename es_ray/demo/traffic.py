@@ -1,0 +1,66 @@
+"""Search traffic kept up while a cycle deploys, reindexes and switches: every request's outcome is kept,
+so the demo can say how many failed (the switch must not fail any) and which models answered."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class TrafficReport:
+    requests: int = 0
+    failed: int = 0
+    models: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "failed": self.failed, "models": dict(self.models),
+                "errors": dict(self.errors.most_common(5))}
+
+
+class SearchTraffic:
+    """`clients` threads searching `queries` in turn (think time between requests) until stopped."""
+
+    def __init__(self, url: str, queries: list[str], clients: int, think_s: float):
+        self.url, self.queries, self.clients, self.think_s = url, queries, clients, think_s
+        self.report = TrafficReport()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> "SearchTraffic":
+        for n in range(self.clients):
+            thread = threading.Thread(target=self._client, args=(n,), name=f"traffic-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def _client(self, n: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            k = n
+            while not self._stop.is_set():
+                query = self.queries[k % len(self.queries)]
+                k += self.clients
+                try:
+                    response = client.post("/v1/search", json={"query": query, "limit": 10, "session": False})
+                    ok = response.status_code == 200
+                    outcome = response.json()["model"] if ok else f"HTTP {response.status_code}"
+                except httpx.HTTPError as err:
+                    ok, outcome = False, type(err).__name__
+                with self._lock:
+                    self.report.requests += 1
+                    if ok:
+                        self.report.models[outcome] += 1
+                    else:
+                        self.report.failed += 1
+                        self.report.errors[outcome] += 1
+                time.sleep(self.think_s)
