@@ -145,7 +145,7 @@ def one_round(n: int, settings: Settings, manifest, config: DemoConfig, sample: 
     else:
         decision = f"{gate.get('status', '?')}: {gate.get('reason', '')}".strip(": ")
         switched = (f"v{result['from_version']} -> v{result['version']}" if result.get("switched")
-                    else f"not switched (v{result['version']} stopped at {result.get('stopped_at', '?')})")
+                    else f"v{result['version']} stopped at the {result.get('stopped_at', '?')}")
     quality, model = measure(url, sample)
     return report.RoundRow(n, model, quality, sessions, clicks, decision, switched, traffic.report.as_dict(),
                            result["steps"], round(time.monotonic() - started, 1))
