@@ -53,10 +53,10 @@ def settings():
         "ES_RAY_TASKS__CHECK_INTERVAL_S": "2",
         "ES_RAY_LIFECYCLE__SWITCH_PAUSE_S": "4",
         "ES_RAY_LIFECYCLE__GRACE_S": "3600",
-        # Tests that ray.init in this process leave a GCS client behind after ray.shutdown; Ray ends a
-        # process whose GCS has been gone 60 s (exit 1, no pytest summary). The restart test stops the
-        # head and may take longer than that to start it again: give the client time to reconnect.
-        "RAY_gcs_rpc_server_reconnect_timeout_s": "900",
+        # Ray ends a process whose GCS has been gone 60 s (exit 1, no pytest summary). The restart test
+        # stops the head and may take longer than that to start it again: a Ray client left in this
+        # process by an earlier test gets the time to reconnect.
+        "RAY_gcs_rpc_server_reconnect_timeout_s": "300",
     })
     yield load_settings(state_dir)
     shutil.rmtree(state_dir, ignore_errors=True)

@@ -44,6 +44,14 @@ def ray_cluster(stack, settings):
     ray.init(address=stack.ray_address, namespace=settings.ray.namespace, logging_level="warning",
              log_to_driver=False)
     yield
+    # Tune registers its trainables in the cluster's KV store and an atexit hook to delete them; at
+    # pytest's exit the cluster is gone and that hook would reconnect and wait on it. Delete them now.
+    import atexit
+
+    from ray.tune import registry
+
+    registry._unregister_all()
+    atexit.unregister(registry._unregister_all)
     ray.shutdown()
 
 
