@@ -15,11 +15,9 @@ import argparse
 import json
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-from tqdm import tqdm
 
 from es_ray.bench.clicksim import ClickModel, simulate_sessions
 from es_ray.bench.common import bench_stack, write_result
@@ -34,15 +32,10 @@ STATE = Path("/tmp/esr-bench-improve")
 
 
 def run_queries(url: str, queries: dict[str, str], clients: int = 2) -> dict[str, dict[str, float]]:
-    def one(item):
-        qid, text = item
-        with httpx.Client(base_url=url, timeout=120) as client:
-            response = client.post("/v1/search", json={"query": text, "limit": 100, "session": False})
-            response.raise_for_status()
-            return qid, {r["id"]: r["score"] for r in response.json()["results"]}
+    """Top 100 of every query over HTTP, not recorded as sessions (the demo measures the same way)."""
+    from es_ray.demo.loop import search_run
 
-    with ThreadPoolExecutor(clients) as pool:
-        return dict(tqdm(pool.map(one, queries.items()), total=len(queries), desc="evaluate", unit="query"))
+    return search_run(url, queries, "queries", clients)[0]
 
 
 def load_corpus(settings, manifest, data: Path, docs: int, judged: set[str]) -> int:
