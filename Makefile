@@ -8,7 +8,7 @@ STATE  ?= .es-ray
 # 10000,50000,100000 (the full benchmark) takes about two hours there; minutes on a GPU.
 REINDEX_SIZES ?= 2500,5000,10000
 
-.PHONY: venv browser demo test bench up down status clean
+.PHONY: venv browser demo test bench load up down status clean
 
 # The venv is (re)built when pyproject.toml changes. torch comes first, pinned to the CPU wheel,
 # so no dependency can pull a CUDA build.
@@ -46,6 +46,7 @@ bench: venv
 	$(BIN)/python -m es_ray.bench.ingest $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.clicks
+	$(BIN)/python -m es_ray.bench.load
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench
 	$(BIN)/python -m es_ray.bench.improve $(if $(DATA),--data $(DATA))
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-improve
@@ -53,6 +54,13 @@ bench: venv
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-finetune
 	$(BIN)/python -m es_ray.bench.reindex --sizes $(REINDEX_SIZES)
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-reindex
+
+# 8 search clients with clicks and upserts for LOAD_SECONDS, then Postgres restarted, Triton killed and
+# the Serve replica killed under that load (loopback only); bench/results/load-synthetic.json.
+LOAD_SECONDS ?= 180
+load: venv
+	$(BIN)/python -m es_ray.bench.load --seconds $(LOAD_SECONDS)
+	$(BIN)/es-ray down --state-dir /tmp/esr-bench
 
 up: venv
 	$(BIN)/es-ray up --state-dir $(STATE)

@@ -1,4 +1,4 @@
-"""The `es-ray` command: up, status, down, demo, cycle."""
+"""The `es-ray` command: up, status, down, key, demo, cycle."""
 
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ def up(state_dir: Optional[Path] = StateDir) -> None:
     manifest = control.up(settings)
     typer.echo(f"es-ray is up: {manifest.serve_url}  (API docs: {manifest.serve_url}/docs)")
     typer.echo(f"Ray dashboard: {manifest.ray_dashboard_url}   submit jobs with RAY_ADDRESS={manifest.ray_dashboard_url}")
+    key_file = settings.state_path / "auth" / "admin.key"
+    if key_file.exists():
+        typer.echo(f"API key for admin and write routes (X-API-Key header): {key_file}")
 
 
 @app.command()
@@ -50,6 +53,18 @@ def down(state_dir: Optional[Path] = StateDir) -> None:
 
     stopped = control.down(load_settings(state_dir))
     typer.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@app.command()
+def key(name: str = typer.Argument("admin", help="A name for the key, shown in logs")) -> None:
+    """Make a new API key: prints the key (for the client) and the hash entry for auth.api_keys."""
+    from es_ray.serve.auth import hash_key, new_api_key
+
+    new = new_api_key()
+    typer.echo(f"key (give it to the client as the X-API-Key header; it is not stored anywhere): {new}")
+    typer.echo("entry for configs/stack.yaml, under auth.api_keys:")
+    typer.echo(f"  - {{name: {name}, sha256: {hash_key(new)}}}")
+    typer.echo("then run `es-ray up` again: the Serve replicas roll over to the new keys.")
 
 
 @app.command()

@@ -36,6 +36,7 @@ class PostgresSettings(BaseModel):
     hnsw_ef_construction: int = 64
     hnsw_ef_search: int = 100
     maintenance_work_mem: str = "1GB"
+    pool_timeout_s: float = 5.0
 
 
 class TritonSettings(BaseModel):
@@ -48,6 +49,7 @@ class TritonSettings(BaseModel):
     max_queue_delay_us: int = 2000
     instances: int = 1
     timeout_s: float = 30.0
+    reconcile_interval_s: float = 2.0
 
 
 class MlflowSettings(BaseModel):
@@ -74,6 +76,9 @@ class ServeSettings(BaseModel):
     max_id_length: int = 512
     max_text_chars: int = 1_000_000
     max_items_per_request: int = 1000
+    max_query_chars: int = 2048
+    max_payload_depth: int = 32
+    max_body_bytes: int = 16 * 1024 * 1024
     large_upsert_items: int = 256
     blue_refresh_s: float = 1.0
 
@@ -129,6 +134,19 @@ class LifecycleSettings(BaseModel):
     switch_pause_s: float = Field(0.0, ge=0)
 
 
+class ApiKeyEntry(BaseModel):
+    name: str = Field(min_length=1)
+    sha256: str = Field(pattern="^[0-9a-f]{64}$", description="hex SHA-256 of the key; the key itself is never stored")
+
+
+class AuthSettings(BaseModel):
+    api_keys: list[ApiKeyEntry] = []
+    public_search: bool = True
+    public_clickstream: bool = True
+    user_token_secret: str = ""
+    user_token_ttl_s: float = Field(86_400.0, gt=0)
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by ES_RAY_CONFIG (default configs/stack.yaml)."""
 
@@ -157,6 +175,7 @@ class Settings(BaseSettings):
     tasks: TasksSettings = TasksSettings()
     reindex: ReindexSettings = ReindexSettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
+    auth: AuthSettings = AuthSettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

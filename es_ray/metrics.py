@@ -39,6 +39,7 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                               ("decision",)),
     "es_ray_switches": ("counter", "Blue switches made (kind: switch or rollback)", ("kind",)),
     "es_ray_blue_model_version": ("gauge", "Model version of the blue (serving) collection", ()),
+    "es_ray_auth_refusals": ("counter", "Requests refused for their credentials (status: 401 or 403)", ("status",)),
 }
 
 

@@ -21,13 +21,44 @@ SCIFACT = beir.shared_dataset("scifact")
 
 
 def pytest_collection_modifyitems(config, items):
-    # Lifecycle tests switch the blue model: they run after the tests that expect v1. The restart
-    # test stops and starts the shared stack: it runs after everything else.
-    items.sort(key=lambda item: 2 if item.get_closest_marker("restart") else
-               1 if item.get_closest_marker("lifecycle") else 0)
+    # In this order, after the plain tests: generated (schemathesis) requests, which store junk sessions;
+    # fault tests, which restart Postgres and kill Triton and the Serve replica; lifecycle tests, which
+    # switch the blue model away from v1; the restart test, which stops and starts the shared stack.
+    order = {"hostile": 1, "faults": 2, "lifecycle": 3, "restart": 4}
+    items.sort(key=lambda item: max((rank for name, rank in order.items() if item.get_closest_marker(name)),
+                                    default=0))
+
+
+FAILED: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        FAILED.append(report.nodeid)
+
+
+def _keep_logs(state_dir: Path) -> None:
+    """After a failed test, copies the stack's own logs out of the state dir (removed below) and shows
+    the end of Triton's: a component that died mid-session says why only there."""
+    keep = Path(tempfile.mkdtemp(prefix="esr-test-logs-", dir="/tmp"))
+    for pattern in ("triton/*.log", "postgres/log", "ray/session_latest/logs/*.log",
+                    "ray/session_latest/logs/*.err", "ray/session_latest/logs/*.out",
+                    "ray/session_latest/logs/serve/*.log"):
+        for path in state_dir.glob(pattern):
+            if path.stat().st_size > 50_000_000:
+                continue
+            target = keep / path.relative_to(state_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    triton_log = state_dir / "triton" / "tritonserver.log"
+    tail = triton_log.read_text(errors="replace").splitlines()[-40:] if triton_log.exists() else []
+    print(f"\n{len(FAILED)} test(s) failed; the stack's logs are kept in {keep}. Triton's log ends:")
+    print("\n".join(tail))
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "hostile: generated requests that write junk sessions (after plain tests)")
+    config.addinivalue_line("markers", "faults: restarts or kills parts of the stack under load (runs late)")
     config.addinivalue_line("markers", "lifecycle: reindexes and switches the blue model (runs late)")
     config.addinivalue_line("markers", "restart: stops and restarts the shared stack (runs last)")
 
@@ -59,6 +90,8 @@ def settings():
         "RAY_gcs_rpc_server_reconnect_timeout_s": "300",
     })
     yield load_settings(state_dir)
+    if FAILED:
+        _keep_logs(state_dir)
     shutil.rmtree(state_dir, ignore_errors=True)
 
 
@@ -73,7 +106,19 @@ def stack(settings):
 
 
 @pytest.fixture(scope="session")
-def api(stack):
+def api(stack, settings):
+    """A client with the stack's admin API key (made by `es-ray up`, see es_ray/stack/credentials.py)."""
+    from es_ray.stack.credentials import local_api_key
+
+    key = local_api_key(settings.state_path)
+    assert key, "es-ray up made no local API key"
+    with httpx.Client(base_url=stack.serve_url, headers={"X-API-Key": key}, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def anon(stack):
+    """A client without credentials: what anyone on the network can do."""
     with httpx.Client(base_url=stack.serve_url, timeout=120) as client:
         yield client
 
@@ -99,5 +144,34 @@ def loaded_scifact(api, scifact_sample):
         response = api.put("/v1/items", json={"items": items[start:start + 50]})
         assert response.status_code == 200, response.text
         assert response.json() == {"upserted": len(items[start:start + 50]), "failed": []}
+    LOADED_SAMPLE.update(item["id"] for item in items)
     return items, queries, qrels
+
+
+LOADED_SAMPLE: set[str] = set()
+
+PROBE_TOPICS = ["protein folding in cells", "immune response to infection", "gene expression in cancer",
+                "vitamin deficiency and bone health", "antibiotic resistance in bacteria", "sleep and memory"]
+
+
+@pytest.fixture(scope="module")
+def probe_items(api):
+    """A few short items to search and click, for tests that need results but not a real collection;
+    deleted after the module, so tests that rank the SciFact sample never meet them."""
+    items = [{"id": f"probe-{n:02d}", "text": f"{PROBE_TOPICS[n % len(PROBE_TOPICS)]}, note {n}"} for n in range(24)]
+    response = api.put("/v1/items", json={"items": items})
+    assert response.status_code == 200 and not response.json()["failed"], response.text
+    yield items
+    api.request("DELETE", "/v1/items", json={"ids": [item["id"] for item in items]}).raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def without_scifact_sample(api):
+    """Deletes the SciFact sample once the tests that search it have run (they all run before the
+    lifecycle tests): every reindex re-embeds the whole collection, and the long abstracts would be most
+    of that work."""
+    if LOADED_SAMPLE:
+        response = api.request("DELETE", "/v1/items", json={"ids": sorted(LOADED_SAMPLE)})
+        assert response.status_code == 200, response.text
+        LOADED_SAMPLE.clear()
 

@@ -113,9 +113,13 @@ def test_repository_entry_holds_two_towers_or_one_shared_file(tmp_path):
     repo = tmp_path / "repo"
     triton_repo.write_version(repo, 1, {"query_encoder": item, "item_encoder": item}, 32, TritonSettings())
     triton_repo.write_version(repo, 2, {"query_encoder": query, "item_encoder": item}, 32, TritonSettings())
-    shared = [(repo / name / "1" / "model.pt").stat().st_ino for name in triton_repo.ENCODERS]
+    shared = [(triton_repo.version_dir(repo, name, 1) / "model.pt").stat().st_ino for name in triton_repo.ENCODERS]
     assert shared[0] == shared[1]                                   # one file on disk, hard-linked
-    two = [torch.jit.load(str(repo / name / "2" / "model.pt")) for name in ("query_encoder", "item_encoder")]
+    assert sorted(triton_repo.deployed_versions(repo).items()) == [
+        ("item_encoder_v1", 1), ("item_encoder_v2", 2), ("query_encoder_v1", 1), ("query_encoder_v2", 2)]
+    assert 'name: "query_encoder_v2"' in (repo / "query_encoder_v2" / "config.pbtxt").read_text()
+    two = [torch.jit.load(str(triton_repo.version_dir(repo, name, 2) / "model.pt"))
+           for name in ("query_encoder", "item_encoder")]
     ids, mask = torch.randint(100, 1000, (2, 8)), torch.ones(2, 8, dtype=torch.long)
     with torch.no_grad():
         assert not torch.allclose(two[0](ids, mask), two[1](ids, mask))

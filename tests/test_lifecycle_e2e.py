@@ -20,7 +20,7 @@ import pytest
 import tritonclient.http
 
 from es_ray.inference.triton_client import TritonEncoder
-from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER
+from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, served_name
 from es_ray.stack.jobs import REPO_ROOT
 from es_ray.store import db, lifecycle
 from es_ray.store.collections import Collection
@@ -94,7 +94,7 @@ def assert_embedded_by(stack, settings, target: lifecycle.Target, ids: list[str]
 
 
 @pytest.fixture(scope="module")
-def lifecycle_items(api):
+def lifecycle_items(api, without_scifact_sample):
     items = [{"id": f"lc-{i:04d}", "text": f"Note {i}: {TOPICS[i % len(TOPICS)]}, part {i // len(TOPICS)}",
               "payload": {"i": i}} for i in range(320)]
     response = api.put("/v1/items", json={"items": items})
@@ -256,7 +256,7 @@ def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, 
 
     def searcher(seed: int) -> None:
         rng = random.Random(seed)
-        with api.__class__(base_url=stack.serve_url, timeout=60) as client:
+        with api.__class__(base_url=stack.serve_url, headers=api.headers, timeout=60) as client:
             while not stop.is_set():
                 query = rng.choice(PROBES)
                 r = client.post("/v1/search", json={"query": query, "limit": 10})
@@ -268,7 +268,7 @@ def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, 
     def writer(ids: list[str], seed: int) -> None:
         rng = random.Random(seed)
         rev = 0
-        with api.__class__(base_url=stack.serve_url, timeout=60) as client:
+        with api.__class__(base_url=stack.serve_url, headers=api.headers, timeout=60) as client:
             while not stop.is_set():
                 rev += 1
                 chosen = rng.sample(ids, rng.randint(1, 4))
@@ -354,8 +354,10 @@ def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, 
     dropped = [m for m in after["models"] if m["version"] == state.previous.model_version][0]
     assert dropped["state"] == "retired"
     triton = tritonclient.http.InferenceServerClient(stack.triton_url)
-    assert not triton.is_model_ready(ITEM_ENCODER, str(state.previous.model_version))   # unloaded
-    assert triton.is_model_ready(ITEM_ENCODER, str(new_version))
+    old_model = served_name(ITEM_ENCODER, state.previous.model_version)
+    assert not triton.is_model_ready(old_model, str(state.previous.model_version))      # unloaded
+    assert not (Path(settings.state_path) / "triton" / "models" / old_model).exists()   # and its files gone
+    assert triton.is_model_ready(served_name(ITEM_ENCODER, new_version), str(new_version))
     assert json.loads(json.dumps(after))                         # the whole answer is JSON
 
 
@@ -372,7 +374,10 @@ def test_es_ray_cycle_runs_every_step_once(api, stack, settings, lifecycle_items
                 events = [{"event_id": f"{body['session_id']}-{i}", "item_id": i, "type": "click"} for i in clicked]
                 assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": events}).status_code == 200
     before = api.get("/v1/lifecycle").json()
+    # Every click one example (no click model): this test is about the cycle's steps, and the shared
+    # stack's click log (other tests' sessions, on items deleted since) must not decide its data.
     small = {"data": {"min_heldout_queries": 2, "heldout_fraction": 0.25, "min_train_examples": 5},
+             "debias": {"enabled": False},
              "train": {"max_steps": 2, "eval_every_steps": 2},
              "tune": {"num_samples": 1, "max_concurrent_trials": 1, "cpus_per_trial": 0.5},
              "space": {"epochs": {"choice": [1]}, "batch_size": {"choice": [16]}}}

@@ -1,5 +1,5 @@
 """The web page at / in headless Chromium: search, click a result (the click is stored in the session),
-and the lifecycle panel shows the blue model.
+and the lifecycle panel refuses without an API key and shows the blue model with one.
 
 Chromium is Debian's (`make browser` installs it); Playwright only drives it, never downloads one.
 """
@@ -66,6 +66,10 @@ def test_search_click_and_lifecycle_panel(page, api, stack, loaded_scifact):
     assert body["query"] == query
     assert [(e["item_id"], e["type"]) for e in body["events"]] == [(item_id, "click")]
 
+    # The lifecycle panel is an admin view: the API's 401 until the key is given, then the blue model.
+    expect(page.locator("#lc-error")).to_contain_text("needs an API key")
+    page.fill("#api-key", api.headers["X-API-Key"])
+    page.click("#key-button")
     blue = api.get("/v1/lifecycle").json()["blue"]
     expect(page.locator("#lc-blue .version")).to_have_text(f"v{blue['model_version']}")
     expect(page.locator("#lc-blue .collection")).to_have_text(blue["collection"])
@@ -80,7 +84,7 @@ def test_api_errors_are_shown_on_the_page(page, stack, settings):
 
     page.goto(stack.serve_url + "/")
     # A query over the configured length limit: the API's 422 message appears on the page.
-    too_long = settings.serve.max_text_chars + 1
+    too_long = settings.serve.max_query_chars + 1
     page.evaluate("(n) => { document.querySelector('#query').value = 'x'.repeat(n); }", too_long)
     page.click("#search-button")
     expect(page.locator("#search-error")).to_contain_text(f"query is {too_long} characters long")

@@ -16,9 +16,9 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, write_result
+from es_ray.client import client as api_client
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
 
     _, manifest = bench_stack(args.state_dir)
     run = uuid.uuid4().hex[:8]
-    with httpx.Client(base_url=manifest.serve_url, timeout=60) as client:
+    with api_client(manifest) as client:  # sessions of users: the key acts for them (a trusted backend)
         sessions = []
         for s in range(args.sessions):
             body = {"query": f"bench query {s}", "user_id": f"user-{s % 10}",
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def send(request):
         sid, events = request
-        with httpx.Client(base_url=manifest.serve_url, timeout=60) as client:
+        with api_client(manifest) as client:
             return client.post(f"/v1/sessions/{sid}/events", json={"events": events}).json()
 
     counts = {}

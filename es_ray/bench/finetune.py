@@ -26,9 +26,11 @@ import torch
 from es_ray.bench.common import bench_stack, write_result
 from es_ray.bench.clicksim import ClickModel, simulate_sessions
 from es_ray.bench.improve import load_corpus, reset_learning
+from es_ray.client import headers
 from es_ray.data import beir
 from es_ray.data.corpus import read_qrels, read_queries
 from es_ray.inference.encoder import load_encoder, load_tokenizer, query_tower_dir
+from es_ray.stack.manifest import StackManifest
 from es_ray.store import db, lifecycle
 from es_ray.store.collections import Collection
 from es_ray.train.config import load_finetune_config
@@ -51,13 +53,14 @@ def test_quality(model_dir: Path, items: ItemVectors, queries: dict[str, str], q
     return {k: round(scores[k], 4) for k in METRICS}
 
 
-def fine_tune(url: str, overrides: dict, timeout_s: float = 7200) -> dict:
-    response = httpx.post(f"{url}/v1/tasks/fine-tune", json={"config": overrides}, timeout=120)
+def fine_tune(manifest: StackManifest, overrides: dict, timeout_s: float = 7200) -> dict:
+    url, key = manifest.serve_url, headers(manifest)
+    response = httpx.post(f"{url}/v1/tasks/fine-tune", json={"config": overrides}, headers=key, timeout=120)
     response.raise_for_status()
     task_id = response.json()["task_id"]
     deadline, last = time.monotonic() + timeout_s, None
     while time.monotonic() < deadline:
-        task = httpx.get(f"{url}/v1/tasks/{task_id}", timeout=30).json()
+        task = httpx.get(f"{url}/v1/tasks/{task_id}", headers=key, timeout=30).json()
         if task["progress"] != last:
             last = task["progress"]
             print(json.dumps({"task": task_id, "status": task["status"], **last}), flush=True)  # noqa: T201
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                    max_length)}
     print(json.dumps(result), flush=True)  # noqa: T201 - the benchmark's progress
     for name, debias in (("naive", {"enabled": False}), ("debiased", {})):
-        run = fine_tune(manifest.serve_url, {**overrides, "debias": {**overrides.get("debias", {}), **debias}})
+        run = fine_tune(manifest, {**overrides, "debias": {**overrides.get("debias", {}), **debias}})
         result[name] = test_quality(Path(run["model_dir"]), items, test, test_qrels, max_length)
         result[f"{name}_run"] = {
             "version": run["version"], "candidate": run["candidate"], "heldout": run["heldout"],

@@ -29,8 +29,10 @@ from tqdm import tqdm
 from es_ray.bench.common import bench_stack, percentiles, write_result
 from es_ray.bench.ingest import raw_forward
 from es_ray.bench.variants import register_variant
+from es_ray.client import headers
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus
+from es_ray.stack.manifest import StackManifest
 from es_ray.store import db, lifecycle
 from es_ray.store.collections import Collection, EmbeddedItem
 
@@ -85,13 +87,14 @@ def search_latency(url: str, stop: threading.Event | None = None, n: int = 100, 
     return samples, failures
 
 
-def reindex(url: str, version: int, hnsw: str) -> dict:
+def reindex(manifest: StackManifest, version: int, hnsw: str) -> dict:
+    url, key = manifest.serve_url, headers(manifest)
     response = httpx.post(f"{url}/v1/tasks/reindex", json={"to": version, "switch": "force", "hnsw": hnsw},
-                          timeout=120)
+                          headers=key, timeout=120)
     response.raise_for_status()
     task_id, last = response.json()["task_id"], None
     while True:
-        task = httpx.get(f"{url}/v1/tasks/{task_id}", timeout=30).json()
+        task = httpx.get(f"{url}/v1/tasks/{task_id}", headers=key, timeout=30).json()
         if task["progress"].get("ranges_done") != last:
             last = task["progress"].get("ranges_done")
             print(json.dumps({"task": task_id, "status": task["status"], **task["progress"]}), flush=True)  # noqa: T201
@@ -134,10 +137,11 @@ def main(argv: list[str] | None = None) -> None:
         client = threading.Thread(target=lambda: during.update(
             zip(("samples", "failures"), search_latency(manifest.serve_url, stop))))
         client.start()
-        result = reindex(manifest.serve_url, version, args.hnsw)
+        result = reindex(manifest, version, args.hnsw)
         stop.set()
         client.join()
-        httpx.post(f"{manifest.serve_url}/v1/lifecycle/cleanup", json={"now": True}, timeout=300)
+        httpx.post(f"{manifest.serve_url}/v1/lifecycle/cleanup", json={"now": True}, headers=headers(manifest),
+                   timeout=300)
         run = {"items": result["items"], "items_per_s": result["items_per_s"], "load_s": result["load_s"],
                "index_s": result["index_s"], "reindex_s": result["seconds"],
                "ms_per_1k_items": round(1000 * 1000 * result["seconds"] / result["items"], 1),

@@ -74,6 +74,25 @@ TABLES.append(("reindex", "Reindex to a new model (Ray Data job via Triton into 
     ("search p50 / p99 ms idle", lambda r: f"{r['search_idle']['p50_ms']} / {r['search_idle']['p99_ms']}"),
     ("during reindex", lambda r: f"{r['search_during']['p50_ms']} / {r['search_during']['p99_ms']}"),
     ("failed searches", lambda r: r["search_failures"])]))
+def _load_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [{**r, "phase": f"steady {r['seconds']:g} s", "window": r["steady"], "recovered": "",
+             "rss": f"{r['rss_mb']['total_start']} -> {r['rss_mb']['total_end']}"}]
+    for name, fault in r["faults"].items():
+        recovered = next((v for k, v in fault.items() if k.startswith("recovered_s")), "")
+        rows.append({**r, "phase": name.replace("_", " "), "window": fault["during"], "recovered": recovered, "rss": ""})
+    return rows
+
+
+TABLES.append(("load", "Load and faults (loopback; clicks lost must be 0)", _load_rows, [
+    ("phase", lambda r: r["phase"]), ("search clients", lambda r: r["search_clients"]),
+    ("searches", lambda r: r["window"]["search"]["requests"]), ("failed", lambda r: r["window"]["search"]["failed"]),
+    ("statuses", lambda r: " ".join(f"{k}:{v}" for k, v in sorted(r["window"]["search"]["statuses"].items()))),
+    ("p50 / p99 ms", lambda r: f"{r['window']['search']['latency'].get('p50_ms', '-')} / "
+                               f"{r['window']['search']['latency'].get('p99_ms', '-')}"),
+    ("click requests (failed)", lambda r: f"{r['window']['click']['requests']} ({r['window']['click']['failed']})"),
+    ("upserts (failed)", lambda r: f"{r['window']['upsert']['requests']} ({r['window']['upsert']['failed']})"),
+    ("recovered s", lambda r: r["recovered"]), ("stack RSS MB start -> end", lambda r: r["rss"]),
+    ("clicks acked / lost", lambda r: f"{r['clicks']['acknowledged']} / {r['clicks']['lost']}")]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 

@@ -19,9 +19,10 @@ import numpy as np
 from es_ray.config import Settings
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER
+from es_ray.lifecycle import dual_write
 from es_ray.lifecycle.dual_write import write_items
 from es_ray.logs import get_logger
-from es_ray.store import db, lifecycle
+from es_ray.store import db
 from es_ray.store.collections import EmbeddedItem
 from es_ray.store.lifecycle import Target
 
@@ -111,8 +112,7 @@ class EmbedStage:
         out: dict[str, list] = {"id": [i["id"] for i in items], "text": [i["text"] for i in items],
                                 "payload_json": list(batch["payload_json"]), "embedded": [], "error": []}
         try:
-            per_version = {t.model_version: self.encoders.embed_for(t, items)
-                           for t in lifecycle.get_state(self.conn).write_targets()}
+            per_version = dual_write.embed_for_live(self.conn, items, self.encoders.embed_for, {})
             for k in range(len(items)):
                 out["embedded"].append(pickle.dumps({v: embedded[k] for v, embedded in per_version.items()}))
                 out["error"].append("")

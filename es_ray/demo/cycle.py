@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from es_ray.client import client as api_client
 from es_ray.demo.config import Cycle
 from es_ray.lifecycle.cycle import entrypoint
 from es_ray.stack import jobs
@@ -46,7 +47,7 @@ def run_cycle(manifest: StackManifest, namespace: str, config: Cycle, timeout_s:
                 submission_id=job_id)
     job_client = jobs.client(manifest.ray_dashboard_url)
     deadline = time.monotonic() + timeout_s
-    with httpx.Client(base_url=manifest.serve_url, timeout=60) as client, Progress(
+    with api_client(manifest) as client, Progress(
             TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bars:
         steps_bar = bars.add_task("cycle", total=len(STEPS))
         detail_bar = bars.add_task("", total=None, visible=False)

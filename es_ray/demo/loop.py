@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from es_ray.bench.clicksim import ClickModel, simulate_sessions
 from es_ray.bench.common import machine
+from es_ray.client import headers
 from es_ray.config import Settings
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
@@ -128,7 +129,8 @@ def one_round(n: int, settings: Settings, manifest, config: DemoConfig, sample: 
     console.rule(f"[bold]round {n}[/bold]: simulated users")
     users = dataclasses.replace(click_model, seed=click_model.seed + n)  # new sessions each round
     sessions, clicks = simulate_sessions(url, sample.train, sample.train_qrels, users, config.users.clients)
-    learned = httpx.post(f"{url}/v1/improvement/run", params={"settle_s": 0}, timeout=3600).json()
+    learned = httpx.post(f"{url}/v1/improvement/run", params={"settle_s": 0}, headers=headers(manifest),
+                         timeout=3600).json()
     console.print(f"{sessions} sessions, {clicks} clicks; improvement loop: {learned}")
 
     console.rule(f"[bold]round {n}[/bold]: cycle (fine-tune -> gate -> deploy -> reindex -> switch -> cleanup)")
@@ -182,5 +184,7 @@ def run(settings: Settings, data: Path | None, config: DemoConfig) -> Path:
                   f"Ray dashboard:  {manifest.ray_dashboard_url}   Prometheus metrics: {manifest.ray_metrics_url}\n"
                   f"Query it:       curl -s {url}/v1/search -H 'content-type: application/json' "
                   "-d '{\"query\": \"cancer immunotherapy\", \"limit\": 5}'\n"
+                  f"API key:        {settings.state_path / 'auth' / 'admin.key'} (X-API-Key: the web page's lifecycle "
+                  "panel, items, tasks, lifecycle)\n"
                   f"Stop it:        .venv/bin/es-ray down --state-dir {settings.state_path}")
     return report_path

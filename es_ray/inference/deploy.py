@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import tritonclient.http as triton_http
+from tritonclient.utils import InferenceServerException
 
 from es_ray.config import Settings
 from es_ray.inference import triton_repo
@@ -33,20 +34,40 @@ def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, m
         log.info("deploy.traced", version=version, seconds=round(time.monotonic() - started, 2))
     client = triton_http.InferenceServerClient(triton_http_url, network_timeout=300)
     for name in triton_repo.ENCODERS:
-        if not client.is_model_ready(name, str(version)):
+        model = triton_repo.served_name(name, version)
+        if not client.is_model_ready(model, str(version)):
             started = time.monotonic()
-            client.load_model(name)
-            log.info("deploy.loaded", model=name, version=version, seconds=round(time.monotonic() - started, 2))
+            client.load_model(model)
+            log.info("deploy.loaded", model=model, version=version, seconds=round(time.monotonic() - started, 2))
     client.close()
 
 
 def undeploy(repo: Path, triton_http_url: str, version: int) -> None:
-    """Removes the version's files and reloads the encoders so Triton unloads just that version."""
-    triton_repo.remove_version(repo, version)
+    """Unloads the version's two Triton models (requests in flight finish first) and removes their files."""
     client = triton_http.InferenceServerClient(triton_http_url, network_timeout=300)
     for name in triton_repo.ENCODERS:
-        if any((repo / name).glob("[0-9]*")):
-            client.load_model(name)
-        else:
-            client.unload_model(name)
+        try:
+            client.unload_model(triton_repo.served_name(name, version))
+        except InferenceServerException as err:  # not loaded (a restarted Triton): the files go all the same
+            log.warning("deploy.unload_failed", model=triton_repo.served_name(name, version), error=str(err))
     client.close()
+    triton_repo.remove_version(repo, version)
+
+
+def reload_missing(repo: Path, triton_http_url: str) -> list[str]:
+    """Loads every deployed model of the repository that Triton does not have ready, as after a Triton
+    restart (explicit model control starts with nothing loaded); returns what it loaded."""
+    client = triton_http.InferenceServerClient(triton_http_url, network_timeout=300)
+    loaded = []
+    try:
+        if not client.is_server_live():
+            return loaded
+        for model, version in sorted(triton_repo.deployed_versions(repo).items()):
+            if not client.is_model_ready(model, str(version)):
+                started = time.monotonic()
+                client.load_model(model)
+                loaded.append(model)
+                log.info("deploy.reloaded", model=model, version=version, seconds=round(time.monotonic() - started, 2))
+    finally:
+        client.close()
+    return loaded

@@ -15,6 +15,20 @@ import tritonclient.grpc as triton_grpc
 
 from es_ray.data.chunking import Chunks, split
 from es_ray.inference.encoder import load_tokenizer
+from es_ray.inference.triton_repo import served_name
+
+
+def channel_args() -> list[tuple[str, int]]:
+    """tritonclient's defaults, with gRPC's reconnect back-off capped at 2 s (its default grows to 120 s):
+    after a Triton restart the client reconnects within seconds; until then calls fail at once."""
+    keepalive = triton_grpc.KeepAliveOptions()
+    return [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+            ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
 class TritonUnavailable(RuntimeError):
@@ -29,7 +43,8 @@ class TritonEncoder:
 
     def __init__(self, url: str, model_name: str, model_version: int, tokenizer_dir: str,
                  max_length: int, max_batch_size: int = 64, timeout_s: float = 30.0, query_pad_multiple: int = 16):
-        self.url, self.model_name, self.model_version = url, model_name, str(model_version)
+        # The Triton model of this encoder and version (es_ray/inference/triton_repo.py).
+        self.url, self.model_name, self.model_version = url, served_name(model_name, model_version), str(model_version)
         self.max_length, self.max_batch_size, self.timeout_s = max_length, max_batch_size, timeout_s
         self.tokenizer_dir = tokenizer_dir
         # Queries are padded to a multiple of this many tokens: Triton's dynamic batcher only merges
@@ -37,7 +52,7 @@ class TritonEncoder:
         self.query_pad_multiple = query_pad_multiple
         self._idle_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
         self._idle_tokenizers.put(load_tokenizer(tokenizer_dir))
-        self.client = triton_grpc.InferenceServerClient(url)
+        self.client = triton_grpc.InferenceServerClient(url, channel_args=channel_args())
 
     @contextmanager
     def tokenizer(self):

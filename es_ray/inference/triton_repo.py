@@ -1,14 +1,18 @@
-"""The versioned Triton model repository: <repo>/<model name>/config.pbtxt and <version>/model.pt.
+"""The versioned Triton model repository: <repo>/<encoder>_v<N>/config.pbtxt and <N>/model.pt.
 
-Query and item encoders are separate Triton models (they can be scaled and batched differently).
-Their version directories hold the same TorchScript file (a hard link, so the weights are on disk
-once), or two files where a fine-tune trained the query tower alone.
-Triton versions are the MLflow registry versions, so `query_encoder` version 3 is registry version 3.
+Query and item encoders are separate Triton models (they can be scaled and batched differently), and
+each registry version N of them is a Triton model of its own (`query_encoder_v3`, version 3), so
+loading a new version or unloading an old one never touches the serving one. (Versions of one Triton
+model share its load: Triton reloads every version of a model when one is added, and the python
+backend can crash tritonserver when that reload replaces instances that are serving requests.)
+A version's two model directories hold the same TorchScript file (a hard link, so the weights are on
+disk once), or two files where a fine-tune trained the query tower alone.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import site
 import sysconfig
@@ -21,6 +25,26 @@ from es_ray.config import TritonSettings
 QUERY_ENCODER = "query_encoder"
 ITEM_ENCODER = "item_encoder"
 ENCODERS = (QUERY_ENCODER, ITEM_ENCODER)
+SERVED_NAME = re.compile(r"^(?P<encoder>[a-z_]+)_v(?P<version>[0-9]+)$")
+
+
+def served_name(encoder: str, version: int | str) -> str:
+    """The Triton model that serves `encoder` of registry version `version`."""
+    return f"{encoder}_v{int(version)}"
+
+
+def version_dir(repo: Path, encoder: str, version: int | str) -> Path:
+    return repo / served_name(encoder, version) / str(int(version))
+
+
+def deployed_versions(repo: Path) -> dict[str, int]:
+    """Triton model name -> registry version, for every complete version directory in the repository."""
+    found = {}
+    for model_dir in repo.iterdir() if repo.exists() else []:
+        match = SERVED_NAME.match(model_dir.name)
+        if match and match["encoder"] in ENCODERS and (model_dir / match["version"] / "model.pt").exists():
+            found[model_dir.name] = int(match["version"])
+    return found
 TEMPLATE = Path(__file__).parent / "templates" / "triton_model.py"
 
 
@@ -64,10 +88,10 @@ def write_version(repo: Path, version: int, towers: dict[str, torch.jit.ScriptMo
     shared by both is saved once and hard-linked. Returns the Triton model names written."""
     saved: dict[int, Path] = {}
     for name in ENCODERS:
-        version_dir = repo / name / str(version)
-        version_dir.mkdir(parents=True, exist_ok=True)
-        target = version_dir / "model.pt"
-        tmp = version_dir / "model.pt.tmp"
+        directory = version_dir(repo, name, version)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / "model.pt"
+        tmp = directory / "model.pt.tmp"
         tmp.unlink(missing_ok=True)
         module = towers[name]
         if id(module) in saved:
@@ -79,15 +103,25 @@ def write_version(repo: Path, version: int, towers: dict[str, torch.jit.ScriptMo
             torch.jit.save(module, str(tmp))
         tmp.replace(target)
         saved.setdefault(id(module), target)
-        shutil.copy(TEMPLATE, version_dir / "model.py")
-        (repo / name / "config.pbtxt").write_text(config_pbtxt(name, dim, settings, torch_threads))
-    return list(ENCODERS)
+        shutil.copy(TEMPLATE, directory / "model.py")
+        _write_if_changed(directory.parent / "config.pbtxt",
+                          config_pbtxt(served_name(name, version), dim, settings, torch_threads))
+    return [served_name(name, version) for name in ENCODERS]
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Writes the file whole (rename), and only when its text changes: a model's config is not touched
+    again once Triton has loaded it."""
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
 
 
 def has_version(repo: Path, version: int) -> bool:
-    return all((repo / name / str(version) / "model.pt").exists() for name in ENCODERS)
+    return all((version_dir(repo, name, version) / "model.pt").exists() for name in ENCODERS)
 
 
 def remove_version(repo: Path, version: int) -> None:
     for name in ENCODERS:
-        shutil.rmtree(repo / name / str(version), ignore_errors=True)
+        shutil.rmtree(repo / served_name(name, version), ignore_errors=True)

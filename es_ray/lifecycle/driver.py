@@ -69,12 +69,32 @@ class LifecycleDriver:
         self.repo = Path(self.manifest.state_dir) / "triton" / "models"
         db.migrate(self.manifest.postgres_dsn)
         self._improvement: ImprovementLoop | None = None
+        self._triton_lock = threading.Lock()  # model files and loads: one deploy, undeploy or reload at a time
         # After a restart, put the blue model back into Triton if Triton lost it, and finish (or
         # abort) a switch the previous incarnation recorded but did not complete.
         if self.blue() is not None:
             self.ensure_serving()
             self.resume_switches()
         self._housekeeper = PeriodicThread(self._housekeeping, self.settings.tasks.check_interval_s, "housekeeper")
+        self._triton_keeper = PeriodicThread(self._reconcile_triton, self.settings.triton.reconcile_interval_s,
+                                             "triton-keeper")
+
+    def _deploy(self, version: int, model_dir) -> None:
+        with self._triton_lock:
+            deploy.deploy(self.settings, self.repo, self.manifest.triton_url, version, Path(model_dir))
+
+    def _undeploy(self, version: int) -> None:
+        with self._triton_lock:
+            deploy.undeploy(self.repo, self.manifest.triton_url, version)
+
+    def _reconcile_triton(self) -> None:
+        """A restarted Triton (explicit model control) comes back empty: load the deployed versions again.
+        Holds the Triton lock, so it never loads a version that a deploy is still writing."""
+        try:
+            with self._triton_lock:
+                deploy.reload_missing(self.repo, self.manifest.triton_url)
+        except Exception as err:  # noqa: BLE001 - Triton is down or restarting: try again next interval
+            log.debug("triton.reconcile_failed", error=str(err))
 
     def _housekeeping(self) -> None:
         for step in (self.check_tasks, self.cleanup, self._export_blue):
@@ -113,7 +133,7 @@ class LifecycleDriver:
                                               source_dir=str(local_dir), dim=deploy.model_dim(local_dir),
                                               max_length=self.settings.model.max_length)
                 lifecycle.save_model(conn, model)
-                deploy.deploy(self.settings, self.repo, self.manifest.triton_url, version, local_dir)
+                self._deploy(version, local_dir)
                 lifecycle.save_model(conn, lifecycle.ModelRecord(**{**model.__dict__, "state": "deployed"}))
                 name = collection_name(version)
                 Collection(name, model.dim).create(conn, self.settings.postgres.hnsw_m,
@@ -122,7 +142,7 @@ class LifecycleDriver:
                 lifecycle.set_blue(conn, version, name)
                 log.info("lifecycle.bootstrapped", model_version=version, collection=name)
             else:
-                deploy.deploy(self.settings, self.repo, self.manifest.triton_url, blue.model_version,
+                self._deploy(blue.model_version,
                               Path(blue.source_dir))
                 # Bring live collections made by an older es-ray up to the current schema (idempotent).
                 state = lifecycle.get_state(conn)
@@ -234,7 +254,7 @@ class LifecycleDriver:
                 model = lifecycle.ModelRecord(version, registry.model_uri(self.settings, version), str(local_dir),
                                               deploy.model_dim(local_dir), self.settings.model.max_length)
                 lifecycle.save_model(conn, model)
-        deploy.deploy(self.settings, self.repo, self.manifest.triton_url, version, Path(model.source_dir))
+        self._deploy(version, Path(model.source_dir))
         return model.__dict__
 
     def start_reindex(self, version: int, switch: str | None = None, hnsw: str | None = None) -> dict[str, Any]:
@@ -278,7 +298,7 @@ class LifecycleDriver:
                 if not force and not lifecycle.gate_passed(conn, green.model_version):
                     raise SwitchRefused(f"model v{green.model_version} has not passed the quality gate; "
                                         "switch with force to override")
-                deploy.deploy(self.settings, self.repo, self.manifest.triton_url, green.model_version,
+                self._deploy(green.model_version,
                               Path(green.source_dir))  # idempotent: makes sure Triton serves it before the switch
                 if state.previous is not None:
                     # One rollback target at a time: the blue being replaced takes the older one's place.
@@ -299,7 +319,7 @@ class LifecycleDriver:
                 if state.previous is None:
                     raise SwitchRefused("there is nothing to roll back to: no previous collection "
                                         "(none was switched from, or its grace period is over)")
-                deploy.deploy(self.settings, self.repo, self.manifest.triton_url, state.previous.model_version,
+                self._deploy(state.previous.model_version,
                               Path(state.previous.source_dir))
                 record = lifecycle.begin_switch(conn, "rollback", state.blue, state.previous, True)
                 return self._complete(conn, record)
@@ -374,7 +394,7 @@ class LifecycleDriver:
         lifecycle.save_collection(conn, previous.collection, previous.model_version, "dropped")
         live = {t.model_version for t in lifecycle.get_state(conn).write_targets()}
         if previous.model_version not in live:
-            deploy.undeploy(self.repo, self.manifest.triton_url, previous.model_version)
+            self._undeploy(previous.model_version)
             lifecycle.set_model_state(conn, previous.model_version, "retired")
         dropped = {"collection": previous.collection, "model_version": previous.model_version}
         log.info("lifecycle.cleaned_up", **dropped)

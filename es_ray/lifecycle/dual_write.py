@@ -30,6 +30,21 @@ class LifecycleMoved(RuntimeError):
     """The set of collections kept changing while the write was embedding; retry later."""
 
 
+def embed_for_live(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for: EmbedFor,
+                   embedded: dict[int, list[EmbeddedItem]]) -> dict[int, list[EmbeddedItem]]:
+    """Adds the embeddings of every live collection's model that `embedded` lacks. A collection dropped
+    (and its model unloaded) after the state was read is skipped: an embedding it fails is not needed,
+    since the write transaction reads the live collections again."""
+    for target in lifecycle.get_state(conn).write_targets():
+        if target.model_version not in embedded:
+            try:
+                embedded[target.model_version] = embed_for(target, items)
+            except Exception:
+                if target in lifecycle.get_state(conn).write_targets():
+                    raise
+    return embedded
+
+
 def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for: EmbedFor,
                 embedded: dict[int, list[EmbeddedItem]] | None = None) -> int:
     """Upserts `items` into every live collection; returns how many the blue collection took.
@@ -40,9 +55,7 @@ def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for
     """
     embedded = dict(embedded or {})
     for attempt in range(ATTEMPTS):
-        for target in lifecycle.get_state(conn).write_targets():
-            if target.model_version not in embedded:
-                embedded[target.model_version] = embed_for(target, items)
+        embed_for_live(conn, items, embed_for, embedded)
         try:
             with conn.transaction():
                 state = lifecycle.get_state(conn, lock=True)

@@ -11,13 +11,14 @@ import threading
 import time
 import uuid
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from es_ray import metrics
 from es_ray.config import Settings
@@ -27,7 +28,9 @@ from es_ray.inference.triton_repo import ENCODERS, QUERY_ENCODER
 from es_ray.lifecycle import dual_write
 from es_ray.lifecycle.driver import SwitchRefused, UnknownModel, get_driver
 from es_ray.logs import get_logger
-from es_ray.serve import schemas
+from es_ray.serve import auth, schemas
+from es_ray.serve.auth import Caller
+from es_ray.serve.limits import BodySizeLimit
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import clickstream, db, lifecycle, tasks
 from es_ray.store.collections import Collection
@@ -38,13 +41,25 @@ log = get_logger(__name__)
 app = FastAPI(
     title="es-ray",
     description="Self-improving semantic search: search, items and health. Errors are JSON objects "
-                "{\"error\": message, \"details\": [...]}.",
+                "{\"error\": message, \"details\": [...]}. Admin and write routes need an API key "
+                "(X-API-Key); a user's sessions and personalisation need that user's token (X-User-Token) or a key.",
     version="0.1.0",
+    responses=schemas.ERROR_RESPONSES,
 )
+app.add_middleware(BodySizeLimit)
+
+ADMIN = [Depends(auth.admin)]  # dependencies of every admin or write route
 
 
 def _field_path(location: tuple) -> str:
     return ".".join(str(part) for part in location if part != "body") or "body"
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """401, 403, 404 for unknown paths, 405: the same {"error", "details"} body as every other error."""
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail), "details": []},
+                        headers=getattr(exc, "headers", None))
 
 
 @app.exception_handler(RequestValidationError)
@@ -60,6 +75,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         details.append({"field": field, "message": message})
     summary = "; ".join(f"{d['field']}: {d['message']}" for d in details[:5])
     return JSONResponse(status_code=422, content={"error": summary, "details": details})
+
+
+def _path_id(value: str, field: str) -> str:
+    """Path parameters get the same checks as ids in bodies (length, NUL, valid unicode): 422, not 500."""
+    try:
+        return schemas.check_id(value)
+    except ValueError as err:
+        raise RequestValidationError([{"loc": ("path", field), "msg": str(err), "type": "value_error"}]) from None
 
 
 class BlueWatcher:
@@ -133,14 +156,16 @@ async def _database_down(request: Request, exc: Exception) -> JSONResponse:
 @serve.deployment(name="SearchAPI", ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class SearchAPI:
-    def __init__(self, namespace: str = "es-ray"):
+    def __init__(self, namespace: str = "es-ray", settings_version: str = ""):
+        # settings_version is unused here: a new value (new keys, limits) makes `serve.run` roll the replicas.
         stack = ray.get(get_driver(namespace).stack.remote())
         self.settings = Settings.model_validate(stack["settings"])
         self.manifest = StackManifest.model_validate(stack["manifest"])
         schemas.configure_limits(self.settings.serve)
+        auth.configure(self.settings.auth)
         self.driver = get_driver(namespace)
         self.pool = db.open_pool(self.manifest.postgres_dsn, self.settings.postgres.pool_size,
-                                 self.settings.postgres.hnsw_ef_search)
+                                 self.settings.postgres.hnsw_ef_search, self.settings.postgres.pool_timeout_s)
         self.blue = BlueWatcher(self.pool, self.settings.serve.blue_refresh_s)
         self._encoders: dict[tuple[str, int], TritonEncoder] = {}
         self._lock = threading.Lock()
@@ -162,7 +187,8 @@ class SearchAPI:
             raise ServiceUnavailable("no blue model yet: the stack is still bootstrapping")
         return blue
 
-    @app.get("/healthz", summary="200 once Postgres, Triton, MLflow and the lifecycle driver answer")
+    @app.get("/healthz", summary="200 once Postgres, Triton, MLflow and the lifecycle driver answer",
+             responses={503: {"description": "Not healthy: the body says which part is not"}})
     def healthz(self) -> JSONResponse:
         report: dict[str, Any] = {}
         try:
@@ -181,7 +207,9 @@ class SearchAPI:
         return JSONResponse(status_code=200 if healthy else 503, content={"healthy": healthy, **report})
 
     @app.post("/v1/search", response_model=schemas.SearchResponse, summary="Semantic search over the blue collection")
-    def search(self, request: schemas.SearchRequest) -> schemas.SearchResponse:
+    def search(self, request: schemas.SearchRequest, who: Caller = Depends(auth.searcher)) -> schemas.SearchResponse:
+        if request.user_id is not None:
+            auth.require_user(who, request.user_id, f"personalised search for user {request.user_id!r}")
         blue = self._blue()
         started, status = time.monotonic(), "unavailable"
         try:
@@ -208,7 +236,7 @@ class SearchAPI:
                                       results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
                                                for h in hits])
 
-    @app.put("/v1/items", response_model=schemas.UpsertResponse,
+    @app.put("/v1/items", response_model=schemas.UpsertResponse, dependencies=ADMIN,
              summary="Insert or replace items (long texts are chunked; each chunk and the average get a vector)")
     def upsert(self, request: schemas.UpsertRequest) -> schemas.UpsertResponse:
         self._blue()  # 503 while the stack bootstraps
@@ -241,7 +269,7 @@ class SearchAPI:
                     written += 1
         return written, failed
 
-    @app.delete("/v1/items", response_model=schemas.DeleteResponse, summary="Delete items by id")
+    @app.delete("/v1/items", response_model=schemas.DeleteResponse, dependencies=ADMIN, summary="Delete items by id")
     def delete(self, request: schemas.DeleteRequest) -> schemas.DeleteResponse:
         self._blue()  # 503 while the stack bootstraps
         try:
@@ -257,7 +285,10 @@ class SearchAPI:
 
     @app.post("/v1/sessions", response_model=schemas.SessionCreated,
               summary="Record a result list shown elsewhere (for clients that search another way)")
-    def create_session(self, request: schemas.SessionRequest) -> schemas.SessionCreated:
+    def create_session(self, request: schemas.SessionRequest,
+                       who: Caller = Depends(auth.clickstream_writer)) -> schemas.SessionCreated:
+        if request.user_id is not None:
+            auth.require_user(who, request.user_id, f"a session of user {request.user_id!r}")
         session_id = request.session_id or uuid.uuid4().hex
         with self.pool.connection() as conn:
             created = clickstream.record_session(conn, session_id, request.user_id, request.query, None,
@@ -266,17 +297,22 @@ class SearchAPI:
             metrics.count("es_ray_sessions", source="external")
         return schemas.SessionCreated(session_id=session_id, created=created)
 
-    @app.get("/v1/sessions/{session_id}", response_model=schemas.SessionOut, summary="A session with its events")
-    def read_session(self, session_id: str) -> schemas.SessionOut:
+    @app.get("/v1/sessions/{session_id}", response_model=schemas.SessionOut,
+             summary="A session with its events (its user's token or an API key)")
+    def read_session(self, session_id: str, who: Caller = Depends(auth.someone)) -> schemas.SessionOut:
+        _path_id(session_id, "session_id")
         with self.pool.connection() as conn:
+            auth.require_user(who, clickstream.session_owner(conn, session_id), f"session {session_id}")
             session = clickstream.get_session(conn, session_id)
         return schemas.SessionOut(**{**session.__dict__,
                                      "results": [{"id": i, "rank": r} for r, i in session.results]})
 
     @app.post("/v1/sessions/{session_id}/events", response_model=schemas.EventsResponse,
               summary="Record clicks on shown results; idempotent by event_id, all or nothing")
-    def add_events(self, session_id: str, request: schemas.EventsRequest) -> schemas.EventsResponse:
+    def add_events(self, session_id: str, request: schemas.EventsRequest,
+                   who: Caller = Depends(auth.clickstream_writer)) -> schemas.EventsResponse:
         with self.pool.connection() as conn:
+            self._check_owner(conn, who, session_id)
             accepted, duplicates = clickstream.add_events(
                 conn, session_id, [(e.event_id, e.item_id, e.type) for e in request.events])
         metrics.count("es_ray_click_events", accepted, result="accepted")
@@ -284,56 +320,80 @@ class SearchAPI:
         return schemas.EventsResponse(accepted=accepted, duplicates=duplicates)
 
     @app.post("/v1/sessions/{session_id}/irrelevant", summary="Mark the whole result list as irrelevant")
-    def mark_irrelevant(self, session_id: str) -> dict[str, Any]:
+    def mark_irrelevant(self, session_id: str, who: Caller = Depends(auth.clickstream_writer)) -> dict[str, Any]:
         with self.pool.connection() as conn:
+            self._check_owner(conn, who, session_id)
             clickstream.mark_irrelevant(conn, session_id)
         metrics.count("es_ray_irrelevant_marks")
         return {"session_id": session_id, "irrelevant": True}
 
+    @staticmethod
+    def _check_owner(conn, who: Caller, session_id: str) -> None:
+        """A user's session takes events only from that user (or an admin); anonymous ones from anyone
+        who knows the id."""
+        _path_id(session_id, "session_id")
+        owner = clickstream.session_owner(conn, session_id)
+        if owner is not None:
+            auth.require_user(who, owner, f"session {session_id}")
+
     # --- improvement --------------------------------------------------------------------------------
 
-    @app.post("/v1/improvement/run", summary="Run the improvement loop now over every settled session")
+    @app.post("/v1/improvement/run", dependencies=ADMIN,
+              summary="Run the improvement loop now over every settled session")
     def run_improvement(self, settle_s: float | None = None) -> dict[str, Any]:
         if settle_s is not None and not 0 <= settle_s <= 86_400:
             raise RequestValidationError([{"loc": ("query", "settle_s"), "msg": "settle_s must be 0 to 86400",
                                            "type": "value_error"}])
         return ray.get(self.driver.improve_now.remote(settle_s))
 
-    @app.post("/v1/improvement/undo", summary="Put back the model's vectors wherever global clicks moved them")
+    @app.post("/v1/improvement/undo", dependencies=ADMIN,
+              summary="Put back the model's vectors wherever global clicks moved them")
     def undo_improvement(self) -> dict[str, Any]:
         blue = self._blue()
         with self.pool.connection() as conn:
             restored = Collection(blue.collection, blue.dim).undo_global(conn)
         return {"restored_vectors": restored}
 
-    @app.delete("/v1/users/{user_id}/personalisation", summary="Forget everything learned from a user's clicks")
-    def forget_user(self, user_id: str) -> dict[str, Any]:
+    @app.delete("/v1/users/{user_id}/personalisation",
+                summary="Forget everything learned from a user's clicks (that user's token or an API key)")
+    def forget_user(self, user_id: str, who: Caller = Depends(auth.someone)) -> dict[str, Any]:
+        _path_id(user_id, "user_id")
+        auth.require_user(who, user_id, f"the personalisation of user {user_id!r}")
         blue = self._blue()
         with self.pool.connection() as conn:
             deleted = Collection(blue.collection, blue.dim).forget_user(conn, user_id)
         return {"user_id": user_id, "deleted_vectors": deleted}
 
+    @app.post("/v1/users/{user_id}/token", response_model=schemas.UserToken, dependencies=ADMIN,
+              summary="Issue a token that lets this user read their sessions and personalised results")
+    def issue_user_token(self, user_id: str, request: schemas.TokenRequest | None = None) -> schemas.UserToken:
+        _path_id(user_id, "user_id")
+        token, expires = auth.authenticator().issue_token(user_id, request.ttl_s if request else None)
+        return schemas.UserToken(user_id=user_id, token=token, expires_at=expires)
 
     # --- tasks: long-running work as Ray jobs -------------------------------------------------------
 
-    @app.post("/v1/tasks/fine-tune", status_code=202, response_model=schemas.TaskOut,
+    @app.post("/v1/tasks/fine-tune", status_code=202, response_model=schemas.TaskOut, dependencies=ADMIN,
               summary="Start a fine-tune from the clickstream (a Ray job); 409 while one runs")
     def start_fine_tune(self, request: schemas.FineTuneRequest) -> schemas.TaskOut:
         return schemas.TaskOut(**_driver_call(self.driver.start_fine_tune.remote(request.config)))
 
-    @app.post("/v1/tasks/reindex", status_code=202, response_model=schemas.TaskOut,
+    @app.post("/v1/tasks/reindex", status_code=202, response_model=schemas.TaskOut, dependencies=ADMIN,
               summary="Re-embed every item with a model version into a green collection (a Ray job); 409 while "
                       "a reindex or switch runs, 404 for an unknown version")
     def start_reindex(self, request: schemas.ReindexRequest) -> schemas.TaskOut:
         return schemas.TaskOut(**_driver_call(self.driver.start_reindex.remote(request.to, request.switch, request.hnsw)))
 
-    @app.get("/v1/tasks/{task_id}", response_model=schemas.TaskOut, summary="A task: status, progress, result")
+    @app.get("/v1/tasks/{task_id}", response_model=schemas.TaskOut, dependencies=ADMIN,
+             summary="A task: status, progress, result")
     def read_task(self, task_id: str) -> schemas.TaskOut:
+        _path_id(task_id, "task_id")
         with self.pool.connection() as conn:
             return schemas.TaskOut(**tasks.get(conn, task_id).__dict__)
 
-    @app.get("/v1/tasks", response_model=schemas.TaskList, summary="Recent tasks, newest first")
-    def list_tasks(self, kind: str | None = None, limit: int = 20) -> schemas.TaskList:
+    @app.get("/v1/tasks", response_model=schemas.TaskList, dependencies=ADMIN, summary="Recent tasks, newest first")
+    def list_tasks(self, kind: Literal["fine-tune", "reindex", "cycle"] | None = None,
+                   limit: int = 20) -> schemas.TaskList:
         if not 1 <= limit <= 200:
             raise RequestValidationError([{"loc": ("query", "limit"), "msg": "limit must be 1 to 200",
                                            "type": "value_error"}])
@@ -343,20 +403,23 @@ class SearchAPI:
 
     # --- lifecycle: blue/green ------------------------------------------------------------------------
 
-    @app.get("/v1/lifecycle", summary="Blue, green and previous collections, locks, tasks, switches, models")
+    @app.get("/v1/lifecycle", dependencies=ADMIN,
+             summary="Blue, green and previous collections, locks, tasks, switches, models")
     def lifecycle_state(self) -> dict[str, Any]:
         return _driver_call(self.driver.lifecycle_state.remote())
 
-    @app.post("/v1/lifecycle/switch", summary="Make the complete green collection blue (409 says why not)")
+    @app.post("/v1/lifecycle/switch", dependencies=ADMIN,
+              summary="Make the complete green collection blue (409 says why not)")
     def switch(self, request: schemas.SwitchRequest) -> dict[str, Any]:
         return _driver_call(self.driver.switch.remote(force=request.force))
 
-    @app.post("/v1/lifecycle/rollback", summary="Make the previous blue blue again, within its grace period")
+    @app.post("/v1/lifecycle/rollback", dependencies=ADMIN,
+              summary="Make the previous blue blue again, within its grace period")
     def rollback(self) -> dict[str, Any]:
         return _driver_call(self.driver.rollback.remote())
 
-    @app.post("/v1/lifecycle/cleanup", summary="Drop the previous collection and unload its model if its grace "
-                                                "period is over (or now)")
+    @app.post("/v1/lifecycle/cleanup", dependencies=ADMIN,
+              summary="Drop the previous collection and unload its model if its grace period is over (or now)")
     def cleanup(self, request: schemas.CleanupRequest) -> dict[str, Any]:
         return _driver_call(self.driver.cleanup.remote(now=request.now))
 
@@ -378,4 +441,5 @@ class SearchAPI:
 def build_app(args: dict[str, Any] | None = None):
     """Serve application builder (import path es_ray.serve.app:build_app, see configs/serve.yaml)."""
     args = args or {}
-    return SearchAPI.options(num_replicas=int(args.get("replicas", 1))).bind(args.get("namespace", "es-ray"))
+    return SearchAPI.options(num_replicas=int(args.get("replicas", 1))).bind(args.get("namespace", "es-ray"),
+                                                                          args.get("settings_version", ""))

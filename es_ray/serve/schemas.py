@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any, Literal
 
@@ -18,17 +19,66 @@ def configure_limits(settings: ServeSettings) -> None:
     LIMITS = settings
 
 
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    """Every error the API answers (4xx and 503) has this body."""
+
+    error: str = Field(description="What is wrong, in one line.")
+    details: list[ErrorDetail] = Field(default_factory=list, description="One entry per invalid field (422).")
+
+
+ERROR_RESPONSES = {status: {"model": ErrorOut, "description": description} for status, description in {
+    400: "The body could not be read", 401: "No valid API key or user token", 403: "Another user's data",
+    404: "Unknown id or path", 409: "Conflicts with stored data or running work", 413: "Request body too large",
+    422: "Invalid request: details name each field", 503: "A dependency is unavailable: retry after Retry-After",
+}.items()}
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _check_id(value: str) -> str:
+def _check_chars(value: str, what: str) -> str:
+    """Text Postgres can store: no NUL character, no lone UTF-16 surrogate (JSON allows both)."""
+    if "\x00" in value:
+        raise ValueError(f"{what} must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{what} is not valid unicode (a lone surrogate at character {err.start})") from None
+    return value
+
+
+def check_id(value: str) -> str:
     if not value:
         raise ValueError("id must not be empty")
     if len(value) > LIMITS.max_id_length:
         raise ValueError(f"id is {len(value)} characters long; the limit is {LIMITS.max_id_length}")
-    if "\x00" in value:
-        raise ValueError("id must not contain NUL characters")
+    return _check_chars(value, "id")
+
+
+_check_id = check_id
+
+
+def check_json(value: Any, what: str, depth: int = 0) -> Any:
+    """Payloads and filters: strings and keys as in _check_chars, finite numbers, bounded nesting."""
+    if depth > LIMITS.max_payload_depth:
+        raise ValueError(f"{what} is nested deeper than {LIMITS.max_payload_depth} levels")
+    if isinstance(value, str):
+        _check_chars(value, what)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{what} holds {value}: numbers must be finite")
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            _check_chars(key, f"{what} key")
+            check_json(inner, what, depth + 1)
+    elif isinstance(value, list):
+        for inner in value:
+            check_json(inner, what, depth + 1)
     return value
 
 
@@ -53,9 +103,9 @@ class Item(Strict):
             raise ValueError("text must not be empty")
         if len(value) > LIMITS.max_text_chars:
             raise ValueError(f"text is {len(value)} characters long; the limit is {LIMITS.max_text_chars}")
-        if "\x00" in value:
-            raise ValueError("text must not contain NUL characters")
-        return value
+        return _check_chars(value, "text")
+
+    _payload = field_validator("payload")(lambda value: check_json(value, "payload"))
 
 
 class UpsertRequest(Strict):
@@ -107,13 +157,14 @@ class SearchRequest(Strict):
     def _check_query(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("query must not be empty")
-        if len(value) > LIMITS.max_text_chars:
-            raise ValueError(f"query is {len(value)} characters long; the limit is {LIMITS.max_text_chars}")
-        return value
+        if len(value) > LIMITS.max_query_chars:
+            raise ValueError(f"query is {len(value)} characters long; the limit is {LIMITS.max_query_chars}")
+        return _check_chars(value, "query")
 
     @field_validator("filter")
     @classmethod
     def _check_filter(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        check_json(value, "filter")
         compile_filter(value)  # raises FilterError (a ValueError) naming the bad part
         return value
 
@@ -255,6 +306,17 @@ class SwitchRequest(Strict):
 
 class CleanupRequest(Strict):
     now: bool = Field(False, description="Drop the previous collection without waiting for its grace period.")
+
+
+class TokenRequest(Strict):
+    ttl_s: float | None = Field(None, gt=0, le=30 * 86_400, description="Seconds the token is valid "
+                                "(default auth.user_token_ttl_s).")
+
+
+class UserToken(BaseModel):
+    user_id: str
+    token: str = Field(description="Send as the X-User-Token header.")
+    expires_at: int = Field(description="Unix time.")
 
 
 class TaskOut(BaseModel):

@@ -7,6 +7,7 @@ kept in the manifest, so a restarted stack listens where it did before.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import requests
 from es_ray.config import Settings
 from es_ray.inference import registry
 from es_ray.logs import get_logger
-from es_ray.stack import postgres, ray_head, triton
+from es_ray.stack import credentials, postgres, ray_head, triton
 from es_ray.stack.manifest import StackManifest, free_port, port_or_free
 
 log = get_logger(__name__)
@@ -35,6 +36,7 @@ def up(settings: Settings, wait_s: float = 600) -> StackManifest:
     started = time.monotonic()
     state = settings.state_path
     state.mkdir(parents=True, exist_ok=True)
+    settings = credentials.with_local_credentials(settings)
     manifest = StackManifest.load(state) or StackManifest(state_dir=str(state))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -106,7 +108,10 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
         ray.get(driver.ensure_serving.remote())
         serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port},
                     logging_config={"enable_access_log": False})
-        application = build_app({"namespace": settings.ray.namespace, "replicas": settings.serve.replicas})
+        # A settings change (keys, limits) changes settings_version, so serve.run rolls the replicas over.
+        version = hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
+        application = build_app({"namespace": settings.ray.namespace, "replicas": settings.serve.replicas,
+                                 "settings_version": version})
         serve.run(application, name=settings.serve.app_name, route_prefix="/", blocking=False)
     finally:
         ray.shutdown()

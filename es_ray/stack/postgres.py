@@ -18,6 +18,11 @@ def start(state_dir: Path) -> str:
     pgdata.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server outlives this process; `es-ray down` stops it.
     server = pgserver.get_server(pgdata, cleanup_mode=None)
+    if not is_running(state_dir):
+        # pgserver keeps one handle per data dir in a process and hands it back as it is, also after the
+        # server was stopped (a restart in the same process): start the server again through it.
+        with server._lock:
+            server.ensure_postgres_running()
     dsn = server.get_uri()
     log.info("postgres.started", pgdata=str(pgdata), dsn=dsn)
     return dsn

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -72,13 +71,41 @@ def start(state_dir: Path, http_port: int, grpc_port: int, metrics_port: int, ti
         "--strict-readiness=false",
         "--log-verbose=0",
     ]
+    # Under the supervisor (es_ray/stack/supervisor.py), which restarts a tritonserver that dies.
+    supervisor = [sys.executable, "-m", "es_ray.stack.supervisor", "--name", "triton",
+                  "--child-pid-file", str(_server_pid_file(state_dir)), "--", *command]
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=_environment(server_dir),
+        process = subprocess.Popen(supervisor, stdout=log_file, stderr=subprocess.STDOUT, env=_environment(server_dir),
                                    start_new_session=True, cwd=state_dir)
-    (state_dir / "triton" / "tritonserver.pid").write_text(str(process.pid))
+    _supervisor_pid_file(state_dir).write_text(str(process.pid))
     wait_live(f"127.0.0.1:{http_port}", timeout_s, process)
-    log.info("triton.started", pid=process.pid, http_port=http_port, grpc_port=grpc_port, repository=str(repo))
+    log.info("triton.started", supervisor_pid=process.pid, pid=server_pid(state_dir), http_port=http_port,
+             grpc_port=grpc_port, repository=str(repo))
     return process.pid
+
+
+def _supervisor_pid_file(state_dir: Path) -> Path:
+    return state_dir / "triton" / "supervisor.pid"
+
+
+def _server_pid_file(state_dir: Path) -> Path:
+    return state_dir / "triton" / "tritonserver.pid"
+
+
+def _alive(pid_file: Path, marker: str) -> psutil.Process | None:
+    try:
+        process = psutil.Process(int(pid_file.read_text()))
+        if process.is_running() and process.status() != psutil.STATUS_ZOMBIE and marker in " ".join(process.cmdline()):
+            return process
+    except (OSError, ValueError, psutil.Error):
+        pass
+    return None
+
+
+def server_pid(state_dir: Path) -> int | None:
+    """The tritonserver process itself (its pid changes when the supervisor restarts it)."""
+    process = _alive(_server_pid_file(state_dir), "tritonserver")
+    return process.pid if process else None
 
 
 def wait_live(url: str, timeout_s: float, process: subprocess.Popen | None = None) -> None:
@@ -99,28 +126,22 @@ def wait_live(url: str, timeout_s: float, process: subprocess.Popen | None = Non
 
 
 def running_pid(state_dir: Path) -> int | None:
-    pid_file = state_dir / "triton" / "tritonserver.pid"
-    if not pid_file.exists():
-        return None
-    pid = int(pid_file.read_text())
-    try:
-        process = psutil.Process(pid)
-        if process.is_running() and "tritonserver" in " ".join(process.cmdline()):
-            return pid
-    except psutil.Error:
-        pass
-    return None
+    """The supervisor's pid, or (left by an older es-ray or an orphan) a bare tritonserver's; None if neither runs."""
+    process = _alive(_supervisor_pid_file(state_dir), "es_ray.stack.supervisor")
+    return process.pid if process else server_pid(state_dir)
 
 
-def stop(state_dir: Path, timeout_s: float = 20) -> None:
-    pid = running_pid(state_dir)
-    if pid is None:
+def stop(state_dir: Path, timeout_s: float = 30) -> None:
+    """Stops the supervisor (it stops tritonserver), then anything of Triton's still running."""
+    processes = [p for p in (_alive(_supervisor_pid_file(state_dir), "es_ray.stack.supervisor"),
+                             _alive(_server_pid_file(state_dir), "tritonserver")) if p is not None]
+    if not processes:
         return
-    process = psutil.Process(pid)
-    children = process.children(recursive=True)  # python backend stubs
-    os.kill(pid, signal.SIGTERM)
-    _, alive = psutil.wait_procs([process, *children], timeout=timeout_s)
+    family = processes + [child for p in processes for child in p.children(recursive=True)]  # + python backend stubs
+    processes[0].terminate()
+    _, alive = psutil.wait_procs(family, timeout=timeout_s)
     for leftover in alive:
         leftover.kill()
-    (state_dir / "triton" / "tritonserver.pid").unlink(missing_ok=True)
-    log.info("triton.stopped", pid=pid)
+    _supervisor_pid_file(state_dir).unlink(missing_ok=True)
+    _server_pid_file(state_dir).unlink(missing_ok=True)
+    log.info("triton.stopped", pids=[p.pid for p in processes])

@@ -68,6 +68,14 @@ def get_session(conn: psycopg.Connection, session_id: str, with_events: bool = T
     return session
 
 
+def session_owner(conn: psycopg.Connection, session_id: str) -> str | None:
+    """The user a session was recorded for (None: anonymous); UnknownSession if there is none."""
+    row = conn.execute("SELECT user_id FROM sessions WHERE session_id = %s", (session_id,)).fetchone()
+    if row is None:
+        raise UnknownSession(f"no session {session_id!r}")
+    return row[0]
+
+
 def add_events(conn: psycopg.Connection, session_id: str, events: list[tuple[str, str, str]]) -> tuple[int, int]:
     """Adds (event id, item id, type) events; returns (accepted, duplicates). All or nothing."""
     with conn.transaction():

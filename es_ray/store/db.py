@@ -22,7 +22,10 @@ def connect(dsn: str) -> psycopg.Connection:
     return conn
 
 
-def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None) -> ConnectionPool:
+def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeout_s: float = 30) -> ConnectionPool:
+    """A pool that survives a Postgres restart: a connection is checked before it is handed out (a dead
+    one is replaced), and a caller waits at most timeout_s for one (PoolTimeout, an OperationalError:
+    the API answers 503 with Retry-After) instead of hanging while the database is away."""
     def configure(conn: psycopg.Connection) -> None:
         _configure(conn)
         if hnsw_ef_search:
@@ -31,8 +34,8 @@ def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None) -> Con
             conn.execute("SET hnsw.iterative_scan = strict_order")
         conn.commit()
 
-    pool = ConnectionPool(dsn, min_size=1, max_size=size, configure=configure, open=True,
-                          kwargs={"autocommit": False})
+    pool = ConnectionPool(dsn, min_size=1, max_size=size, configure=configure, open=True, timeout=timeout_s,
+                          check=ConnectionPool.check_connection, kwargs={"autocommit": False})
     pool.wait(timeout=30)
     return pool
 

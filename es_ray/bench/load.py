@@ -1,0 +1,313 @@
+"""Load and faults: search at 8 concurrent clients with click and upsert traffic beside it, then
+Postgres restarted, tritonserver killed and the Serve replica killed under that load.
+
+    python -m es_ray.bench.load [--seconds 180] [--clients 8]     (loopback only; `make load`)
+
+Every request is recorded (status, seconds, Retry-After). Reported: requests tried and failed, latency,
+the RSS of every process of the stack at the start and the end of the steady phase, and per fault:
+refused (must be 503 with Retry-After, or no answer while the replica is gone), time to recover, and
+clicks lost (acknowledged but not stored: must be 0; unacknowledged ones are sent again with the same
+event id and must be stored exactly once). tests/test_faults.py runs the same faults with a lighter load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import psutil
+import psycopg
+
+from es_ray.bench.common import DEFAULT_STATE, bench_stack, percentiles, write_result
+from es_ray.client import headers
+from es_ray.stack import postgres, triton
+from es_ray.stack.manifest import StackManifest
+
+QUERIES = ["protein folding", "immune response", "gene expression in cancer", "vitamin deficiency",
+           "antibiotic resistance", "sleep and memory", "insulin signalling", "viral replication"]
+
+
+@dataclass
+class Outcome:
+    status: int          # 0: no HTTP answer (connection refused or reset)
+    seconds: float
+    retry_after: str | None
+    at: float            # time.monotonic() when sent
+
+
+@dataclass
+class Load:
+    """Search, click and upsert clients against a stack until stopped; every answer recorded."""
+
+    url: str
+    search_clients: int = 2
+    click_clients: int = 1
+    upsert_clients: int = 0
+    think_s: float = 0.0                                           # pause between a search client's requests
+    admin_headers: dict[str, str] = field(default_factory=dict)   # upserts need the API key
+    searches: list[Outcome] = field(default_factory=list)
+    clicks: list[Outcome] = field(default_factory=list)
+    upserts: list[Outcome] = field(default_factory=list)
+    acked: set[str] = field(default_factory=set)                        # event ids answered 200
+    unacked: dict[str, tuple[str, str]] = field(default_factory=dict)   # event id -> (session, item)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> "Load":
+        host = urlparse(self.url).hostname
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"load is sent to loopback only, not {host}")
+        targets = ([(self._search, n) for n in range(self.search_clients)]
+                   + [(self._click, n) for n in range(self.click_clients)]
+                   + [(self._upsert, n) for n in range(self.upsert_clients)])
+        self.threads = [threading.Thread(target=fn, args=(n,), daemon=True) for fn, n in targets]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+    def _request(self, client: httpx.Client, log: list[Outcome], method: str, path: str, body: dict):
+        started = time.monotonic()
+        try:
+            response = client.request(method, path, json=body)
+        except httpx.TransportError:
+            log.append(Outcome(0, time.monotonic() - started, None, started))
+            return None
+        log.append(Outcome(response.status_code, time.monotonic() - started, response.headers.get("retry-after"),
+                           started))
+        return response
+
+    def _search(self, n: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            k = n
+            while not self.stop.is_set():
+                self._request(client, self.searches, "POST", "/v1/search",
+                              {"query": QUERIES[k % len(QUERIES)], "limit": 10, "session": False})
+                k += 1
+                self.stop.wait(self.think_s)
+
+    def _click(self, n: int) -> None:
+        rng = random.Random(n)
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self.stop.is_set():
+                shown = self._request(client, self.clicks, "POST", "/v1/search",
+                                      {"query": rng.choice(QUERIES), "limit": 5})
+                if shown is None or shown.status_code != 200 or not shown.json()["session_id"]:
+                    self.stop.wait(0.1)
+                    continue
+                session, item = shown.json()["session_id"], rng.choice(shown.json()["results"])["id"]
+                event_id = f"load-{uuid.uuid4().hex}"
+                answer = self._request(client, self.clicks, "POST", f"/v1/sessions/{session}/events",
+                                       {"events": [{"event_id": event_id, "item_id": item, "type": "click"}]})
+                if answer is not None and answer.status_code == 200 and answer.json()["accepted"] == 1:
+                    self.acked.add(event_id)
+                else:
+                    self.unacked[event_id] = (session, item)
+                self.stop.wait(0.05)
+
+    def _upsert(self, n: int) -> None:
+        """Rewrites a small rotating set of load-test items (ids load-<n>-<k>) with new text."""
+        rng = random.Random(100 + n)
+        with httpx.Client(base_url=self.url, headers=self.admin_headers, timeout=60) as client:
+            while not self.stop.is_set():
+                ids = rng.sample(range(50), 4)
+                items = [{"id": f"load-{n}-{k}", "text": f"{rng.choice(QUERIES)} note {rng.random():.6f}",
+                          "payload": {"source": "load-test"}} for k in ids]
+                self._request(client, self.upserts, "PUT", "/v1/items", {"items": items})
+                self.stop.wait(0.5)
+
+    def recovered(self, since: float, n: int = 5) -> bool:
+        """The last n searches sent after `since` all answered 200."""
+        recent = [o for o in list(self.searches) if o.at > since][-n:]
+        return len(recent) == n and all(o.status == 200 for o in recent)
+
+    def summary(self, since: float = 0.0, until: float = float("inf")) -> dict:
+        report = {}
+        for name, log in (("search", self.searches), ("click", self.clicks), ("upsert", self.upserts)):
+            window = [o for o in list(log) if since <= o.at < until]
+            ok = [o.seconds for o in window if o.status == 200]
+            report[name] = {"requests": len(window), "failed": len(window) - len(ok),
+                            "statuses": dict(Counter(str(o.status) for o in window)),
+                            "latency": percentiles(ok) if ok else {}}
+        return report
+
+
+def wait_for(condition, timeout_s: float, what: str) -> float:
+    """Seconds until condition() held; AssertionError after timeout_s."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise AssertionError(f"{what}: not within {timeout_s}s")
+
+
+def stored_events(dsn: str, event_ids) -> Counter:
+    """How many times each of these event ids is stored."""
+    with psycopg.connect(dsn) as conn:
+        return Counter(r[0] for r in conn.execute("SELECT event_id FROM events WHERE event_id = ANY(%s)",
+                                                  (list(event_ids),)))
+
+
+def settle_clicks(api: httpx.Client, dsn: str, load: Load) -> dict[str, int]:
+    """After a fault: are all acknowledged clicks stored? Unacknowledged ones are sent again (what a
+    client does), then every click must be stored exactly once. Returns the counts; lost must be 0."""
+    stored = stored_events(dsn, load.acked)
+    lost = sum(1 for event_id in load.acked if stored[event_id] != 1)
+    resent = Counter()
+    for event_id, (session, item) in load.unacked.items():
+        response = api.post(f"/v1/sessions/{session}/events",
+                            json={"events": [{"event_id": event_id, "item_id": item, "type": "click"}]})
+        response.raise_for_status()
+        resent.update(response.json())
+    every = load.acked | set(load.unacked)
+    stored = stored_events(dsn, every)
+    return {"acknowledged": len(load.acked), "lost": lost, "resent": len(load.unacked),
+            "resent_accepted": resent["accepted"], "resent_duplicates": resent["duplicates"],
+            "not_stored_once": sum(1 for event_id in every if stored[event_id] != 1)}
+
+
+def refusals(outcomes: list[Outcome], since: float) -> list[Outcome]:
+    return [o for o in outcomes if o.at >= since and o.status != 200]
+
+
+# --- the faults ----------------------------------------------------------------------------------------
+
+def restart_postgres(load: Load, state_dir: Path, down_s: float = 3.0) -> dict:
+    postgres.stop(state_dir)
+    stopped = time.monotonic()
+    wait_for(lambda: any(o.status == 503 and o.at > stopped for o in load.searches), 30, "503 while Postgres is down")
+    time.sleep(down_s)
+    postgres.start(state_dir)
+    restarted = time.monotonic()
+    recovery = wait_for(lambda: load.recovered(restarted), 60, "search after the Postgres restart")
+    acked = len(load.acked)
+    wait_for(lambda: len(load.acked) > acked + 2, 60, "clicks after the Postgres restart")
+    return {"fault_at": stopped, "recovered_s_after_restart": round(recovery, 1)}
+
+
+def kill_triton(load: Load, state_dir: Path) -> dict:
+    before = triton.server_pid(state_dir)
+    if not before:
+        raise AssertionError("tritonserver is not running")
+    os.kill(before, signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: any(o.status == 503 and o.at > killed for o in load.searches), 30, "503 while Triton is down")
+    recovery = wait_for(lambda: load.recovered(killed + 1), 180, "search after the Triton restart")
+    after = triton.server_pid(state_dir)
+    if not after or after == before:
+        raise AssertionError("the supervisor did not start a new tritonserver")
+    return {"fault_at": killed, "recovered_s_after_kill": round(recovery, 1), "pids": [before, after]}
+
+
+def replica_pids(manifest: StackManifest) -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=manifest.ray_dashboard_url, filters=[("state", "=", "ALIVE")], limit=1000)
+    return [a.pid for a in actors if a.class_name.startswith("ServeReplica:") and a.class_name.endswith(":SearchAPI")]
+
+
+def kill_replica(load: Load, manifest: StackManifest) -> dict:
+    before = replica_pids(manifest)
+    if len(before) != 1:
+        raise AssertionError(f"expected one SearchAPI replica, found {before}")
+    os.kill(before[0], signal.SIGKILL)
+    killed = time.monotonic()
+    recovery = wait_for(lambda: load.recovered(killed + 1) and len(replica_pids(manifest)) == 1, 180,
+                        "a new replica answering")
+    acked = len(load.acked)
+    wait_for(lambda: len(load.acked) > acked + 2, 60, "clicks after the new replica")
+    after = replica_pids(manifest)
+    if not after or after[0] == before[0]:
+        raise AssertionError("the replica was not replaced")
+    return {"fault_at": killed, "recovered_s_after_kill": round(recovery, 1), "pids": [before[0], after[0]]}
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+
+def stack_processes(state_dir: Path) -> dict[str, psutil.Process]:
+    """Every process of this state dir's stack (Ray's carry the temp dir, Postgres its data dir, Triton
+    its server dir), named by role and pid."""
+    marker = str(state_dir)
+    found = {}
+    for process in psutil.process_iter(["pid", "cmdline", "environ"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            env = process.info["environ"] or {}
+        except psutil.Error:
+            continue
+        if marker in cmdline or env.get("RAY_TMPDIR", "").startswith(marker):
+            name = (cmdline.split()[0].rsplit("/", 1)[-1] if not cmdline.startswith("ray::") else cmdline.split()[0])
+            found[f"{name[:48]} [{process.pid}]"] = process
+    return found
+
+
+def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    sizes = {}
+    for name, process in processes.items():
+        try:
+            sizes[name] = round(process.memory_info().rss / 2**20, 1)
+        except psutil.Error:
+            sizes[name] = None
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=180, help="steady load before the faults")
+    parser.add_argument("--clients", type=int, default=8, help="concurrent search clients")
+    parser.add_argument("--state-dir", default=DEFAULT_STATE)
+    parser.add_argument("--no-faults", action="store_true")
+    args = parser.parse_args(argv)
+
+    settings, manifest = bench_stack(args.state_dir)
+    state = settings.state_path
+    api = httpx.Client(base_url=manifest.serve_url, headers=headers(manifest), timeout=120)
+    warm = [{"id": f"load-0-{k}", "text": f"{QUERIES[k % len(QUERIES)]} seed text", "payload": {"source": "load-test"}}
+            for k in range(50)]
+    api.put("/v1/items", json={"items": warm}).raise_for_status()
+
+    processes = stack_processes(state)
+    rss_start = rss_mb(processes)
+    with Load(manifest.serve_url, search_clients=args.clients, click_clients=1, upsert_clients=1,
+              admin_headers=headers(manifest)) as load:
+        started = time.monotonic()
+        time.sleep(args.seconds)
+        steady_end = time.monotonic()
+        rss_end = rss_mb(processes)
+        steady = load.summary(started, steady_end)
+        faults = {}
+        if not args.no_faults:
+            for name, fault in (("postgres_restart", lambda: restart_postgres(load, state)),
+                                ("triton_kill", lambda: kill_triton(load, state)),
+                                ("replica_kill", lambda: kill_replica(load, manifest))):
+                result = fault()
+                window = load.summary(result.pop("fault_at"), time.monotonic())
+                faults[name] = {**result, "during": window}
+                time.sleep(5)
+    clicks = settle_clicks(api, manifest.postgres_dsn, load)
+    total_start, total_end = sum(v for v in rss_start.values() if v), sum(v for v in rss_end.values() if v)
+    command = "python -m es_ray.bench.load" + (f" --seconds {args.seconds:g}" if args.seconds != 180 else "")
+    write_result("load", "synthetic", {
+        "benchmark": "load", "seconds": args.seconds, "search_clients": args.clients, "steady": steady,
+        "rss_mb": {"start": rss_start, "end": rss_end, "total_start": round(total_start, 1),
+                   "total_end": round(total_end, 1)},
+        "faults": faults, "clicks": clicks}, command)
+    api.close()
+
+
+if __name__ == "__main__":
+    main()

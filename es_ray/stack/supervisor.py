@@ -1,0 +1,73 @@
+"""Keeps one child process running: restarts it when it exits, until this process is told to stop.
+
+    python -m es_ray.stack.supervisor --name triton --child-pid-file F -- tritonserver ...
+
+The embedded Triton runs under it, so a crashed or killed tritonserver is back within seconds (the
+lifecycle driver then loads the deployed models into it again). SIGTERM or SIGINT stops the child
+and then the supervisor. Restarts back off (1 s doubling to 30 s) while the child keeps dying young.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from es_ray.logs import get_logger
+
+log = get_logger("es_ray.stack.supervisor")
+
+STABLE_S = 60.0   # a child that lived this long resets the back-off
+MAX_BACKOFF_S = 30.0
+
+
+def supervise(name: str, command: list[str], child_pid_file: Path, stop: threading.Event) -> int:
+    backoff, restarts = 1.0, 0
+    while not stop.is_set():
+        started = time.monotonic()
+        child = subprocess.Popen(command)
+        child_pid_file.write_text(str(child.pid))
+        log.info("supervisor.started", name=name, pid=child.pid, restarts=restarts)
+        while child.poll() is None:
+            if stop.wait(0.2):
+                child.terminate()
+                try:
+                    child.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+                log.info("supervisor.stopped", name=name, pid=child.pid, code=child.returncode)
+                child_pid_file.unlink(missing_ok=True)
+                return 0
+        lived = time.monotonic() - started
+        if lived > STABLE_S:
+            backoff = 1.0
+        restarts += 1
+        log.warning("supervisor.child_exited", name=name, pid=child.pid, code=child.returncode,
+                    lived_s=round(lived, 1), restart_in_s=backoff)
+        stop.wait(backoff)
+        backoff = min(backoff * 2, MAX_BACKOFF_S)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--child-pid-file", type=Path, required=True)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command to supervise")
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return supervise(args.name, command, args.child_pid_file, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
