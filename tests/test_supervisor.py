@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -26,14 +27,22 @@ def _pid(path: Path, other_than: int | None = None, timeout_s: float = 10) -> in
 
 def test_a_killed_child_is_restarted_and_stop_ends_both(tmp_path):
     pid_file = tmp_path / "child.pid"
+    # The child leaves a grandchild behind (as tritonserver leaves its python backend stubs).
+    child = ["sh", "-c", "sleep 601 & exec sleep 600"]
     supervisor = subprocess.Popen([sys.executable, "-m", "es_ray.stack.supervisor", "--name", "sleeper",
-                                   "--child-pid-file", str(pid_file), "--", "sleep", "600"],
+                                   "--child-pid-file", str(pid_file), "--", *child],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         first = _pid(pid_file)
+        time.sleep(0.5)
+        grandchildren = [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["sleep", "601"]
+                         and os.getpgid(p.pid) == first]
+        assert len(grandchildren) == 1
         psutil.Process(first).kill()
         second = _pid(pid_file, other_than=first)
         assert psutil.Process(second).cmdline()[:2] == ["sleep", "600"]
+        gone, _ = psutil.wait_procs(grandchildren, timeout=10)
+        assert gone, "the dead child's own child was left running"
         supervisor.send_signal(signal.SIGTERM)
         assert supervisor.wait(timeout=30) == 0
         assert not psutil.pid_exists(second) or psutil.Process(second).status() == psutil.STATUS_ZOMBIE

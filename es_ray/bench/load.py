@@ -139,9 +139,11 @@ class Load:
         for name, log in (("search", self.searches), ("click", self.clicks), ("upsert", self.upserts)):
             window = [o for o in list(log) if since <= o.at < until]
             ok = [o.seconds for o in window if o.status == 200]
-            report[name] = {"requests": len(window), "failed": len(window) - len(ok),
+            refused = [o.seconds for o in window if o.status != 200]
+            report[name] = {"requests": len(window), "failed": len(refused),
                             "statuses": dict(Counter(str(o.status) for o in window)),
-                            "latency": percentiles(ok) if ok else {}}
+                            "latency": percentiles(ok) if ok else {},
+                            "refused_latency": percentiles(refused) if refused else {}}
         return report
 
 
@@ -210,7 +212,20 @@ def kill_triton(load: Load, state_dir: Path) -> dict:
     after = triton.server_pid(state_dir)
     if not after or after == before:
         raise AssertionError("the supervisor did not start a new tritonserver")
+    wait_for(lambda: not _group(before), 10, "the killed tritonserver's backend stubs gone")
     return {"fault_at": killed, "recovered_s_after_kill": round(recovery, 1), "pids": [before, after]}
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    found = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
 
 
 def replica_pids(manifest: StackManifest) -> list[int]:
@@ -240,9 +255,9 @@ def kill_replica(load: Load, manifest: StackManifest) -> dict:
 
 def stack_processes(state_dir: Path) -> dict[str, psutil.Process]:
     """Every process of this state dir's stack (Ray's carry the temp dir, Postgres its data dir, Triton
-    its server dir), named by role and pid."""
+    its server dir) and their children (Postgres's backends, Triton's stubs), named by role and pid."""
     marker = str(state_dir)
-    found = {}
+    roots = []
     for process in psutil.process_iter(["pid", "cmdline", "environ"]):
         try:
             cmdline = " ".join(process.info["cmdline"] or [])
@@ -250,9 +265,23 @@ def stack_processes(state_dir: Path) -> dict[str, psutil.Process]:
         except psutil.Error:
             continue
         if marker in cmdline or env.get("RAY_TMPDIR", "").startswith(marker):
-            name = (cmdline.split()[0].rsplit("/", 1)[-1] if not cmdline.startswith("ray::") else cmdline.split()[0])
-            found[f"{name[:48]} [{process.pid}]"] = process
+            roots.append(process)
+    found = {}
+    for process in roots + [child for root in roots for child in _children(root)]:
+        try:
+            words = process.cmdline() or [process.name()]
+        except psutil.Error:
+            continue
+        name = words[0] if words[0].startswith(("ray::", "postgres:")) else words[0].rsplit("/", 1)[-1]
+        found[f"{' '.join(words[:3]) if name.startswith('postgres:') else name}"[:48] + f" [{process.pid}]"] = process
     return found
+
+
+def _children(process: psutil.Process) -> list[psutil.Process]:
+    try:
+        return process.children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
@@ -282,10 +311,14 @@ def main(argv: list[str] | None = None) -> None:
 
     processes = stack_processes(state)
     rss_start = rss_mb(processes)
+    totals = [(0.0, round(sum(v for v in rss_start.values() if v), 1))]   # (seconds, stack RSS MB) as it runs
     with Load(manifest.serve_url, search_clients=args.clients, click_clients=1, upsert_clients=1,
               admin_headers=headers(manifest)) as load:
         started = time.monotonic()
-        time.sleep(args.seconds)
+        while (elapsed := time.monotonic() - started) < args.seconds:
+            time.sleep(min(30.0, args.seconds - elapsed))
+            sizes = rss_mb(processes)
+            totals.append((round(time.monotonic() - started), round(sum(v for v in sizes.values() if v), 1)))
         steady_end = time.monotonic()
         rss_end = rss_mb(processes)
         steady = load.summary(started, steady_end)
@@ -304,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     write_result("load", "synthetic", {
         "benchmark": "load", "seconds": args.seconds, "search_clients": args.clients, "steady": steady,
         "rss_mb": {"start": rss_start, "end": rss_end, "total_start": round(total_start, 1),
-                   "total_end": round(total_end, 1)},
+                   "total_end": round(total_end, 1), "total_every_30s": totals},
         "faults": faults, "clicks": clicks}, command)
     api.close()
 

@@ -89,6 +89,7 @@ TABLES.append(("load", "Load and faults (loopback; clicks lost must be 0)", _loa
     ("statuses", lambda r: " ".join(f"{k}:{v}" for k, v in sorted(r["window"]["search"]["statuses"].items()))),
     ("p50 / p99 ms", lambda r: f"{r['window']['search']['latency'].get('p50_ms', '-')} / "
                                f"{r['window']['search']['latency'].get('p99_ms', '-')}"),
+    ("refused p99 ms", lambda r: r["window"]["search"].get("refused_latency", {}).get("p99_ms", "-")),
     ("click requests (failed)", lambda r: f"{r['window']['click']['requests']} ({r['window']['click']['failed']})"),
     ("upserts (failed)", lambda r: f"{r['window']['upsert']['requests']} ({r['window']['upsert']['failed']})"),
     ("recovered s", lambda r: r["recovered"]), ("stack RSS MB start -> end", lambda r: r["rss"]),

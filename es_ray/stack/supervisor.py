@@ -5,11 +5,14 @@
 The embedded Triton runs under it, so a crashed or killed tritonserver is back within seconds (the
 lifecycle driver then loads the deployed models into it again). SIGTERM or SIGINT stops the child
 and then the supervisor. Restarts back off (1 s doubling to 30 s) while the child keeps dying young.
+The child runs in a process group of its own, and whatever of that group outlives it is killed: a
+tritonserver that dies leaves its python backend stubs (hundreds of MB each) running otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -29,7 +32,7 @@ def supervise(name: str, command: list[str], child_pid_file: Path, stop: threadi
     backoff, restarts = 1.0, 0
     while not stop.is_set():
         started = time.monotonic()
-        child = subprocess.Popen(command)
+        child = subprocess.Popen(command, start_new_session=True)
         child_pid_file.write_text(str(child.pid))
         log.info("supervisor.started", name=name, pid=child.pid, restarts=restarts)
         while child.poll() is None:
@@ -40,10 +43,12 @@ def supervise(name: str, command: list[str], child_pid_file: Path, stop: threadi
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()
+                _kill_group(child.pid)
                 log.info("supervisor.stopped", name=name, pid=child.pid, code=child.returncode)
                 child_pid_file.unlink(missing_ok=True)
                 return 0
         lived = time.monotonic() - started
+        _kill_group(child.pid)
         if lived > STABLE_S:
             backoff = 1.0
         restarts += 1
@@ -52,6 +57,14 @@ def supervise(name: str, command: list[str], child_pid_file: Path, stop: threadi
         stop.wait(backoff)
         backoff = min(backoff * 2, MAX_BACKOFF_S)
     return 0
+
+
+def _kill_group(pgid: int) -> None:
+    """Kills what is left of the child's process group (its own children)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left
 
 
 def main(argv: list[str] | None = None) -> int:

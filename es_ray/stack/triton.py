@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -137,11 +138,17 @@ def stop(state_dir: Path, timeout_s: float = 30) -> None:
                              _alive(_server_pid_file(state_dir), "tritonserver")) if p is not None]
     if not processes:
         return
+    server = server_pid(state_dir)
     family = processes + [child for p in processes for child in p.children(recursive=True)]  # + python backend stubs
     processes[0].terminate()
     _, alive = psutil.wait_procs(family, timeout=timeout_s)
     for leftover in alive:
         leftover.kill()
+    if server is not None:  # stubs of an earlier tritonserver that died: its process group (supervisor.py)
+        try:
+            os.killpg(server, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     _supervisor_pid_file(state_dir).unlink(missing_ok=True)
     _server_pid_file(state_dir).unlink(missing_ok=True)
     log.info("triton.stopped", pids=[p.pid for p in processes])
