@@ -145,8 +145,8 @@ class ReindexWorker:
                 except Exception as err:  # noqa: BLE001 - retried, then recorded per item (a later pass retries)
                     if attempt == self.settings.reindex.embed_attempts - 1:
                         failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
-                    else:
-                        time.sleep(2 ** attempt)
+                    else:  # 1, 2, 4, 8, 15, 15 s...: long enough to ride out a Triton restart
+                        time.sleep(min(2 ** attempt, 15))
         try:
             written = self.write(green, embedded, {i.id: i.version for i in stored}, failed, range_no, len(stored))
         except Exception as err:  # noqa: BLE001

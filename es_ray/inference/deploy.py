@@ -54,16 +54,21 @@ def undeploy(repo: Path, triton_http_url: str, version: int) -> None:
     triton_repo.remove_version(repo, version)
 
 
-def reload_missing(repo: Path, triton_http_url: str) -> list[str]:
-    """Loads every deployed model of the repository that Triton does not have ready, as after a Triton
-    restart (explicit model control starts with nothing loaded); returns what it loaded."""
+def reload_missing(repo: Path, triton_http_url: str, versions: list[int]) -> list[str]:
+    """Loads the models of `versions` (in that order: blue first) that are deployed in the repository but
+    not ready in Triton, as after a Triton restart (explicit model control starts with nothing loaded);
+    returns what it loaded."""
     client = triton_http.InferenceServerClient(triton_http_url, network_timeout=300)
     loaded = []
+    deployed = triton_repo.deployed_versions(repo)
+    wanted = [triton_repo.served_name(name, v) for v in versions for name in (triton_repo.QUERY_ENCODER,
+                                                                             triton_repo.ITEM_ENCODER)]
     try:
         if not client.is_server_live():
             return loaded
-        for model, version in sorted(triton_repo.deployed_versions(repo).items()):
-            if not client.is_model_ready(model, str(version)):
+        for model in wanted:
+            version = deployed.get(model)
+            if version is not None and not client.is_model_ready(model, str(version)):
                 started = time.monotonic()
                 client.load_model(model)
                 loaded.append(model)

@@ -88,11 +88,16 @@ class LifecycleDriver:
             deploy.undeploy(self.repo, self.manifest.triton_url, version)
 
     def _reconcile_triton(self) -> None:
-        """A restarted Triton (explicit model control) comes back empty: load the deployed versions again.
-        Holds the Triton lock, so it never loads a version that a deploy is still writing."""
+        """A restarted Triton (explicit model control) comes back empty: load the live versions again (blue,
+        green, previous; blue first). Holds the Triton lock, so it never loads a version a deploy is writing."""
         try:
+            with self._conn() as conn:
+                state = lifecycle.get_state(conn)
+            if state is None:
+                return
+            live = [t.model_version for t in (state.blue, state.green, state.previous) if t is not None]
             with self._triton_lock:
-                deploy.reload_missing(self.repo, self.manifest.triton_url)
+                deploy.reload_missing(self.repo, self.manifest.triton_url, list(dict.fromkeys(live)))
         except Exception as err:  # noqa: BLE001 - Triton is down or restarting: try again next interval
             log.debug("triton.reconcile_failed", error=str(err))
 
