@@ -14,6 +14,10 @@ from fastapi import HTTPException
 from es_ray.config import ApiKeyEntry, AuthSettings
 from es_ray.serve import auth
 
+# After the plain tests: the probe items these tests add and delete would sit in (and leave tombstones
+# in) the collection the search tests rank and page through.
+pytestmark = pytest.mark.hostile
+
 MUTATING = {"post", "put", "patch", "delete"}
 # Public by configuration (auth.public_search / auth.public_clickstream, both true in the test stack):
 # anyone may search and send clicks. Every other mutating route needs a key.
