@@ -136,14 +136,10 @@ def forbidden(message: str) -> HTTPException:
 
 def caller(key: str | None = Security(_api_key), token: str | None = Security(_user_token)) -> Caller:
     """Whoever the request says it is; a credential that is present but wrong is refused outright."""
-    auth = authenticator()
     if key is not None:
-        name = auth.key_name(key)
-        if name is None:
-            raise unauthorized(f"invalid API key in {API_KEY_HEADER}")
-        return Caller(admin=True, key_name=name)
+        return _key_caller(key)
     if token is not None:
-        user_id = auth.token_user(token)
+        user_id = authenticator().token_user(token)
         if user_id is None:
             raise unauthorized(f"invalid or expired user token in {USER_TOKEN_HEADER}")
         return Caller(user_id=user_id)
@@ -154,6 +150,10 @@ def admin(key: str | None = Security(_api_key)) -> Caller:
     """Admin and write routes: items, tasks, lifecycle, improvement, user tokens."""
     if key is None:
         raise unauthorized(f"this route needs an API key in the {API_KEY_HEADER} header")
+    return _key_caller(key)
+
+
+def _key_caller(key: str) -> Caller:
     name = authenticator().key_name(key)
     if name is None:
         raise unauthorized(f"invalid API key in {API_KEY_HEADER}")

@@ -43,12 +43,12 @@ def supervise(name: str, command: list[str], child_pid_file: Path, stop: threadi
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()
-                _kill_group(child.pid)
+                kill_group(child.pid)
                 log.info("supervisor.stopped", name=name, pid=child.pid, code=child.returncode)
                 child_pid_file.unlink(missing_ok=True)
                 return 0
         lived = time.monotonic() - started
-        _kill_group(child.pid)
+        kill_group(child.pid)
         if lived > STABLE_S:
             backoff = 1.0
         restarts += 1
@@ -59,7 +59,7 @@ def supervise(name: str, command: list[str], child_pid_file: Path, stop: threadi
     return 0
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
     """Kills what is left of the child's process group (its own children)."""
     try:
         os.killpg(pgid, signal.SIGKILL)

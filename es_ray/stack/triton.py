@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -19,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from es_ray.logs import get_logger
+from es_ray.stack.supervisor import kill_group
 
 log = get_logger(__name__)
 
@@ -145,10 +145,7 @@ def stop(state_dir: Path, timeout_s: float = 30) -> None:
     for leftover in alive:
         leftover.kill()
     if server is not None:  # stubs of an earlier tritonserver that died: its process group (supervisor.py)
-        try:
-            os.killpg(server, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        kill_group(server)
     _supervisor_pid_file(state_dir).unlink(missing_ok=True)
     _server_pid_file(state_dir).unlink(missing_ok=True)
     log.info("triton.stopped", pids=[p.pid for p in processes])
