@@ -8,7 +8,7 @@ STATE  ?= .es-ray
 # 10000,50000,100000 (the full benchmark) takes about two hours there; minutes on a GPU.
 REINDEX_SIZES ?= 2500,5000,10000
 
-.PHONY: venv browser demo test bench load up down status clean
+.PHONY: venv browser demo test bench quality load up down status clean
 
 # The venv is (re)built when pyproject.toml changes. torch comes first, pinned to the CPU wheel,
 # so no dependency can pull a CUDA build.
@@ -52,8 +52,17 @@ bench: venv
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-improve
 	$(BIN)/python -m es_ray.bench.finetune $(if $(DATA),--data $(DATA))
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-finetune
+	$(MAKE) quality
 	$(BIN)/python -m es_ray.bench.reindex --sizes $(REINDEX_SIZES)
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-reindex
+
+# Learning from clicks, offline (no stack): SciFact (or DATA), then Cranfield with the same settings where
+# ../shared/data has it. Hours on 2 cores (3 click seeds x 2 methods x 2 noise levels per collection).
+quality: venv
+	$(BIN)/python -m es_ray.bench.quality $(if $(DATA),--data $(DATA))
+	@if [ -z "$(DATA)" ] && [ -d ../shared/data/cranfield ]; then \
+		$(BIN)/python -m es_ray.bench.quality --data ../shared/data/cranfield; \
+	else echo "quality: ../shared/data/cranfield is absent (or DATA is set): Cranfield not measured"; fi
 
 # 8 search clients with clicks and upserts for LOAD_SECONDS, then Postgres restarted, Triton killed and
 # the Serve replica killed under that load (loopback only); bench/results/load-synthetic.json.

@@ -81,6 +81,8 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = 16 * 1024 * 1024
     large_upsert_items: int = 256
     blue_refresh_s: float = 1.0
+    swap_share: float = Field(0.25, ge=0, le=1)
+    swap_max_rank: int = Field(10, ge=2)
 
 
 class UpsertSettings(BaseModel):
@@ -101,12 +103,18 @@ class AdjusterSettings(BaseModel):
     max_step: float = 0.5
 
 
+class MemorySettings(BaseModel):
+    weight: float = Field(0.8, ge=0)
+    evidence_half: float = Field(0.5, ge=0)
+
+
 class ImproveSettings(BaseModel):
     enabled: bool = True
     interval_s: float = 10.0
     settle_s: float = 5.0
     batch_sessions: int = 256
     adjuster: AdjusterSettings = AdjusterSettings()
+    memory: MemorySettings = MemorySettings()
 
 
 class TasksSettings(BaseModel):
@@ -126,6 +134,7 @@ class ReindexSettings(BaseModel):
     hnsw: str = Field("after", pattern="^(after|during)$")
     adjustments: str = Field("rederive", pattern="^(rederive|drop)$")
     switch: str = Field("auto", pattern="^(auto|force|never)$")
+    reuse_item_vectors: bool = True
 
 
 class LifecycleSettings(BaseModel):

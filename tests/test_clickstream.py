@@ -115,3 +115,34 @@ def test_sessions_made_elsewhere(api):
                           ({**body, "query": ""}, "query must not be empty")]:
         response = api.post("/v1/sessions", json=bad)
         assert response.status_code == 422 and fragment in response.json()["error"], response.text
+
+
+def test_swapped_sessions_show_every_result_once_and_record_the_order_shown(api, items, settings):
+    """Search swaps one adjacent pair in a share of anonymous first-page sessions (exploration for the
+    position-bias estimate); the response and the recorded ranks are the order shown."""
+    share = settings.serve.swap_share
+    assert 0 < share < 1
+    query, only = "volcano lava flows", {"i": {"exists": True}}
+    canonical = ids(search(api, query, limit=10, filter=only, session=False))
+    swaps = []
+    for _ in range(40):
+        body = search(api, query, limit=10, filter=only)
+        shown = ids(body)
+        session = session_of(api, body["session_id"])
+        assert sorted(shown) == sorted(canonical) and len(set(shown)) == len(shown) == 10
+        assert [(r["rank"], r["id"]) for r in session["results"]] == list(enumerate(shown, start=1))
+        swap = session["swapped_rank"]
+        expected = list(canonical)
+        if swap is not None:
+            assert 1 <= swap <= min(settings.serve.swap_max_rank, 10) - 1
+            expected[swap - 1], expected[swap] = expected[swap], expected[swap - 1]
+            swaps.append(swap)
+        assert shown == expected
+    assert 0 < len(swaps) < 40          # some sessions swapped, most not (P(failure) < 1e-4 at share 0.25)
+    # A user's own ranking and deeper pages are never swapped; a search without a session neither.
+    for _ in range(15):
+        personal = search(api, query, limit=10, filter=only, user_id="swap-tester")
+        assert session_of(api, personal["session_id"])["swapped_rank"] is None
+        deeper = search(api, query, limit=5, offset=2, filter=only)
+        assert session_of(api, deeper["session_id"])["swapped_rank"] is None
+        assert ids(search(api, query, limit=10, filter=only, session=False)) == canonical

@@ -21,7 +21,8 @@ CLICKS = [0.81, 0.56, 0.46, 0.39, 0.29, 0.26, 0.24, 0.20, 0.20, 0.19]   # examin
 SMALL = {"data": {"min_heldout_queries": 2, "heldout_fraction": 0.25, "min_train_examples": 5},
          "train": {"max_steps": 4, "eval_every_steps": 2},
          "tune": {"num_samples": 2, "max_concurrent_trials": 2, "cpus_per_trial": 0.5},
-         "space": {"epochs": {"choice": [1]}, "batch_size": {"choice": [16]}}}
+         "space": {"epochs": {"choice": [1]}, "batch_size": {"choice": [16]}},
+         "trial": {"epochs": 1, "batch_size": 16}}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,8 @@ def wait_for(api, task_id, statuses, timeout_s=600):
 def test_fine_tune_task_registers_a_version_and_the_gate_refuses_a_worse_model(api, stack, settings,
                                                                                 clicked_sessions):
     # A learning rate that wrecks the encoder: the new version must be registered but refused.
-    wrecking = {**SMALL, "space": {**SMALL["space"], "learning_rate": {"loguniform": [0.05, 0.1]}}}
+    wrecking = {**SMALL, "space": {**SMALL["space"], "learning_rate": {"loguniform": [0.05, 0.1]}},
+                "trial": {**SMALL["trial"], "learning_rate": 0.07}}
     response = api.post("/v1/tasks/fine-tune", json={"config": wrecking})
     assert response.status_code == 202, response.text
     task = response.json()
@@ -91,7 +93,7 @@ def test_fine_tune_task_registers_a_version_and_the_gate_refuses_a_worse_model(a
 
 def test_a_killed_fine_tune_job_ends_failed_with_the_reason(api, stack, clicked_sessions):
     slow = {**SMALL, "train": {"max_steps": 2000, "eval_every_steps": 50},
-            "space": {**SMALL["space"], "epochs": {"choice": [50]}}}
+            "space": {**SMALL["space"], "epochs": {"choice": [50]}}, "trial": {**SMALL["trial"], "epochs": 50}}
     task = api.post("/v1/tasks/fine-tune", json={"config": slow}).json()
     wait_for(api, task["task_id"], {"running"}, timeout_s=300)
     deadline = time.monotonic() + 120

@@ -68,9 +68,10 @@ def test_tiny_finetune_runs_through_tune_and_mlflow(ray_cluster, tmp_path):
         "train": {"max_steps": 6, "eval_every_steps": 2},
         "tune": {"num_samples": 3, "max_concurrent_trials": 2, "cpus_per_trial": 0.5, "grace_period": 1},
         "space": {"epochs": {"choice": [1, 2]}, "batch_size": {"choice": [16]}},
+        "trial": {"epochs": 1, "batch_size": 16},
         "gate": {"margin": 1.0}})                      # no model can beat blue by 1.0: the gate must refuse
     progress = []
-    result = fine_tune(settings, config, SessionBatch(log), item_vectors, ParentModel(1, parent_dir, 32, 128),
+    result = fine_tune(settings, config, SessionBatch(log), item_vectors, items, ParentModel(1, parent_dir, 32, 128),
                        progress.append)
 
     assert len(result["trials"]) == 3 and all(t["status"] in {"completed", "stopped"} for t in result["trials"])

@@ -12,7 +12,7 @@ from es_ray.train.config import DebiasConfig, GateConfig, load_finetune_config
 from es_ray.train.examples import build_examples, heldout_labels, relevance_posterior
 from es_ray.train.gate import decide
 from es_ray.train.item_vectors import ItemVectors
-from es_ray.train.propensity import Impressions, Propensities, estimate_pbm, propensities
+from es_ray.train.propensity import Impressions, Propensities, propensities
 
 NOW = datetime(2026, 1, 1, tzinfo=timezone.utc)
 THETA = np.array([0.9, 0.6, 0.45, 0.35, 0.3, 0.25, 0.2, 0.18, 0.16, 0.15])
@@ -49,13 +49,6 @@ def test_split_is_by_query_text_seeded_and_never_leaks():
     assert is_heldout("Query 5", 13, 0.2) == is_heldout("  QUERY 5 ", 13, 0.2)
 
 
-def test_pbm_estimate_recovers_examination_ratios_when_ranks_vary():
-    log, _ = simulate(random.Random(1), queries=150, sessions=30)
-    estimate = estimate_pbm(Impressions.from_sessions(log, 10), prior=np.full(10, 0.5))
-    ratios, truth = estimate / estimate[0], THETA / THETA[0]
-    assert np.abs(ratios - truth).max() < 0.08, (ratios.round(3), truth.round(3))
-
-
 def test_propensity_falls_back_to_the_prior_without_rank_variation():
     fixed, _ = simulate(random.Random(2), shuffle=False)
     prior = list(THETA)
@@ -82,28 +75,40 @@ def test_posterior_separates_relevant_from_noise_clicks_better_than_raw_clicks()
 
 def test_examples_naive_ips_and_posterior():
     log = [session("q one", ["a", "b", "c"], clicked=["c"]), session("q one", ["a", "b", "c"], clicked=["c"]),
+           session("q one", ["a", "b", "c"], clicked=["a"]),
            session("q two", ["d", "e"], clicked=["d"]), session("q two", ["d", "e"], irrelevant=True)]
     props = Propensities(THETA, "config")
     naive = build_examples(log, props, DebiasConfig(enabled=False))
-    assert naive.positives == ["c", "c", "d"] and np.allclose(naive.weights, 1)
-    assert naive.negatives[0] in {"a", "b"}           # skipped above the click
-    assert naive.negatives[2] == "e"                  # shown in a session marked irrelevant
+    assert naive.positives == ["c", "c", "a", "d"] and np.allclose(naive.weights, 1)
+    # a query's clicked items are never negatives of each other; nothing else is left out
+    assert naive.excluded == {"q one": {"a", "c"}, "q two": {"d"}}
     ips = build_examples(log, props, DebiasConfig(method="ips"))
     assert ips.weights[0] > ips.weights[2]            # rank 3 is examined less than rank 1: weighs more
     assert ips.weights.mean() == pytest.approx(1.0)
-    posterior = build_examples(log, props, DebiasConfig(method="posterior", positive_threshold=0.01))
-    # one example per (query, item) pair and mined negative, never a positive as a negative
-    assert sorted(zip(posterior.positives, posterior.negatives)) == [("c", "a"), ("c", "b"), ("d", "e")]
-    assert posterior.weights[0] == pytest.approx(posterior.weights[1])   # c's weight is shared by its two
+    posterior = build_examples(log, props, DebiasConfig(method="posterior", min_posterior=0.0,
+                                                        uncertain_posterior=1.0))
+    # one example per clicked (query, item) pair, weighted by P(relevant): c (clicked twice at rank 3)
+    # outweighs a (clicked once at rank 1, where it was examined every time)
+    pairs = dict(zip(zip(posterior.queries, posterior.positives), posterior.weights))
+    assert set(pairs) == {("q one", "c"), ("q one", "a"), ("q two", "d")}
+    assert pairs[("q one", "c")] > pairs[("q one", "a")]
+    strict = build_examples(log, props, DebiasConfig(method="posterior", min_posterior=0.99, uncertain_posterior=1.0))
+    assert len(strict) < len(posterior) and strict.excluded["q one"] >= {"a", "c"}  # dropped, but no negative
+    # a shown, never-clicked item whose relevance stays uncertain leaves the denominator too
+    loose = build_examples(log, props, DebiasConfig(method="posterior", uncertain_posterior=0.001))
+    assert "b" in loose.excluded["q one"] and "b" not in posterior.excluded["q one"]
 
 
-def test_heldout_labels_are_position_corrected_clicks_among_the_shown_ones():
+def test_heldout_labels_grade_clicks_by_the_click_models_evidence():
     props = Propensities(THETA, "config")
-    heldout = heldout_labels([session("Q A", ["x", "y", "w"], ["x"]), session("q a", ["x", "y", "w"], ["w"]),
-                              session("q b", ["z"])], props)
-    assert heldout.queries == {"q a": "Q A"} and heldout.judged == {"q a": {"x", "y", "w"}}
-    # x: 1 click in 2 impressions at rank 1 (examined 0.9 each); w: 1 in 2 at rank 3 (0.45 each)
-    assert heldout.qrels == {"q a": {"x": round(10 / 1.8), "w": 10}}   # a query without clicks is not evaluated
+    repeated = [session(f"q{n}", ["x", "y", "w", "v"], ["w"]) for n in range(30) for _ in range(4)]
+    # an isolated click at rank 1 among five impressions (examined ~90% of the time): weak evidence
+    noise = [session("q noise", ["n", "m", "o", "p"], ["n"] if k == 0 else []) for k in range(5)]
+    heldout = heldout_labels(repeated + noise + [session("q none", ["z"])], props)
+    assert "q none" not in heldout.queries                       # a query without clicks is not evaluated
+    assert heldout.shown["q0"] == {"x", "y", "w", "v"}
+    assert heldout.qrels["q0"] == {"w": 10}                      # clicked in 4 of 4 sessions at rank 3
+    assert "q noise" not in heldout.qrels                        # grade 0: ignored, not a top grade
 
 
 def test_item_vectors_rank_by_best_chunk():

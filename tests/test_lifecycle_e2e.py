@@ -130,7 +130,13 @@ def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, se
     body = api.post("/v1/search", json={"query": PROBES[0], "limit": 10, "user_id": "lc-user"}).json()
     click = {"event_id": f"{body['session_id']}-click", "item_id": body["results"][3]["id"], "type": "click"}
     assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": [click]}).status_code == 200
-    assert api.post("/v1/improvement/run", params={"settle_s": 0}).json()["vectors_personal"] > 0
+    # An anonymous click becomes a click memory on blue; the reindex must derive it again for green.
+    body = api.post("/v1/search", json={"query": PROBES[1], "limit": 10}).json()
+    remembered_id = body["results"][4]["id"]
+    click = {"event_id": f"{body['session_id']}-click", "item_id": remembered_id, "type": "click"}
+    assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": [click]}).status_code == 200
+    learned = api.post("/v1/improvement/run", params={"settle_s": 0}).json()
+    assert learned["vectors_personal"] > 0 and learned["items_remembered"] >= 1
 
     before = targets(stack)
     task = api.post("/v1/tasks/reindex", json={"to": variant, "switch": "never"}).json()
@@ -170,7 +176,13 @@ def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, se
     assert rerun.status == "done", rerun
     assert rerun.result["resumed_from_ranges"] >= ranges["done"], rerun.result
     assert rerun.result["ranges_this_run"] == total - rerun.result["resumed_from_ranges"]
-    assert rerun.result["adjustments"]["mode"] == "rederive" and rerun.result["adjustments"]["sessions"] >= 1
+    assert rerun.result["adjustments"]["mode"] == "rederive" and rerun.result["adjustments"]["user_sessions"] >= 1
+    assert rerun.result["item_vectors"].startswith("embedded")   # the variant's item tower is another one
+    assert rerun.result["adjustments"]["items_remembered"] >= 1
+    with db.connect(stack.postgres_dsn) as conn:
+        remembered = conn.execute(f"SELECT count(*) FROM parts_v{variant} WHERE object_id = %s AND original IS NOT NULL",
+                                  (remembered_id,)).fetchone()[0]
+    assert remembered >= 1                                       # green carries the memory, with the new model
 
     state = targets(stack)
     assert state.blue == before.blue and state.green.model_version == variant   # not switched: switch=never
@@ -380,7 +392,8 @@ def test_es_ray_cycle_runs_every_step_once(api, stack, settings, lifecycle_items
              "debias": {"enabled": False},
              "train": {"max_steps": 2, "eval_every_steps": 2},
              "tune": {"num_samples": 1, "max_concurrent_trials": 1, "cpus_per_trial": 0.5},
-             "space": {"epochs": {"choice": [1]}, "batch_size": {"choice": [16]}}}
+             "space": {"epochs": {"choice": [1]}, "batch_size": {"choice": [16]}},
+             "trial": {"epochs": 1, "batch_size": 16}}
     command = [str(Path(sys.executable).parent / "es-ray"), "cycle", "--state-dir", str(settings.state_path),
                "--overrides", json.dumps(small), "--force", "--cleanup-now"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
@@ -398,3 +411,8 @@ def test_es_ray_cycle_runs_every_step_once(api, stack, settings, lifecycle_items
     assert steps["cleanup"]["dropped"]["collection"] == before["blue"]["collection"]
     assert served_model(api, f"v{version}") == f"v{version}"
     assert after["blue"]["items"] == before["blue"]["items"]
+    with db.connect(stack.postgres_dsn) as conn:
+        from es_ray.store import tasks
+        reindex = tasks.recent(conn, "reindex", limit=1)[0]
+    # Only the query tower was fine-tuned: the reindex copied blue's item vectors, no forward pass.
+    assert reindex.result["item_vectors"].startswith("copied"), reindex.result

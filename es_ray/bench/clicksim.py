@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import random
 import uuid
 from dataclasses import dataclass
@@ -10,6 +12,8 @@ from pathlib import Path
 import yaml
 
 from es_ray.config import CONFIG_DIR
+from es_ray.serve.exploration import choose_swap, swapped
+from es_ray.train.clicklog import LoggedSession
 
 
 @dataclass
@@ -23,6 +27,9 @@ class ClickModel:
     @classmethod
     def load(cls, path: Path = CONFIG_DIR / "clicks.yaml") -> "ClickModel":
         return cls(**yaml.safe_load(path.read_text()))
+
+    def with_noise(self, click_noise: float) -> "ClickModel":
+        return dataclasses.replace(self, click_noise=click_noise)
 
     def clicks(self, shown: list[str], relevant: set[str], rng: random.Random) -> list[str]:
         """Items clicked in one session: examined by rank, clicked by relevance (with noise)."""
@@ -71,3 +78,22 @@ def simulate_sessions(url: str, queries: dict[str, str], qrels: dict[str, dict[s
     with ThreadPoolExecutor(clients) as pool:
         clicks = sum(tqdm(pool.map(one, plan), total=len(plan), desc="simulate", unit="session"))
     return len(plan), clicks
+
+
+def simulate_log(queries: dict[str, str], shown: dict[str, list[str]], qrels: dict[str, dict[str, int]],
+                 model: ClickModel, seed: int, swap_share: float = 0.0, swap_max_rank: int = 10
+                 ) -> list[LoggedSession]:
+    """The click log that `sessions_per_query` users per query would leave, in-process (no HTTP): each
+    session shows `shown[query]` (one adjacent pair swapped in a `swap_share` of sessions, as search
+    does: es_ray.serve.exploration) and clicks by the click model."""
+    rng = random.Random(seed)
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+    log = []
+    for qid in sorted(queries):
+        relevant = {d for d, g in qrels.get(qid, {}).items() if g > 0}
+        for n in range(model.sessions_per_query):
+            results = swapped(shown[qid], choose_swap(len(shown[qid]), swap_share, swap_max_rank, rng))
+            clicked = set(model.clicks(results, relevant, rng))
+            log.append(LoggedSession(f"{qid}-{n}", queries[qid], False, start + datetime.timedelta(seconds=len(log)),
+                                     list(enumerate(results, start=1)), clicked))
+    return log

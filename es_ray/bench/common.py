@@ -22,6 +22,7 @@ from es_ray.stack.manifest import StackManifest, free_port
 RESULTS = REPO_ROOT / "bench" / "results"
 REPORT = REPO_ROOT / "BENCHMARKS.md"
 DEFAULT_STATE = Path("/tmp/esr-bench")
+SCRATCH = Path("/tmp/esr-bench-scratch")
 
 
 def bench_stack(state_dir: Path = DEFAULT_STATE) -> tuple[Settings, StackManifest]:
@@ -69,14 +70,18 @@ def timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - started
 
 
-def write_result(name: str, dataset: str, result: dict[str, Any], command: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_result(name: str, dataset: str, result: dict[str, Any], command: str, scratch: str = "") -> Path:
+    """bench/results/<name>-<dataset>.json and the tables in BENCHMARKS.md; with `scratch` (an experiment's
+    name) /tmp/esr-bench-scratch/<name>-<dataset>-<scratch>.json instead, the report untouched."""
     result = {**result, "dataset": dataset, "commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "command": command}
-    path = RESULTS / f"{name}-{dataset}.json"
+    folder = SCRATCH if scratch else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}-{dataset}{'-' + scratch if scratch else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    refresh_report()
+    if not scratch:
+        refresh_report()
     return path
 
 

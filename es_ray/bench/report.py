@@ -94,6 +94,39 @@ TABLES.append(("load", "Load and faults (loopback; clicks lost must be 0)", _loa
     ("upserts (failed)", lambda r: f"{r['window']['upsert']['requests']} ({r['window']['upsert']['failed']})"),
     ("recovered s", lambda r: r["recovered"]), ("stack RSS MB start -> end", lambda r: r["rss"]),
     ("clicks acked / lost", lambda r: f"{r['clicks']['acknowledged']} / {r['clicks']['lost']}")]))
+def _quality_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Baseline, then per noise level: memories alone, naive, debiased (tower and whole system), skylines."""
+    def row(label, noise, tower, system=None, p=""):
+        return {**r, "label": label, "noise": noise, "tower": tower, "system": system or {}, "p": p}
+
+    rows = [row("baseline (no clicks)", "", r["baseline"])]
+    for noise, entry in r["by_noise"].items():
+        rows.append(row("click memories alone", noise, {}, entry["memories_only"]))
+        for method in ("naive", "debiased"):
+            if method in entry:
+                rows.append(row(method, noise, entry[method]["tower"], entry[method]["system"],
+                                entry.get("paired_p", "") if method == "debiased" else ""))
+    for name, scores in r.get("skylines", {}).items():
+        rows.append(row(f"skyline: {name.replace('_', ' ')}", "", scores))
+    return rows
+
+
+def _get(scores: dict[str, Any], key: str) -> Any:
+    return scores.get(key, "")
+
+
+TABLES.append(("quality", "Learning from clicks, offline harness (test queries never clicked, whole collection, "
+               "means over click seeds)", _quality_rows, [
+    ("dataset", lambda r: r["dataset"]), ("noise", lambda r: r["noise"]), ("method", lambda r: r["label"]),
+    ("tower nDCG@10", lambda r: _get(r["tower"], "ndcg@10")),
+    ("system nDCG@10", lambda r: _get(r["system"], "ndcg@10")),
+    ("system: shared / new", lambda r: f"{_get(r['system'], 'shared_ndcg@10')} / {_get(r['system'], 'new_ndcg@10')}"
+     if r["system"] else ""),
+    ("tower MRR@10", lambda r: _get(r["tower"], "mrr@10")), ("tower R@100", lambda r: _get(r["tower"], "recall@100")),
+    ("val nDCG@10", lambda r: _get(r["tower"], "val_ndcg@10")),
+    ("train nDCG@10 (system)", lambda r: _get(r["system"] or r["tower"], "train_ndcg@10")),
+    ("paired p vs naive", lambda r: r["p"]),
+    ("seeds clicks x train", lambda r: f"{r['seeds']['clicks']} x {r['seeds']['train']}")]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 

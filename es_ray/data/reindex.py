@@ -29,6 +29,7 @@ import numpy as np
 
 from es_ray import metrics
 from es_ray.config import Settings
+from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.logs import get_logger
 from es_ray.store import db, lifecycle, locks, tasks
 from es_ray.store.collections import Collection, EmbeddedItem, collection_name
@@ -94,10 +95,12 @@ def failures(conn, green: str, limit: int = 20) -> tuple[int, list[dict[str, str
 # --- the Ray Data stage -------------------------------------------------------------------------------
 
 class ReindexWorker:
-    """Actor-pool stage, one key range per call: read (blue) -> embed (Triton, new model) -> write (green)."""
+    """Actor-pool stage, one key range per call: read (blue) -> embed (Triton, new model) -> write (green).
+    With `copy_vectors` (the new version's item tower is blue's) the model's vectors are copied instead
+    of computed again: the same items, versions and checkpoints, no forward pass."""
 
     def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str, source: dict[str, Any],
-                 green: dict[str, Any], task_id: str):
+                 green: dict[str, Any], task_id: str, copy_vectors: bool = False):
         import ray
 
         from es_ray.inference.triton_client import TritonEncoder
@@ -105,11 +108,12 @@ class ReindexWorker:
 
         self.settings = Settings.model_validate(settings)
         self.source, self.green = Target(**source), Target(**green)
+        self.copy_vectors = copy_vectors
         # Small requests with a patient deadline: the writes and searches served meanwhile share Triton's
         # queue and must not wait behind big batches; a reindex can wait.
-        self.encoder = TritonEncoder(grpc_url, ITEM_ENCODER, self.green.model_version, self.green.source_dir,
-                                     self.green.max_length, self.settings.reindex.rows_per_request,
-                                     self.settings.reindex.embed_timeout_s)
+        self.encoder = None if copy_vectors else TritonEncoder(
+            grpc_url, ITEM_ENCODER, self.green.model_version, self.green.source_dir, self.green.max_length,
+            self.settings.reindex.rows_per_request, self.settings.reindex.embed_timeout_s)
         self.conn = db.connect(dsn)
         self.task_id = task_id
         self.node_id = ray.get_runtime_context().get_node_id()  # reported per range: where the work ran
@@ -133,6 +137,8 @@ class ReindexWorker:
         failed = [(i.id, "read", "no stored text: the item was written before es-ray kept texts; upsert it again")
                   for i in stored if i.text is None]
         todo = [i for i in stored if i.text is not None]
+        if self.copy_vectors:
+            return self.copy_range(source, green, stored, range_no)
         embedded: list[EmbeddedItem] = []
         size = self.settings.reindex.batch_size
         for start in range(0, len(todo), size):
@@ -149,6 +155,22 @@ class ReindexWorker:
                         time.sleep(min(2 ** attempt, 15))
         try:
             written = self.write(green, embedded, {i.id: i.version for i in stored}, failed, range_no, len(stored))
+        except Exception as err:  # noqa: BLE001
+            failed = [(i.id, "write", f"{type(err).__name__}: {err}") for i in stored]
+            record_failures(self.conn, green.name, self.task_id, failed)
+            written = 0
+        return len(stored), written, len(failed)
+
+    def copy_range(self, source: Collection, green: Collection, stored: list, range_no: int) -> tuple[int, int, int]:
+        """The range's items with the model's own chunk vectors (before click memories: those are derived
+        again for green at the end)."""
+        vectors = source.chunk_vectors(self.conn, [i.id for i in stored], model=True)
+        copies = [EmbeddedItem(id=i.id, payload=i.payload, source=i.source, text=i.text,
+                               chunks=np.stack([v for _, v in vectors[i.id]]))
+                  for i in stored if vectors.get(i.id)]
+        failed = [(i.id, "read", "no vectors stored for this item") for i in stored if not vectors.get(i.id)]
+        try:
+            written = self.write(green, copies, {i.id: i.version for i in stored}, failed, range_no, len(stored))
         except Exception as err:  # noqa: BLE001
             failed = [(i.id, "write", f"{type(err).__name__}: {err}") for i in stored]
             record_failures(self.conn, green.name, self.task_id, failed)
@@ -250,28 +272,17 @@ def drop_collection(conn, name: str, reason: str) -> None:
 
 
 def rederive_adjustments(settings: Settings, manifest, conn, green: Target, progress) -> dict[str, int]:
-    """Replays the sessions already applied to blue on the green collection, with the new model's
-    query vectors (adjustments are never copied across vector spaces)."""
-    from es_ray.improve.loop import adjuster_from, apply_sessions, improved_sessions
+    """Click memories and users' adjustments derived again on the green collection, with the new
+    model's query vectors (vectors of two models are never mixed)."""
+    from es_ray.improve.loop import learning_from, rederive
     from es_ray.inference.triton_client import TritonEncoder
     from es_ray.inference.triton_repo import QUERY_ENCODER
 
     encoder = TritonEncoder(manifest.triton_grpc_url, QUERY_ENCODER, green.model_version, green.source_dir,
                             green.max_length, settings.triton.max_batch_size, settings.triton.timeout_s,
                             settings.model.query_pad_multiple)
-    collection, adjuster = Collection(green.collection, green.dim), adjuster_from(settings)
-    totals = {"sessions": 0, "vectors_global": 0, "vectors_personal": 0}
-    after = None
-    while True:
-        sessions, after = improved_sessions(conn, after, settings.improve.batch_sessions)
-        if not sessions:
-            return totals
-        with conn.transaction():
-            counts = apply_sessions(conn, collection, sessions, encoder.embed_queries, adjuster)
-        totals["sessions"] += len(sessions)
-        totals["vectors_global"] += counts["global"]
-        totals["vectors_personal"] += counts["personal"]
-        progress({"stage": "re-deriving click adjustments", "adjustment_sessions": totals["sessions"]})
+    return rederive(conn, Collection(green.collection, green.dim), encoder.embed_queries, learning_from(settings),
+                    settings.improve.batch_sessions, progress)
 
 
 def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
@@ -288,6 +299,10 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     _, done_before, items_before = range_totals(conn, green.collection)
     log.info("reindex.start", task_id=task_id, source=blue.collection, green=green.collection, ranges=n_ranges,
              pending=len(todo), items=total_items)
+    # A fine-tune of the query tower keeps blue's item tower: the item vectors would come out the same.
+    copy_vectors = settings.reindex.reuse_item_vectors and (
+        item_tower_fingerprint(blue.source_dir) == item_tower_fingerprint(green.source_dir))
+    log.info("reindex.item_vectors", mode="copied" if copy_vectors else "embedded")
     gauges = ReindexMetrics(green.collection)
     state = {"items_done": items_before, "items_total": total_items, "ranges_total": n_ranges,
              "ranges_done": done_before, "resumed_from_ranges": done_before, "items_per_s": 0.0, "eta_s": None,
@@ -306,7 +321,7 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
         dataset = ray.data.from_items(pending).map_batches(
             ReindexWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=settings.reindex.workers),
             fn_constructor_args=(settings.model_dump(mode="json"), manifest.triton_grpc_url, manifest.postgres_dsn,
-                                 blue.__dict__, green.__dict__, task_id),
+                                 blue.__dict__, green.__dict__, task_id, copy_vectors),
             num_cpus=0.25,  # the model runs in Triton; workers tokenise, wait on the network and COPY
             scheduling_strategy="SPREAD")  # on a cluster: one actor per node first, not all on the emptiest
         state["failed"] = 0
@@ -360,7 +375,9 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
               "resumed_from_ranges": done_before, "ranges_this_run": len(todo),
               "load_s": round(load_s, 1), "index_s": round(index_s, 1), "hnsw": settings.reindex.hnsw,
               "items_per_s": round((state["items_done"] - items_before) / max(load_s, 1e-9), 2),
-              "nodes": nodes, "adjustments": adjustments, "seconds": round(seconds, 1)}
+              "nodes": nodes, "adjustments": adjustments, "seconds": round(seconds, 1),
+              "item_vectors": ("copied from blue: the item tower is unchanged, only the query tower was trained"
+                               if copy_vectors else "embedded by the new model's item tower")}
     conn.close()
     log.info("reindex.done", **{k: v for k, v in result.items() if k != "adjustments"})
     return result

@@ -1,11 +1,15 @@
-"""The improvement loop: consumes settled sessions exactly once and adjusts the vectors they touched.
+"""The improvement loop: consumes settled sessions exactly once and updates the vectors they touched.
 
 One pass (`improve_once`) runs in one transaction:
 1. take an advisory lock for the collection (a second loop started by mistake skips the pass, so two
    loops never read-modify-write the same vectors),
 2. claim up to `batch_sessions` sessions older than `settle_s` with `FOR UPDATE SKIP LOCKED`,
-3. turn them into examples (clicked, skipped-above, irrelevant) on each item's best-matching chunk,
-4. adjust the global vectors (sessions without a user) and each user's own copies,
+3. anonymous sessions: add their impressions and clicks to the click evidence (store/evidence.py)
+   and recompute the click memories of the items they showed (memory.py): every item's global
+   vectors are its model vectors plus what all the queries that clicked it say, weighted by the
+   click model's P(relevant), so what one query's users teach reaches similar queries nobody clicked,
+4. a user's sessions: adjust that user's own copies of the vectors (adjuster.py; anchored at the
+   global ones), so one user's clicks never change what others see,
 5. mark the sessions improved.
 A crash anywhere rolls the whole pass back, so a session is applied once or not at all, across restarts.
 """
@@ -21,9 +25,14 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from es_ray.config import MemorySettings
 from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, Examples, VectorAdjuster
+from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
 from es_ray.logs import get_logger
+from es_ray.store import evidence
 from es_ray.store.collections import Collection
+from es_ray.train.config import load_finetune_config
+from es_ray.train.propensity import Impressions, Propensities
 
 log = get_logger(__name__)
 
@@ -46,12 +55,14 @@ def claim_sessions(conn: psycopg.Connection, limit: int, settle_s: float) -> lis
     return _with_results(conn, rows)
 
 
-def improved_sessions(conn: psycopg.Connection, after: tuple | None, limit: int) -> tuple[list[SessionRecord], tuple]:
-    """Sessions already applied to the blue collection, in (created_at, id) order from `after`; for
-    re-deriving their adjustments on a new model's collection. Returns them and the next `after`."""
+def improved_user_sessions(conn: psycopg.Connection, after: tuple | None, limit: int
+                           ) -> tuple[list[SessionRecord], tuple]:
+    """Users' sessions already applied to the blue collection, in (created_at, id) order from `after`;
+    for re-deriving their adjustments on a new model's collection. Returns them and the next `after`."""
     rows = conn.execute(
         """SELECT session_id, user_id, query, irrelevant, created_at FROM sessions
-           WHERE improved_at IS NOT NULL AND (%(at)s::timestamptz IS NULL OR (created_at, session_id) > (%(at)s, %(id)s))
+           WHERE improved_at IS NOT NULL AND user_id IS NOT NULL
+             AND (%(at)s::timestamptz IS NULL OR (created_at, session_id) > (%(at)s, %(id)s))
            ORDER BY created_at, session_id LIMIT %(limit)s""",
         {"at": after[0] if after else None, "id": after[1] if after else None, "limit": limit}).fetchall()
     return _with_results(conn, [r[:4] for r in rows]), ((rows[-1][4], rows[-1][0]) if rows else after)
@@ -116,7 +127,16 @@ def build_examples(sessions: list[SessionRecord], query_vectors: dict[str, np.nd
     return keys, vectors, examples
 
 
-def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries, adjuster: VectorAdjuster,
+@dataclass
+class Learning:
+    """How sessions change vectors: click memories for everyone, the adjuster for each user."""
+
+    adjuster: VectorAdjuster
+    memory: MemorySettings
+    examination: list[float]      # examination probability by rank (the click model's prior)
+
+
+def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning,
                  batch_sessions: int = 256, settle_s: float = 5.0) -> dict[str, Any]:
     """One pass; returns counts. `embed_queries(texts) -> (n, dim)` is the blue query encoder."""
     started = time.monotonic()
@@ -127,44 +147,110 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
         sessions = claim_sessions(conn, batch_sessions, settle_s)
         if not sessions:
             return {"sessions": 0}
-        adjusted = apply_sessions(conn, collection, sessions, embed_queries, adjuster)
+        anonymous = [s for s in sessions if s.user_id is None]
+        evidence.record(conn, anonymous)
+        shown = sorted({item for s in anonymous for _, item in s.shown})
+        remembered_items = refresh_memories(conn, collection, shown, embed_queries, learning)
+        personal = apply_user_sessions(conn, collection, [s for s in sessions if s.user_id is not None],
+                                       embed_queries, learning.adjuster)
         conn.execute("UPDATE sessions SET improved_at = now() WHERE session_id = ANY(%s)",
                      ([s.session_id for s in sessions],))
-    result = {"sessions": len(sessions), "useful": adjusted["useful"], "vectors_global": adjusted["global"],
-              "vectors_personal": adjusted["personal"], "seconds": round(time.monotonic() - started, 3)}
+    result = {"sessions": len(sessions), "anonymous": len(anonymous), "items_remembered": remembered_items,
+              "vectors_personal": personal, "seconds": round(time.monotonic() - started, 3)}
     log.info("improve.pass", collection=collection.name, **result)
     return result
 
 
-def apply_sessions(conn: psycopg.Connection, collection: Collection, sessions: list[SessionRecord], embed_queries,
-                   adjuster: VectorAdjuster) -> dict[str, int]:
-    """Adjusts the collection's vectors from the sessions (global ones and each user's); returns counts."""
-    useful = [s for s in sessions if labelled(s)]
-    adjusted = {"useful": len(useful), "global": 0, "personal": 0}
-    if useful:
-        vectors = embed_queries([s.query for s in useful])
-        query_vectors = {s.session_id: v for s, v in zip(useful, vectors)}
-        by_user: dict[str | None, list[SessionRecord]] = defaultdict(list)
-        for s in useful:
-            by_user[s.user_id].append(s)
-        for user_id, group in by_user.items():
-            items = sorted({item for s in group for item, _ in labelled(s)})
-            seen = collection.chunk_vectors(conn, items, user_id)
-            keys, current, examples = build_examples(group, query_vectors, seen)
-            if not keys:
-                continue
-            # Anchor: the model's vectors for global moves, the global vectors for a user's.
-            anchors = collection.chunk_vectors(conn, items, None, model=user_id is None)
-            anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
-            new = adjuster.adjust(current, anchor, examples)
-            updates = [(o, p, v) for (o, p), v in zip(keys, new)]
-            if user_id is None:
-                collection.save_global(conn, updates)
-                adjusted["global"] += len(updates)
-            else:
-                collection.save_user(conn, user_id, updates)
-                adjusted["personal"] += len(updates)
+def refresh_memories(conn: psycopg.Connection, collection: Collection, items: list[str], embed_queries,
+                     learning: Learning) -> int:
+    """Recomputes the global vectors of `items` from the click evidence: model vectors plus click
+    memory (memory.py). The click model's P(relevant) is fitted on every result the queries that
+    clicked these items showed (whole result lists, so its prior by rank is not biased towards
+    clicked items). Items left without a memory get their model vectors back. Returns how many
+    items now carry a memory."""
+    if not items:
+        return 0
+    keys = evidence.queries_that_clicked(conn, items)
+    weights = clicked_pair_weights(Impressions.from_counts(evidence.counts_for_queries(conn, keys)),
+                                   Propensities(np.asarray(learning.examination), "config"))
+    wanted = set(items)
+    weights = {pair: w for pair, w in weights.items() if pair[1] in wanted}
+    texts = evidence.query_texts(conn, sorted({q for q, _ in weights}))
+    ordered = sorted(texts)
+    vectors = dict(zip(ordered, embed_queries([texts[q] for q in ordered]))) if ordered else {}
+    memories = item_memories(vectors, weights)
+    # Only items that get a memory or lose one: the rest keep their model vectors untouched.
+    changed = sorted(set(memories) | collection.adjusted(conn, items))
+    model_vectors = collection.chunk_vectors(conn, changed, model=True)
+    updates = []
+    for object_id, chunks in model_vectors.items():
+        parts = [p for p, _ in chunks]
+        stacked = np.stack([v for _, v in chunks])
+        if object_id in memories:
+            stacked = remembered(stacked, memories[object_id], learning.memory.weight, learning.memory.evidence_half)
+        updates += [(object_id, p, v) for p, v in zip(parts, stacked)]
+    collection.save_global(conn, updates)
+    return sum(1 for o in model_vectors if o in memories)
+
+
+def apply_user_sessions(conn: psycopg.Connection, collection: Collection, sessions: list[SessionRecord],
+                        embed_queries, adjuster: VectorAdjuster) -> int:
+    """Adjusts each user's own copies of the vectors their sessions touched; returns how many."""
+    useful = [s for s in sessions if s.user_id is not None and labelled(s)]
+    if not useful:
+        return 0
+    vectors = embed_queries([s.query for s in useful])
+    query_vectors = {s.session_id: v for s, v in zip(useful, vectors)}
+    by_user: dict[str, list[SessionRecord]] = defaultdict(list)
+    for s in useful:
+        by_user[s.user_id].append(s)
+    adjusted = 0
+    for user_id, group in by_user.items():
+        items = sorted({item for s in group for item, _ in labelled(s)})
+        seen = collection.chunk_vectors(conn, items, user_id)
+        keys, current, examples = build_examples(group, query_vectors, seen)
+        if not keys:
+            continue
+        # Anchored at the global vectors: a user's copies stay close to what everyone sees.
+        anchors = collection.chunk_vectors(conn, items, None)
+        anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
+        new = adjuster.adjust(current, anchor, examples)
+        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)])
+        adjusted += len(keys)
     return adjusted
+
+
+def rederive(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning, batch: int,
+             progress=lambda _: None) -> dict[str, int]:
+    """Everything learned from clicks, derived again on a new model's collection with its own query
+    vectors (vectors of two models never mix): click memories from the evidence, then the users'
+    sessions replayed."""
+    totals = {"items_remembered": 0, "user_sessions": 0, "vectors_personal": 0}
+    after = None
+    while items := evidence.clicked_items(conn, after, batch):
+        with conn.transaction():
+            totals["items_remembered"] += refresh_memories(conn, collection, items, embed_queries, learning)
+        after = items[-1]
+        progress({"stage": "re-deriving click memories", **totals})
+    cursor = None
+    while True:
+        sessions, cursor = improved_user_sessions(conn, cursor, batch)
+        if not sessions:
+            return totals
+        with conn.transaction():
+            totals["vectors_personal"] += apply_user_sessions(conn, collection, sessions, embed_queries,
+                                                              learning.adjuster)
+        totals["user_sessions"] += len(sessions)
+        progress({"stage": "re-deriving users' adjustments", **totals})
+
+
+def undo(conn: psycopg.Connection, collection: Collection) -> dict[str, int]:
+    """Forgets what anonymous clicks taught: the model's vectors back, the evidence gone (so a later
+    pass cannot bring it back). Users' own adjustments stay (DELETE /v1/users/{id}/personalisation)."""
+    with conn.transaction():
+        # The pass's lock: a pass that read the evidence before the clear cannot write memories after it.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"es-ray-improve-{collection.name}",))
+        return {"restored_vectors": collection.undo_global(conn), "evidence_cells": evidence.clear(conn)}
 
 
 class ImprovementLoop:
@@ -188,5 +274,6 @@ class ImprovementLoop:
         self._stop.set()
 
 
-def adjuster_from(settings) -> VectorAdjuster:
-    return VectorAdjuster(settings.improve.adjuster)
+def learning_from(settings) -> Learning:
+    return Learning(VectorAdjuster(settings.improve.adjuster), settings.improve.memory,
+                    load_finetune_config().debias.examination_prior)

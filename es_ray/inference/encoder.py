@@ -8,6 +8,7 @@ TorchScript file run on Triton's python backend here and its libtorch backend in
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -48,6 +49,19 @@ class SentenceEncoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         return F.normalize(pooled, p=2.0, dim=1)
+
+
+def item_tower_fingerprint(model_dir: str | os.PathLike) -> str:
+    """SHA-256 over the item tower's config and weights (the directory's own files, not query_encoder/):
+    two model versions with the same fingerprint embed items identically."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).iterdir()):
+        if path.is_file() and (path.name == "config.json" or path.suffix in {".safetensors", ".bin"}):
+            digest.update(path.name.encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def load_encoder(model_dir: str | os.PathLike) -> SentenceEncoder:

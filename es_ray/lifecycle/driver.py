@@ -18,7 +18,7 @@ import ray
 from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.inference import deploy, registry
-from es_ray.improve.loop import ImprovementLoop, adjuster_from, improve_once
+from es_ray.improve.loop import ImprovementLoop, improve_once, learning_from
 from es_ray.inference.encoder import resolve_model_dir
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import QUERY_ENCODER
@@ -168,18 +168,18 @@ class LifecycleDriver:
             blue = lifecycle.get_blue(conn)
             encoder = self._query_encoder(blue)
             result = improve_once(conn, Collection(blue.collection, blue.dim), encoder.embed_queries,
-                                  adjuster_from(self.settings), self.settings.improve.batch_sessions,
+                                  learning_from(self.settings), self.settings.improve.batch_sessions,
                                   self.settings.improve.settle_s if settle_s is None else settle_s)
         if result.get("sessions"):
             metrics.count("es_ray_improvement_steps")
             metrics.count("es_ray_improvement_sessions", result["sessions"])
-            for scope in ("global", "personal"):
-                metrics.count("es_ray_improvement_vectors", result.get(f"vectors_{scope}", 0), scope=scope)
+            metrics.count("es_ray_improvement_vectors", result.get("items_remembered", 0), scope="global")
+            metrics.count("es_ray_improvement_vectors", result.get("vectors_personal", 0), scope="personal")
         return result
 
     def improve_now(self, settle_s: float | None = None) -> dict[str, Any]:
         """Passes until no settled session is left; returns the totals."""
-        totals: dict[str, Any] = {"passes": 0, "sessions": 0, "vectors_global": 0, "vectors_personal": 0}
+        totals: dict[str, Any] = {"passes": 0, "sessions": 0, "items_remembered": 0, "vectors_personal": 0}
         while True:
             result = self.improve_pass(settle_s)
             if result.get("busy"):
@@ -188,7 +188,7 @@ class LifecycleDriver:
             if not result["sessions"]:
                 return totals
             totals["passes"] += 1
-            for key in ("sessions", "vectors_global", "vectors_personal"):
+            for key in ("sessions", "items_remembered", "vectors_personal"):
                 totals[key] += result.get(key, 0)
 
     def _query_encoder(self, blue):

@@ -7,6 +7,7 @@ Replicas find the stack through the lifecycle driver and follow the blue pointer
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 import uuid
@@ -23,12 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.data import pipeline
+from es_ray.improve import loop as improve_loop
 from es_ray.inference.triton_client import TritonEncoder, TritonUnavailable
 from es_ray.inference.triton_repo import ENCODERS, QUERY_ENCODER
 from es_ray.lifecycle import dual_write
 from es_ray.lifecycle.driver import SwitchRefused, UnknownModel, get_driver
 from es_ray.logs import get_logger
-from es_ray.serve import auth, schemas
+from es_ray.serve import auth, exploration, schemas
 from es_ray.serve.auth import Caller
 from es_ray.serve.limits import BodySizeLimit
 from es_ray.stack.manifest import StackManifest
@@ -169,6 +171,7 @@ class SearchAPI:
         self.blue = BlueWatcher(self.pool, self.settings.serve.blue_refresh_s)
         self._encoders: dict[tuple[str, int], TritonEncoder] = {}
         self._lock = threading.Lock()
+        self._random = random.Random()
         self.item_encoders = pipeline.Encoders(self.settings, self.manifest.triton_grpc_url)
 
     def _encoder(self, name: str, blue: Blue) -> TritonEncoder:
@@ -206,7 +209,12 @@ class SearchAPI:
         healthy = all(v == "ok" for k, v in report.items() if k != "blue")
         return JSONResponse(status_code=200 if healthy else 503, content={"healthy": healthy, **report})
 
-    @app.post("/v1/search", response_model=schemas.SearchResponse, summary="Semantic search over the blue collection")
+    @app.post("/v1/search", response_model=schemas.SearchResponse, summary="Semantic search over the blue collection",
+              description="Results come best first, except that a first page recorded as an anonymous session has "
+                          "one adjacent pair among its top results exchanged in a small share of searches "
+                          "(serve.swap_share): these randomised swaps let es-ray learn how much attention each "
+                          "rank gets. The session records the order shown. Searches with session=false or a "
+                          "user_id are never swapped.")
     def search(self, request: schemas.SearchRequest, who: Caller = Depends(auth.searcher)) -> schemas.SearchResponse:
         if request.user_id is not None:
             auth.require_user(who, request.user_id, f"personalised search for user {request.user_id!r}")
@@ -227,10 +235,16 @@ class SearchAPI:
             metrics.observe("es_ray_search_latency_ms", (time.monotonic() - started) * 1000, model=blue.model_version)
         session_id = None
         if request.session and hits:
+            swap = None
+            if request.user_id is None and request.offset == 0:  # a user's own ranking is never explored
+                swap = exploration.choose_swap(len(hits), self.settings.serve.swap_share,
+                                               self.settings.serve.swap_max_rank, self._random)
+                hits = exploration.swapped(hits, swap)
             session_id = uuid.uuid4().hex
             with self.pool.connection() as conn:
                 clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
-                                           [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)])
+                                           [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)],
+                                           swap)
             metrics.count("es_ray_sessions", source="search")
         return schemas.SearchResponse(model=f"v{blue.model_version}", session_id=session_id,
                                       results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
@@ -347,12 +361,11 @@ class SearchAPI:
         return ray.get(self.driver.improve_now.remote(settle_s))
 
     @app.post("/v1/improvement/undo", dependencies=ADMIN,
-              summary="Put back the model's vectors wherever global clicks moved them")
+              summary="Forget what anonymous clicks taught: the model's vectors back, the click evidence gone")
     def undo_improvement(self) -> dict[str, Any]:
         blue = self._blue()
         with self.pool.connection() as conn:
-            restored = Collection(blue.collection, blue.dim).undo_global(conn)
-        return {"restored_vectors": restored}
+            return improve_loop.undo(conn, Collection(blue.collection, blue.dim))
 
     @app.delete("/v1/users/{user_id}/personalisation",
                 summary="Forget everything learned from a user's clicks (that user's token or an API key)")

@@ -267,6 +267,8 @@ class SessionOut(BaseModel):
     created_at: datetime
     results: list[ShownResult]
     events: list[EventOut]
+    swapped_rank: int | None = Field(None, description="Search showed this rank and the next one exchanged "
+                                                       "(a randomised swap that lets es-ray learn position bias).")
 
 
 # --- tasks ---------------------------------------------------------------------------------------

@@ -32,16 +32,22 @@ class Session:
     created_at: datetime
     results: list[tuple[int, str]] = field(default_factory=list)   # (rank, object id)
     events: list[dict[str, Any]] = field(default_factory=list)
+    swapped_rank: int | None = None    # search showed ranks swapped_rank and swapped_rank + 1 exchanged
+
+
+def normalise_query(query: str) -> str:
+    """The key that makes two spellings of one query the same query (case, spacing)."""
+    return " ".join(query.lower().split())
 
 
 def record_session(conn: psycopg.Connection, session_id: str, user_id: str | None, query: str,
-                   model_version: int | None, results: list[tuple[int, str]]) -> bool:
+                   model_version: int | None, results: list[tuple[int, str]], swapped_rank: int | None = None) -> bool:
     """Stores a session; True if new. The same id with the same content again is a no-op."""
     with conn.transaction():
         inserted = conn.execute(
-            """INSERT INTO sessions (session_id, user_id, query, model_version) VALUES (%s, %s, %s, %s)
-               ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
-            (session_id, user_id, query, model_version)).fetchone()
+            """INSERT INTO sessions (session_id, user_id, query, model_version, swapped_rank)
+               VALUES (%s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
+            (session_id, user_id, query, model_version, swapped_rank)).fetchone()
         if inserted is None:
             existing = get_session(conn, session_id, with_events=False)
             if (existing.user_id, existing.query, sorted(existing.results)) != (user_id, query, sorted(results)):
@@ -54,11 +60,11 @@ def record_session(conn: psycopg.Connection, session_id: str, user_id: str | Non
 
 
 def get_session(conn: psycopg.Connection, session_id: str, with_events: bool = True) -> Session:
-    row = conn.execute("SELECT session_id, user_id, query, model_version, irrelevant, created_at FROM sessions "
-                       "WHERE session_id = %s", (session_id,)).fetchone()
+    row = conn.execute("SELECT session_id, user_id, query, model_version, irrelevant, created_at, swapped_rank "
+                       "FROM sessions WHERE session_id = %s", (session_id,)).fetchone()
     if row is None:
         raise UnknownSession(f"no session {session_id!r}")
-    session = Session(*row)
+    session = Session(*row[:6], swapped_rank=row[6])
     session.results = [tuple(r) for r in conn.execute(
         "SELECT rank, object_id FROM session_results WHERE session_id = %s ORDER BY rank", (session_id,))]
     if with_events:

@@ -46,6 +46,7 @@ class StoredItem:
     text: str | None
     payload: dict[str, Any]
     version: int
+    source: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -153,7 +154,8 @@ class Collection:
         any order. Rows are staged with COPY (binary for vectors), existing rows locked in id order (so
         concurrent writers cannot deadlock) and merged with one INSERT ... ON CONFLICT. An item whose
         text is unchanged keeps its vectors and their learned adjustments (only the payload changes);
-        new text replaces the vectors and drops every adjustment made to the old ones.
+        new text replaces the vectors and drops every adjustment made to the old ones, and the click
+        evidence about them (store/evidence.py).
         """
         by_id = {item.id: item for item in items}
         if not by_id:
@@ -168,8 +170,9 @@ class Collection:
                     is_average boolean, vector vector({dim})) ON COMMIT DELETE ROWS;
                 CREATE TEMP TABLE IF NOT EXISTS stage_changed (object_id text PRIMARY KEY) ON COMMIT DELETE ROWS;
                 CREATE TEMP TABLE IF NOT EXISTS stage_written (object_id text PRIMARY KEY) ON COMMIT DELETE ROWS;
+                CREATE TEMP TABLE IF NOT EXISTS stage_retexted (object_id text PRIMARY KEY) ON COMMIT DELETE ROWS;
                 -- One transaction may write several collections (dual writes): start from empty stages.
-                TRUNCATE stage_items, {stage_parts}, stage_changed, stage_written;
+                TRUNCATE stage_items, {stage_parts}, stage_changed, stage_written, stage_retexted;
             """).format(stage_parts=stage_parts, dim=sql.Literal(self.dim)))
             if versions is None:
                 versions = dict(zip((item.id for item in ordered), next_versions(conn, len(ordered))))
@@ -191,6 +194,11 @@ class Collection:
                     SELECT s.object_id FROM stage_items s LEFT JOIN {items} i ON i.object_id = s.object_id
                     WHERE i.object_id IS NULL OR i.deleted OR s.text_hash IS NULL
                        OR i.text_hash IS DISTINCT FROM s.text_hash;
+                -- A live item whose text changes: what clicks said about the old text is forgotten too
+                -- (an item new to this collection, as a reindex copies it, keeps its evidence).
+                INSERT INTO stage_retexted (object_id)
+                    SELECT s.object_id FROM stage_items s JOIN {items} i ON i.object_id = s.object_id
+                    WHERE NOT i.deleted AND (s.text_hash IS NULL OR i.text_hash IS DISTINCT FROM s.text_hash);
                 WITH written AS (
                     INSERT INTO {items} (object_id, payload, source, text_hash, text, version, deleted)
                         SELECT object_id, payload, source, text_hash, text, version, false
@@ -203,6 +211,8 @@ class Collection:
                 INSERT INTO stage_written SELECT object_id FROM written;
                 DELETE FROM stage_changed WHERE object_id NOT IN (SELECT object_id FROM stage_written);
                 DELETE FROM {user_parts} WHERE object_id IN (SELECT object_id FROM stage_changed);
+                DELETE FROM click_evidence WHERE object_id IN (SELECT object_id FROM stage_retexted)
+                                             AND object_id IN (SELECT object_id FROM stage_written);
                 DELETE FROM {parts} WHERE object_id IN (SELECT object_id FROM stage_changed);
                 INSERT INTO {parts} (object_id, part_no, is_average, vector)
                     SELECT object_id, part_no, is_average, vector FROM {stage_parts}
@@ -233,6 +243,7 @@ class Collection:
             """).format(items=self.items), (ids, [versions[i] for i in ids], [True] * len(ids)))
             removed = [r[0] for r in cur.fetchall()]
             conn.execute(sql.SQL("DELETE FROM {} WHERE object_id = ANY(%s)").format(self.user_parts), (removed,))
+            conn.execute("DELETE FROM click_evidence WHERE object_id = ANY(%s)", (removed,))
             conn.execute(sql.SQL("DELETE FROM {} WHERE object_id = ANY(%s)").format(self.parts), (removed,))
             return len({r[0] for r in stored if not r[1]} & set(removed))
 
@@ -250,6 +261,12 @@ class Collection:
                             .format(self.items), (list(ids),)).fetchall()
         return {r[0]: {"payload": r[1], "version": r[2], "text_sha256": r[3]} for r in rows}
 
+    def texts(self, conn: psycopg.Connection, ids: list[str]) -> dict[str, str]:
+        """The stored text of each live item that has one."""
+        rows = conn.execute(sql.SQL("SELECT object_id, text FROM {} WHERE object_id = ANY(%s) AND NOT deleted "
+                                    "AND text IS NOT NULL").format(self.items), (list(ids),)).fetchall()
+        return dict(rows)
+
     def key_bounds(self, conn: psycopg.Connection, every: int) -> list[str]:
         """Every `every`-th item id in key order: the boundaries of reindex ranges of that many items."""
         return [r[0] for r in conn.execute(sql.SQL("""
@@ -260,7 +277,7 @@ class Collection:
     def read_range(self, conn: psycopg.Connection, after_id: str | None, last_id: str | None) -> list[StoredItem]:
         """Items with after_id < id <= last_id (None: unbounded), in key order."""
         rows = conn.execute(sql.SQL("""
-            SELECT object_id, text, payload, version FROM {} WHERE NOT deleted
+            SELECT object_id, text, payload, version, source FROM {} WHERE NOT deleted
                AND (%(after)s::text IS NULL OR object_id > %(after)s::text)
                AND (%(last)s::text IS NULL OR object_id <= %(last)s::text)
             ORDER BY object_id""").format(self.items), {"after": after_id, "last": last_id}).fetchall()
@@ -356,6 +373,11 @@ class Collection:
         for object_id, part_no, vec in rows:
             out.setdefault(object_id, []).append((part_no, vec.to_numpy()))
         return out
+
+    def adjusted(self, conn: psycopg.Connection, object_ids: list[str]) -> set[str]:
+        """The items among these whose global vectors differ from the model's (click memories)."""
+        return {r[0] for r in conn.execute(sql.SQL("SELECT DISTINCT object_id FROM {} WHERE object_id = ANY(%s) "
+                                                   "AND original IS NOT NULL").format(self.parts), (list(object_ids),))}
 
     def save_global(self, conn: psycopg.Connection, updates: list[tuple[str, int, np.ndarray]]) -> None:
         """New vectors for chunks; the model's vector is kept in `original` the first time."""

@@ -40,6 +40,9 @@ CREATE TABLE IF NOT EXISTS sessions (
     created_at    timestamptz NOT NULL DEFAULT now(),
     improved_at   timestamptz                     -- set when the improvement loop consumed the session
 );
+-- Search swaps one adjacent pair of results in a share of sessions (es_ray/serve/exploration.py): the
+-- upper rank of the swapped pair, so the log says which sessions were interventions.
+ALTER TABLE sessions ADD COLUMN IF NOT EXISTS swapped_rank integer;
 CREATE INDEX IF NOT EXISTS sessions_pending ON sessions (created_at) WHERE improved_at IS NULL;
 CREATE INDEX IF NOT EXISTS sessions_user ON sessions (user_id, created_at) WHERE user_id IS NOT NULL;
 
@@ -61,6 +64,22 @@ CREATE TABLE IF NOT EXISTS events (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS events_session ON events (session_id);
+
+-- Click evidence (es_ray/store/evidence.py): anonymous sessions' impressions and clicks counted per
+-- (normalised query, item, rank) by the improvement loop; click memories are derived from it.
+CREATE TABLE IF NOT EXISTS click_evidence (
+    query_key   text NOT NULL,
+    object_id   text NOT NULL,
+    rank        integer NOT NULL,
+    impressions integer NOT NULL,
+    clicks      integer NOT NULL,
+    PRIMARY KEY (query_key, object_id, rank)
+);
+CREATE INDEX IF NOT EXISTS click_evidence_clicked ON click_evidence (object_id) WHERE clicks > 0;
+CREATE TABLE IF NOT EXISTS click_queries (
+    query_key text PRIMARY KEY,
+    query     text NOT NULL
+);
 
 -- Fine-tuned versions: where they came from, what they scored, what the quality gate decided.
 ALTER TABLE models ADD COLUMN IF NOT EXISTS parent_version integer;

@@ -31,10 +31,11 @@ def run(settings, manifest, config, progress) -> dict[str, Any]:
     with db.connect(manifest.postgres_dsn) as conn:
         blue = lifecycle.get_blue(conn)
         batch = read_sessions(conn, config.data.max_sessions)
-        items = load_item_vectors(conn, Collection(blue.collection, blue.dim), batch, config.data.eval_corpus_items,
-                                  config.data.split_seed)
+        collection = Collection(blue.collection, blue.dim)
+        items = load_item_vectors(conn, collection, batch, config.data.eval_corpus_items, config.data.split_seed)
+        texts = collection.texts(conn, items.ids) if config.train.corpus_share > 0 else {}
     parent = ParentModel(blue.model_version, Path(blue.source_dir), blue.dim, blue.max_length)
-    result = fine_tune(settings, config, batch, items, parent, progress)
+    result = fine_tune(settings, config, batch, items, texts, parent, progress)
     with db.connect(manifest.postgres_dsn) as conn:
         from es_ray.inference import registry
 

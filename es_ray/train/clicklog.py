@@ -13,6 +13,8 @@ from datetime import datetime
 
 import psycopg
 
+from es_ray.store.clickstream import normalise_query
+
 
 @dataclass
 class LoggedSession:
@@ -59,10 +61,6 @@ def read_sessions(conn: psycopg.Connection, max_sessions: int) -> SessionBatch:
             "SELECT session_id, object_id FROM events WHERE type = 'click' AND session_id = ANY(%s)", (ids,)):
         sessions[session_id].clicked.add(object_id)
     return SessionBatch(sorted(sessions.values(), key=lambda s: (s.created_at, s.session_id)))
-
-
-def normalise_query(query: str) -> str:
-    return " ".join(query.lower().split())
 
 
 def is_heldout(query: str, seed: int, fraction: float) -> bool:

@@ -35,9 +35,10 @@ class DebiasConfig(_Section):
     method: Literal["posterior", "ips"] = "posterior"
     propensity: Literal["estimate", "config"] = "estimate"
     min_rank_variation: int = Field(50, ge=1)
+    propensity_prior_strength: float = Field(50.0, ge=0)
     ips_clip: float = Field(10.0, ge=1)
-    positive_threshold: float = Field(0.5, gt=0, lt=1)
-    max_negatives: int = Field(5, ge=1)
+    min_posterior: float = Field(0.1, ge=0, lt=1)
+    uncertain_posterior: float = Field(0.02, gt=0, le=1)
     examination_prior: list[float] = Field(default_factory=lambda: [0.81, 0.56, 0.46, 0.39, 0.29, 0.26, 0.24,
                                                                      0.20, 0.20, 0.19], min_length=1)
 
@@ -59,6 +60,9 @@ class TrainConfig(_Section):
     max_steps: int = Field(400, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.01, ge=0)
+    corpus_share: float = Field(0.5, ge=0, lt=1)
+    corpus_queries_per_item: int = Field(2, ge=1)
+    tuned_weight: float = Field(1.0, gt=0, le=1)
     seed: int = 7
 
 
@@ -75,7 +79,7 @@ class TuneConfig(_Section):
 
 class GateConfig(_Section):
     metric: Literal["ndcg@10", "mrr@10", "recall@100"] = "ndcg@10"
-    margin: float = Field(0.005, ge=0)
+    margin: float = Field(0.0, ge=0)
 
 
 SPACE_KEYS = {"learning_rate", "frozen_layers", "scale", "epochs", "batch_size"}
@@ -88,7 +92,15 @@ class FinetuneConfig(_Section):
     train: TrainConfig = TrainConfig()
     tune: TuneConfig = TuneConfig()
     space: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
+    trial: dict[str, Any] = Field(default_factory=dict)
     gate: GateConfig = GateConfig()
+
+    @field_validator("trial")
+    @classmethod
+    def _check_trial(cls, trial: dict[str, Any]) -> dict[str, Any]:
+        if trial and set(trial) != SPACE_KEYS:
+            raise ValueError(f"trial must set exactly {sorted(SPACE_KEYS)} (or nothing); got {sorted(trial)}")
+        return trial
 
     @field_validator("space")
     @classmethod
@@ -109,9 +121,9 @@ class FinetuneConfig(_Section):
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "space":
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("space", "trial"):
             out[key] = _merge(out[key], value)
-        elif key == "space" and isinstance(value, dict):
+        elif key in ("space", "trial") and isinstance(value, dict):
             out[key] = {**out.get(key, {}), **value}
         else:
             out[key] = value

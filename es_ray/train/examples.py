@@ -1,29 +1,33 @@
-"""Training examples from clicks: (query, clicked item, hard negative, sampling weight), and held-out labels.
+"""Training examples from clicks, and held-out labels, both through one click model.
 
-Three ways to turn clicks into examples (`debias.enabled` / `debias.method` in configs/finetune.yaml):
+An example is (query, item it should rank first, sampling weight); per query, a set of items left
+out of the softmax denominator (`losses.CollectionSoftmaxLoss`), because the log cannot say whether
+they are relevant. Three ways to turn clicks into examples (`debias` in configs/finetune.yaml):
 
-- naive: every click is one positive example. Results at the top are examined more, so they are
-  clicked more, and the model is mostly taught what it already ranks first; noise clicks count fully.
+- naive (`enabled: false`): every click is one example of weight 1. Results at the top are examined
+  more, so clicked more: the model is mostly taught what it already ranks first, and noise clicks
+  count fully.
 - ips: every click weighted by 1 / propensity(rank), clipped (Joachims et al., "Unbiased
   Learning-to-Rank with Biased Feedback", 2017). Unbiased in expectation, but at low ranks noise
   clicks outnumber relevant ones and get the largest weights (measured worse here: DESIGN.md).
-- posterior (default): clicks are aggregated per (query, item) over all its impressions, and a
-  two-class position-based click model is fitted by EM: an examined result is clicked with
-  probability gamma1 if relevant and gamma0 if not, examination comes from the propensities.
-  Each pair gets P(relevant | its clicks and non-clicks at their ranks); pairs above
-  `positive_threshold` become one example each, sampled in proportion to that probability. This
-  corrects position bias (a click at rank 8, examined 20% of the time, is strong evidence; a lone
-  click at rank 1 among five impressions is not) and filters noise clicks instead of amplifying them.
+- posterior (default): clicks and non-clicks are aggregated per (query, item) over all impressions
+  and a two-class position-based click model is fitted by EM: an examined result is clicked with
+  probability gamma1 if relevant and gamma0 if not (the noise floor: Vardasbi et al., "Cascade
+  Model-based Propensity Estimation for Counterfactual LTR", 2020, arXiv 2008.10242, correct noise
+  with the same affine form), examination comes from the propensities. Each clicked pair gets
+  P(relevant | its clicks and non-clicks at their ranks) and becomes one example weighted by it:
+  a lone click at rank 8 (examined one time in five) is strong evidence, a lone click at rank 1
+  among five impressions is not. Items whose relevance stays uncertain are excluded from their
+  query's denominator instead of being pushed down as negatives: clicked pairs below
+  `min_posterior`, and shown, never-clicked items above `uncertain_posterior` (a relevant result
+  at rank 8 goes unclicked in five sessions more than a third of the time).
 
-Hard negatives are the results shown above a click and skipped ("skipped above"), and everything
-shown in a session marked irrelevant, never an item the click model believes relevant. The loss
-(MultipleNegativesRankingLoss) adds in-batch negatives; weights act by sampling, so the loss stays
-the library's own.
+In every method a query's clicked items are excluded from each other's denominators (one click
+is not evidence against another).
 """
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -36,10 +40,10 @@ from es_ray.train.propensity import Impressions, Propensities
 
 @dataclass
 class TrainingExamples:
-    queries: list[str]
-    positives: list[str]
-    negatives: list[str | None]      # None: no mined negative; a random corpus item stands in
-    weights: np.ndarray              # sampling weights, mean 1
+    queries: list[str]                   # query text of each example
+    positives: list[str]                 # the item each example should rank first
+    weights: np.ndarray                  # sampling weights, mean 1
+    excluded: dict[str, set[str]]        # per query text: items neither positive nor negative for it
     details: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -50,7 +54,7 @@ def relevance_posterior(impressions: Impressions, propensities: Propensities, it
                         ) -> tuple[np.ndarray, dict[str, float]]:
     """P(relevant) per (query, item) pair under a two-class PBM with known examination; EM-fitted
     click probabilities gamma1 > gamma0 and a prior of relevance by the pair's best rank."""
-    p, c = impressions.pair, impressions.click
+    p, c, n = impressions.pair, impressions.click, impressions.shown
     t = propensities.at(impressions.rank)
     n_pairs = len(impressions.pairs)
     best_rank = np.full(n_pairs, 10**9)
@@ -62,14 +66,14 @@ def relevance_posterior(impressions: Impressions, propensities: Propensities, it
     for _ in range(iterations):
         def loglik(g: float) -> np.ndarray:
             q = np.clip(t * g, 1e-9, 1 - 1e-9)
-            return np.bincount(p, c * np.log(q) + (1 - c) * np.log(1 - q), n_pairs)
+            return np.bincount(p, c * np.log(q) + (n - c) * np.log(1 - q), n_pairs)
 
         logit_prior = np.log(prior[bucket]) - np.log1p(-prior[bucket])
         posterior = 1 / (1 + np.exp(-(loglik(gamma1) - loglik(gamma0) + logit_prior)))
         w1 = posterior[p]
 
         def refit(g: float, w: np.ndarray) -> float:
-            examined = c + (1 - c) * t * (1 - g) / np.clip(1 - t * g, 1e-9, None)
+            examined = c + (n - c) * t * (1 - g) / np.clip(1 - t * g, 1e-9, None)
             return float(np.clip((w * c).sum() / max((w * examined).sum(), 1e-9), 1e-4, 1 - 1e-4))
 
         gamma1, gamma0 = refit(gamma1, w1), refit(gamma0, 1 - w1)
@@ -81,67 +85,62 @@ def relevance_posterior(impressions: Impressions, propensities: Propensities, it
     return posterior, {"gamma_relevant": round(gamma1, 4), "gamma_noise": round(gamma0, 4)}
 
 
-def _negative_pools(sessions: list[LoggedSession]) -> dict[str, set[str]]:
-    """Per normalised query: items skipped above a click or shown in a session marked irrelevant."""
-    pools: dict[str, set[str]] = defaultdict(set)
-    for s in sessions:
-        query = normalise_query(s.query)
-        pools[query].update(s.skipped_above())
-        if s.irrelevant and not s.clicked:
-            pools[query].update(item for _, item in s.shown)
-    return pools
+@dataclass
+class PairEvidence:
+    """What the log says about each (normalised query, item) pair it showed."""
+
+    posterior: dict[tuple[str, str], float]      # P(relevant | clicks and non-clicks)
+    clicks: dict[tuple[str, str], int]
+    fitted: dict[str, float]
+
+    @classmethod
+    def from_sessions(cls, sessions: list[LoggedSession], propensities: Propensities) -> "PairEvidence":
+        impressions = Impressions.from_sessions(sessions, max_rank=10**6)
+        if not impressions.pairs:
+            return cls({}, {}, {})
+        posterior, fitted = relevance_posterior(impressions, propensities)
+        clicks = np.bincount(impressions.pair, impressions.click, len(impressions.pairs))
+        return cls({pair: float(p) for pair, p in zip(impressions.pairs, posterior)},
+                   {pair: int(n) for pair, n in zip(impressions.pairs, clicks) if n > 0}, fitted)
 
 
-def build_examples(sessions: list[LoggedSession], propensities: Propensities, config: DebiasConfig,
-                   seed: int = 7) -> TrainingExamples:
-    rng = random.Random(seed)
-    pools = _negative_pools(sessions)
-    text_of = {}
+def build_examples(sessions: list[LoggedSession], propensities: Propensities, config: DebiasConfig
+                   ) -> TrainingExamples:
+    text_of: dict[str, str] = {}
+    clicked_by_query: dict[str, set[str]] = defaultdict(set)
     for s in sessions:
         text_of.setdefault(normalise_query(s.query), s.query)
-    queries, positives, negatives, weights = [], [], [], []
-    details: dict = {"clicks": sum(len(s.clicked) for s in sessions),
-                     "method": config.method if config.enabled else "naive"}
+        clicked_by_query[normalise_query(s.query)] |= s.clicked
+    excluded = {text_of[q]: set(items) for q, items in clicked_by_query.items() if items}
+    queries, positives, weights = [], [], []
+    method = config.method if config.enabled else "naive"
+    details: dict = {"clicks": sum(len(s.clicked) for s in sessions), "method": method}
 
-    if config.enabled and config.method == "posterior":
-        impressions = Impressions.from_sessions(sessions, max_rank=10**6)
-        posterior, fitted = relevance_posterior(impressions, propensities)
-        details.update(fitted)
-        clicked_pairs = {(normalise_query(s.query), i) for s in sessions for i in s.clicked}
-        # A positive needs a click of its own: a pair never clicked has nothing but the prior for it.
-        relevant = {pair for pair, prob in zip(impressions.pairs, posterior)
-                    if prob >= config.positive_threshold and pair in clicked_pairs}
-        details.update({"pairs": len(impressions.pairs), "clicked_pairs": len(clicked_pairs),
-                        "positive_pairs": len(relevant)})
-        for (query, item), prob in zip(impressions.pairs, posterior):
-            if (query, item) not in relevant:
-                continue
-            pool = sorted(n for n in pools.get(query, ()) if (query, n) not in relevant)
-            # One example per mined negative (up to max_negatives), sharing the pair's weight: training
-            # draws a pair many times and should meet its different negatives, not one fixed one.
-            chosen = rng.sample(pool, min(len(pool), config.max_negatives)) if pool else [None]
-            for negative in chosen:
-                queries.append(text_of[query]), positives.append(item)
-                negatives.append(negative), weights.append(prob / len(chosen))
+    if method == "posterior":
+        evidence = PairEvidence.from_sessions(sessions, propensities)
+        details.update(evidence.fitted)
+        uncertain = 0
+        for (query, item), prob in sorted(evidence.posterior.items()):
+            if (query, item) in evidence.clicks:
+                if prob >= config.min_posterior:
+                    queries.append(text_of[query]), positives.append(item), weights.append(prob)
+            elif prob >= config.uncertain_posterior:
+                excluded.setdefault(text_of[query], set()).add(item)
+                uncertain += 1
+        details.update({"pairs": len(evidence.posterior), "clicked_pairs": len(evidence.clicks),
+                        "positive_pairs": len(queries), "uncertain_unclicked": uncertain})
     else:
         for s in sessions:
-            query = normalise_query(s.query)
-            skipped = s.skipped_above()
             for rank, item in s.shown:
-                if item not in s.clicked:
-                    continue
-                pool = skipped or sorted(pools.get(query, set()) - s.clicked)
-                weight = 1.0
-                if config.enabled:  # ips
-                    weight = min(1.0 / float(propensities.at([rank])[0]), config.ips_clip)
-                queries.append(s.query), positives.append(item)
-                negatives.append(rng.choice(pool) if pool else None), weights.append(weight)
+                if item in s.clicked:
+                    weight = 1.0 if method == "naive" else min(1.0 / float(propensities.at([rank])[0]),
+                                                               config.ips_clip)
+                    queries.append(s.query), positives.append(item), weights.append(weight)
     w = np.asarray(weights, dtype=np.float64)
     if len(w):
         w = w / w.mean()
     details["examples"] = len(queries)
-    details["with_mined_negative"] = sum(n is not None for n in negatives)
-    return TrainingExamples(queries, positives, negatives, w, details)
+    return TrainingExamples(queries, positives, w, excluded, details)
 
 
 @dataclass
@@ -150,26 +149,29 @@ class HeldOut:
     (and both training modes), so their scores compare."""
 
     queries: dict[str, str]                 # normalised query -> text
-    qrels: dict[str, dict[str, int]]        # normalised query -> {clicked item: grade 1..10}
-    judged: dict[str, set[str]]             # normalised query -> items shown for it
+    qrels: dict[str, dict[str, int]]        # normalised query -> {item: grade 1..10}
+    shown: dict[str, set[str]]              # normalised query -> items its sessions showed
 
 
-def heldout_labels(sessions: list[LoggedSession], propensities: Propensities) -> HeldOut:
-    """Labels from held-out clicks, corrected for position: an item's grade is its click-through rate
-    per expected examination, clicks / sum of propensity(rank) over its impressions (capped at 1,
-    times 10). Raw clicks would favour the model that logged them: what it ranked first was examined,
-    so clicked, more often, and any other order would look worse. A click at rank 8 (examined one
-    time in five) counts for about four at rank 1."""
-    queries: dict[str, str] = {}
-    clicks: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    examined: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+def heldout_labels(sessions: list[LoggedSession], propensities: Propensities, binary_at: float | None = None
+                   ) -> HeldOut:
+    """Labels from held-out clicks: a clicked item's grade is 10 x P(relevant | its clicks and non-clicks
+    at their ranks), from the same click model as the training posterior, rounded; grade 0 is no label.
+    With `binary_at`, grade 1 where P(relevant) >= binary_at instead: how sure the log is about an item
+    (more sure at the top, where users look) then does not pass for how relevant it is.
+    Click-through rate per examination (the earlier labels) gave a lone noise click at rank 9 the top
+    grade; here it gets the evidence it carries, and one click among five impressions at rank 1 (which
+    users examine four times in five) almost none."""
+    evidence = PairEvidence.from_sessions(sessions, propensities)
+    text_of: dict[str, str] = {}
+    shown: dict[str, set[str]] = defaultdict(set)
     for s in sessions:
-        qid = normalise_query(s.query)
-        for rank, item in s.shown:
-            examined[qid][item] += float(propensities.at([rank])[0])
-            if item in s.clicked:
-                clicks[qid][item] += 1
-                queries.setdefault(qid, s.query)
-    qrels = {q: {item: max(1, round(10 * min(1.0, n / examined[q][item]))) for item, n in clicks[q].items()}
-             for q in queries}
-    return HeldOut(queries, qrels, {q: set(examined[q]) for q in queries})
+        text_of.setdefault(normalise_query(s.query), s.query)
+        shown[normalise_query(s.query)].update(item for _, item in s.shown)
+    qrels: dict[str, dict[str, int]] = defaultdict(dict)
+    for (query, item) in evidence.clicks:
+        p = evidence.posterior[(query, item)]
+        grade = int(round(10 * p)) if binary_at is None else int(p >= binary_at)
+        if grade > 0:
+            qrels[query][item] = grade
+    return HeldOut({q: text_of[q] for q in qrels}, dict(qrels), {q: shown[q] for q in qrels})

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import random
 import shutil
 import tempfile
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from es_ray import metrics
 from es_ray.config import Settings
@@ -31,10 +29,11 @@ from es_ray.logs import get_logger
 from es_ray.train import gate
 from es_ray.train.clicklog import SessionBatch, split_by_query
 from es_ray.train.config import FinetuneConfig
+from es_ray.train.corpus_queries import corpus_queries
 from es_ray.train.examples import build_examples, heldout_labels
 from es_ray.train.item_vectors import ItemVectors
 from es_ray.train.propensity import propensities
-from es_ray.train.trainer import TrainingData, embed_queries, heldout_metrics
+from es_ray.train.trainer import TrainingData, heldout_metrics
 from es_ray.train.tune import run_search
 
 log = get_logger(__name__)
@@ -62,56 +61,46 @@ class ParentModel:
         return query_tower_dir(self.model_dir)
 
 
-def prepare(batch: SessionBatch, items: ItemVectors, parent: ParentModel, config: FinetuneConfig
-            ) -> tuple[TrainingData, dict[str, Any]]:
-    """Training examples and held-out labels as arrays over the parent's item vectors."""
+def prepare(batch: SessionBatch, items: ItemVectors, texts: dict[str, str], parent: ParentModel,
+            config: FinetuneConfig) -> tuple[TrainingData, dict[str, Any]]:
+    """Training examples, pseudo-queries from `texts` (object id -> item text) and held-out labels, as
+    arrays over the parent's item vectors."""
     train_sessions, heldout_sessions = split_by_query(batch.sessions, config.data.split_seed,
                                                       config.data.heldout_fraction)
-    props = propensities(train_sessions, config.debias.examination_prior, config.debias.propensity,
-                         config.debias.min_rank_variation)
-    examples = build_examples(train_sessions, props, config.debias, seed=config.train.seed)
-    known = items.index()
-    keep = [i for i, pos in enumerate(examples.positives) if pos in known]
+    # Examination is estimated from every session: it is about users, not about which queries train.
+    props = propensities(batch.sessions, config.debias.examination_prior, config.debias.propensity,
+                         config.debias.min_rank_variation, config.debias.propensity_prior_strength)
+    examples = build_examples(train_sessions, props, config.debias)
+    index = items.index()
+    keep = [i for i, pos in enumerate(examples.positives) if pos in index]
     heldout = heldout_labels(heldout_sessions, props)
-    qrels = {q: {d: g for d, g in docs.items() if d in known} for q, docs in heldout.qrels.items()}
+    qrels = {q: {d: g for d, g in docs.items() if d in index} for q, docs in heldout.qrels.items()}
     qrels = {q: docs for q, docs in qrels.items() if docs}
-    heldout_queries = {q: t for q, t in heldout.queries.items() if q in qrels}
-    judged = {q: sorted(d for d in heldout.judged[q] if d in known) for q in heldout_queries}
+    pseudo = corpus_queries({k: v for k, v in texts.items() if k in index}, config.train.corpus_queries_per_item,
+                            config.train.seed) if config.train.corpus_share > 0 else corpus_queries({})
     details = {"sessions": len(batch.sessions), "train_sessions": len(train_sessions),
-               "heldout_sessions": len(heldout_sessions), "heldout_queries": len(heldout_queries),
+               "heldout_sessions": len(heldout_sessions), "heldout_queries": len(qrels),
                "propensity_source": props.source, "propensity": [round(float(p), 4) for p in props.by_rank],
-               "propensity_details": props.details, **examples.details, "examples": len(keep), "items": len(items)}
+               "propensity_prior": list(config.debias.examination_prior),
+               "propensity_details": props.details, **examples.details, "examples": len(keep),
+               "corpus_queries": len(pseudo), "items": len(items)}
     if len(items) < 2:
         raise NotEnoughData(f"the collection holds {len(items)} item(s): nothing to rank")
     if len(keep) < config.data.min_train_examples:
         raise NotEnoughData(f"{len(keep)} training examples from {len(train_sessions)} train sessions; "
                             f"at least {config.data.min_train_examples} are needed (data.min_train_examples)")
-    if len(heldout_queries) < config.data.min_heldout_queries:
-        raise NotEnoughData(f"{len(heldout_queries)} held-out queries with clicks; at least "
+    if len(qrels) < config.data.min_heldout_queries:
+        raise NotEnoughData(f"{len(qrels)} held-out queries with clicks; at least "
                             f"{config.data.min_heldout_queries} are needed (data.min_heldout_queries)")
-
-    # The parent picks each item's best chunk for its query, as search would have shown it.
-    encoder, tokenizer = load_encoder(parent.query_tower), load_tokenizer(parent.query_tower)
-    queries = [examples.queries[i] for i in keep]
-    unique = sorted(set(queries))
-    with torch.no_grad():
-        vectors = embed_queries(encoder, tokenizer, unique, config.model.max_query_length, "cpu").numpy()
-    by_text = dict(zip(unique, vectors))
-    query_vectors = np.stack([by_text[q] for q in queries])
-    rng = random.Random(config.train.seed)
-    positive_ids = [examples.positives[i] for i in keep]
-    negative_ids = []
-    for i, positive in zip(keep, positive_ids):
-        negative = examples.negatives[i]
-        while negative is None or negative not in known or negative == positive:
-            negative = items.ids[rng.randrange(len(items))]  # no mined negative: a random item stands in
-        negative_ids.append(negative)
     data = TrainingData(
-        queries=queries, positive_ids=positive_ids,
-        positives=items.best_chunks(query_vectors, positive_ids),
-        negatives=items.best_chunks(query_vectors, negative_ids),
-        weights=examples.weights[keep], heldout_queries=heldout_queries, heldout_qrels=qrels, heldout_judged=judged,
-        items=items,
+        queries=[examples.queries[i] for i in keep],
+        positives=np.asarray([index[examples.positives[i]] for i in keep], dtype=np.int64),
+        weights=examples.weights[keep],
+        excluded={q: np.asarray(sorted(index[d] for d in ds if d in index), dtype=np.int64)
+                  for q, ds in examples.excluded.items()},
+        corpus_queries=pseudo.texts, corpus_positives=np.asarray([index[d] for d in pseudo.items], dtype=np.int64),
+        heldout_queries={q: heldout.queries[q] for q in qrels}, heldout_qrels=qrels,
+        heldout_shown={q: sorted(d for d in heldout.shown[q] if d in index) for q in qrels}, items=items,
         parent_dir=str(parent.query_tower), max_query_length=config.model.max_query_length,
         # One epoch is one pass over the clicks, whether they became one example each (naive, ips) or
         # were aggregated per (query, item) pair (posterior): both methods get the same step budget.
@@ -138,7 +127,7 @@ def _close_trial_runs(mlflow_client, parent_run_id: str, statuses: dict[str, str
 
 
 def fine_tune(settings: Settings, config: FinetuneConfig, batch: SessionBatch, items: ItemVectors,
-              parent: ParentModel, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              texts: dict[str, str], parent: ParentModel, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Runs one cycle and registers its best model; returns what happened (for the task's result)."""
     import mlflow
     import ray
@@ -149,7 +138,7 @@ def fine_tune(settings: Settings, config: FinetuneConfig, batch: SessionBatch, i
     experiment_id = registry.ensure_experiment(settings, EXPERIMENT)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"fine-tune-from-v{parent.version}") as run:
         progress({"stage": "preparing data"})
-        data, details = prepare(batch, items, parent, config)
+        data, details = prepare(batch, items, texts, parent, config)
         lineage = {"parent_version": parent.version, "split_seed": config.data.split_seed,
                    "heldout_fraction": config.data.heldout_fraction, **batch.lineage()}
         mlflow.log_params({**{f"{section}.{k}": v for section, values in config.model_dump().items()

@@ -24,7 +24,7 @@ class GateDecision:
 
 def decide(new: dict[str, float], blue: dict[str, float], config: GateConfig) -> GateDecision:
     gain = new[config.metric] - blue[config.metric]
-    candidate = gain >= config.margin
+    candidate = gain > config.margin
     verdict = "beats" if candidate else "does not beat"
     reason = (f"held-out {config.metric} {new[config.metric]:.4f} vs blue {blue[config.metric]:.4f} "
               f"({gain:+.4f}) {verdict} the margin {config.margin}")

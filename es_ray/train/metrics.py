@@ -27,3 +27,14 @@ def evaluate(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]])
         "recall@100": sum(r["recall_100"] for r in full.values()) / n,
         "queries": n,
     }
+
+
+def per_query(run: dict[str, dict[str, float]], qrels: dict[str, dict[str, int]], measure: str = "ndcg_cut_10"
+              ) -> dict[str, float]:
+    """One trec_eval measure per judged query (for paired tests between two runs on the same queries)."""
+    judged = {q: docs for q, docs in qrels.items() if q in run and any(g > 0 for g in docs.values())}
+    if not judged:
+        return {}
+    scores = pytrec_eval.RelevanceEvaluator(judged, {measure.rsplit("_", 1)[0] if "_cut_" in measure else measure}
+                                            ).evaluate({q: run[q] for q in judged})
+    return {q: r[measure] for q, r in scores.items()}

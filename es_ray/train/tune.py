@@ -65,7 +65,7 @@ def _trial(config: dict[str, Any]) -> None:
 class TrialOutcome:
     trial_id: str
     config: dict[str, Any]
-    metrics: dict[str, float]          # the best report (by the tuned metric)
+    metrics: dict[str, float]          # the report of its checkpoint (the end of its schedule)
     checkpoint_path: str | None
     seconds: float                     # the trial's own wall time
     reports: int
@@ -135,7 +135,7 @@ class ProgressCallback(Callback):
 def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: str,
                mlflow: dict[str, str] | None = None,
                progress: Callable[[dict[str, Any]], None] | None = None) -> SearchOutcome:
-    """Runs the Tune search; returns every trial's best report, checkpoint and time."""
+    """Runs the Tune search; returns every trial's checkpointed report, checkpoint and time."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -159,7 +159,10 @@ def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: s
                                     num_samples=config.tune.num_samples,
                                     # seeded draws: the same config samples the same trials, so runs
                                     # (naive against debiased, say) compare like with like
-                                    search_alg=BasicVariantGenerator(random_state=config.train.seed),
+                                    search_alg=BasicVariantGenerator(
+                                        random_state=config.train.seed,
+                                        # the configured trial first: Tune can only add better ones to it
+                                        points_to_evaluate=[dict(config.trial)] if config.trial else None),
                                     max_concurrent_trials=config.tune.max_concurrent_trials,
                                     time_budget_s=config.tune.time_budget_s),
         run_config=tune.RunConfig(name=run_name, storage_path=str(storage_path), callbacks=callbacks,
