@@ -253,7 +253,7 @@ def test_a_driver_killed_mid_switch_finishes_it_once(api, stack, settings, varia
     assert rolled.status_code == 200 and rolled.json()["status"] == "switched", rolled.text
     assert api.get("/v1/lifecycle").json()["epoch"] == before["epoch"] + 2
     served_model(api, f"v{before['blue']['model_version']}")
-    search = api.post("/v1/search", json={"query": "written after the switch", "limit": 3}).json()
+    search = api.post("/v1/search", json={"query": "written after the switch", "limit": 3, "session": False}).json()
     assert search["model"] == f"v{before['blue']['model_version']}" and search["results"][0]["id"] == "lc-after-switch"
 
 
