@@ -155,20 +155,25 @@ class Harness:
     def hyperparameters(self, config: FinetuneConfig) -> Hyperparameters:
         return Hyperparameters.from_config({**config.trial, **config.train.model_dump()})
 
-    def fine_tune(self, data: TrainingData, config: FinetuneConfig, trace: list | None = None) -> Tower:
+    def gate_point(self, metrics: dict[str, float], model, tokenizer, binary: TrainingData, max_length: int
+                   ) -> tuple[float, ...]:
+        """One model as the gate could see it, beside its test nDCG@10: (held-out nDCG@10, held-out nDCG@10
+        over the whole collection, test nDCG@10, held-out MRR@10, log-likelihood of the clicked among the
+        shown, held-out nDCG@10 with binary labels). `metrics`: its heldout_metrics."""
+        return (metrics["ndcg@10"], metrics["whole_ndcg@10"], self.test_ndcg(Tower(model, tokenizer, max_length)),
+                metrics["mrr@10"], metrics["shown_log_likelihood"],
+                heldout_metrics(model, tokenizer, binary, "cpu")["ndcg@10"])
+
+    def fine_tune(self, data: TrainingData, config: FinetuneConfig, trace: list | None = None,
+                  binary: TrainingData | None = None) -> Tower:
         """fit() with the job's checkpoint rule (the model at the end of the schedule); `trace` gets the
-        held-out scores and the test nDCG@10 of every evaluation, for the gate's agreement with the test
-        qrels."""
-        metric, last = config.tune.metric, {"state": None}
+        gate's view of every evaluation (`gate_point`, with `binary` the same data with binary labels)."""
+        last = {"state": None}
         tokenizer = load_tokenizer(self.parent.model_dir)
 
         def on_eval(metrics, model, _tokenizer):
             if trace is not None:
-                binary = heldout_metrics(model, tokenizer, dataclasses.replace(data, heldout_qrels=data.binary_qrels),
-                                         "cpu") if getattr(data, "binary_qrels", None) else {"ndcg@10": 0.0}
-                trace.append((metrics[metric], metrics["whole_ndcg@10"],
-                              self.test_ndcg(Tower(model, tokenizer, config.model.max_query_length)),
-                              metrics["mrr@10"], metrics["shown_log_likelihood"], binary["ndcg@10"]))
+                trace.append(self.gate_point(metrics, model, tokenizer, binary or data, config.model.max_query_length))
             if metrics["step"] == metrics["total_steps"]:
                 last["state"] = copy.deepcopy(model.state_dict())
 
@@ -328,21 +333,19 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
                 if method == plan.methods[-1]:
                     memory_only.append(harness.system(sessions, harness.base, method != "naive"))
                 blue_heldout = heldout_metrics(harness.base.model, harness.base.tokenizer, data, "cpu")
-                # Diagnostic: the same held-out sessions labelled binary (P(relevant) >= 0.5).
-                train_side, heldout_side = split_by_query(sessions, cfg.data.split_seed, cfg.data.heldout_fraction)
+                # For comparison: the same held-out sessions labelled binary (P(relevant) >= 0.5).
+                _, heldout_side = split_by_query(sessions, cfg.data.split_seed, cfg.data.heldout_fraction)
                 props = Propensities(np.asarray(details["propensity"]), details["propensity_source"])
-                binary = heldout_labels(heldout_side, props, binary_at=0.5)
-                data.binary_qrels = {q: binary.qrels.get(q, {}) for q in data.heldout_qrels}
+                binary_labels = heldout_labels(heldout_side, props, binary_at=0.5)
+                binary = dataclasses.replace(data, heldout_qrels={q: binary_labels.qrels.get(q, {})
+                                                                  for q in data.heldout_qrels})
                 if not points:
-                    blue_binary = heldout_metrics(harness.base.model, harness.base.tokenizer,
-                                                  dataclasses.replace(data, heldout_qrels=data.binary_qrels), "cpu")
-                    points.append((blue_heldout[cfg.tune.metric], blue_heldout["whole_ndcg@10"], baseline["ndcg@10"],
-                                   blue_heldout["mrr@10"], blue_heldout["shown_log_likelihood"],
-                                   blue_binary["ndcg@10"]))
+                    points.append(harness.gate_point(blue_heldout, harness.base.model, harness.base.tokenizer, binary,
+                                                     cfg.model.max_query_length))
                 for train_seed in plan.train_seeds:
                     cfg_seed = with_overrides(cfg, {"train": {"seed": cfg.train.seed + train_seed}})
                     t0 = time.monotonic()
-                    tower = harness.fine_tune(data, cfg_seed, points)
+                    tower = harness.fine_tune(data, cfg_seed, points, binary)
                     tower_q = harness.quality(tower)
                     system_q = harness.system(sessions, tower, method != "naive")
                     decision = gate.decide(heldout_metrics(tower.model, tower.tokenizer, data, "cpu"), blue_heldout,

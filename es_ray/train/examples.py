@@ -153,15 +153,16 @@ class HeldOut:
     shown: dict[str, set[str]]              # normalised query -> items its sessions showed
 
 
-def heldout_labels(sessions: list[LoggedSession], propensities: Propensities, binary_at: float | None = None
-                   ) -> HeldOut:
+def heldout_labels(sessions: list[LoggedSession], propensities: Propensities, binary_at: float | None = None,
+                   click_model: bool = True) -> HeldOut:
     """Labels from held-out clicks: a clicked item's grade is 10 x P(relevant | its clicks and non-clicks
     at their ranks), from the same click model as the training posterior, rounded; grade 0 is no label.
     With `binary_at`, grade 1 where P(relevant) >= binary_at instead: how sure the log is about an item
     (more sure at the top, where users look) then does not pass for how relevant it is.
     Click-through rate per examination (the earlier labels) gave a lone noise click at rank 9 the top
     grade; here it gets the evidence it carries, and one click among five impressions at rank 1 (which
-    users examine four times in five) almost none."""
+    users examine four times in five) almost none. Without `click_model` (debiasing switched off) every
+    clicked item is grade 1: the labels then assume what that training assumes."""
     evidence = PairEvidence.from_sessions(sessions, propensities)
     text_of: dict[str, str] = {}
     shown: dict[str, set[str]] = defaultdict(set)
@@ -171,7 +172,12 @@ def heldout_labels(sessions: list[LoggedSession], propensities: Propensities, bi
     qrels: dict[str, dict[str, int]] = defaultdict(dict)
     for (query, item) in evidence.clicks:
         p = evidence.posterior[(query, item)]
-        grade = int(round(10 * p)) if binary_at is None else int(p >= binary_at)
+        if not click_model:
+            grade = 1
+        elif binary_at is not None:
+            grade = int(p >= binary_at)
+        else:
+            grade = int(round(10 * p))
         if grade > 0:
             qrels[query][item] = grade
     return HeldOut({q: text_of[q] for q in qrels}, dict(qrels), {q: shown[q] for q in qrels})
