@@ -26,8 +26,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "es_ray_irrelevant_marks": ("counter", "Result lists marked irrelevant", ()),
     "es_ray_improvement_steps": ("counter", "Improvement passes that consumed sessions", ()),
     "es_ray_improvement_sessions": ("counter", "Sessions consumed by the improvement loop", ()),
-    "es_ray_improvement_vectors": ("counter", "Vectors moved by the improvement loop (scope: global or personal)",
-                                   ("scope",)),
+    "es_ray_improvement_vectors": ("counter", "Items the improvement loop changed (scope: global memories "
+                                   "or personal vectors)", ("scope",)),
     "es_ray_upsert_items": ("counter", "Items written (path: http or job)", ("path",)),
     "es_ray_upsert_failures": ("counter", "Items that could not be written (path: http or job)", ("path",)),
     "es_ray_deleted_items": ("counter", "Items deleted", ()),

@@ -138,3 +138,10 @@ def test_finetune_config_overrides_are_validated():
         load_finetune_config(overrides={"tune": {"num_sample": 2}})
     with pytest.raises(ValidationError, match="low < high"):
         load_finetune_config(overrides={"space": {"learning_rate": {"loguniform": [1e-3, 1e-5]}}})
+
+
+def test_naive_examples_of_one_query_spelt_two_ways_share_their_exclusions():
+    log = [session("Q  One", ["a", "b", "c"], ["a"]), session("q one", ["a", "b", "c"], ["b"])]
+    examples = build_examples(log, Propensities(THETA, "config"), DebiasConfig(enabled=False))
+    assert len(set(examples.queries)) == 1                          # one query text for both spellings
+    assert examples.excluded[examples.queries[0]] == {"a", "b"}     # neither click is the other's negative

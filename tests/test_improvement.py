@@ -170,6 +170,24 @@ def test_delete_and_new_text_drop_adjustments_same_text_keeps_them(api, stack, i
         assert counts() == (0, 0)
 
 
+def test_clicks_on_an_item_deleted_before_the_pass_do_not_come_back_with_it(api, stack, items):
+    query = "lava domes above magma"
+    gone = {"id": "imp-gone", "text": "Lava domes grow above shallow magma", "payload": {"group": "imp"}}
+    assert api.put("/v1/items", json={"items": [gone]}).json()["upserted"] == 1
+    click(api, query, "imp-gone", times=3)
+    api.request("DELETE", "/v1/items", json={"ids": ["imp-gone"]})   # the sessions wait for the next pass
+    assert improve(api)["sessions"] == 3
+    with db.connect(stack.postgres_dsn) as conn:
+        def evidence():
+            return conn.execute("SELECT count(*) FROM click_evidence WHERE object_id = 'imp-gone'").fetchone()[0]
+        assert evidence() == 0
+        assert api.put("/v1/items", json={"items": [gone]}).json()["upserted"] == 1   # back, same text
+        assert evidence() == 0
+        assert conn.execute("SELECT count(*) FROM parts_v1 WHERE object_id = 'imp-gone' AND original IS NOT NULL"
+                            ).fetchone()[0] == 0                                # no memory either
+    api.request("DELETE", "/v1/items", json={"ids": ["imp-gone"]})
+
+
 def test_background_loop_runs_passes_until_the_backlog_is_empty():
     backlog, calls = [3, 2, 0], []
 

@@ -9,6 +9,7 @@ import torch
 
 from es_ray.bench.clicksim import ClickModel, simulate_log
 from es_ray.improve.memory import item_memories, remembered
+from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.serve.exploration import choose_swap, swapped
 from es_ray.train.corpus_queries import corpus_queries, sentences
 from es_ray.train.losses import CollectionSoftmaxLoss, item_scores
@@ -127,3 +128,18 @@ def test_click_memories_weigh_evidence_and_move_an_item_towards_its_queries():
     strong = remembered(chunk, memories["x"], weight=0.5, evidence_half=0.0)
     weak = remembered(chunk, memories["x"], weight=0.5, evidence_half=9.0)   # evidence 1 of 10: a tenth of it
     assert np.isclose(np.linalg.norm(strong), 1.0) and strong[0] @ q1 > weak[0] @ q1 > 0
+
+
+def test_item_tower_fingerprint_covers_weights_and_tokenizer_and_needs_weights(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "query_encoder").mkdir(parents=True)
+        (d / "config.json").write_text("{}")
+        (d / "vocab.txt").write_text("[PAD]\nhello\n")
+    assert item_tower_fingerprint(a) is None                        # no weights: never "the same tower"
+    for d in (a, b):
+        (d / "model.safetensors").write_bytes(b"weights")
+    (b / "query_encoder" / "model.safetensors").write_bytes(b"tuned query tower")
+    assert item_tower_fingerprint(a) == item_tower_fingerprint(b)   # only the query tower differs
+    (b / "vocab.txt").write_text("[PAD]\nworld\n")
+    assert item_tower_fingerprint(a) != item_tower_fingerprint(b)

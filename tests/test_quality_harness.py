@@ -2,10 +2,12 @@
 example building, training and click memories as the jobs, every report the benchmark writes."""
 
 import json
+import os
 import random
 
 import pytest
 
+from es_ray.bench.corpus_vectors import _fingerprint
 from es_ray.bench.quality import Dataset, Harness, Plan, measure
 from es_ray.config import MemorySettings
 from es_ray.train.config import load_finetune_config
@@ -88,3 +90,20 @@ def test_test_queries_never_click_and_validation_queries_never_train(measured):
     data, _ = prepare(SessionBatch(log), dataset.items, dataset.texts, harness.parent, harness.config)
     assert set(data.queries).isdisjoint({dataset.train[q] for q in harness.val})
     assert set(data.heldout_queries.values()) <= {dataset.train[q] for q in harness.val}
+
+
+def test_vector_cache_is_keyed_by_content_not_modification_time(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    corpus = tmp_path / "a" / "corpus.jsonl"
+    corpus.parent.mkdir()
+    corpus.write_text('{"_id": "d1", "text": "one"}\n')
+    key = _fingerprint(corpus, model_dir, 32, 8, 4)
+    copy = tmp_path / "b" / "corpus.jsonl"                 # the same collection copied elsewhere, later
+    copy.parent.mkdir()
+    copy.write_text(corpus.read_text())
+    os.utime(copy, (1, 1))
+    assert _fingerprint(copy, model_dir, 32, 8, 4) == key
+    copy.write_text('{"_id": "d1", "text": "two"}\n')
+    assert _fingerprint(copy, model_dir, 32, 8, 4) != key
+    assert _fingerprint(corpus, model_dir, 64, 8, 4) != key

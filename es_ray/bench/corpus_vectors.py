@@ -27,9 +27,10 @@ CACHE_DIR = Path(os.environ.get("ES_RAY_CACHE_DIR", Path.home() / ".cache" / "es
 
 
 def _fingerprint(corpus: Path, model_dir: Path, max_length: int, overlap: int, max_chunks: int) -> str:
-    stat = corpus.stat()
+    # The corpus by content, not by modification time: a copy of the same collection hits the cache.
+    content = hashlib.sha256(corpus.read_bytes()).hexdigest()
     weights = sorted(p for p in model_dir.iterdir() if p.suffix in {".safetensors", ".bin"}) if model_dir.is_dir() else []
-    parts = [str(corpus.resolve()), str(stat.st_size), str(int(stat.st_mtime)), str(model_dir.resolve()),
+    parts = [content, str(model_dir.resolve()),
              *(f"{p.name}:{p.stat().st_size}" for p in weights), str(max_length), str(overlap), str(max_chunks)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 

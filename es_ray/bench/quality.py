@@ -432,8 +432,13 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(dataset, harness, config, plan)
     result["config"]["finetune_overrides"] = overrides
     command = f"python -m es_ray.bench.quality --data {args.data or '../shared/data/' + path.name}"
-    if args.overrides != "{}":
-        command += f" --overrides '{args.overrides}'"
+    for flag, value, default in (("--noise", args.noise, ""), ("--click-seeds", args.click_seeds, 3),
+                                 ("--train-seeds", args.train_seeds, 1), ("--methods", args.methods, "naive,debiased"),
+                                 ("--overrides", args.overrides, "{}")):
+        if value != default:
+            command += f" {flag} '{value}'" if flag == "--overrides" else f" {flag} {value}"
+    if args.no_skylines:
+        command += " --no-skylines"
     out = write_result("quality", path.name, result, command, scratch=args.scratch)
     print(json.dumps({k: result[k] for k in ("baseline", "by_noise")}, indent=1), f"\nwritten to {out}")  # noqa: T201
 

@@ -1,4 +1,5 @@
-"""Reindex as a Ray job: re-embed every blue item with a new model into a green collection.
+"""Reindex as a Ray job: every blue item into a green collection for a new model (re-embedded, or its
+vectors copied where the new version keeps blue's item tower).
 
     ray job submit --working-dir . -- python -m es_ray.data.reindex --to VERSION
 
@@ -8,9 +9,11 @@ Steps (each one visible as the task's `stage`):
 3. cut the blue key space into ranges of `reindex.range_items` ids (kept in `reindex_ranges`, so a
    restarted job skips the ranges already done),
 4. Ray Data over the pending ranges: an actor pool where each actor reads a range in key order,
-   embeds it through Triton in batches and writes it with COPY, marking the range done in the same
-   transaction; items that fail are recorded with the stage that failed,
-5. check green holds exactly blue's items, build the HNSW index, re-derive (or drop) click adjustments,
+   embeds it through Triton in batches (or copies blue's model vectors) and writes it with COPY,
+   marking the range done in the same transaction; items that fail are recorded with the stage that
+   failed,
+5. check green holds exactly blue's items, build the HNSW index, re-derive (or drop) click memories
+   and users' adjustments,
 6. mark green ready and ask the lifecycle driver to switch (`reindex.switch`: auto when the quality
    gate passed, force, never).
 Copies carry the version read from blue, so a write or delete that reached green meanwhile (dual
@@ -299,9 +302,11 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     _, done_before, items_before = range_totals(conn, green.collection)
     log.info("reindex.start", task_id=task_id, source=blue.collection, green=green.collection, ranges=n_ranges,
              pending=len(todo), items=total_items)
-    # A fine-tune of the query tower keeps blue's item tower: the item vectors would come out the same.
-    copy_vectors = settings.reindex.reuse_item_vectors and (
-        item_tower_fingerprint(blue.source_dir) == item_tower_fingerprint(green.source_dir))
+    # A fine-tune of the query tower keeps blue's item tower: the item vectors would come out the same
+    # (as long as chunking is unchanged: set reindex.reuse_item_vectors false to re-chunk every item).
+    blue_tower = item_tower_fingerprint(blue.source_dir)
+    copy_vectors = (settings.reindex.reuse_item_vectors and blue_tower is not None
+                    and blue_tower == item_tower_fingerprint(green.source_dir))
     log.info("reindex.item_vectors", mode="copied" if copy_vectors else "embedded")
     gauges = ReindexMetrics(green.collection)
     state = {"items_done": items_before, "items_total": total_items, "ranges_total": n_ranges,

@@ -9,8 +9,9 @@ user marked as irrelevant). The loss, minimised over the touched chunk vectors o
                                                                ...and rank above what was passed over
                                                                (pairwise, against the session's best click)
     irrelevant:  irrelevant * relu(cos(q, v) - floor)         results nobody wanted move away
-    anchor:      anchor * |v - v_model|^2                     stay close to what the model computed, so
-                                                               one noisy click cannot move an item far
+    anchor:      anchor * |v - v_anchor|^2                    stay close to the shared vector (the model's
+                                                               plus click memory), so one noisy click
+                                                               cannot move an item far
 
 Why gradient steps and not "v += lr * (q - v)": the pairwise term only moves vectors whose order is
 wrong, and the anchor bounds the drift, which keeps test queries (never clicked) from degrading.

@@ -148,8 +148,9 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
         if not sessions:
             return {"sessions": 0}
         anonymous = [s for s in sessions if s.user_id is None]
-        evidence.record(conn, anonymous)
-        shown = sorted({item for s in anonymous for _, item in s.shown})
+        live = collection.hold_live(conn, {item for s in anonymous for _, item in s.shown})
+        evidence.record(conn, anonymous, live)
+        shown = sorted(live)
         remembered_items = refresh_memories(conn, collection, shown, embed_queries, learning)
         personal = apply_user_sessions(conn, collection, [s for s in sessions if s.user_id is not None],
                                        embed_queries, learning.adjuster)

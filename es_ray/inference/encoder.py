@@ -51,16 +51,23 @@ class SentenceEncoder(nn.Module):
         return F.normalize(pooled, p=2.0, dim=1)
 
 
-def item_tower_fingerprint(model_dir: str | os.PathLike) -> str:
-    """SHA-256 over the item tower's config and weights (the directory's own files, not query_encoder/):
-    two model versions with the same fingerprint embed items identically."""
+TOWER_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"}
+
+
+def item_tower_fingerprint(model_dir: str | os.PathLike) -> str | None:
+    """SHA-256 over the item tower's config, tokenizer and weights (the directory's own files, not
+    query_encoder/): two model versions with the same fingerprint embed items identically. None where
+    the directory holds no weights file: nothing to compare."""
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and (
+        p.suffix in {".safetensors", ".bin"} or p.name in TOWER_FILES))
+    if not any(p.suffix in {".safetensors", ".bin"} for p in files):
+        return None
     digest = hashlib.sha256()
-    for path in sorted(Path(model_dir).iterdir()):
-        if path.is_file() and (path.name == "config.json" or path.suffix in {".safetensors", ".bin"}):
-            digest.update(path.name.encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
+    for path in files:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -194,11 +194,12 @@ class Collection:
                     SELECT s.object_id FROM stage_items s LEFT JOIN {items} i ON i.object_id = s.object_id
                     WHERE i.object_id IS NULL OR i.deleted OR s.text_hash IS NULL
                        OR i.text_hash IS DISTINCT FROM s.text_hash;
-                -- A live item whose text changes: what clicks said about the old text is forgotten too
-                -- (an item new to this collection, as a reindex copies it, keeps its evidence).
+                -- An item whose text changes, or that comes back after a delete: what clicks said about
+                -- the old text is forgotten too (an item new to this collection, as a reindex copies it,
+                -- keeps its evidence).
                 INSERT INTO stage_retexted (object_id)
                     SELECT s.object_id FROM stage_items s JOIN {items} i ON i.object_id = s.object_id
-                    WHERE NOT i.deleted AND (s.text_hash IS NULL OR i.text_hash IS DISTINCT FROM s.text_hash);
+                    WHERE i.deleted OR s.text_hash IS NULL OR i.text_hash IS DISTINCT FROM s.text_hash;
                 WITH written AS (
                     INSERT INTO {items} (object_id, payload, source, text_hash, text, version, deleted)
                         SELECT object_id, payload, source, text_hash, text, version, false
@@ -252,6 +253,14 @@ class Collection:
         return conn.execute(sql.SQL("DELETE FROM {} WHERE deleted").format(self.items)).rowcount
 
     # -- reads --------------------------------------------------------------------------------
+    def hold_live(self, conn: psycopg.Connection, ids: Iterable[str]) -> set[str]:
+        """Which of `ids` are live items, share-locked until the transaction ends (in id order, as upsert
+        and delete lock): what is written about them meanwhile cannot outlive a concurrent delete."""
+        rows = conn.execute(sql.SQL("""
+            SELECT object_id FROM {items} WHERE object_id = ANY(%s) AND NOT deleted ORDER BY object_id FOR SHARE
+        """).format(items=self.items), (sorted(set(ids)),)).fetchall()
+        return {r[0] for r in rows}
+
     def count(self, conn: psycopg.Connection) -> int:
         return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE NOT deleted").format(self.items)).fetchone()[0]
 

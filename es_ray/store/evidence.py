@@ -23,8 +23,9 @@ class ShownSession(Protocol):
     clicked: set[str]
 
 
-def record(conn: psycopg.Connection, sessions: Iterable[ShownSession]) -> set[str]:
-    """Adds the sessions' impressions and clicks; returns the items clicked in them."""
+def record(conn: psycopg.Connection, sessions: Iterable[ShownSession], live: set[str] | None = None) -> set[str]:
+    """Adds the sessions' impressions and clicks, of the items in `live` only where given (a deleted or
+    never stored item gathers no evidence); returns the items clicked in them."""
     counts: Counter = Counter()
     texts: dict[str, str] = {}
     clicked: set[str] = set()
@@ -32,6 +33,8 @@ def record(conn: psycopg.Connection, sessions: Iterable[ShownSession]) -> set[st
         key = normalise_query(session.query)
         texts.setdefault(key, session.query)
         for rank, item in session.shown:
+            if live is not None and item not in live:
+                continue
             counts[(key, item, rank, "n")] += 1
             if item in session.clicked:
                 counts[(key, item, rank, "c")] += 1

@@ -75,7 +75,9 @@ CREATE TABLE IF NOT EXISTS click_evidence (
     clicks      integer NOT NULL,
     PRIMARY KEY (query_key, object_id, rank)
 );
-CREATE INDEX IF NOT EXISTS click_evidence_clicked ON click_evidence (object_id) WHERE clicks > 0;
+-- By item: memories read the queries that clicked an item; upserts and deletes drop an item's evidence.
+DROP INDEX IF EXISTS click_evidence_clicked;
+CREATE INDEX IF NOT EXISTS click_evidence_object ON click_evidence (object_id);
 CREATE TABLE IF NOT EXISTS click_queries (
     query_key text PRIMARY KEY,
     query     text NOT NULL

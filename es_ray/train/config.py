@@ -35,7 +35,7 @@ class DebiasConfig(_Section):
     method: Literal["posterior", "ips"] = "posterior"
     propensity: Literal["estimate", "config"] = "estimate"
     min_rank_variation: int = Field(50, ge=1)
-    propensity_prior_strength: float = Field(50.0, ge=0)
+    propensity_prior_strength: float = Field(50.0, gt=0)   # > 0: a rank without swaps keeps the prior
     ips_clip: float = Field(10.0, ge=1)
     min_posterior: float = Field(0.1, ge=0, lt=1)
     uncertain_posterior: float = Field(0.02, gt=0, le=1)

@@ -135,7 +135,7 @@ def build_examples(sessions: list[LoggedSession], propensities: Propensities, co
                 if item in s.clicked:
                     weight = 1.0 if method == "naive" else min(1.0 / float(propensities.at([rank])[0]),
                                                                config.ips_clip)
-                    queries.append(s.query), positives.append(item), weights.append(weight)
+                    queries.append(text_of[normalise_query(s.query)]), positives.append(item), weights.append(weight)
     w = np.asarray(weights, dtype=np.float64)
     if len(w):
         w = w / w.mean()
