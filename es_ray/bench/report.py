@@ -105,10 +105,17 @@ def _quality_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
         for method in ("naive", "debiased"):
             if method in entry:
                 rows.append(row(method, noise, entry[method]["tower"], entry[method]["system"],
-                                entry.get("paired_p", "") if method == "debiased" else ""))
+                                _paired(entry) if method == "debiased" else ""))
     for name, scores in r.get("skylines", {}).items():
         rows.append(row(f"skyline: {name.replace('_', ' ')}", "", scores))
     return rows
+
+
+def _paired(entry: dict[str, Any]) -> str:
+    """Debiased minus naive: mean difference and randomisation p, tower then system."""
+    parts = [f"{entry[k]['mean_difference']:+.4f} (p {entry[k]['p_randomisation']})"
+             for k in ("paired_tower", "paired_system") if k in entry]
+    return " / ".join(parts) or str(entry.get("paired_p", ""))
 
 
 def _get(scores: dict[str, Any], key: str) -> Any:
@@ -125,7 +132,7 @@ TABLES.append(("quality", "Learning from clicks, offline harness (test queries n
     ("tower MRR@10", lambda r: _get(r["tower"], "mrr@10")), ("tower R@100", lambda r: _get(r["tower"], "recall@100")),
     ("val nDCG@10", lambda r: _get(r["tower"], "val_ndcg@10")),
     ("train nDCG@10 (system)", lambda r: _get(r["system"] or r["tower"], "train_ndcg@10")),
-    ("paired p vs naive", lambda r: r["p"]),
+    ("debiased - naive: tower / system", lambda r: r["p"]),
     ("seeds clicks x train", lambda r: f"{r['seeds']['clicks']} x {r['seeds']['train']}")]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
