@@ -156,13 +156,7 @@ class ReindexWorker:
                         failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
                     else:  # 1, 2, 4, 8, 15, 15 s...: long enough to ride out a Triton restart
                         time.sleep(min(2 ** attempt, 15))
-        try:
-            written = self.write(green, embedded, {i.id: i.version for i in stored}, failed, range_no, len(stored))
-        except Exception as err:  # noqa: BLE001
-            failed = [(i.id, "write", f"{type(err).__name__}: {err}") for i in stored]
-            record_failures(self.conn, green.name, self.task_id, failed)
-            written = 0
-        return len(stored), written, len(failed)
+        return self.finish(green, embedded, stored, failed, range_no)
 
     def copy_range(self, source: Collection, green: Collection, stored: list, range_no: int) -> tuple[int, int, int]:
         """The range's items with the model's own chunk vectors (before click memories: those are derived
@@ -172,8 +166,14 @@ class ReindexWorker:
                                chunks=np.stack([v for _, v in vectors[i.id]]))
                   for i in stored if vectors.get(i.id)]
         failed = [(i.id, "read", "no vectors stored for this item") for i in stored if not vectors.get(i.id)]
+        return self.finish(green, copies, stored, failed, range_no)
+
+    def finish(self, green: Collection, items: list[EmbeddedItem], stored: list, failed: list[tuple[str, str, str]],
+               range_no: int) -> tuple[int, int, int]:
+        """Writes the range (`write`); where the write itself fails, every item of the range is recorded
+        as failed. Returns (items read, written, failed)."""
         try:
-            written = self.write(green, copies, {i.id: i.version for i in stored}, failed, range_no, len(stored))
+            written = self.write(green, items, {i.id: i.version for i in stored}, failed, range_no, len(stored))
         except Exception as err:  # noqa: BLE001
             failed = [(i.id, "write", f"{type(err).__name__}: {err}") for i in stored]
             record_failures(self.conn, green.name, self.task_id, failed)
