@@ -109,6 +109,8 @@ def test_heldout_labels_grade_clicks_by_the_click_models_evidence():
     assert heldout.shown["q0"] == {"x", "y", "w", "v"}
     assert heldout.qrels["q0"] == {"w": 10}                      # clicked in 4 of 4 sessions at rank 3
     assert "q noise" not in heldout.qrels                        # grade 0: ignored, not a top grade
+    binary = heldout_labels(repeated + noise, props, binary_at=DebiasConfig().heldout_relevant_at)
+    assert binary.qrels["q0"] == {"w": 1} and "q noise" not in binary.qrels   # the fine-tune's default: binary
     naive = heldout_labels(repeated + noise, props, click_model=False)
     assert naive.qrels["q noise"] == {"n": 1} and naive.qrels["q0"] == {"w": 1}   # debiasing off: a click is a label
 

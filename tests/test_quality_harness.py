@@ -74,6 +74,10 @@ def test_every_run_and_mean_is_reported(measured):
     assert low <= entry["paired_tower"]["mean_difference"] <= high
     assert {"shown_qrels", "all_qrels"} == set(result["skylines"])
     assert len(result["gate"]["points"]) == 2 and len(result["gate"]["checks"]) == 4
+    # the worse models: 12 noisy copies of the blue model per click log, each judged by the gate
+    worse = result["gate"]["worse_checks"]
+    assert len(worse) == 12 * len(result["gate"]["points"]) and {c["sd"] for c in worse} == {0.01, 0.02, 0.03, 0.05}
+    assert result["gate"]["of_them_refused"] == sum(not c["passed"] for c in worse if c["test_gain"] <= -0.01)
     assert result["propensity"]["by_sessions_per_query"]["5"]["sessions"] == 5 * 24
 
 

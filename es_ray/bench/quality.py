@@ -52,13 +52,14 @@ from es_ray.improve.memory import clicked_pair_weights, item_memories, remembere
 from es_ray.inference.encoder import default_model_dir, load_encoder, load_tokenizer
 from es_ray.train import gate
 from es_ray.train.clicklog import LoggedSession, SessionBatch, is_heldout, normalise_query, split_by_query
-from es_ray.train.config import FinetuneConfig, load_finetune_config
+from es_ray.train.config import FinetuneConfig, GateConfig, load_finetune_config
 from es_ray.train.examples import heldout_labels
 from es_ray.train.finetune import ParentModel, prepare
 from es_ray.train.item_vectors import ItemVectors
 from es_ray.train.metrics import evaluate, per_query
 from es_ray.train.propensity import Impressions, Propensities, propensities
-from es_ray.train.trainer import Hyperparameters, TrainingData, fit, heldout_metrics, query_vectors
+from es_ray.train.trainer import (Hyperparameters, TrainingData, fit, heldout_metrics, heldout_metrics_of,
+                                  query_vectors)
 
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
@@ -155,25 +156,25 @@ class Harness:
     def hyperparameters(self, config: FinetuneConfig) -> Hyperparameters:
         return Hyperparameters.from_config({**config.trial, **config.train.model_dump()})
 
-    def gate_point(self, metrics: dict[str, float], model, tokenizer, binary: TrainingData, max_length: int
+    def gate_point(self, metrics: dict[str, float], model, tokenizer, graded: TrainingData, max_length: int
                    ) -> tuple[float, ...]:
         """One model as the gate could see it, beside its test nDCG@10: (held-out nDCG@10, held-out nDCG@10
         over the whole collection, test nDCG@10, held-out MRR@10, log-likelihood of the clicked among the
-        shown, held-out nDCG@10 with binary labels). `metrics`: its heldout_metrics."""
+        shown, held-out nDCG@10 with graded labels). `metrics`: its heldout_metrics."""
         return (metrics["ndcg@10"], metrics["whole_ndcg@10"], self.test_ndcg(Tower(model, tokenizer, max_length)),
                 metrics["mrr@10"], metrics["shown_log_likelihood"],
-                heldout_metrics(model, tokenizer, binary, "cpu")["ndcg@10"])
+                heldout_metrics(model, tokenizer, graded, "cpu")["ndcg@10"])
 
     def fine_tune(self, data: TrainingData, config: FinetuneConfig, trace: list | None = None,
-                  binary: TrainingData | None = None) -> Tower:
+                  graded: TrainingData | None = None) -> Tower:
         """fit() with the job's checkpoint rule (the model at the end of the schedule); `trace` gets the
-        gate's view of every evaluation (`gate_point`, with `binary` the same data with binary labels)."""
+        gate's view of every evaluation (`gate_point`, with `graded` the same data with graded labels)."""
         last = {"state": None}
         tokenizer = load_tokenizer(self.parent.model_dir)
 
         def on_eval(metrics, model, _tokenizer):
             if trace is not None:
-                trace.append(self.gate_point(metrics, model, tokenizer, binary or data, config.model.max_query_length))
+                trace.append(self.gate_point(metrics, model, tokenizer, graded or data, config.model.max_query_length))
             if metrics["step"] == metrics["total_steps"]:
                 last["state"] = copy.deepcopy(model.state_dict())
 
@@ -181,6 +182,28 @@ class Harness:
         model = load_encoder(self.parent.model_dir)
         model.load_state_dict(last["state"])
         return Tower(model, tokenizer, config.model.max_query_length)
+
+    def degraded_checks(self, data: TrainingData, blue_heldout: dict[str, float], config: GateConfig,
+                        baseline: float, seed: int) -> list[dict[str, Any]]:
+        """The gate on worse models: the blue model's query vectors with Gaussian noise (sd 0.01 to 0.05,
+        3 draws each), for held-out and test queries alike."""
+        rng = np.random.default_rng(seed)
+        held = self.base.vectors([data.heldout_queries[q] for q in sorted(data.heldout_queries)])
+        test_ids = sorted(self.data.test)
+        test = self.base.vectors([self.data.test[q] for q in test_ids])
+
+        def noisy(v: np.ndarray, sd: float) -> np.ndarray:
+            v = v + rng.normal(0.0, sd, v.shape).astype(np.float32)
+            return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+        checks = []
+        for sd in (0.01, 0.02, 0.03, 0.05):
+            for _ in range(3):
+                decision = gate.decide(heldout_metrics_of(noisy(held, sd), data), blue_heldout, config)
+                run = self.data.items.rank(noisy(test, sd), test_ids, k=10)
+                checks.append({"sd": sd, "test_gain": round(evaluate(run, self.data.test_qrels)["ndcg@10"] - baseline, 4),
+                               "heldout_gain": round(decision.new - decision.blue, 4), "passed": decision.candidate})
+        return checks
 
     def remembering(self, sessions: list[LoggedSession], tower: Tower, debiased: bool) -> ItemVectors:
         """The item vectors with click memories from `sessions`, as the improvement loop stores them
@@ -321,6 +344,7 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
     progress({"baseline": result["baseline"]})
     logs: list[list[tuple[float, float, float]]] = []    # per click log: (held-out, whole held-out, test) points
     gate_checks: list[dict[str, Any]] = []
+    worse_checks: list[dict[str, Any]] = []
     for noise in plan.noises:
         runs: dict[str, dict[str, list]] = {m: {"tower": [], "system": []} for m in plan.methods}
         memory_only: list[dict[str, Any]] = []
@@ -333,19 +357,22 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
                 if method == plan.methods[-1]:
                     memory_only.append(harness.system(sessions, harness.base, method != "naive"))
                 blue_heldout = heldout_metrics(harness.base.model, harness.base.tokenizer, data, "cpu")
-                # For comparison: the same held-out sessions labelled binary (P(relevant) >= 0.5).
+                # For comparison: the same held-out sessions with graded labels (10 x P(relevant)).
                 _, heldout_side = split_by_query(sessions, cfg.data.split_seed, cfg.data.heldout_fraction)
                 props = Propensities(np.asarray(details["propensity"]), details["propensity_source"])
-                binary_labels = heldout_labels(heldout_side, props, binary_at=0.5)
-                binary = dataclasses.replace(data, heldout_qrels={q: binary_labels.qrels.get(q, {})
+                graded_labels = heldout_labels(heldout_side, props)
+                graded = dataclasses.replace(data, heldout_qrels={q: graded_labels.qrels.get(q, {})
                                                                   for q in data.heldout_qrels})
                 if not points:
-                    points.append(harness.gate_point(blue_heldout, harness.base.model, harness.base.tokenizer, binary,
+                    points.append(harness.gate_point(blue_heldout, harness.base.model, harness.base.tokenizer, graded,
                                                      cfg.model.max_query_length))
+                if method == plan.methods[-1]:
+                    worse_checks += harness.degraded_checks(data, blue_heldout, cfg.gate, baseline["ndcg@10"],
+                                                            click_seed)
                 for train_seed in plan.train_seeds:
                     cfg_seed = with_overrides(cfg, {"train": {"seed": cfg.train.seed + train_seed}})
                     t0 = time.monotonic()
-                    tower = harness.fine_tune(data, cfg_seed, points, binary)
+                    tower = harness.fine_tune(data, cfg_seed, points, graded)
                     tower_q = harness.quality(tower)
                     system_q = harness.system(sessions, tower, method != "naive")
                     decision = gate.decide(heldout_metrics(tower.model, tower.tokenizer, data, "cpu"), blue_heldout,
@@ -379,9 +406,12 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
     taus = [tau(points, 0) for points in logs if len(points) > 2]
     whole = [tau(points, 1) for points in logs if len(points) > 2]
     others = {name: round(float(np.nanmean([tau(points, column) for points in logs if len(points) > 2])), 4)
-              for name, column in (("condensed_mrr@10", 3), ("shown_log_likelihood", 4), ("binary_labels", 5))
+              for name, column in (("condensed_mrr@10", 3), ("shown_log_likelihood", 4), ("graded_labels", 5))
               if logs}
     better = [g for g in gate_checks if g["test_gain"] >= 0.01]
+    worse = [g for g in worse_checks if g["test_gain"] <= -0.01]
+    # Every checkpoint against the blue model of its log, as the gate would compare them.
+    ahead = [(p[0] > points[0][0]) for points in logs for p in points[1:] if p[2] - points[0][2] >= 0.01]
     result["gate"] = {
         "candidates": "per click log: the blue model and every checkpoint of every run on that log, scored by "
                       "the log's held-out labels and by the test qrels",
@@ -390,7 +420,11 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
         "kendall_tau_whole_collection_mean": round(float(np.nanmean(whole)), 4) if whole else None,
         "kendall_tau_other_heldout_metrics": others,
         "models_0.01_better_on_test": len(better), "of_them_passed": sum(g["passed"] for g in better),
-        "checks": gate_checks, "margin": config.gate.margin,
+        "checkpoints_0.01_better_on_test": len(ahead), "of_them_ahead_on_heldout": int(sum(ahead)),
+        "models_0.01_worse_on_test": len(worse), "of_them_refused": sum(not g["passed"] for g in worse),
+        "worse_models": "the blue model with Gaussian noise on its query vectors (sd 0.01-0.05, 3 draws each, "
+                        "per click log): a worse ranking the gate must refuse",
+        "checks": gate_checks, "worse_checks": worse_checks, "margin": config.gate.margin,
         "points": [[[round(float(v), 4) for v in point] for point in points] for points in logs]}
     result["propensity"] = propensity_recovery(harness, config, result["default_noise"],
                                                [1000 * s + 13 for s in plan.click_seeds],

@@ -39,6 +39,7 @@ class DebiasConfig(_Section):
     ips_clip: float = Field(10.0, ge=1)
     min_posterior: float = Field(0.1, ge=0, lt=1)
     uncertain_posterior: float = Field(0.02, gt=0, le=1)
+    heldout_relevant_at: float | None = Field(0.5, gt=0, le=1)   # None: graded held-out labels
     examination_prior: list[float] = Field(default_factory=lambda: [0.81, 0.56, 0.46, 0.39, 0.29, 0.26, 0.24,
                                                                      0.20, 0.20, 0.19], min_length=1)
 

@@ -157,8 +157,11 @@ def heldout_labels(sessions: list[LoggedSession], propensities: Propensities, bi
                    click_model: bool = True) -> HeldOut:
     """Labels from held-out clicks: a clicked item's grade is 10 x P(relevant | its clicks and non-clicks
     at their ranks), from the same click model as the training posterior, rounded; grade 0 is no label.
-    With `binary_at`, grade 1 where P(relevant) >= binary_at instead: how sure the log is about an item
-    (more sure at the top, where users look) then does not pass for how relevant it is.
+    With `binary_at` (the fine-tune's default, `debias.heldout_relevant_at`), grade 1 where P(relevant)
+    >= binary_at instead: how sure the log is about an item (more sure at the top, where users look)
+    then does not pass for how relevant it is. Graded labels favour the blue model's order, which put
+    the surest items first: in the quality harness they passed 20 of 119 SciFact checkpoints that were
+    0.01 better on the test qrels, binary labels 64, and both refused all 15 models made worse.
     Click-through rate per examination (the earlier labels) gave a lone noise click at rank 9 the top
     grade; here it gets the evidence it carries, and one click among five impressions at rank 1 (which
     users examine four times in five) almost none. Without `click_model` (debiasing switched off) every

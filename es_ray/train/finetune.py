@@ -73,7 +73,8 @@ def prepare(batch: SessionBatch, items: ItemVectors, texts: dict[str, str], pare
     examples = build_examples(train_sessions, props, config.debias)
     index = items.index()
     keep = [i for i, pos in enumerate(examples.positives) if pos in index]
-    heldout = heldout_labels(heldout_sessions, props, click_model=config.debias.enabled)
+    heldout = heldout_labels(heldout_sessions, props, binary_at=config.debias.heldout_relevant_at,
+                             click_model=config.debias.enabled)
     qrels = {q: {d: g for d, g in docs.items() if d in index} for q, docs in heldout.qrels.items()}
     qrels = {q: docs for q, docs in qrels.items() if docs}
     pseudo = corpus_queries({k: v for k, v in texts.items() if k in index}, config.train.corpus_queries_per_item,

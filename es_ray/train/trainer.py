@@ -100,6 +100,12 @@ def heldout_metrics(model: SentenceEncoder, tokenizer, data: TrainingData, devic
     """
     qids = sorted(data.heldout_queries)
     vectors = query_vectors(model, tokenizer, [data.heldout_queries[q] for q in qids], data.max_query_length, device)
+    return heldout_metrics_of(vectors, data)
+
+
+def heldout_metrics_of(vectors: np.ndarray, data: TrainingData) -> dict[str, float]:
+    """heldout_metrics for given query vectors, one per held-out query in sorted id order."""
+    qids = sorted(data.heldout_queries)
     index = data.items.index()
     condensed = {}
     for start in range(0, len(qids), 256):
