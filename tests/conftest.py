@@ -80,7 +80,7 @@ def settings():
         # Lifecycle tests: small reindex ranges (a killed reindex has something to resume), a dead job
         # noticed within seconds, a switch slow enough to kill the driver in the middle of it, and
         # cleanup only when a test asks for it.
-        "ES_RAY_REINDEX__RANGE_ITEMS": "20",
+        "ES_RAY_REINDEX__RANGE_ITEMS": "30",
         "ES_RAY_TASKS__CHECK_INTERVAL_S": "2",
         "ES_RAY_LIFECYCLE__SWITCH_PAUSE_S": "4",
         "ES_RAY_LIFECYCLE__GRACE_S": "3600",

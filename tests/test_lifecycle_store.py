@@ -149,3 +149,45 @@ def test_a_reindex_range_records_failed_items_with_their_stage_and_is_redone(sta
     assert source.differences(conn, green)["missing"] == 0
     for collection in (source, green):
         collection.drop(conn)
+
+
+@pytest.fixture()
+def scratch_dsn(stack):
+    """A database of its own on the stack's Postgres, for races on the blue row itself."""
+    from psycopg.conninfo import make_conninfo
+
+    name = "esr_blue_race"
+    with db.connect(stack.postgres_dsn) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name}")
+    dsn = make_conninfo(stack.postgres_dsn, dbname=name)
+    db.migrate(dsn)
+    yield dsn
+    with db.connect(stack.postgres_dsn) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_a_write_waiting_on_a_switch_reads_the_new_blue(scratch_dsn):
+    from es_ray.store import lifecycle
+
+    with db.connect(scratch_dsn) as switcher, db.connect(scratch_dsn) as writer:
+        for v in (1, 2):
+            switcher.execute("INSERT INTO models (version, mlflow_uri, source_dir, dim, max_length) "
+                             "VALUES (%s, '', '', 3, 8)", (v,))
+            switcher.execute("INSERT INTO collections (name, model_version) VALUES (%s, %s)", (f"v{v}", v))
+        switcher.execute("INSERT INTO blue (model_version, collection) VALUES (1, 'v1')")
+        seen = []
+
+        def write():
+            with writer.transaction():
+                seen.append(lifecycle.get_state(writer, lock=True))
+
+        with switcher.transaction():
+            switcher.execute("UPDATE blue SET model_version = 2, collection = 'v2', epoch = epoch + 1")
+            thread = threading.Thread(target=write)
+            thread.start()
+            time.sleep(0.5)                      # the write waits for the switch's row lock
+            assert not seen
+        thread.join(timeout=10)
+        assert seen and seen[0] is not None, "the write lost the lifecycle state while a switch committed"
+        assert (seen[0].blue.model_version, seen[0].blue.collection, seen[0].epoch) == (2, "v2", 1)

@@ -55,16 +55,21 @@ class State:
 
 
 def get_state(conn: psycopg.Connection, lock: bool = False) -> State | None:
-    """The lifecycle state; `lock` holds it FOR SHARE until the transaction ends (item writes)."""
-    row = conn.execute(f"""
+    """The lifecycle state; `lock` holds it FOR SHARE until the transaction ends (item writes).
+
+    The row is locked first and read after: a `FOR SHARE OF b` on the join that waited for a switch
+    re-checks the new blue row against the models row of its old snapshot, finds no match and returns
+    nothing (Postgres's EvalPlanQual; seen as writes failing during a switch under load)."""
+    if lock:
+        conn.execute("SELECT epoch FROM blue FOR SHARE")
+    row = conn.execute("""
         SELECT mb.version, b.collection, mb.dim, mb.source_dir, mb.max_length,
                mg.version, b.green_collection, mg.dim, mg.source_dir, mg.max_length,
                mp.version, b.previous_collection, mp.dim, mp.source_dir, mp.max_length,
                b.previous_until, b.epoch
         FROM blue b JOIN models mb ON mb.version = b.model_version
         LEFT JOIN models mg ON mg.version = b.green_version
-        LEFT JOIN models mp ON mp.version = b.previous_version
-        {"FOR SHARE OF b" if lock else ""}""").fetchone()
+        LEFT JOIN models mp ON mp.version = b.previous_version""").fetchone()
     if row is None:
         return None
     green = Target(*row[5:10]) if row[5] is not None else None
