@@ -160,8 +160,9 @@ def heldout_labels(sessions: list[LoggedSession], propensities: Propensities, bi
     With `binary_at` (the fine-tune's default, `debias.heldout_relevant_at`), grade 1 where P(relevant)
     >= binary_at instead: how sure the log is about an item (more sure at the top, where users look)
     then does not pass for how relevant it is. Graded labels favour the blue model's order, which put
-    the surest items first: in the quality harness they passed 20 of 119 SciFact checkpoints that were
-    0.01 better on the test qrels, binary labels 64, and both refused all 15 models made worse.
+    the surest items first: in the quality harness they put 19 of 63 Cranfield checkpoints that were
+    0.01 better on the test qrels ahead of blue, binary labels 35; both refused all 15 SciFact models
+    made worse.
     Click-through rate per examination (the earlier labels) gave a lone noise click at rank 9 the top
     grade; here it gets the evidence it carries, and one click among five impressions at rank 1 (which
     users examine four times in five) almost none. Without `click_model` (debiasing switched off) every
