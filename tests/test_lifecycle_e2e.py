@@ -19,6 +19,7 @@ import psutil
 import pytest
 import tritonclient.http
 
+from es_ray.data.reindex import range_totals
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, served_name
 from es_ray.stack.jobs import REPO_ROOT
@@ -66,8 +67,6 @@ def processes(marker: str, also: str = "") -> list[psutil.Process]:
 
 def wait_ranges(stack, green: str, until, timeout_s: float = 300.0) -> tuple[int, int, int]:
     """(ranges, ranges done, items) of a reindex into `green` once until(ranges, done) holds."""
-    from es_ray.data.reindex import range_totals
-
     deadline = time.monotonic() + timeout_s
     with db.connect(stack.postgres_dsn) as conn:
         while True:

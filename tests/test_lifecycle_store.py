@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from es_ray.store import db, locks
+from es_ray.store import db, lifecycle, locks
 from es_ray.store.collections import Collection, EmbeddedItem, next_versions
 
 
@@ -168,8 +168,6 @@ def scratch_dsn(stack):
 
 
 def test_a_write_waiting_on_a_switch_reads_the_new_blue(scratch_dsn):
-    from es_ray.store import lifecycle
-
     with db.connect(scratch_dsn) as switcher, db.connect(scratch_dsn) as writer:
         for v in (1, 2):
             switcher.execute("INSERT INTO models (version, mlflow_uri, source_dir, dim, max_length) "

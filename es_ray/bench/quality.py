@@ -342,7 +342,9 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
                    "memory": harness.memory.model_dump(), "swap_share": harness.swap_share},
         "by_noise": {}}
     progress({"baseline": result["baseline"]})
-    logs: list[list[tuple[float, float, float]]] = []    # per click log: (held-out, whole held-out, test) points
+    # Per click log and method: the blue model and every checkpoint as the gate sees them (`gate_point`),
+    # all scored with that method's held-out labels.
+    logs: list[dict[str, list[tuple[float, ...]]]] = []
     gate_checks: list[dict[str, Any]] = []
     worse_checks: list[dict[str, Any]] = []
     for noise in plan.noises:
@@ -350,7 +352,7 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
         memory_only: list[dict[str, Any]] = []
         for click_seed in plan.click_seeds:
             sessions = harness.click_log(noise, 1000 * click_seed + 13)
-            points: list[tuple[float, float, float]] = []
+            by_method: dict[str, list[tuple[float, ...]]] = {}
             for method in plan.methods:
                 cfg = with_overrides(config, {"debias": {"enabled": method != "naive"}})
                 data, details = prepare(SessionBatch(sessions), dataset.items, dataset.texts, harness.parent, cfg)
@@ -363,9 +365,9 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
                 graded_labels = heldout_labels(heldout_side, props)
                 graded = dataclasses.replace(data, heldout_qrels={q: graded_labels.qrels.get(q, {})
                                                                   for q in data.heldout_qrels})
-                if not points:
-                    points.append(harness.gate_point(blue_heldout, harness.base.model, harness.base.tokenizer, graded,
-                                                     cfg.model.max_query_length))
+                points = by_method[method] = [harness.gate_point(blue_heldout, harness.base.model,
+                                                                 harness.base.tokenizer, graded,
+                                                                 cfg.model.max_query_length)]
                 if method == plan.methods[-1]:
                     worse_checks += harness.degraded_checks(data, blue_heldout, cfg.gate, baseline["ndcg@10"],
                                                             click_seed)
@@ -389,7 +391,7 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
                               "gate": decision.reason, "examples": details["examples"],
                               "propensity_source": details["propensity_source"],
                               "propensity": details["propensity"]})
-            logs.append(points)
+            logs.append(by_method)
         entry: dict[str, Any] = {m: {part: mean_of(rows) for part, rows in runs[m].items()} for m in plan.methods}
         entry["memories_only"] = mean_of(memory_only)
         if "naive" in plan.methods and "debiased" in plan.methods:
@@ -403,20 +405,21 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
     def tau(points, column):
         return float(stats.kendalltau([p[column] for p in points], [p[2] for p in points]).statistic)
 
-    taus = [tau(points, 0) for points in logs if len(points) > 2]
-    whole = [tau(points, 1) for points in logs if len(points) > 2]
-    others = {name: round(float(np.nanmean([tau(points, column) for points in logs if len(points) > 2])), 4)
+    series = [points for by_method in logs for points in by_method.values() if len(points) > 2]
+    taus = [tau(points, 0) for points in series]
+    whole = [tau(points, 1) for points in series]
+    others = {name: round(float(np.nanmean([tau(points, column) for points in series])), 4)
               for name, column in (("condensed_mrr@10", 3), ("shown_log_likelihood", 4), ("graded_labels", 5))
-              if logs}
+              if series}
     better = [g for g in gate_checks if g["test_gain"] >= 0.01]
     worse = [g for g in worse_checks if g["test_gain"] <= -0.01]
     # Every checkpoint against the blue model of its log, as the gate would compare them.
-    ahead = [(p[0] > points[0][0]) for points in logs for p in points[1:] if p[2] - points[0][2] >= 0.01]
+    ahead = [(p[0] > points[0][0]) for points in series for p in points[1:] if p[2] - points[0][2] >= 0.01]
     result["gate"] = {
-        "candidates": "per click log: the blue model and every checkpoint of every run on that log, scored by "
-                      "the log's held-out labels and by the test qrels",
+        "candidates": "per click log and method: the blue model and every checkpoint of that method's runs on "
+                      "that log, scored by the method's held-out labels and by the test qrels",
         "kendall_tau_mean": round(float(np.nanmean(taus)), 4) if taus else None,
-        "kendall_tau_per_log": [round(t, 3) for t in taus],
+        "kendall_tau_per_log_and_method": [round(t, 3) for t in taus],
         "kendall_tau_whole_collection_mean": round(float(np.nanmean(whole)), 4) if whole else None,
         "kendall_tau_other_heldout_metrics": others,
         "models_0.01_better_on_test": len(better), "of_them_passed": sum(g["passed"] for g in better),
@@ -425,7 +428,8 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
         "worse_models": "the blue model with Gaussian noise on its query vectors (sd 0.01-0.05, 3 draws each, "
                         "per click log): a worse ranking the gate must refuse",
         "checks": gate_checks, "worse_checks": worse_checks, "margin": config.gate.margin,
-        "points": [[[round(float(v), 4) for v in point] for point in points] for points in logs]}
+        "points": [{method: [[round(float(v), 4) for v in point] for point in points]
+                    for method, points in by_method.items()} for by_method in logs]}
     result["propensity"] = propensity_recovery(harness, config, result["default_noise"],
                                                [1000 * s + 13 for s in plan.click_seeds],
                                                plan.propensity_sessions_per_query)
