@@ -36,7 +36,7 @@ def run_queries(url: str, queries: dict[str, str], clients: int = 2) -> dict[str
     """Top 100 of every query over HTTP, not recorded as sessions (the demo measures the same way)."""
     from es_ray.demo.loop import search_run
 
-    return search_run(url, queries, "queries", clients)[0]
+    return search_run(url, queries, "queries", clients=clients)[0]
 
 
 def load_corpus(settings, manifest, data: Path, docs: int, judged: set[str]) -> int:

@@ -97,12 +97,13 @@ def load(settings: Settings, manifest, data: Path, items: list[dict[str, Any]]) 
     return time.monotonic() - started
 
 
-def search_run(url: str, queries: dict[str, str], label: str, clients: int = 2) -> tuple[dict, set[str]]:
-    """Top 100 of every query through the HTTP API (not recorded as sessions); also the models that answered."""
+def search_run(url: str, queries: dict[str, str], label: str, limit: int = 100,
+               clients: int = 2) -> tuple[dict, set[str]]:
+    """Top `limit` of every query through the HTTP API (not recorded as sessions); also the models that answered."""
     def one(item):
         qid, text = item
         with httpx.Client(base_url=url, timeout=120) as client:
-            response = client.post("/v1/search", json={"query": text, "limit": 100, "session": False})
+            response = client.post("/v1/search", json={"query": text, "limit": limit, "session": False})
             response.raise_for_status()
             body = response.json()
             return qid, {r["id"]: r["score"] for r in body["results"]}, body["model"]
@@ -115,7 +116,7 @@ def search_run(url: str, queries: dict[str, str], label: str, clients: int = 2) 
 
 def measure(url: str, sample: DemoSample) -> tuple[dict[str, float], str]:
     test_run, models = search_run(url, sample.test, "test queries")
-    train_run, more = search_run(url, sample.train, "train queries")
+    train_run, more = search_run(url, sample.train, "train queries", limit=10)  # only nDCG@10 is shown
     test, train = evaluate(test_run, sample.test_qrels), evaluate(train_run, sample.train_qrels)
     quality = {"test_ndcg@10": test["ndcg@10"], "test_mrr@10": test["mrr@10"],
                "test_recall@100": test["recall@100"], "train_ndcg@10": train["ndcg@10"]}
