@@ -100,7 +100,11 @@ def stack(settings):
     """The running stack's manifest (addresses of every component)."""
     from es_ray.stack import control
 
-    manifest = control.up(settings)
+    try:
+        manifest = control.up(settings)
+    except BaseException:
+        control.down(settings)  # what started before the failure must not outlive the session
+        raise
     yield manifest
     control.down(settings)
 

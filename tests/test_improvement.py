@@ -101,7 +101,7 @@ def test_sessions_are_applied_exactly_once_also_after_a_driver_restart(api, stac
 
     import ray
 
-    from es_ray.lifecycle.driver import DRIVER_NAME
+    from es_ray.lifecycle.handle import DRIVER_NAME
     ray.init(address=stack.ray_address, namespace=settings.ray.namespace, logging_level="warning")
     try:
         ray.kill(ray.get_actor(DRIVER_NAME, namespace=settings.ray.namespace), no_restart=False)

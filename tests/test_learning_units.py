@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from es_ray.bench.clicksim import ClickModel, simulate_log
+from es_ray.demo.users import ClickModel, simulate_log
 from es_ray.improve.memory import item_memories, remembered
 from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.serve.exploration import choose_swap, swapped

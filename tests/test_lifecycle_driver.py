@@ -4,7 +4,7 @@ import time
 
 import ray
 
-from es_ray.lifecycle.driver import DRIVER_NAME
+from es_ray.lifecycle.handle import DRIVER_NAME
 
 
 def test_killed_driver_comes_back_with_its_state(stack, settings, api):

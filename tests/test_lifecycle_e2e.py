@@ -19,7 +19,7 @@ import psutil
 import pytest
 import tritonclient.http
 
-from es_ray.data.reindex import range_totals
+from es_ray.store.reindex_ranges import totals as range_totals
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, served_name
 from es_ray.stack.jobs import REPO_ROOT
@@ -78,8 +78,7 @@ def wait_ranges(stack, green: str, until, timeout_s: float = 300.0) -> tuple[int
 
 
 def encoder(stack, settings, target: lifecycle.Target, name: str) -> TritonEncoder:
-    return TritonEncoder(stack.triton_grpc_url, name, target.model_version, target.source_dir, target.max_length,
-                         settings.triton.max_batch_size, settings.triton.timeout_s, settings.model.query_pad_multiple)
+    return TritonEncoder.of(stack.triton_grpc_url, name, target, settings)
 
 
 def targets(stack) -> lifecycle.State:
@@ -162,7 +161,7 @@ def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, se
     running = api.get(f"/v1/tasks/{task['task_id']}").json()
     assert running["status"] == "running", running
 
-    drivers = processes("es_ray.data.reindex", task["task_id"])
+    drivers = processes("es_ray.lifecycle.reindex", task["task_id"])
     assert drivers, "the reindex job's driver process was not found"
     workers = processes("ReindexWorker")
     assert workers, "no Ray Data worker of the reindex was found"
@@ -179,7 +178,7 @@ def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, se
 
     # Started again with `ray job submit`: it resumes from the ranges already done.
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", stack.ray_dashboard_url,
-               "--working-dir", str(REPO_ROOT), "--", "python", "-m", "es_ray.data.reindex", "--to", str(variant),
+               "--working-dir", str(REPO_ROOT), "--", "python", "-m", "es_ray.lifecycle.reindex", "--to", str(variant),
                "--switch", "never", "--namespace", settings.ray.namespace]
     env = {"RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)

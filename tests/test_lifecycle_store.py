@@ -119,7 +119,8 @@ def test_a_lock_has_one_owner_until_released_or_expired(conn):
 
 def test_a_reindex_range_records_failed_items_with_their_stage_and_is_redone(stack, settings, conn):
     """An item without a stored text fails at `read`; its range stays to do until a rerun succeeds."""
-    from es_ray.data.reindex import ReindexWorker, failures
+    from es_ray.lifecycle.reindex import ReindexWorker
+    from es_ray.store.reindex_ranges import failures
     from es_ray.store import lifecycle
 
     blue = lifecycle.get_blue(conn)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from es_ray.config import TritonSettings, load_settings
-from es_ray.data.chunking import split
+from es_ray.inference.chunking import split
 from es_ray.inference.encoder import default_model_dir, load_tokenizer
 from es_ray.inference.triton_repo import config_pbtxt
 from es_ray.train.metrics import evaluate

@@ -5,17 +5,16 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from es_ray.config import Settings, load_settings
 from es_ray.stack import control
+from es_ray.stack.host import machine
 from es_ray.stack.jobs import REPO_ROOT
 from es_ray.stack.manifest import StackManifest, free_port
 
@@ -35,16 +34,6 @@ def bench_stack(state_dir: Path = DEFAULT_STATE) -> tuple[Settings, StackManifes
         os.environ.setdefault("ES_RAY_SERVE__PORT", manifest.serve_url.rsplit(":", 1)[1])
     settings = load_settings(state_dir)
     return settings, control.up(settings)
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "cpu": cpu,
-            "gpu": None}
 
 
 def git_commit() -> str:

@@ -3,7 +3,7 @@
 The quality harness ranks exactly over every item of a collection many times per run; embedding
 SciFact once takes about ten minutes on 2 cores, so the vectors are computed once per (corpus,
 model, chunking) and kept in a cache file named after a hash of those inputs. The chunks are the
-ones the upsert job stores (`data.chunking.split`, same max_length, overlap and max_chunks) and the
+ones the upsert job stores (`inference.chunking.split`, same max_length, overlap and max_chunks) and the
 module is the one Triton serves (`SentenceEncoder`), so the cached vectors are the stored ones.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from es_ray.data.chunking import split
+from es_ray.inference.chunking import split
 from es_ray.data.corpus import read_corpus
 from es_ray.inference.encoder import load_encoder, load_tokenizer
 from es_ray.train.item_vectors import ItemVectors

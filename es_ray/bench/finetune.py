@@ -24,7 +24,7 @@ import httpx
 import torch
 
 from es_ray.bench.common import bench_stack, write_result
-from es_ray.bench.clicksim import ClickModel, simulate_sessions
+from es_ray.demo.users import ClickModel, simulate_sessions
 from es_ray.bench.improve import load_corpus, reset_learning
 from es_ray.client import headers
 from es_ray.data import beir

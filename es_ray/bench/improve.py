@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from es_ray.bench.clicksim import ClickModel, simulate_sessions
+from es_ray.demo.users import ClickModel, simulate_sessions
 from es_ray.bench.common import bench_stack, write_result
 from es_ray.client import headers
 from es_ray.data import beir

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, write_result
 from es_ray.data import beir
-from es_ray.data.chunking import split
+from es_ray.inference.chunking import split
 from es_ray.data.corpus import read_corpus
 from es_ray.inference.encoder import load_encoder, load_tokenizer
 from es_ray.stack import jobs

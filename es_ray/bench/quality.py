@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from es_ray.bench.clicksim import ClickModel, simulate_log
+from es_ray.demo.users import ClickModel, simulate_log
 from es_ray.bench.common import write_result
 from es_ray.bench.corpus_vectors import CACHE_DIR, collection_vectors
 from es_ray.config import load_settings

@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         blue = lifecycle.get_blue(conn)
 
     # The parts alone, measured in this run.
-    encoder = TritonEncoder(manifest.triton_grpc_url, QUERY_ENCODER, blue.model_version, blue.source_dir,
-                            blue.max_length, settings.triton.max_batch_size, settings.triton.timeout_s,
-                            settings.model.query_pad_multiple)  # exactly as the Serve replica calls it
+    encoder = TritonEncoder.of(manifest.triton_grpc_url, QUERY_ENCODER, blue, settings)  # as the Serve replica does
     for query in queries[:5]:
         encoder.embed_queries([query])  # warm-up
     embed_s, vectors = [], []

@@ -1,1 +1,2 @@
-"""Ray Data pipelines that write items: upsert (this issue), delete and reindex (later)."""
+"""Items in: BEIR collections and the Ray Data pipelines that embed items through Triton and
+write them (the HTTP upsert path and the bulk upsert job). Reindexing is a lifecycle step (es_ray.lifecycle)."""

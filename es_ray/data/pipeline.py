@@ -30,8 +30,7 @@ log = get_logger(__name__)
 
 
 def item_encoder(settings: Settings, grpc_url: str, blue: Target) -> TritonEncoder:
-    return TritonEncoder(grpc_url, ITEM_ENCODER, blue.model_version, blue.source_dir, blue.max_length,
-                         settings.triton.max_batch_size, settings.triton.timeout_s)
+    return TritonEncoder.of(grpc_url, ITEM_ENCODER, blue, settings)
 
 
 def embed(encoder: TritonEncoder, settings: Settings, ids: list[str], texts: list[str],

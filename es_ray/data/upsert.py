@@ -22,7 +22,7 @@ from tqdm import tqdm
 from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.data.pipeline import parse_jsonl, upsert_dataset
-from es_ray.lifecycle.driver import get_driver
+from es_ray.lifecycle.handle import get_driver
 from es_ray.logs import get_logger
 from es_ray.stack.manifest import StackManifest
 from es_ray.store.lifecycle import Blue

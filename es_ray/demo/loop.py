@@ -21,18 +21,18 @@ import httpx
 from rich.console import Console
 from tqdm import tqdm
 
-from es_ray.bench.clicksim import ClickModel, simulate_sessions
-from es_ray.bench.common import machine
 from es_ray.client import headers
 from es_ray.config import Settings
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.demo import report
 from es_ray.demo.config import DemoConfig, Sample
-from es_ray.demo.cycle import CycleFailed, run_cycle
+from es_ray.demo.cycle_job import CycleJobFailed, submit_cycle_job
 from es_ray.demo.traffic import SearchTraffic
+from es_ray.demo.users import ClickModel, simulate_sessions
 from es_ray.logs import get_logger
 from es_ray.stack import control, jobs
+from es_ray.stack.host import machine
 from es_ray.store import db, lifecycle
 from es_ray.store.collections import Collection
 from es_ray.train.metrics import evaluate
@@ -137,8 +137,8 @@ def one_round(n: int, settings: Settings, manifest, config: DemoConfig, sample: 
     console.rule(f"[bold]round {n}[/bold]: cycle (fine-tune -> gate -> deploy -> reindex -> switch -> cleanup)")
     with SearchTraffic(url, list(sample.test.values()), config.traffic.clients, config.traffic.think_s) as traffic:
         try:
-            result = run_cycle(manifest, settings.ray.namespace, config.cycle)
-        except CycleFailed as err:
+            result = submit_cycle_job(manifest, settings.ray.namespace, config.cycle)
+        except CycleJobFailed as err:
             # Shown as the round's outcome (too few clicks yet, say); the next round has more sessions.
             console.print(f"[red]the cycle failed[/red]: {err}")
             result = {"steps": err.steps, "failed": str(err)}

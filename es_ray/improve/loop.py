@@ -16,7 +16,6 @@ A crash anywhere rolls the whole pass back, so a session is applied once or not 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from es_ray.config import MemorySettings
 from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, Examples, VectorAdjuster
 from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
 from es_ray.logs import get_logger
+from es_ray.periodic import Periodic
 from es_ray.store import evidence
 from es_ray.store.collections import Collection
 from es_ray.train.config import load_finetune_config
@@ -254,25 +254,17 @@ def undo(conn: psycopg.Connection, collection: Collection) -> dict[str, int]:
         return {"restored_vectors": collection.undo_global(conn), "evidence_cells": evidence.clear(conn)}
 
 
-class ImprovementLoop:
-    """Runs `improve_once` every `interval_s` in a background thread until stopped."""
+class ImprovementLoop(Periodic):
+    """Every `interval_s`: improvement passes (`run_pass`, `improve_once` on blue) until the backlog of
+    settled sessions is empty. A failed pass rolled back; the next interval tries again."""
 
     def __init__(self, run_pass, interval_s: float):
-        self.run_pass, self.interval_s = run_pass, interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="improvement-loop", daemon=True)
-        self._thread.start()
+        self.run_pass = run_pass
+        super().__init__(self._drain, interval_s, "improvement-loop")
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                while self.run_pass().get("sessions", 0) > 0:
-                    pass  # drain the backlog before sleeping again
-            except Exception:  # noqa: BLE001 - the pass rolled back; try again next interval
-                log.exception("improve.pass_failed")
-
-    def stop(self) -> None:
-        self._stop.set()
+    def _drain(self) -> None:
+        while self.run_pass().get("sessions", 0) > 0:
+            pass
 
 
 def learning_from(settings) -> Learning:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -76,3 +77,25 @@ def reload_missing(repo: Path, triton_http_url: str, versions: list[int]) -> lis
     finally:
         client.close()
     return loaded
+
+
+class TritonDeployer:
+    """Deploys to and undeploys from one Triton model repository, one change at a time (the repository's
+    files and Triton's loads are shared by every caller: the lifecycle driver's requests and its reconcile
+    loop)."""
+
+    def __init__(self, settings: Settings, repo: Path, triton_http_url: str):
+        self.settings, self.repo, self.url = settings, repo, triton_http_url
+        self._lock = threading.Lock()
+
+    def deploy(self, version: int, model_dir: Path) -> None:
+        with self._lock:
+            deploy(self.settings, self.repo, self.url, version, Path(model_dir))
+
+    def undeploy(self, version: int) -> None:
+        with self._lock:
+            undeploy(self.repo, self.url, version)
+
+    def reload_missing(self, versions: list[int]) -> list[str]:
+        with self._lock:
+            return reload_missing(self.repo, self.url, versions)

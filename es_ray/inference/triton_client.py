@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import tritonclient.grpc as triton_grpc
 
-from es_ray.data.chunking import Chunks, split
+from es_ray.inference.chunking import Chunks, split
 from es_ray.inference.encoder import load_tokenizer
 from es_ray.inference.triton_repo import served_name
 
@@ -53,6 +53,16 @@ class TritonEncoder:
         self._idle_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
         self._idle_tokenizers.put(load_tokenizer(tokenizer_dir))
         self.client = triton_grpc.InferenceServerClient(url, channel_args=channel_args())
+
+    @classmethod
+    def of(cls, url: str, model_name: str, target, settings, max_batch_size: int | None = None,
+           timeout_s: float | None = None) -> "TritonEncoder":
+        """The encoder `model_name` (QUERY_ENCODER or ITEM_ENCODER) of a lifecycle target (anything with
+        model_version, source_dir and max_length: blue, green), with the stack's Triton settings unless
+        the caller asks for other batch sizes or deadlines."""
+        return cls(url, model_name, target.model_version, target.source_dir, target.max_length,
+                   max_batch_size or settings.triton.max_batch_size, timeout_s or settings.triton.timeout_s,
+                   settings.model.query_pad_multiple)
 
     @contextmanager
     def tokenizer(self):

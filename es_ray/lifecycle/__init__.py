@@ -1,1 +1,2 @@
-"""The lifecycle driver: a detached Ray actor that owns the blue/green state."""
+"""Blue/green: the lifecycle driver (a detached Ray actor that bootstraps, keeps Triton loaded and runs
+tasks), the reindex job, switch/rollback/cleanup, dual writes, and the self-improvement cycle job."""

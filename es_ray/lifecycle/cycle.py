@@ -15,12 +15,11 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from es_ray.logs import get_logger
 
 log = get_logger("es_ray.lifecycle.cycle")
-KIND = "cycle"
 
 
 class CycleFailed(RuntimeError):
@@ -30,18 +29,18 @@ class CycleFailed(RuntimeError):
 class Steps:
     """The cycle's steps as the task's progress: [{step, status, seconds, ...}]."""
 
-    def __init__(self, heartbeat):
-        self.heartbeat, self.steps = heartbeat, []
+    def __init__(self, progress: Callable[[dict[str, Any]], None]):
+        self.progress, self.steps = progress, []
 
     def start(self, name: str) -> float:
         self.steps.append({"step": name, "status": "running"})
-        self.heartbeat.update({"stage": name, "steps": self.steps})
+        self.progress({"stage": name, "steps": self.steps})
         log.info("cycle.step", step=name)
         return time.monotonic()
 
     def end(self, started: float, status: str = "done", **details: Any) -> None:
         self.steps[-1].update({"status": status, "seconds": round(time.monotonic() - started, 1), **details})
-        self.heartbeat.update({"steps": self.steps})
+        self.progress({"steps": self.steps})
 
 
 def entrypoint(overrides: dict[str, Any], force: bool, cleanup_now: bool, namespace: str) -> str:
@@ -133,35 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     except json.JSONDecodeError as err:
         parser.error(f"--overrides is not JSON: {err}")
 
-    from es_ray.lifecycle.driver import job_context
-    from es_ray.lifecycle.heartbeat import Heartbeat
-    from es_ray.stack import jobs
-    from es_ray.store import db, tasks
+    from es_ray.lifecycle.task_job import TaskJob, run_as_task
+    from es_ray.store import tasks
 
-    driver, settings, manifest = job_context(args.namespace)
-    with db.connect(manifest.postgres_dsn) as conn:
-        try:
-            task = tasks.create(conn, KIND, {"overrides": overrides, "force": args.force,
-                                             "cleanup_now": args.cleanup_now}, jobs.current_submission_id(),
-                                status="running")
-        except tasks.TaskConflict as err:
-            print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the job's answer to its submitter
-            return 2
-    heartbeat = Heartbeat(manifest.postgres_dsn, task.task_id, settings.tasks.heartbeat_s)
-    steps = Steps(heartbeat)
-    try:
-        result = run_cycle(driver, settings, manifest, steps, overrides, args.force, args.cleanup_now)
-    except BaseException as err:  # noqa: BLE001 - recorded as the task's reason, then re-raised
-        heartbeat.stop()
-        with db.connect(manifest.postgres_dsn) as conn:
-            tasks.fail(conn, task.task_id, f"{type(err).__name__}: {err}"[:2000])
-        log.exception("cycle.failed", task_id=task.task_id)
-        raise
-    heartbeat.stop()
-    with db.connect(manifest.postgres_dsn) as conn:
-        tasks.finish(conn, task.task_id, {**result, "steps": steps.steps, "task_id": task.task_id})
-    print(json.dumps({"task_id": task.task_id, **result, "steps": steps.steps}))  # noqa: T201 - the job's result
-    return 0
+    def work(job: TaskJob) -> dict[str, Any]:
+        steps = Steps(job.progress)
+        result = run_cycle(job.driver, job.settings, job.manifest, steps, overrides, args.force, args.cleanup_now)
+        return {**result, "steps": steps.steps}
+
+    return run_as_task(tasks.CYCLE, args.namespace, None,
+                       {"overrides": overrides, "force": args.force, "cleanup_now": args.cleanup_now}, work,
+                       lambda result: result)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 from es_ray.logs import get_logger
+from es_ray.periodic import Periodic
 from es_ray.store import db, locks, tasks
 
 log = get_logger(__name__)
@@ -18,8 +19,8 @@ class Heartbeat:
     def __init__(self, dsn: str, task_id: str, interval_s: float, lock: tuple[str, str, float] | None = None):
         self.conn, self.task_id, self.interval_s, self.lock = db.connect(dsn), task_id, interval_s, lock
         self.progress: dict[str, Any] = {}
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        threading.Thread(target=self._run, name="task-heartbeat", daemon=True).start()
+        self._lock = threading.Lock()
+        self._beats = Periodic(self._beat, interval_s, "task-heartbeat")
 
     def update(self, progress: dict[str, Any]) -> None:
         self.progress = {**self.progress, **progress}
@@ -34,9 +35,5 @@ class Heartbeat:
             except Exception as err:  # noqa: BLE001 - a missed beat is retried; the lease is generous
                 log.warning("task.heartbeat_failed", task_id=self.task_id, error=str(err))
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._beat()
-
     def stop(self) -> None:
-        self._stop.set()
+        self._beats.stop()

@@ -1,1 +1,2 @@
-"""Ray Serve: the HTTP API (search, items, health) as one FastAPI ingress deployment."""
+"""Ray Serve: the HTTP API (search, clickstream, items, personalisation, tasks, lifecycle, health) as one
+FastAPI ingress deployment, and the web page."""

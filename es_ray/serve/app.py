@@ -28,8 +28,10 @@ from es_ray.improve import loop as improve_loop
 from es_ray.inference.triton_client import TritonEncoder, TritonUnavailable
 from es_ray.inference.triton_repo import ENCODERS, QUERY_ENCODER
 from es_ray.lifecycle import dual_write
-from es_ray.lifecycle.driver import SwitchRefused, UnknownModel, get_driver
+from es_ray.lifecycle.handle import UnknownModel, get_driver
+from es_ray.lifecycle.switching import SwitchRefused
 from es_ray.logs import get_logger
+from es_ray.periodic import Periodic
 from es_ray.serve import auth, exploration, schemas
 from es_ray.serve.auth import Caller
 from es_ray.serve.limits import BodySizeLimit
@@ -42,7 +44,8 @@ log = get_logger(__name__)
 
 app = FastAPI(
     title="es-ray",
-    description="Self-improving semantic search: search, items and health. Errors are JSON objects "
+    description="Self-improving semantic search: search, clickstream, items, personalisation, fine-tune and "
+                "reindex tasks, blue/green lifecycle and health. Errors are JSON objects "
                 "{\"error\": message, \"details\": [...]}. Admin and write routes need an API key "
                 "(X-API-Key); a user's sessions and personalisation need that user's token (X-User-Token) or a key.",
     version="0.1.0",
@@ -97,22 +100,20 @@ class BlueWatcher:
     def __init__(self, pool, refresh_s: float):
         self.pool, self.refresh_s = pool, refresh_s
         self.current: Blue | None = self._read()
-        self._stop = threading.Event()
-        threading.Thread(target=self._loop, name="blue-watcher", daemon=True).start()
+        self._refresh = Periodic(self._poll, refresh_s, "blue-watcher")
 
     def _read(self) -> Blue | None:
         with self.pool.connection() as conn:
             return lifecycle.get_blue(conn)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            try:
-                self.current = self._read()
-            except Exception as err:  # noqa: BLE001 - keep the last known pointer while Postgres is away
-                log.warning("blue.refresh_failed", error=str(err))
+    def _poll(self) -> None:
+        try:
+            self.current = self._read()
+        except Exception as err:  # noqa: BLE001 - keep the last known pointer while Postgres is away
+            log.warning("blue.refresh_failed", error=str(err))
 
     def stop(self) -> None:
-        self._stop.set()
+        self._refresh.stop()
 
 
 class ServiceUnavailable(Exception):
@@ -178,10 +179,7 @@ class SearchAPI:
         key = (name, blue.model_version)
         with self._lock:
             if key not in self._encoders:
-                self._encoders[key] = TritonEncoder(self.manifest.triton_grpc_url, name, blue.model_version,
-                                                    blue.source_dir, blue.max_length,
-                                                    self.settings.triton.max_batch_size, self.settings.triton.timeout_s,
-                                                    self.settings.model.query_pad_multiple)
+                self._encoders[key] = TritonEncoder.of(self.manifest.triton_grpc_url, name, blue, self.settings)
             return self._encoders[key]
 
     def _blue(self) -> Blue:
@@ -405,7 +403,7 @@ class SearchAPI:
             return schemas.TaskOut(**tasks.get(conn, task_id).__dict__)
 
     @app.get("/v1/tasks", response_model=schemas.TaskList, dependencies=ADMIN, summary="Recent tasks, newest first")
-    def list_tasks(self, kind: Literal["fine-tune", "reindex", "cycle"] | None = None,
+    def list_tasks(self, kind: Literal[tasks.KINDS] | None = None,
                    limit: int = 20) -> schemas.TaskList:
         if not 1 <= limit <= 200:
             raise RequestValidationError([{"loc": ("query", "limit"), "msg": "limit must be 1 to 200",

@@ -158,7 +158,7 @@ def _remove_from_external_ray(settings: Settings, manifest: StackManifest) -> No
     import ray
     from ray import serve
 
-    from es_ray.lifecycle.driver import DRIVER_NAME
+    from es_ray.lifecycle.handle import DRIVER_NAME
 
     ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning")
     try:

@@ -117,3 +117,8 @@ def mark_irrelevant(conn: psycopg.Connection, session_id: str) -> None:
         if conn.execute("UPDATE sessions SET irrelevant = true WHERE session_id = %s",
                         (session_id,)).rowcount == 0:
             raise UnknownSession(f"no session {session_id!r}")
+
+
+def count_improved(conn: psycopg.Connection) -> int:
+    """Sessions the improvement loop has already learned from."""
+    return conn.execute("SELECT count(*) FROM sessions WHERE improved_at IS NOT NULL").fetchone()[0]

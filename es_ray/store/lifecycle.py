@@ -120,6 +120,20 @@ def set_green(conn: psycopg.Connection, version: int | None, collection: str | N
         conn.execute("UPDATE blue SET green_version = %s, green_collection = %s", (version, collection))
 
 
+def stop_green(conn: psycopg.Connection, collection: str) -> bool:
+    """Stops dual writes to this green collection (it is about to be dropped); False if green is another."""
+    with conn.transaction():
+        conn.execute("SELECT 1 FROM blue FOR UPDATE")
+        return conn.execute("""UPDATE blue SET green_version = NULL, green_collection = NULL
+                               WHERE green_collection = %s""", (collection,)).rowcount == 1
+
+
+def previous_due(conn: psycopg.Connection, now: bool, margin_s: float) -> bool:
+    """The previous blue's grace period is over (`now`: it was switched from at least `margin_s` ago)."""
+    return conn.execute("""SELECT previous_until <= now() OR (%s AND switched_at < now() - make_interval(secs => %s))
+                           FROM blue""", (now, margin_s)).fetchone()[0]
+
+
 def gate_passed(conn: psycopg.Connection, version: int) -> bool:
     """A fine-tuned version the quality gate accepted (state candidate, gate.candidate true)."""
     row = conn.execute("SELECT state, gate FROM models WHERE version = %s", (version,)).fetchone()

@@ -1,4 +1,4 @@
-"""SQL for tasks: long-running work (fine-tune, reindex) run by Ray jobs and watched over HTTP.
+"""SQL for tasks: long-running work (fine-tune, reindex, cycle) run by Ray jobs and watched over HTTP.
 
 A task is created `pending`, claimed `running` by its job, refreshed by the job's heartbeat, and ended
 `done` or `failed` with the reason. At most one task per kind is active (a unique partial index), so
@@ -17,6 +17,8 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 ACTIVE = ("pending", "running")
+FINE_TUNE, REINDEX, CYCLE = "fine-tune", "reindex", "cycle"  # the kinds of task, each run by its own Ray job
+KINDS = (FINE_TUNE, REINDEX, CYCLE)
 
 
 class TaskConflict(RuntimeError):

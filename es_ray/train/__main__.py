@@ -16,11 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from es_ray.logs import get_logger
-
-log = get_logger("es_ray.train")
-KIND = "fine-tune"
-
 
 def run(settings, manifest, config, progress) -> dict[str, Any]:
     from es_ray.store import db, lifecycle
@@ -56,10 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    from es_ray.lifecycle.driver import job_context
-    from es_ray.lifecycle.heartbeat import Heartbeat
-    from es_ray.stack import jobs
-    from es_ray.store import db, tasks
+    from es_ray.lifecycle.task_job import JobRefused, TaskJob, run_as_task
+    from es_ray.store import tasks
     from es_ray.train.config import load_finetune_config
 
     if args.config is not None and not args.config.exists():
@@ -68,46 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides = json.loads(args.overrides)
     except json.JSONDecodeError as err:
         parser.error(f"--overrides is not JSON: {err}")
-    _, settings, manifest = job_context(args.namespace)
-    job_id = jobs.current_submission_id()
 
-    with db.connect(manifest.postgres_dsn) as conn:
+    def work(job: TaskJob) -> dict[str, Any]:
+        merged = {**job.task.params.get("config", {}), **overrides}  # a task submitted over HTTP brings its own
         try:
-            if args.task_id:
-                task = tasks.start(conn, args.task_id, None)
-                overrides = {**task.params.get("config", {}), **overrides}
-            else:
-                task = tasks.create(conn, KIND, {"config": overrides, "submitted_by": "ray job"}, job_id,
-                                    status="running")
-        except tasks.TaskConflict as err:
-            print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the job's answer to its submitter
-            return 2
-        try:
-            config = load_finetune_config(args.config, overrides)
+            config = load_finetune_config(args.config, merged)
         except (ValidationError, ValueError) as err:
-            tasks.fail(conn, task.task_id, f"invalid fine-tune config: {err}")
-            print(f"error: invalid fine-tune config: {err}", file=sys.stderr)  # noqa: T201
-            return 2
+            raise JobRefused(f"invalid fine-tune config: {err}") from None
+        return run(job.settings, job.manifest, config, job.progress)
 
-    heartbeat = Heartbeat(manifest.postgres_dsn, task.task_id, settings.tasks.heartbeat_s)
-    log.info("finetune.start", task_id=task.task_id, overrides=overrides)
-    try:
-        result = run(settings, manifest, config, heartbeat.update)
-    except BaseException as err:  # noqa: BLE001 - recorded as the task's reason, then re-raised
-        heartbeat.stop()
-        # `ray job stop` sends SIGTERM, which Ray's driver turns into SystemExit.
-        reason = (f"the job was stopped ({type(err).__name__} {err})" if isinstance(err, (SystemExit, KeyboardInterrupt))
-                  else f"{type(err).__name__}: {err}")
-        with db.connect(manifest.postgres_dsn) as conn:
-            tasks.fail(conn, task.task_id, reason)
-        log.exception("finetune.failed", task_id=task.task_id, reason=reason)
-        raise
-    heartbeat.stop()
-    with db.connect(manifest.postgres_dsn) as conn:
-        tasks.finish(conn, task.task_id, {**result, "task_id": task.task_id})
-    print(json.dumps({"task_id": task.task_id, "version": result["version"],  # noqa: T201 - the job's result
-                      "candidate": result["candidate"], "gate": result["gate"]["reason"]}))
-    return 0
+    return run_as_task(tasks.FINE_TUNE, args.namespace, args.task_id, {"config": overrides}, work,
+                       lambda r: {"version": r["version"], "candidate": r["candidate"], "gate": r["gate"]["reason"]})
 
 
 if __name__ == "__main__":

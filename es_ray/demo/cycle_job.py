@@ -22,7 +22,7 @@ DETAIL = {"fine-tune": ("fine-tune", "trials_done", "trials_total", "trials"),
           "reindex": ("reindex", "items_done", "items_total", "items")}
 
 
-class CycleFailed(RuntimeError):
+class CycleJobFailed(RuntimeError):
     def __init__(self, message: str, steps: list[dict[str, Any]] | None = None):
         super().__init__(message)
         self.steps = steps or []
@@ -40,7 +40,7 @@ def _latest(client: httpx.Client, kind: str, since: str) -> dict[str, Any] | Non
     return tasks[0] if tasks and tasks[0]["created_at"] >= since else None
 
 
-def run_cycle(manifest: StackManifest, namespace: str, config: Cycle, timeout_s: float = 3 * 3600) -> dict[str, Any]:
+def submit_cycle_job(manifest: StackManifest, namespace: str, config: Cycle, timeout_s: float = 3 * 3600) -> dict[str, Any]:
     """Submits the cycle job and follows it to its end; returns the cycle task's result."""
     job_id = f"demo-cycle-{uuid.uuid4().hex[:10]}"
     jobs.submit(manifest.ray_dashboard_url, entrypoint(config.finetune, config.force, config.cleanup_now, namespace),
@@ -76,12 +76,12 @@ def run_cycle(manifest: StackManifest, namespace: str, config: Cycle, timeout_s:
                 ended_at = ended_at or time.monotonic()
                 if time.monotonic() - ended_at > 30:
                     logs = job_client.get_job_logs(job_id)
-                    raise CycleFailed(f"cycle job {job_id} ended {status.value} without finishing its task:\n"
+                    raise CycleJobFailed(f"cycle job {job_id} ended {status.value} without finishing its task:\n"
                                       f"{logs[-3000:]}")
             time.sleep(1)
         else:
-            raise CycleFailed(f"cycle job {job_id} did not end within {timeout_s}s")
+            raise CycleJobFailed(f"cycle job {job_id} did not end within {timeout_s}s")
     if task["status"] != "done":
-        raise CycleFailed(f"cycle task {task['task_id']} {task['status']}: {task['error']}",
+        raise CycleJobFailed(f"cycle task {task['task_id']} {task['status']}: {task['error']}",
                           task["progress"].get("steps"))
     return task["result"]

@@ -1,7 +1,7 @@
 """Reindex as a Ray job: every blue item into a green collection for a new model (re-embedded, or its
 vectors copied where the new version keeps blue's item tower).
 
-    ray job submit --working-dir . -- python -m es_ray.data.reindex --to VERSION
+    ray job submit --working-dir . -- python -m es_ray.lifecycle.reindex --to VERSION
 
 Steps (each one visible as the task's `stage`):
 1. take the `lifecycle` lock (one reindex or switch at a time; a dead holder's lease expires),
@@ -34,65 +34,17 @@ from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.logs import get_logger
-from es_ray.store import db, lifecycle, locks, tasks
+from es_ray.lifecycle.switching import drop_green
+from es_ray.store import clickstream, db, lifecycle, reindex_ranges
 from es_ray.store.collections import Collection, EmbeddedItem, collection_name
 from es_ray.store.lifecycle import Target
 
-log = get_logger("es_ray.data.reindex")
-KIND = "reindex"
+log = get_logger("es_ray.lifecycle.reindex")
 POOL_START_TIMEOUT_S = 600  # how long the worker pool may take to start (Ray Data's wait_for_min_actors_s)
 
 
 class ReindexIncomplete(RuntimeError):
     pass
-
-
-# --- checkpoints ------------------------------------------------------------------------------------
-
-def plan_ranges(conn, source: Collection, green: str, range_items: int) -> int:
-    """Cuts the source's ids into contiguous ranges (once per green collection); returns how many."""
-    existing = conn.execute("SELECT count(*) FROM reindex_ranges WHERE collection = %s", (green,)).fetchone()[0]
-    if existing:
-        return existing
-    bounds = source.key_bounds(conn, range_items)
-    if bounds and source.read_range(conn, bounds[-1], None) == []:
-        bounds = bounds[:-1]  # the last range would be empty
-    edges = [None, *bounds, None]
-    with conn.transaction():
-        with conn.cursor().copy("COPY reindex_ranges (collection, range_no, after_id, last_id) FROM STDIN") as copy:
-            for n in range(len(edges) - 1):
-                copy.write_row((green, n, edges[n], edges[n + 1]))
-    return len(edges) - 1
-
-
-def pending_ranges(conn, green: str) -> list[dict[str, Any]]:
-    rows = conn.execute("""SELECT range_no, after_id, last_id FROM reindex_ranges
-                           WHERE collection = %s AND done_at IS NULL ORDER BY range_no""", (green,)).fetchall()
-    # "" for an open end: Ray Data would turn None into NaN (ids are never empty).
-    return [{"range_no": r[0], "after_id": r[1] or "", "last_id": r[2] or ""} for r in rows]
-
-
-def range_totals(conn, green: str) -> tuple[int, int, int]:
-    """(ranges, ranges done, items written by done ranges)."""
-    return conn.execute("""SELECT count(*), count(done_at), COALESCE(sum(items) FILTER (WHERE done_at IS NOT NULL), 0)
-                           FROM reindex_ranges WHERE collection = %s""", (green,)).fetchone()
-
-
-def record_failures(conn, green: str, task_id: str, failures: list[tuple[str, str, str]]) -> None:
-    if failures:
-        conn.execute("""INSERT INTO reindex_failures (collection, object_id, stage, error, task_id)
-                        SELECT %s, f.id, f.stage, f.error, %s FROM unnest(%s::text[], %s::text[], %s::text[])
-                            AS f(id, stage, error)
-                        ON CONFLICT (collection, object_id) DO UPDATE SET stage = EXCLUDED.stage,
-                            error = EXCLUDED.error, task_id = EXCLUDED.task_id, failed_at = now()""",
-                     (green, task_id, [f[0] for f in failures], [f[1] for f in failures], [f[2] for f in failures]))
-
-
-def failures(conn, green: str, limit: int = 20) -> tuple[int, list[dict[str, str]]]:
-    total = conn.execute("SELECT count(*) FROM reindex_failures WHERE collection = %s", (green,)).fetchone()[0]
-    rows = conn.execute("""SELECT object_id, stage, error FROM reindex_failures WHERE collection = %s
-                           ORDER BY object_id LIMIT %s""", (green, limit)).fetchall()
-    return total, [{"id": r[0], "stage": r[1], "error": r[2]} for r in rows]
 
 
 # --- the Ray Data stage -------------------------------------------------------------------------------
@@ -114,9 +66,9 @@ class ReindexWorker:
         self.copy_vectors = copy_vectors
         # Small requests with a patient deadline: the writes and searches served meanwhile share Triton's
         # queue and must not wait behind big batches; a reindex can wait.
-        self.encoder = None if copy_vectors else TritonEncoder(
-            grpc_url, ITEM_ENCODER, self.green.model_version, self.green.source_dir, self.green.max_length,
-            self.settings.reindex.rows_per_request, self.settings.reindex.embed_timeout_s)
+        self.encoder = None if copy_vectors else TritonEncoder.of(
+            grpc_url, ITEM_ENCODER, self.green, self.settings, self.settings.reindex.rows_per_request,
+            self.settings.reindex.embed_timeout_s)
         self.conn = db.connect(dsn)
         self.task_id = task_id
         self.node_id = ray.get_runtime_context().get_node_id()  # reported per range: where the work ran
@@ -176,7 +128,7 @@ class ReindexWorker:
             written = self.write(green, items, {i.id: i.version for i in stored}, failed, range_no, len(stored))
         except Exception as err:  # noqa: BLE001
             failed = [(i.id, "write", f"{type(err).__name__}: {err}") for i in stored]
-            record_failures(self.conn, green.name, self.task_id, failed)
+            reindex_ranges.record_failures(self.conn, green.name, self.task_id, failed)
             written = 0
         return len(stored), written, len(failed)
 
@@ -190,13 +142,10 @@ class ReindexWorker:
             try:
                 with self.conn.transaction():
                     written = green.upsert(self.conn, embedded, versions)
-                    self.conn.execute("DELETE FROM reindex_failures WHERE collection = %s AND object_id = ANY(%s)",
-                                      (green.name, [i.id for i in embedded]))
-                    record_failures(self.conn, green.name, self.task_id, failed)
+                    reindex_ranges.clear_failures(self.conn, green.name, [i.id for i in embedded])
+                    reindex_ranges.record_failures(self.conn, green.name, self.task_id, failed)
                     if not failed:
-                        self.conn.execute("""UPDATE reindex_ranges SET done_at = now(), items = %s
-                                             WHERE collection = %s AND range_no = %s""",
-                                          (n_items, green.name, range_no))
+                        reindex_ranges.mark_done(self.conn, green.name, range_no, n_items)
                 return written
             except RETRYABLE:
                 if attempt == ATTEMPTS - 1:
@@ -241,7 +190,7 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
         log.warning("reindex.rejected_model", version=version, note="the quality gate refused this version")
     name = collection_name(version)
     if state.green is not None and state.green.collection != name:
-        drop_collection(conn, state.green.collection, reason=f"replaced by a reindex to v{version}")
+        drop_green(conn, state.green.collection, reason=f"replaced by a reindex to v{version}")
     if state.previous is not None and state.previous.collection == name:
         raise ValueError(f"collection {name} is the previous blue (kept for rollback): roll back instead")
     progress({"stage": "creating the green collection"})
@@ -250,28 +199,11 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
     known = lifecycle.get_collection(conn, name)
     if known is None or known["state"] != "building":
         # A new reindex, not a resumed one: checkpoints of an earlier life of this collection do not count.
-        conn.execute("DELETE FROM reindex_ranges WHERE collection = %s", (name,))
-        conn.execute("DELETE FROM reindex_failures WHERE collection = %s", (name,))
+        reindex_ranges.forget(conn, name)
         lifecycle.save_collection(conn, name, version, "building")
     lifecycle.set_green(conn, version, name)
     green = Target(version, name, model.dim, model.source_dir, model.max_length)
     return state.blue, green
-
-
-def drop_collection(conn, name: str, reason: str) -> None:
-    """Stops dual writes to a green collection and drops it with its checkpoints."""
-    row = lifecycle.get_collection(conn, name)
-    with conn.transaction():
-        conn.execute("SELECT 1 FROM blue FOR UPDATE")
-        conn.execute("UPDATE blue SET green_version = NULL, green_collection = NULL WHERE green_collection = %s",
-                     (name,))
-    if row:
-        dim = conn.execute("SELECT dim FROM models WHERE version = %s", (row["model_version"],)).fetchone()[0]
-        Collection(name, dim).drop(conn)
-        lifecycle.save_collection(conn, name, row["model_version"], "dropped")
-    conn.execute("DELETE FROM reindex_ranges WHERE collection = %s", (name,))
-    conn.execute("DELETE FROM reindex_failures WHERE collection = %s", (name,))
-    log.info("reindex.green_dropped", collection=name, reason=reason)
 
 
 def rederive_adjustments(settings: Settings, manifest, conn, green: Target, progress) -> dict[str, int]:
@@ -281,9 +213,7 @@ def rederive_adjustments(settings: Settings, manifest, conn, green: Target, prog
     from es_ray.inference.triton_client import TritonEncoder
     from es_ray.inference.triton_repo import QUERY_ENCODER
 
-    encoder = TritonEncoder(manifest.triton_grpc_url, QUERY_ENCODER, green.model_version, green.source_dir,
-                            green.max_length, settings.triton.max_batch_size, settings.triton.timeout_s,
-                            settings.model.query_pad_multiple)
+    encoder = TritonEncoder.of(manifest.triton_grpc_url, QUERY_ENCODER, green, settings)
     return rederive(conn, Collection(green.collection, green.dim), encoder.embed_queries, learning_from(settings),
                     settings.improve.batch_sessions, progress)
 
@@ -296,10 +226,10 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     conn = db.connect(manifest.postgres_dsn)
     blue, green = prepare_green(settings, driver, conn, version, progress)
     source = Collection(blue.collection, blue.dim)
-    n_ranges = plan_ranges(conn, source, green.collection, settings.reindex.range_items)
-    todo = pending_ranges(conn, green.collection)
+    n_ranges = reindex_ranges.plan(conn, source, green.collection, settings.reindex.range_items)
+    todo = reindex_ranges.pending(conn, green.collection)
     total_items = source.count(conn)
-    _, done_before, items_before = range_totals(conn, green.collection)
+    _, done_before, items_before = reindex_ranges.totals(conn, green.collection)
     log.info("reindex.start", task_id=task_id, source=blue.collection, green=green.collection, ranges=n_ranges,
              pending=len(todo), items=total_items)
     # A fine-tune of the query tower keeps blue's item tower: the item vectors would come out the same
@@ -320,7 +250,7 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     # their nodes) instead of queueing on the first actor up; a pool that cannot be placed fails the job.
     ray.data.DataContext.get_current().wait_for_min_actors_s = POOL_START_TIMEOUT_S
     for _ in range(settings.reindex.passes):  # a later pass redoes the ranges where items failed
-        pending = pending_ranges(conn, green.collection)
+        pending = reindex_ranges.pending(conn, green.collection)
         if not pending:
             break
         dataset = ray.data.from_items(pending).map_batches(
@@ -350,7 +280,7 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
             gauges.set(state)
     load_s = time.monotonic() - load_started
 
-    failed_total, failed_sample = failures(conn, green.collection)
+    failed_total, failed_sample = reindex_ranges.failures(conn, green.collection)
     if failed_total:
         raise ReindexIncomplete(f"{failed_total} items failed (run the reindex again to retry them): "
                                 f"{json.dumps(failed_sample[:5])}")
@@ -362,15 +292,15 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     if settings.reindex.hnsw == "after":
         progress({"stage": "building the HNSW index"})
         index_started = time.monotonic()
-        conn.execute(f"SET maintenance_work_mem = '{settings.postgres.maintenance_work_mem}'")
         # CONCURRENTLY: dual writes to green go on while the index builds.
         Collection(green.collection, green.dim).create_index(conn, settings.postgres.hnsw_m,
-                                                             settings.postgres.hnsw_ef_construction, concurrently=True)
+                                                             settings.postgres.hnsw_ef_construction, concurrently=True,
+                                                             work_mem=settings.postgres.maintenance_work_mem)
         index_s = time.monotonic() - index_started
     if settings.reindex.adjustments == "rederive":
         adjustments = {"mode": "rederive", **rederive_adjustments(settings, manifest, conn, green, progress)}
     else:
-        dropped = conn.execute("SELECT count(*) FROM sessions WHERE improved_at IS NOT NULL").fetchone()[0]
+        dropped = clickstream.count_improved(conn)
         adjustments = {"mode": "drop", "sessions_not_replayed": dropped}
         log.warning("reindex.adjustments_dropped", sessions=dropped, collection=green.collection)
     lifecycle.save_collection(conn, green.collection, version, "ready")
@@ -393,7 +323,7 @@ def request_switch(driver, force: bool, owner: str, green: str) -> dict[str, Any
     part of the answer: the reindex itself is done."""
     import ray
 
-    from es_ray.lifecycle.driver import SwitchRefused
+    from es_ray.lifecycle.switching import SwitchRefused
 
     try:
         return ray.get(driver.switch.remote(force=force, lock_owner=owner, expected_green=green))
@@ -421,58 +351,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.to is None and args.task_id is None:
         parser.error("--to VERSION is required")
 
-    from es_ray.lifecycle.driver import job_context
-    from es_ray.lifecycle.heartbeat import Heartbeat
-    from es_ray.stack import jobs
+    from es_ray.lifecycle.task_job import TaskJob, run_as_task
+    from es_ray.store import locks, tasks
 
-    driver, settings, manifest = job_context(args.namespace)
-
-    with db.connect(manifest.postgres_dsn) as conn:
-        try:
-            if args.task_id:
-                task = tasks.start(conn, args.task_id, None)
-            else:
-                task = tasks.create(conn, KIND, {"to": args.to, "switch": args.switch, "hnsw": args.hnsw,
-                                                 "submitted_by": "ray job"}, jobs.current_submission_id(),
-                                    status="running")
-        except tasks.TaskConflict as err:
-            print(f"error: {err}", file=sys.stderr)  # noqa: T201 - the job's answer to its submitter
-            return 2
-        version = int(task.params.get("to") or args.to)
-        switch = args.switch or task.params.get("switch") or settings.reindex.switch
-        settings.reindex.hnsw = args.hnsw or task.params.get("hnsw") or settings.reindex.hnsw
-        owner = f"reindex:{task.task_id}"
-        try:
-            locks.acquire(conn, locks.LIFECYCLE, owner, settings.lifecycle.lock_lease_s)
-        except locks.LockHeld as err:
-            tasks.fail(conn, task.task_id, str(err))
-            print(f"error: {err}", file=sys.stderr)  # noqa: T201
-            return 2
-
-    heartbeat = Heartbeat(manifest.postgres_dsn, task.task_id, settings.tasks.heartbeat_s,
-                          lock=(locks.LIFECYCLE, owner, settings.lifecycle.lock_lease_s))
-    try:
-        result = reindex(settings, manifest, driver, task.task_id, version, heartbeat.update)
-        heartbeat.update({"stage": "switching" if switch != "never" else "done"})
+    def work(job: TaskJob) -> dict[str, Any]:
+        params, settings = job.task.params, job.settings
+        version = int(params.get("to") or args.to)
+        switch = args.switch or params.get("switch") or settings.reindex.switch
+        settings.reindex.hnsw = args.hnsw or params.get("hnsw") or settings.reindex.hnsw
+        result = reindex(settings, job.manifest, job.driver, job.task.task_id, version, job.progress)
+        job.progress({"stage": "switching" if switch != "never" else "done"})
         if switch != "never":
-            result["switch"] = request_switch(driver, switch == "force", owner, result["collection"])
-    except BaseException as err:  # noqa: BLE001 - recorded as the task's reason, then re-raised
-        heartbeat.stop()
-        cause = getattr(err, "cause", None) or err  # a Ray Data worker's error: its own, not Ray's wrapper
-        reason = (f"the job was stopped ({type(err).__name__} {err})" if isinstance(err, (SystemExit, KeyboardInterrupt))
-                  else f"{type(cause).__name__}: {cause}"[:2000])
-        with db.connect(manifest.postgres_dsn) as conn:
-            tasks.fail(conn, task.task_id, reason)
-            locks.release(conn, locks.LIFECYCLE, owner)
-        log.exception("reindex.failed", task_id=task.task_id, reason=reason)
-        raise
-    heartbeat.stop()
-    with db.connect(manifest.postgres_dsn) as conn:
-        locks.release(conn, locks.LIFECYCLE, owner)
-        tasks.finish(conn, task.task_id, {**result, "task_id": task.task_id})
-    print(json.dumps({"task_id": task.task_id, **{k: result[k] for k in ("to_version", "items", "items_per_s")},  # noqa: T201
-                      "switch": result.get("switch", {}).get("status", "not requested")}))
-    return 0
+            result["switch"] = request_switch(job.driver, switch == "force", job.lock_owner, result["collection"])
+        return result
+
+    return run_as_task(tasks.REINDEX, args.namespace, args.task_id, {"to": args.to, "switch": args.switch,
+                                                                     "hnsw": args.hnsw}, work,
+                       lambda r: {**{k: r[k] for k in ("to_version", "items", "items_per_s")},
+                                  "switch": r.get("switch", {}).get("status", "not requested")},
+                       lock=locks.LIFECYCLE)
 
 
 if __name__ == "__main__":
