@@ -10,7 +10,8 @@ import torch
 from es_ray.config import load_settings
 from es_ray.inference import registry
 from es_ray.inference.encoder import load_encoder, load_tokenizer
-from es_ray.train.clicklog import LoggedSession, SessionBatch
+from es_ray.store.clickstream import LoggedSession
+from es_ray.train.clicklog import SessionBatch
 from es_ray.train.config import load_finetune_config
 from es_ray.train.finetune import EXPERIMENT, ParentModel, fine_tune
 from es_ray.train.item_vectors import ItemVectors

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from es_ray.train.clicklog import LoggedSession, is_heldout, split_by_query
+from es_ray.store.clickstream import LoggedSession
+from es_ray.train.clicklog import is_heldout, split_by_query
 from es_ray.train.config import DebiasConfig, GateConfig, load_finetune_config
 from es_ray.train.examples import build_examples, heldout_labels, relevance_posterior
 from es_ray.train.gate import decide

@@ -3,7 +3,8 @@
 import numpy as np
 
 from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, AdjusterConfig, Examples, VectorAdjuster
-from es_ray.improve.loop import SessionRecord, build_examples, labelled
+from es_ray.improve.loop import build_examples, labelled
+from es_ray.store.clickstream import LoggedSession
 
 
 def unit(x):
@@ -47,18 +48,18 @@ def test_no_examples_changes_nothing():
 
 def test_labelling_skip_above_and_irrelevant():
     shown = [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
-    assert labelled(SessionRecord("s", None, "q", False, shown, {"c"})) == [("c", CLICKED), ("a", SKIPPED),
+    assert labelled(LoggedSession("s", "q", False, None, shown, {"c"})) == [("c", CLICKED), ("a", SKIPPED),
                                                                             ("b", SKIPPED)]
-    assert labelled(SessionRecord("s", None, "q", True, shown, set())) == [(i, IRRELEVANT) for _, i in shown]
-    assert labelled(SessionRecord("s", None, "q", False, shown, set())) == []
+    assert labelled(LoggedSession("s", "q", True, None, shown, set())) == [(i, IRRELEVANT) for _, i in shown]
+    assert labelled(LoggedSession("s", "q", False, None, shown, set())) == []
 
 
 def test_examples_use_each_items_best_matching_chunk_and_sessions_of_any_shape():
     far, near = unit(-Q), Q
     chunks = {"a": [(1, V[0]), (2, near)], "b": [(1, far)], "c": [(1, V[1])]}
-    sessions = [SessionRecord("s1", None, "q", False, [(1, "b"), (2, "a")], {"a"}),
-                SessionRecord("s2", None, "q", False, [(1, "c"), (2, "b"), (3, "a")], {"a", "c"}),
-                SessionRecord("s3", None, "q", True, [(1, "c")], set())]
+    sessions = [LoggedSession("s1", "q", False, None, [(1, "b"), (2, "a")], {"a"}),
+                LoggedSession("s2", "q", False, None, [(1, "c"), (2, "b"), (3, "a")], {"a", "c"}),
+                LoggedSession("s3", "q", True, None, [(1, "c")], set())]
     keys, vectors, ex = build_examples(sessions, {"s1": Q, "s2": Q, "s3": Q}, chunks)
     assert ("a", 2) in keys and ("a", 1) not in keys   # the chunk that matched the query
     assert len(vectors) == len(keys) == 3

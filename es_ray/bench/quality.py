@@ -51,7 +51,8 @@ from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
 from es_ray.inference.encoder import default_model_dir, load_encoder, load_tokenizer
 from es_ray.train import gate
-from es_ray.train.clicklog import LoggedSession, SessionBatch, is_heldout, normalise_query, split_by_query
+from es_ray.store.clickstream import LoggedSession, normalise_query
+from es_ray.train.clicklog import SessionBatch, is_heldout, split_by_query
 from es_ray.train.config import FinetuneConfig, GateConfig, load_finetune_config
 from es_ray.train.examples import heldout_labels
 from es_ray.train.finetune import ParentModel, prepare

@@ -13,7 +13,7 @@ import yaml
 
 from es_ray.config import CONFIG_DIR
 from es_ray.serve.exploration import choose_swap, swapped
-from es_ray.train.clicklog import LoggedSession
+from es_ray.store.clickstream import LoggedSession
 
 
 @dataclass

@@ -29,7 +29,8 @@ from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, Examples, Vect
 from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
 from es_ray.logs import get_logger
 from es_ray.periodic import Periodic
-from es_ray.store import evidence
+from es_ray.store import clickstream, evidence, locks
+from es_ray.store.clickstream import LoggedSession
 from es_ray.store.collections import Collection
 from es_ray.train.config import load_finetune_config
 from es_ray.train.propensity import Impressions, Propensities
@@ -37,64 +38,18 @@ from es_ray.train.propensity import Impressions, Propensities
 log = get_logger(__name__)
 
 
-@dataclass
-class SessionRecord:
-    session_id: str
-    user_id: str | None
-    query: str
-    irrelevant: bool
-    shown: list[tuple[int, str]]     # (rank, object id)
-    clicked: set[str]
-
-
-def claim_sessions(conn: psycopg.Connection, limit: int, settle_s: float) -> list[SessionRecord]:
-    rows = conn.execute(
-        """SELECT session_id, user_id, query, irrelevant FROM sessions
-           WHERE improved_at IS NULL AND created_at < now() - make_interval(secs => %s)
-           ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED""", (settle_s, limit)).fetchall()
-    return _with_results(conn, rows)
-
-
-def improved_user_sessions(conn: psycopg.Connection, after: tuple | None, limit: int
-                           ) -> tuple[list[SessionRecord], tuple]:
-    """Users' sessions already applied to the blue collection, in (created_at, id) order from `after`;
-    for re-deriving their adjustments on a new model's collection. Returns them and the next `after`."""
-    rows = conn.execute(
-        """SELECT session_id, user_id, query, irrelevant, created_at FROM sessions
-           WHERE improved_at IS NOT NULL AND user_id IS NOT NULL
-             AND (%(at)s::timestamptz IS NULL OR (created_at, session_id) > (%(at)s, %(id)s))
-           ORDER BY created_at, session_id LIMIT %(limit)s""",
-        {"at": after[0] if after else None, "id": after[1] if after else None, "limit": limit}).fetchall()
-    return _with_results(conn, [r[:4] for r in rows]), ((rows[-1][4], rows[-1][0]) if rows else after)
-
-
-def _with_results(conn: psycopg.Connection, rows: list[tuple]) -> list[SessionRecord]:
-    if not rows:
-        return []
-    ids = [r[0] for r in rows]
-    shown, clicked = defaultdict(list), defaultdict(set)
-    for session_id, rank, object_id in conn.execute(
-            "SELECT session_id, rank, object_id FROM session_results WHERE session_id = ANY(%s)", (ids,)):
-        shown[session_id].append((rank, object_id))
-    for session_id, object_id in conn.execute(
-            "SELECT session_id, object_id FROM events WHERE type = 'click' AND session_id = ANY(%s)", (ids,)):
-        clicked[session_id].add(object_id)
-    return [SessionRecord(r[0], r[1], r[2], r[3], sorted(shown[r[0]]), clicked[r[0]]) for r in rows]
-
-
-def labelled(session: SessionRecord) -> list[tuple[str, int]]:
+def labelled(session: LoggedSession) -> list[tuple[str, int]]:
     """(object id, kind): clicks; shown items above the lowest click that were not clicked; or, for a
     session marked irrelevant without clicks, everything shown. Sessions with neither teach nothing."""
     if session.clicked:
-        lowest = max(rank for rank, item in session.shown if item in session.clicked)
-        out = [(item, CLICKED) for rank, item in session.shown if item in session.clicked]
-        return out + [(item, SKIPPED) for rank, item in session.shown if rank < lowest and item not in session.clicked]
+        out = [(item, CLICKED) for _, item in session.shown if item in session.clicked]
+        return out + [(item, SKIPPED) for item in session.skipped_above()]
     if session.irrelevant:
         return [(item, IRRELEVANT) for _, item in session.shown]
     return []
 
 
-def build_examples(sessions: list[SessionRecord], query_vectors: dict[str, np.ndarray],
+def build_examples(sessions: list[LoggedSession], query_vectors: dict[str, np.ndarray],
                    chunks: dict[str, list[tuple[int, np.ndarray]]]):
     """Examples on the chunk of each item that best matches the session's query ("per chunk")."""
     keys: list[tuple[str, int]] = []              # (object id, part no) of each adjusted vector
@@ -136,15 +91,19 @@ class Learning:
     examination: list[float]      # examination probability by rank (the click model's prior)
 
 
+def improvement_lock(collection: Collection) -> str:
+    """One improvement pass (or undo) per collection at a time."""
+    return f"es-ray-improve-{collection.name}"
+
+
 def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning,
                  batch_sessions: int = 256, settle_s: float = 5.0) -> dict[str, Any]:
     """One pass; returns counts. `embed_queries(texts) -> (n, dim)` is the blue query encoder."""
     started = time.monotonic()
     with conn.transaction():
-        lock_key = f"es-ray-improve-{collection.name}"
-        if not conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", (lock_key,)).fetchone()[0]:
+        if not locks.try_transaction_lock(conn, improvement_lock(collection)):
             return {"sessions": 0, "busy": True}
-        sessions = claim_sessions(conn, batch_sessions, settle_s)
+        sessions = clickstream.claim_unimproved(conn, batch_sessions, settle_s)
         if not sessions:
             return {"sessions": 0}
         anonymous = [s for s in sessions if s.user_id is None]
@@ -154,8 +113,7 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
         remembered_items = refresh_memories(conn, collection, shown, embed_queries, learning)
         personal = apply_user_sessions(conn, collection, [s for s in sessions if s.user_id is not None],
                                        embed_queries, learning.adjuster)
-        conn.execute("UPDATE sessions SET improved_at = now() WHERE session_id = ANY(%s)",
-                     ([s.session_id for s in sessions],))
+        clickstream.mark_improved(conn, [s.session_id for s in sessions])
     result = {"sessions": len(sessions), "anonymous": len(anonymous), "items_remembered": remembered_items,
               "vectors_personal": personal, "seconds": round(time.monotonic() - started, 3)}
     log.info("improve.pass", collection=collection.name, **result)
@@ -194,7 +152,7 @@ def refresh_memories(conn: psycopg.Connection, collection: Collection, items: li
     return sum(1 for o in model_vectors if o in memories)
 
 
-def apply_user_sessions(conn: psycopg.Connection, collection: Collection, sessions: list[SessionRecord],
+def apply_user_sessions(conn: psycopg.Connection, collection: Collection, sessions: list[LoggedSession],
                         embed_queries, adjuster: VectorAdjuster) -> int:
     """Adjusts each user's own copies of the vectors their sessions touched; returns how many."""
     useful = [s for s in sessions if s.user_id is not None and labelled(s)]
@@ -202,7 +160,7 @@ def apply_user_sessions(conn: psycopg.Connection, collection: Collection, sessio
         return 0
     vectors = embed_queries([s.query for s in useful])
     query_vectors = {s.session_id: v for s, v in zip(useful, vectors)}
-    by_user: dict[str, list[SessionRecord]] = defaultdict(list)
+    by_user: dict[str, list[LoggedSession]] = defaultdict(list)
     for s in useful:
         by_user[s.user_id].append(s)
     adjusted = 0
@@ -235,7 +193,7 @@ def rederive(conn: psycopg.Connection, collection: Collection, embed_queries, le
         progress({"stage": "re-deriving click memories", **totals})
     cursor = None
     while True:
-        sessions, cursor = improved_user_sessions(conn, cursor, batch)
+        sessions, cursor = clickstream.improved_user_sessions(conn, cursor, batch)
         if not sessions:
             return totals
         with conn.transaction():
@@ -250,7 +208,7 @@ def undo(conn: psycopg.Connection, collection: Collection) -> dict[str, int]:
     pass cannot bring it back). Users' own adjustments stay (DELETE /v1/users/{id}/personalisation)."""
     with conn.transaction():
         # The pass's lock: a pass that read the evidence before the clear cannot write memories after it.
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"es-ray-improve-{collection.name}",))
+        locks.transaction_lock(conn, improvement_lock(collection))
         return {"restored_vectors": collection.undo_global(conn), "evidence_cells": evidence.clear(conn)}
 
 

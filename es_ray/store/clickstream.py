@@ -35,6 +35,27 @@ class Session:
     swapped_rank: int | None = None    # search showed ranks swapped_rank and swapped_rank + 1 exchanged
 
 
+@dataclass
+class LoggedSession:
+    """A recorded search as the learners read it (the improvement loop, the fine-tune, the simulator):
+    what was shown at which rank, and what was clicked."""
+
+    session_id: str
+    query: str
+    irrelevant: bool
+    created_at: datetime | None
+    shown: list[tuple[int, str]]                    # (rank, object id), rank 1 = top
+    clicked: set[str] = field(default_factory=set)
+    user_id: str | None = None                      # None: anonymous
+
+    def skipped_above(self) -> list[str]:
+        """Shown above the lowest click and not clicked: seen and passed over."""
+        if not self.clicked:
+            return []
+        lowest = max(rank for rank, item in self.shown if item in self.clicked)
+        return [item for rank, item in self.shown if rank < lowest and item not in self.clicked]
+
+
 def normalise_query(query: str) -> str:
     """The key that makes two spellings of one query the same query (case, spacing)."""
     return " ".join(query.lower().split())
@@ -119,6 +140,61 @@ def mark_irrelevant(conn: psycopg.Connection, session_id: str) -> None:
             raise UnknownSession(f"no session {session_id!r}")
 
 
+# --- the click log, read by the learners ------------------------------------------------------------
+
+LOG_COLUMNS = "session_id, query, irrelevant, created_at, user_id"
+
+
+def recent_sessions(conn: psycopg.Connection, max_sessions: int) -> list[LoggedSession]:
+    """The most recent `max_sessions` sessions, oldest first."""
+    rows = conn.execute(f"SELECT {LOG_COLUMNS} FROM sessions ORDER BY created_at DESC, session_id LIMIT %s",
+                        (max_sessions,)).fetchall()
+    return sorted(_with_results(conn, rows), key=lambda s: (s.created_at, s.session_id))
+
+
+def claim_unimproved(conn: psycopg.Connection, limit: int, settle_s: float) -> list[LoggedSession]:
+    """Up to `limit` sessions older than `settle_s` the improvement loop has not learned from, locked
+    for this transaction (SKIP LOCKED: a concurrent pass takes others)."""
+    rows = conn.execute(
+        f"""SELECT {LOG_COLUMNS} FROM sessions
+            WHERE improved_at IS NULL AND created_at < now() - make_interval(secs => %s)
+            ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED""", (settle_s, limit)).fetchall()
+    return _with_results(conn, rows)
+
+
+def mark_improved(conn: psycopg.Connection, session_ids: list[str]) -> None:
+    conn.execute("UPDATE sessions SET improved_at = now() WHERE session_id = ANY(%s)", (session_ids,))
+
+
+def improved_user_sessions(conn: psycopg.Connection, after: tuple | None, limit: int
+                           ) -> tuple[list[LoggedSession], tuple | None]:
+    """Users' sessions already learned from, in (created_at, id) order from `after` (for deriving their
+    adjustments again on a new model's collection). Returns them and the next `after`."""
+    rows = conn.execute(
+        f"""SELECT {LOG_COLUMNS} FROM sessions
+            WHERE improved_at IS NOT NULL AND user_id IS NOT NULL
+              AND (%(at)s::timestamptz IS NULL OR (created_at, session_id) > (%(at)s, %(id)s))
+            ORDER BY created_at, session_id LIMIT %(limit)s""",
+        {"at": after[0] if after else None, "id": after[1] if after else None, "limit": limit}).fetchall()
+    return _with_results(conn, rows), ((rows[-1][3], rows[-1][0]) if rows else after)
+
+
 def count_improved(conn: psycopg.Connection) -> int:
     """Sessions the improvement loop has already learned from."""
     return conn.execute("SELECT count(*) FROM sessions WHERE improved_at IS NOT NULL").fetchone()[0]
+
+
+def _with_results(conn: psycopg.Connection, rows: list[tuple]) -> list[LoggedSession]:
+    """Sessions (rows of LOG_COLUMNS) with their shown results, by rank, and their clicks."""
+    if not rows:
+        return []
+    sessions = {r[0]: LoggedSession(r[0], r[1], r[2], r[3], [], set(), r[4]) for r in rows}
+    for session_id, rank, object_id in conn.execute(
+            "SELECT session_id, rank, object_id FROM session_results WHERE session_id = ANY(%s) "
+            "ORDER BY session_id, rank", (list(sessions),)):
+        sessions[session_id].shown.append((rank, object_id))
+    for session_id, object_id in conn.execute(
+            "SELECT session_id, object_id FROM events WHERE type = 'click' AND session_id = ANY(%s)",
+            (list(sessions),)):
+        sessions[session_id].clicked.add(object_id)
+    return [sessions[r[0]] for r in rows]

@@ -64,3 +64,13 @@ def get(conn: psycopg.Connection, name: str) -> Lock | None:
 
 def all_locks(conn: psycopg.Connection) -> list[Lock]:
     return [Lock(*r) for r in conn.execute("SELECT name, owner, acquired_at, expires_at FROM locks ORDER BY name")]
+
+
+def try_transaction_lock(conn: psycopg.Connection, key: str) -> bool:
+    """A Postgres advisory lock held until the transaction ends; False (at once) if another holds it."""
+    return conn.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", (key,)).fetchone()[0]
+
+
+def transaction_lock(conn: psycopg.Connection, key: str) -> None:
+    """The same lock, waiting for it."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))

@@ -8,29 +8,11 @@ click alone, and the position-bias models need the impressions without clicks to
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 
 import psycopg
 
-from es_ray.store.clickstream import normalise_query
-
-
-@dataclass
-class LoggedSession:
-    session_id: str
-    query: str
-    irrelevant: bool
-    created_at: datetime
-    shown: list[tuple[int, str]]                    # (rank, object id), rank 1 = top
-    clicked: set[str] = field(default_factory=set)
-
-    def skipped_above(self) -> list[str]:
-        """Shown above the lowest click and not clicked: seen and passed over (the mined hard negatives)."""
-        if not self.clicked:
-            return []
-        lowest = max(rank for rank, item in self.shown if item in self.clicked)
-        return [item for rank, item in self.shown if rank < lowest and item not in self.clicked]
+from es_ray.store.clickstream import LoggedSession, normalise_query, recent_sessions
 
 
 @dataclass
@@ -48,19 +30,7 @@ class SessionBatch:
 
 def read_sessions(conn: psycopg.Connection, max_sessions: int) -> SessionBatch:
     """The most recent `max_sessions` sessions with their shown results and clicks."""
-    rows = conn.execute(
-        """SELECT session_id, query, irrelevant, created_at FROM sessions
-           ORDER BY created_at DESC, session_id LIMIT %s""", (max_sessions,)).fetchall()
-    sessions = {r[0]: LoggedSession(r[0], r[1], r[2], r[3], []) for r in rows}
-    ids = list(sessions)
-    for session_id, rank, object_id in conn.execute(
-            "SELECT session_id, rank, object_id FROM session_results WHERE session_id = ANY(%s) ORDER BY session_id, rank",
-            (ids,)):
-        sessions[session_id].shown.append((rank, object_id))
-    for session_id, object_id in conn.execute(
-            "SELECT session_id, object_id FROM events WHERE type = 'click' AND session_id = ANY(%s)", (ids,)):
-        sessions[session_id].clicked.add(object_id)
-    return SessionBatch(sorted(sessions.values(), key=lambda s: (s.created_at, s.session_id)))
+    return SessionBatch(recent_sessions(conn, max_sessions))
 
 
 def is_heldout(query: str, seed: int, fraction: float) -> bool:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from es_ray.train.clicklog import LoggedSession, normalise_query
+from es_ray.store.clickstream import LoggedSession, normalise_query
 from es_ray.train.config import DebiasConfig
 from es_ray.train.propensity import Impressions, Propensities
 

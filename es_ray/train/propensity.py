@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from es_ray.train.clicklog import LoggedSession, normalise_query
+from es_ray.store.clickstream import LoggedSession, normalise_query
 
 
 @dataclass
