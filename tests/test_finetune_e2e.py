@@ -121,6 +121,19 @@ def test_fine_tune_requests_are_validated(api):
     missing = api.get("/v1/tasks/no-such-task")
     assert missing.status_code == 404 and "no-such-task" in missing.json()["error"]
     assert api.get("/v1/tasks", params={"limit": 0}).status_code == 422
+    wrong_kind = api.get("/v1/tasks", params={"kind": "backup"})
+    assert wrong_kind.status_code == 422 and "kind" in wrong_kind.json()["error"]
+
+
+def test_tasks_are_listed_by_kind(api, stack):
+    with db.connect(stack.postgres_dsn) as conn:
+        ended = tasks.create(conn, tasks.CYCLE, {"by": "a test"}, status="running")
+        tasks.fail(conn, ended.task_id, "ended by the test")
+    for kind in tasks.KINDS:
+        listed = api.get("/v1/tasks", params={"kind": kind, "limit": 50})
+        assert listed.status_code == 200, listed.text
+        assert all(task["kind"] == kind for task in listed.json()["tasks"])
+        assert (ended.task_id in {task["task_id"] for task in listed.json()["tasks"]}) == (kind == tasks.CYCLE)
 
 
 def test_ray_job_submit_entry_point_records_its_task_and_refuses_a_bad_config(stack):

@@ -12,10 +12,10 @@ import threading
 import time
 import uuid
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 import ray
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
@@ -403,7 +403,8 @@ class SearchAPI:
             return schemas.TaskOut(**tasks.get(conn, task_id).__dict__)
 
     @app.get("/v1/tasks", response_model=schemas.TaskList, dependencies=ADMIN, summary="Recent tasks, newest first")
-    def list_tasks(self, kind: Literal[tasks.KINDS] | None = None,
+    def list_tasks(self, kind: str | None = Query(None, pattern=f"^({'|'.join(tasks.KINDS)})$",
+                                                  description=f"one of {', '.join(tasks.KINDS)}"),
                    limit: int = 20) -> schemas.TaskList:
         if not 1 <= limit <= 200:
             raise RequestValidationError([{"loc": ("query", "limit"), "msg": "limit must be 1 to 200",

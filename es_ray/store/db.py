@@ -9,7 +9,7 @@ from psycopg import OperationalError  # noqa: F401 - re-exported for callers
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
-SCHEMA = Path(__file__).with_name("schema.sql")
+MIGRATIONS = Path(__file__).with_name("migrations")  # NNNN_<what>.sql, applied in order, each once
 
 
 def _configure(conn: psycopg.Connection) -> None:
@@ -40,12 +40,39 @@ def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeou
     return pool
 
 
-def migrate(dsn: str) -> None:
-    """Creates the extension and control tables; safe to run at every start (and concurrently)."""
+def migrations() -> list[tuple[int, Path]]:
+    """(number, file) of every migration, in order."""
+    found = sorted((int(path.name.split("_", 1)[0]), path) for path in MIGRATIONS.glob("[0-9]*_*.sql"))
+    numbers = [n for n, _ in found]
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise RuntimeError(f"migrations must be numbered 1, 2, 3... without gaps: {numbers}")
+    return found
+
+
+def migrate(dsn: str) -> list[int]:
+    """Applies the migrations this database has not had, each in its own transaction and recorded in
+    `schema_migrations`; returns their numbers. Safe at every start and from concurrent processes."""
+    applied = []
     with psycopg.connect(dsn, autocommit=True) as conn:
-        # One migrator at a time: two starting processes would race on CREATE ... IF NOT EXISTS.
+        # One migrator at a time: the others wait, then find nothing left to do.
         conn.execute("SELECT pg_advisory_lock(7401)")
         try:
-            conn.execute(SCHEMA.read_text())
+            conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                                version    integer PRIMARY KEY,
+                                name       text NOT NULL,
+                                applied_at timestamptz NOT NULL DEFAULT now())""")
+            done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+            for number, path in migrations():
+                if number in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(path.read_text())
+                    conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (number, path.stem))
+                applied.append(number)
         finally:
             conn.execute("SELECT pg_advisory_unlock(7401)")
+    return applied
+
+
+def schema_version(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]

@@ -1,5 +1,7 @@
--- Control tables. Collection tables (items_<name>, parts_<name>) are created per model version by
--- es_ray.store.collections. Every statement is idempotent: this file runs at every start.
+-- Migration 1, the baseline: control tables. Collection tables (items_<name>, parts_<name>) are created
+-- per model version by es_ray.store.collections. Every statement is idempotent, so a database made by
+-- an es-ray from before numbered migrations (which ran this file at every start) is brought up to date
+-- by it. A later change to the schema is a new file, 0002_<what>.sql, never an edit of this one.
 CREATE EXTENSION IF NOT EXISTS vector;
 
 -- Global write counter: every item write takes the next value, so "newer" is always well defined.
