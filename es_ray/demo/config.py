@@ -31,6 +31,10 @@ class Traffic(Strict):
     think_s: float = Field(0.2, ge=0)
 
 
+class Measure(Strict):
+    clients: int = Field(4, ge=1, le=16)
+
+
 class Cycle(Strict):
     force: bool = False
     cleanup_now: bool = True
@@ -42,6 +46,7 @@ class DemoConfig(Strict):
     rounds: int = Field(3, ge=1, le=20)
     users: Users = Users()
     traffic: Traffic = Traffic()
+    measure: Measure = Measure()
     cycle: Cycle = Cycle()
 
 

@@ -114,9 +114,9 @@ def search_run(url: str, queries: dict[str, str], label: str, limit: int = 100,
     return {qid: run for qid, run, _ in answers}, {model for _, _, model in answers}
 
 
-def measure(url: str, sample: DemoSample) -> tuple[dict[str, float], str]:
-    test_run, models = search_run(url, sample.test, "test queries")
-    train_run, more = search_run(url, sample.train, "train queries", limit=10)  # only nDCG@10 is shown
+def measure(url: str, sample: DemoSample, clients: int) -> tuple[dict[str, float], str]:
+    test_run, models = search_run(url, sample.test, "test queries", clients=clients)
+    train_run, more = search_run(url, sample.train, "train queries", limit=10, clients=clients)  # nDCG@10 only
     test, train = evaluate(test_run, sample.test_qrels), evaluate(train_run, sample.train_qrels)
     quality = {"test_ndcg@10": test["ndcg@10"], "test_mrr@10": test["mrr@10"],
                "test_recall@100": test["recall@100"], "train_ndcg@10": train["ndcg@10"]}
@@ -149,7 +149,7 @@ def one_round(n: int, settings: Settings, manifest, config: DemoConfig, sample: 
         decision = f"{gate.get('status', '?')}: {gate.get('reason', '')}".strip(": ")
         switched = (f"v{result['from_version']} -> v{result['version']}" if result.get("switched")
                     else f"v{result['version']} stopped at the {result.get('stopped_at', '?')}")
-    quality, model = measure(url, sample)
+    quality, model = measure(url, sample, config.measure.clients)
     return report.RoundRow(n, model, quality, sessions, clicks, decision, switched, traffic.report.as_dict(),
                            result["steps"], round(time.monotonic() - started, 1))
 
@@ -164,7 +164,7 @@ def run(settings: Settings, data: Path | None, config: DemoConfig) -> Path:
     title = (f"{data_dir.name}: {len(sample.items)} documents, {len(sample.train)} train queries clicked, "
              f"{len(sample.test)} test queries")
 
-    quality, model = measure(manifest.serve_url, sample)
+    quality, model = measure(manifest.serve_url, sample, config.measure.clients)
     rows = [report.RoundRow(0, model, quality, wall_s=round(time.monotonic() - started, 1))]
     console.print(report.table(rows, title))
     click_model = ClickModel.load()
