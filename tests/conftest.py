@@ -109,6 +109,29 @@ def stack(settings):
     control.down(settings)
 
 
+@pytest.fixture()
+def scratch_database(stack):
+    """Makes an empty database of its own on the stack's Postgres (`make(name)` -> its DSN), for tests that
+    need the control tables to themselves; dropped at the end of the test."""
+    from psycopg.conninfo import make_conninfo
+
+    from es_ray.store import db
+
+    made = []
+
+    def make(name: str) -> str:
+        with db.connect(stack.postgres_dsn) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            admin.execute(f"CREATE DATABASE {name}")
+        made.append(name)
+        return make_conninfo(stack.postgres_dsn, dbname=name)
+
+    yield make
+    with db.connect(stack.postgres_dsn) as admin:
+        for name in made:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture(scope="session")
 def api(stack, settings):
     """A client with the stack's admin API key (made by `es-ray up`, see es_ray/stack/credentials.py)."""

@@ -153,19 +153,11 @@ def test_a_reindex_range_records_failed_items_with_their_stage_and_is_redone(sta
 
 
 @pytest.fixture()
-def scratch_dsn(stack):
-    """A database of its own on the stack's Postgres, for races on the blue row itself."""
-    from psycopg.conninfo import make_conninfo
-
-    name = "esr_blue_race"
-    with db.connect(stack.postgres_dsn) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {name}")
-    dsn = make_conninfo(stack.postgres_dsn, dbname=name)
+def scratch_dsn(scratch_database):
+    """A migrated database of its own, for races on the blue row itself."""
+    dsn = scratch_database("esr_blue_race")
     db.migrate(dsn)
-    yield dsn
-    with db.connect(stack.postgres_dsn) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return dsn
 
 
 def test_a_write_waiting_on_a_switch_reads_the_new_blue(scratch_dsn):

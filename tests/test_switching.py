@@ -27,15 +27,9 @@ class RecordingDeployer:
 
 
 @pytest.fixture()
-def conn(stack):
+def conn(scratch_database):
     """A database of its own on the stack's Postgres, with models v1-v3, blue v1 and green v2 (built)."""
-    from psycopg.conninfo import make_conninfo
-
-    name = "esr_switching"
-    with db.connect(stack.postgres_dsn) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {name}")
-    dsn = make_conninfo(stack.postgres_dsn, dbname=name)
+    dsn = scratch_database("esr_switching")
     db.migrate(dsn)
     with db.connect(dsn) as connection:
         for v in (1, 2, 3):
@@ -45,8 +39,6 @@ def conn(stack):
         lifecycle.set_blue(connection, 1, "c1")
         lifecycle.set_green(connection, 2, "c2")
         yield connection
-    with db.connect(stack.postgres_dsn) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture()

@@ -17,14 +17,8 @@ OLD_SCHEMA = Path(__file__).parent / "fixtures" / "schema-8ba3954.sql"
 
 
 @pytest.fixture()
-def old_dsn(stack):
-    from psycopg.conninfo import make_conninfo
-
-    name = "esr_upgrade"
-    with db.connect(stack.postgres_dsn) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {name}")
-    dsn = make_conninfo(stack.postgres_dsn, dbname=name)
+def old_dsn(scratch_database):
+    dsn = scratch_database("esr_upgrade")
     with psycopg.connect(dsn, autocommit=True) as conn:  # plain: the vector type does not exist yet
         conn.execute(OLD_SCHEMA.read_text())
         conn.execute("""INSERT INTO models (version, mlflow_uri, source_dir, dim, max_length, state)
@@ -44,9 +38,7 @@ def old_dsn(stack):
                                                vector vector(3) NOT NULL, PRIMARY KEY (object_id, part_no));
                         INSERT INTO items_v1 (object_id, payload, version) VALUES ('a', '{"lang": "en"}', 1);
                         INSERT INTO parts_v1 VALUES ('a', 0, false, '[1, 0, 0]')""")
-    yield dsn
-    with db.connect(stack.postgres_dsn) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return dsn
 
 
 def test_a_database_of_an_earlier_release_is_migrated_and_keeps_its_data(old_dsn):
