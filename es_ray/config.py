@@ -129,7 +129,7 @@ class ReindexSettings(BaseModel):
     batch_size: int = Field(64, ge=1)
     rows_per_request: int = Field(16, ge=1)
     embed_timeout_s: float = Field(120.0, gt=0)
-    embed_attempts: int = Field(6, ge=1)
+    embed_attempts: int = Field(9, ge=1)
     passes: int = Field(2, ge=1)
     hnsw: str = Field("after", pattern="^(after|during)$")
     adjustments: str = Field("rederive", pattern="^(rederive|drop)$")
