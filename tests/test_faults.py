@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 from es_ray.bench.load import Load, kill_replica, kill_triton, refusals, restart_postgres, settle_clicks, wait_for
+from es_ray.client import EsRayClient
 
 pytestmark = pytest.mark.faults
 
@@ -28,8 +29,9 @@ def forget_load_sessions(stack):
         conn.execute("DELETE FROM sessions WHERE created_at >= %s", (started,))
 
 
-def _assert_nothing_lost(api, stack, load: Load) -> dict:
-    clicks = settle_clicks(api, stack.postgres_dsn, load)
+def _assert_nothing_lost(stack, load: Load) -> dict:
+    with EsRayClient.for_stack(stack) as client:
+        clicks = settle_clicks(client, stack.postgres_dsn, load)
     assert clicks["acknowledged"] > 0, clicks
     assert clicks["lost"] == 0, clicks
     assert clicks["not_stored_once"] == 0, clicks
@@ -47,24 +49,24 @@ def _quick_503s(outcomes, since: float, fast_s: float) -> list:
     return failed
 
 
-def test_postgres_restart_under_load_answers_503_then_recovers(api, stack, settings, probe_items):
+def test_postgres_restart_under_load_answers_503_then_recovers(stack, settings, probe_items):
     with Load(stack.serve_url, think_s=0.05) as load:
         wait_for(lambda: len(load.acked) >= 3, 60, "clicks before the fault")
         fault = restart_postgres(load, settings.state_path)
     # A request waits at most postgres.pool_timeout_s for a connection, so a refusal is never slow.
     _quick_503s(load.searches + load.clicks, fault["fault_at"], settings.postgres.pool_timeout_s + 5)
-    _assert_nothing_lost(api, stack, load)
+    _assert_nothing_lost(stack, load)
 
 
-def test_killed_triton_is_restarted_and_searches_fail_fast_meanwhile(api, stack, settings, probe_items):
+def test_killed_triton_is_restarted_and_searches_fail_fast_meanwhile(stack, settings, probe_items):
     with Load(stack.serve_url, think_s=0.05) as load:
         wait_for(lambda: len(load.acked) >= 3, 60, "clicks before the fault")
         fault = kill_triton(load, settings.state_path)
     _quick_503s(load.searches, fault["fault_at"], fast_s=5)
-    _assert_nothing_lost(api, stack, load)
+    _assert_nothing_lost(stack, load)
 
 
-def test_killed_serve_replica_is_replaced_and_no_acknowledged_click_is_lost(api, stack, probe_items):
+def test_killed_serve_replica_is_replaced_and_no_acknowledged_click_is_lost(stack, probe_items):
     with Load(stack.serve_url, think_s=0.05) as load:
         wait_for(lambda: len(load.acked) >= 5, 60, "clicks before the fault")
         fault = kill_replica(load, stack)
@@ -72,4 +74,4 @@ def test_killed_serve_replica_is_replaced_and_no_acknowledged_click_is_lost(api,
     # is a wrong answer, and the clicks below prove none that was acknowledged is lost.
     failed = refusals(load.searches + load.clicks, fault["fault_at"])
     assert {o.status for o in failed} <= {0, 500, 502, 503, 504}, sorted({o.status for o in failed})
-    _assert_nothing_lost(api, stack, load)
+    _assert_nothing_lost(stack, load)

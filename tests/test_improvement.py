@@ -2,15 +2,14 @@
 
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
+from es_ray.client import EsRayClient
 from es_ray.improve.loop import ImprovementLoop
 from es_ray.store import db
-from tests.helpers import ids, search
 
 TOPIC = [f"Volcanic eruptions release ash and sulfur gases into the atmosphere, study {i}" for i in range(6)] + \
         [f"Magma chambers under volcanoes and their pressure, report {i}" for i in range(6)]
@@ -19,29 +18,37 @@ ONLY = {"group": "imp"}
 
 
 @pytest.fixture(scope="module")
-def items(api):
-    assert api.put("/v1/items", json={"items": ITEMS}).json()["upserted"] == len(ITEMS)
-    improve(api)  # start from a clean backlog
+def client(stack):
+    with EsRayClient.for_stack(stack) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def items(client):
+    assert client.upsert_items(ITEMS).upserted == len(ITEMS)
+    improve(client)  # start from a clean backlog
     yield
-    api.request("DELETE", "/v1/items", json={"ids": [i["id"] for i in ITEMS]})
+    client.delete_items(i["id"] for i in ITEMS)
 
 
-def improve(api) -> dict:
-    response = api.post("/v1/improvement/run", params={"settle_s": 0})
-    assert response.status_code == 200, response.text
-    return response.json()
+def improve(client) -> dict:
+    return client.run_improvement(settle_s=0)
 
 
-def click(api, query, target, user_id=None, times=1):
+def search(client, query, **options) -> list[str]:
+    """The ids shown for a query among this module's items, best first."""
+    return [r.id for r in client.search(query, filter=ONLY, **options).results]
+
+
+def click(client, query, target, user_id=None, times=1):
     for _ in range(times):
-        body = search(api, query, limit=10, filter=ONLY, **({"user_id": user_id} if user_id else {}))
-        assert target in ids(body)
-        event = {"event_id": uuid.uuid4().hex, "item_id": target, "type": "click"}
-        assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": [event]}).json()["accepted"] == 1
+        found = client.search(query, limit=10, filter=ONLY, user_id=user_id)
+        assert target in [r.id for r in found.results]
+        assert client.click(found.session_id, target).accepted == 1
 
 
-def rank(api, query, target, **kwargs) -> int:
-    return ids(search(api, query, limit=12, filter=ONLY, session=False, **kwargs)).index(target)
+def rank(client, query, target, **options) -> int:
+    return search(client, query, limit=12, session=False, **options).index(target)
 
 
 def vectors_of(stack, object_id):
@@ -50,54 +57,54 @@ def vectors_of(stack, object_id):
             "SELECT part_no, vector FROM parts_v1 WHERE object_id = %s", (object_id,))}
 
 
-def test_global_clicks_move_the_clicked_item_up_for_that_query(api, stack, items):
+def test_global_clicks_move_the_clicked_item_up_for_that_query(client, stack, items):
     query = "volcanic ash in the atmosphere"
-    order = ids(search(api, query, limit=12, filter=ONLY, session=False))
+    order = search(client, query, limit=12, session=False)
     target = order[7]
-    click(api, query, target, times=3)
-    result = improve(api)
+    click(client, query, target, times=3)
+    result = improve(client)
     assert result["sessions"] == 3 and result["items_remembered"] >= 1
-    assert rank(api, query, target) < 7
+    assert rank(client, query, target) < 7
 
 
-def test_what_clicks_teach_an_item_reaches_a_similar_query_nobody_clicked(api, stack, items):
+def test_what_clicks_teach_an_item_reaches_a_similar_query_nobody_clicked(client, stack, items):
     clicked_query, similar_query = "pressure inside magma chambers", "how much pressure builds in a magma chamber"
-    shown = ids(search(api, clicked_query, limit=10, filter=ONLY, session=False))
-    target = max(shown[1:], key=lambda item: rank(api, similar_query, item))   # low for the similar query
-    before = rank(api, similar_query, target)
+    shown = search(client, clicked_query, limit=10, session=False)
+    target = max(shown[1:], key=lambda item: rank(client, similar_query, item))   # low for the similar query
+    before = rank(client, similar_query, target)
     assert before >= 3
-    click(api, clicked_query, target, times=4)
-    improve(api)
-    assert rank(api, similar_query, target) < before   # the item's memory holds the clicked query's meaning
+    click(client, clicked_query, target, times=4)
+    improve(client)
+    assert rank(client, similar_query, target) < before   # the item's memory holds the clicked query's meaning
 
 
-def test_global_adjustments_can_be_undone(api, stack, items):
+def test_global_adjustments_can_be_undone(client, stack, items):
     query = "ash and sulfur"
-    api.post("/v1/improvement/undo")  # earlier tests moved vectors: start from the model's own
-    target = ids(search(api, query, limit=12, filter=ONLY, session=False))[6]
+    client.undo_improvement()  # earlier tests moved vectors: start from the model's own
+    target = search(client, query, limit=12, session=False)[6]
     model_vectors = vectors_of(stack, target)
-    click(api, query, target, times=2)
-    improve(api)
+    click(client, query, target, times=2)
+    improve(client)
     assert any(not np.allclose(v, model_vectors[p]) for p, v in vectors_of(stack, target).items())
-    undone = api.post("/v1/improvement/undo").json()
+    undone = client.undo_improvement()
     assert undone["restored_vectors"] >= 1 and undone["evidence_cells"] >= 1
     for part, vector in vectors_of(stack, target).items():
         assert np.allclose(vector, model_vectors[part], atol=1e-6)
     # A later pass over a session that shows the item again cannot bring the forgotten clicks back.
-    other = next(i for i in ids(search(api, query, limit=12, filter=ONLY, session=False)) if i != target)
-    click(api, query, other)
-    improve(api)
+    other = next(i for i in search(client, query, limit=12, session=False) if i != target)
+    click(client, query, other)
+    improve(client)
     for part, vector in vectors_of(stack, target).items():
         assert np.allclose(vector, model_vectors[part], atol=1e-6)
 
 
-def test_sessions_are_applied_exactly_once_also_after_a_driver_restart(api, stack, settings, items):
+def test_sessions_are_applied_exactly_once_also_after_a_driver_restart(client, stack, settings, items):
     query = "magma chamber pressure"
-    target = ids(search(api, query, limit=12, filter=ONLY, session=False))[5]
-    click(api, query, target, times=2)
-    assert improve(api)["sessions"] == 2
+    target = search(client, query, limit=12, session=False)[5]
+    click(client, query, target, times=2)
+    assert improve(client)["sessions"] == 2
     after_first = vectors_of(stack, target)
-    assert improve(api)["sessions"] == 0
+    assert improve(client)["sessions"] == 0
 
     import ray
 
@@ -108,84 +115,84 @@ def test_sessions_are_applied_exactly_once_also_after_a_driver_restart(api, stac
     finally:
         ray.shutdown()
     deadline = time.monotonic() + 120
-    while api.post("/v1/improvement/run", params={"settle_s": 0}).status_code != 200:
+    while client.send("POST", "/v1/improvement/run", params={"settle_s": 0}).status_code != 200:
         assert time.monotonic() < deadline, "driver did not come back"
         time.sleep(1)
-    assert improve(api)["sessions"] == 0
+    assert improve(client)["sessions"] == 0
     for part, vector in vectors_of(stack, target).items():
         assert np.allclose(vector, after_first[part])
 
 
-def test_concurrent_runs_consume_each_session_once(api, items):
+def test_concurrent_runs_consume_each_session_once(client, items):
     query = "sulfur gases from eruptions"
-    target = ids(search(api, query, limit=12, filter=ONLY, session=False))[4]
-    click(api, query, target, times=6)
+    target = search(client, query, limit=12, session=False)[4]
+    click(client, query, target, times=6)
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda _: improve(api), range(3)))
+        results = list(pool.map(lambda _: improve(client), range(3)))
     assert sum(r["sessions"] for r in results) == 6
 
 
-def test_a_users_clicks_change_only_that_users_ranking(api, stack, items):
+def test_a_users_clicks_change_only_that_users_ranking(client, stack, items):
     query = "eruption study"
-    baseline = ids(search(api, query, limit=12, filter=ONLY, session=False))
+    baseline = search(client, query, limit=12, session=False)
     target = baseline[9]
-    click(api, query, target, user_id="ann", times=4)
-    result = improve(api)
+    click(client, query, target, user_id="ann", times=4)
+    result = improve(client)
     assert result["vectors_personal"] >= 1 and result["items_remembered"] == 0
-    assert rank(api, query, target, user_id="ann") < 9
-    assert ids(search(api, query, limit=12, filter=ONLY, session=False, user_id="ben")) == baseline
-    assert ids(search(api, query, limit=12, filter=ONLY, session=False)) == baseline
+    assert rank(client, query, target, user_id="ann") < 9
+    assert search(client, query, limit=12, session=False, user_id="ben") == baseline
+    assert search(client, query, limit=12, session=False) == baseline
     with db.connect(stack.postgres_dsn) as conn:
         stored = conn.execute("SELECT count(*) FROM user_parts_v1 WHERE user_id = 'ann'").fetchone()[0]
         # only the touched chunks (the click and what was skipped above it, one chunk each), not a copy
         # of every item
         assert 1 <= stored <= 10
 
-    forgotten = api.delete("/v1/users/ann/personalisation").json()
+    forgotten = client.forget_user("ann")
     assert forgotten == {"user_id": "ann", "deleted_vectors": stored}
-    assert ids(search(api, query, limit=12, filter=ONLY, session=False, user_id="ann")) == baseline
+    assert search(client, query, limit=12, session=False, user_id="ann") == baseline
 
 
-def test_delete_and_new_text_drop_adjustments_same_text_keeps_them(api, stack, items):
+def test_delete_and_new_text_drop_adjustments_same_text_keeps_them(client, stack, items):
     query = "magma under volcanoes"
     extra = {"id": "imp-extra", "text": "Lava domes grow slowly above magma", "payload": {"group": "imp"}}
-    assert api.put("/v1/items", json={"items": [extra]}).json()["upserted"] == 1
-    click(api, query, "imp-extra", times=2)
-    click(api, query, "imp-extra", user_id="cat", times=2)
-    improve(api)
+    assert client.upsert_items([extra]).upserted == 1
+    click(client, query, "imp-extra", times=2)
+    click(client, query, "imp-extra", user_id="cat", times=2)
+    improve(client)
     with db.connect(stack.postgres_dsn) as conn:
         def counts():
             return conn.execute("""SELECT (SELECT count(*) FROM parts_v1 WHERE object_id = 'imp-extra'
                                            AND original IS NOT NULL),
                                           (SELECT count(*) FROM user_parts_v1 WHERE object_id = 'imp-extra')""").fetchone()
         assert counts()[0] >= 1 and counts()[1] >= 1
-        api.put("/v1/items", json={"items": [{**extra, "payload": {"group": "imp", "v": 2}}]})  # same text
+        client.upsert_items([{**extra, "payload": {"group": "imp", "v": 2}}])  # same text
         assert counts()[0] >= 1 and counts()[1] >= 1
-        api.put("/v1/items", json={"items": [{**extra, "text": "Completely new text about glaciers"}]})
+        client.upsert_items([{**extra, "text": "Completely new text about glaciers"}])
         assert counts() == (0, 0)
-        click(api, "glaciers", "imp-extra", user_id="cat")
-        improve(api)
+        click(client, "glaciers", "imp-extra", user_id="cat")
+        improve(client)
         assert counts()[1] >= 1
-        api.request("DELETE", "/v1/items", json={"ids": ["imp-extra"]})
+        client.delete_items(["imp-extra"])
         assert counts() == (0, 0)
 
 
-def test_clicks_on_an_item_deleted_before_the_pass_do_not_come_back_with_it(api, stack, items):
+def test_clicks_on_an_item_deleted_before_the_pass_do_not_come_back_with_it(client, stack, items):
     query = "lava domes above magma"
     gone = {"id": "imp-gone", "text": "Lava domes grow above shallow magma", "payload": {"group": "imp"}}
-    assert api.put("/v1/items", json={"items": [gone]}).json()["upserted"] == 1
-    click(api, query, "imp-gone", times=3)
-    api.request("DELETE", "/v1/items", json={"ids": ["imp-gone"]})   # the sessions wait for the next pass
-    assert improve(api)["sessions"] == 3
+    assert client.upsert_items([gone]).upserted == 1
+    click(client, query, "imp-gone", times=3)
+    client.delete_items(["imp-gone"])   # the sessions wait for the next pass
+    assert improve(client)["sessions"] == 3
     with db.connect(stack.postgres_dsn) as conn:
         def evidence():
             return conn.execute("SELECT count(*) FROM click_evidence WHERE object_id = 'imp-gone'").fetchone()[0]
         assert evidence() == 0
-        assert api.put("/v1/items", json={"items": [gone]}).json()["upserted"] == 1   # back, same text
+        assert client.upsert_items([gone]).upserted == 1   # back, same text
         assert evidence() == 0
         assert conn.execute("SELECT count(*) FROM parts_v1 WHERE object_id = 'imp-gone' AND original IS NOT NULL"
                             ).fetchone()[0] == 0                                # no memory either
-    api.request("DELETE", "/v1/items", json={"ids": ["imp-gone"]})
+    client.delete_items(["imp-gone"])
 
 
 def test_background_loop_runs_passes_until_the_backlog_is_empty():

@@ -16,9 +16,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, write_result
-from es_ray.client import client as api_client
+from es_ray.client import EsRayClient
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,12 +31,10 @@ def main(argv: list[str] | None = None) -> None:
 
     _, manifest = bench_stack(args.state_dir)
     run = uuid.uuid4().hex[:8]
-    with api_client(manifest) as client:  # sessions of users: the key acts for them (a trusted backend)
-        sessions = []
-        for s in range(args.sessions):
-            body = {"query": f"bench query {s}", "user_id": f"user-{s % 10}",
-                    "results": [{"id": f"doc-{r}", "rank": r + 1} for r in range(20)]}
-            sessions.append(client.post("/v1/sessions", json=body).json()["session_id"])
+    with EsRayClient.for_stack(manifest) as client:  # sessions of users: the key acts for them (a trusted backend)
+        sessions = [client.create_session(f"bench query {s}", [f"doc-{r}" for r in range(20)],
+                                          user_id=f"user-{s % 10}").session_id
+                    for s in range(args.sessions)]
 
     requests = []
     for sid in sessions:
@@ -47,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def send(request):
         sid, events = request
-        with api_client(manifest) as client:
-            return client.post(f"/v1/sessions/{sid}/events", json={"events": events}).json()
+        with EsRayClient.for_stack(manifest) as client:
+            return client.add_events(sid, events).model_dump()
 
     counts = {}
     for label in ("first", "resend"):

@@ -17,19 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
-import httpx
 import torch
 
 from es_ray.bench.common import bench_stack, write_result
 from es_ray.demo.users import ClickModel, simulate_sessions
 from es_ray.bench.improve import load_corpus, reset_learning
-from es_ray.client import headers
+from es_ray.client import EsRayClient
 from es_ray.data import beir
 from es_ray.data.corpus import read_qrels, read_queries
 from es_ray.inference.encoder import load_encoder, load_tokenizer, query_tower_dir
+from es_ray.serve.schemas import TaskOut
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import db, lifecycle
 from es_ray.store.collections import Collection
@@ -54,22 +53,22 @@ def test_quality(model_dir: Path, items: ItemVectors, queries: dict[str, str], q
 
 
 def fine_tune(manifest: StackManifest, overrides: dict, timeout_s: float = 7200) -> dict:
-    url, key = manifest.serve_url, headers(manifest)
-    response = httpx.post(f"{url}/v1/tasks/fine-tune", json={"config": overrides}, headers=key, timeout=120)
-    response.raise_for_status()
-    task_id = response.json()["task_id"]
-    deadline, last = time.monotonic() + timeout_s, None
-    while time.monotonic() < deadline:
-        task = httpx.get(f"{url}/v1/tasks/{task_id}", headers=key, timeout=30).json()
-        if task["progress"] != last:
-            last = task["progress"]
-            print(json.dumps({"task": task_id, "status": task["status"], **last}), flush=True)  # noqa: T201
-        if task["status"] == "done":
-            return task["result"]
-        if task["status"] == "failed":
-            raise SystemExit(f"fine-tune {task_id} failed: {task['error']}")
-        time.sleep(5)
-    raise SystemExit(f"fine-tune {task_id} did not end within {timeout_s}s")
+    last = {"progress": None}
+
+    def show(task: TaskOut) -> None:  # a line per change of progress
+        if task.progress != last["progress"]:
+            last["progress"] = task.progress
+            print(json.dumps({"task": task.task_id, "status": task.status, **task.progress}), flush=True)  # noqa: T201
+
+    with EsRayClient.for_stack(manifest) as client:
+        submitted = client.start_fine_tune(overrides)
+        try:
+            task = client.wait_for_task(submitted.task_id, timeout_s=timeout_s, poll_s=5, on_update=show)
+        except TimeoutError as err:
+            raise SystemExit(str(err)) from None
+    if task.status != "done":
+        raise SystemExit(f"fine-tune {task.task_id} {task.status}: {task.error}")
+    return task.result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,11 +17,9 @@ import random
 import time
 from pathlib import Path
 
-import httpx
-
 from es_ray.demo.users import ClickModel, simulate_sessions
 from es_ray.bench.common import bench_stack, write_result
-from es_ray.client import headers
+from es_ray.client import EsRayClient
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.stack import jobs
@@ -94,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     sessions, clicks = simulate_sessions(manifest.serve_url, train, train_qrels, ClickModel.load(), args.clients)
     simulate_s = time.monotonic() - started
     started = time.monotonic()
-    improvement = httpx.post(f"{manifest.serve_url}/v1/improvement/run", params={"settle_s": 0},
-                             headers=headers(manifest), timeout=3600).json()
+    with EsRayClient.for_stack(manifest) as admin:
+        improvement = admin.run_improvement(settle_s=0)
     improve_s = time.monotonic() - started
 
     after = {"train": evaluate(run_queries(manifest.serve_url, train), train_qrels),

@@ -27,9 +27,11 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 import psycopg
+from pydantic import BaseModel
 
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, percentiles, write_result
-from es_ray.client import headers
+from es_ray.client import EsRayClient
+from es_ray.serve import schemas
 from es_ray.stack import postgres, triton
 from es_ray.stack.manifest import StackManifest
 
@@ -54,7 +56,7 @@ class Load:
     click_clients: int = 1
     upsert_clients: int = 0
     think_s: float = 0.0                                           # pause between a search client's requests
-    admin_headers: dict[str, str] = field(default_factory=dict)   # upserts need the API key
+    api_key: str | None = None                                     # upserts need the API key
     searches: list[Outcome] = field(default_factory=list)
     clicks: list[Outcome] = field(default_factory=list)
     upserts: list[Outcome] = field(default_factory=list)
@@ -79,10 +81,10 @@ class Load:
         for thread in self.threads:
             thread.join(timeout=120)
 
-    def _request(self, client: httpx.Client, log: list[Outcome], method: str, path: str, body: dict):
+    def _request(self, client: EsRayClient, log: list[Outcome], method: str, path: str, request: BaseModel):
         started = time.monotonic()
         try:
-            response = client.request(method, path, json=body)
+            response = client.send(method, path, request)  # the raw answer: its status and Retry-After count
         except httpx.TransportError:
             log.append(Outcome(0, time.monotonic() - started, None, started))
             return None
@@ -91,27 +93,28 @@ class Load:
         return response
 
     def _search(self, n: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as client:
+        with EsRayClient(self.url, timeout=60) as client:
             k = n
             while not self.stop.is_set():
                 self._request(client, self.searches, "POST", "/v1/search",
-                              {"query": QUERIES[k % len(QUERIES)], "limit": 10, "session": False})
+                              client.search_request(QUERIES[k % len(QUERIES)], limit=10, session=False))
                 k += 1
                 self.stop.wait(self.think_s)
 
     def _click(self, n: int) -> None:
         rng = random.Random(n)
-        with httpx.Client(base_url=self.url, timeout=60) as client:
+        with EsRayClient(self.url, timeout=60) as client:
             while not self.stop.is_set():
                 shown = self._request(client, self.clicks, "POST", "/v1/search",
-                                      {"query": rng.choice(QUERIES), "limit": 5})
+                                      client.search_request(rng.choice(QUERIES), limit=5))
                 if shown is None or shown.status_code != 200 or not shown.json()["session_id"]:
                     self.stop.wait(0.1)
                     continue
                 session, item = shown.json()["session_id"], rng.choice(shown.json()["results"])["id"]
                 event_id = f"load-{uuid.uuid4().hex}"
+                click = schemas.Event(event_id=event_id, item_id=item, type="click")
                 answer = self._request(client, self.clicks, "POST", f"/v1/sessions/{session}/events",
-                                       {"events": [{"event_id": event_id, "item_id": item, "type": "click"}]})
+                                       schemas.EventsRequest(events=[click]))
                 if answer is not None and answer.status_code == 200 and answer.json()["accepted"] == 1:
                     self.acked.add(event_id)
                 else:
@@ -121,12 +124,12 @@ class Load:
     def _upsert(self, n: int) -> None:
         """Rewrites a small rotating set of load-test items (ids load-<n>-<k>) with new text."""
         rng = random.Random(100 + n)
-        with httpx.Client(base_url=self.url, headers=self.admin_headers, timeout=60) as client:
+        with EsRayClient(self.url, api_key=self.api_key, timeout=60) as client:
             while not self.stop.is_set():
                 ids = rng.sample(range(50), 4)
                 items = [{"id": f"load-{n}-{k}", "text": f"{rng.choice(QUERIES)} note {rng.random():.6f}",
                           "payload": {"source": "load-test"}} for k in ids]
-                self._request(client, self.upserts, "PUT", "/v1/items", {"items": items})
+                self._request(client, self.upserts, "PUT", "/v1/items", schemas.UpsertRequest(items=items))
                 self.stop.wait(0.5)
 
     def recovered(self, since: float, n: int = 5) -> bool:
@@ -164,17 +167,14 @@ def stored_events(dsn: str, event_ids) -> Counter:
                                                   (list(event_ids),)))
 
 
-def settle_clicks(api: httpx.Client, dsn: str, load: Load) -> dict[str, int]:
+def settle_clicks(api: EsRayClient, dsn: str, load: Load) -> dict[str, int]:
     """After a fault: are all acknowledged clicks stored? Unacknowledged ones are sent again (what a
     client does), then every click must be stored exactly once. Returns the counts; lost must be 0."""
     stored = stored_events(dsn, load.acked)
     lost = sum(1 for event_id in load.acked if stored[event_id] != 1)
     resent = Counter()
     for event_id, (session, item) in load.unacked.items():
-        response = api.post(f"/v1/sessions/{session}/events",
-                            json={"events": [{"event_id": event_id, "item_id": item, "type": "click"}]})
-        response.raise_for_status()
-        resent.update(response.json())
+        resent.update(api.add_events(session, [{"event_id": event_id, "item_id": item, "type": "click"}]).model_dump())
     every = load.acked | set(load.unacked)
     stored = stored_events(dsn, every)
     return {"acknowledged": len(load.acked), "lost": lost, "resent": len(load.unacked),
@@ -304,16 +304,16 @@ def main(argv: list[str] | None = None) -> None:
 
     settings, manifest = bench_stack(args.state_dir)
     state = settings.state_path
-    api = httpx.Client(base_url=manifest.serve_url, headers=headers(manifest), timeout=120)
+    api = EsRayClient.for_stack(manifest, timeout=120)
     warm = [{"id": f"load-0-{k}", "text": f"{QUERIES[k % len(QUERIES)]} seed text", "payload": {"source": "load-test"}}
             for k in range(50)]
-    api.put("/v1/items", json={"items": warm}).raise_for_status()
+    api.upsert_items(warm)
 
     processes = stack_processes(state)
     rss_start = rss_mb(processes)
     totals = [(0.0, round(sum(v for v in rss_start.values() if v), 1))]   # (seconds, stack RSS MB) as it runs
     with Load(manifest.serve_url, search_clients=args.clients, click_clients=1, upsert_clients=1,
-              admin_headers=headers(manifest)) as load:
+              api_key=api.api_key) as load:
         started = time.monotonic()
         while (elapsed := time.monotonic() - started) < args.seconds:
             time.sleep(min(30.0, args.seconds - elapsed))

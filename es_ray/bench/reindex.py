@@ -22,16 +22,16 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from tqdm import tqdm
 
 from es_ray.bench.common import bench_stack, percentiles, write_result
 from es_ray.bench.ingest import raw_forward
 from es_ray.bench.variants import register_variant
-from es_ray.client import headers
+from es_ray.client import EsRayClient
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus
+from es_ray.serve.schemas import TaskOut
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import db, lifecycle
 from es_ray.store.collections import Collection, EmbeddedItem
@@ -74,12 +74,12 @@ def grow_blue(dsn: str, texts: list[str], dim: int, batch: int = 2000) -> None:
 
 def search_latency(url: str, stop: threading.Event | None = None, n: int = 100, think_s: float = 0.2):
     samples, failures = [], 0
-    with httpx.Client(base_url=url, timeout=60) as client:
+    with EsRayClient(url, timeout=60) as client:
         k = 0
         while (stop is None and k < n) or (stop is not None and not stop.is_set()):
-            started = time.perf_counter()
-            response = client.post("/v1/search", json={"query": PROBES[k % len(PROBES)], "limit": 10,
-                                                       "session": False})
+            request = client.search_request(PROBES[k % len(PROBES)], limit=10, session=False)
+            started = time.perf_counter()  # the exchange alone, as an HTTP client sees it: no parsing
+            response = client.send("POST", "/v1/search", request)
             samples.append(time.perf_counter() - started)
             failures += response.status_code != 200
             k += 1
@@ -88,21 +88,19 @@ def search_latency(url: str, stop: threading.Event | None = None, n: int = 100, 
 
 
 def reindex(manifest: StackManifest, version: int, hnsw: str) -> dict:
-    url, key = manifest.serve_url, headers(manifest)
-    response = httpx.post(f"{url}/v1/tasks/reindex", json={"to": version, "switch": "force", "hnsw": hnsw},
-                          headers=key, timeout=120)
-    response.raise_for_status()
-    task_id, last = response.json()["task_id"], None
-    while True:
-        task = httpx.get(f"{url}/v1/tasks/{task_id}", headers=key, timeout=30).json()
-        if task["progress"].get("ranges_done") != last:
-            last = task["progress"].get("ranges_done")
-            print(json.dumps({"task": task_id, "status": task["status"], **task["progress"]}), flush=True)  # noqa: T201
-        if task["status"] == "done":
-            return task["result"]
-        if task["status"] == "failed":
-            raise SystemExit(f"reindex {task_id} failed: {task['error']}")
-        time.sleep(3)
+    last = {"ranges_done": None}
+
+    def show(task: TaskOut) -> None:  # a line per finished range
+        if task.progress.get("ranges_done") != last["ranges_done"]:
+            last["ranges_done"] = task.progress.get("ranges_done")
+            print(json.dumps({"task": task.task_id, "status": task.status, **task.progress}), flush=True)  # noqa: T201
+
+    with EsRayClient.for_stack(manifest) as client:
+        submitted = client.start_reindex(version, switch="force", hnsw=hnsw)
+        task = client.wait_for_task(submitted.task_id, timeout_s=12 * 3600, poll_s=3, on_update=show)
+    if task.status != "done":
+        raise SystemExit(f"reindex {task.task_id} {task.status}: {task.error}")
+    return task.result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -140,8 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         result = reindex(manifest, version, args.hnsw)
         stop.set()
         client.join()
-        httpx.post(f"{manifest.serve_url}/v1/lifecycle/cleanup", json={"now": True}, headers=headers(manifest),
-                   timeout=300)
+        with EsRayClient.for_stack(manifest) as admin:
+            admin.cleanup(now=True)
         run = {"items": result["items"], "items_per_s": result["items_per_s"], "load_s": result["load_s"],
                "index_s": result["index_s"], "reindex_s": result["seconds"],
                "ms_per_1k_items": round(1000 * 1000 * result["seconds"] / result["items"], 1),

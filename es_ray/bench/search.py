@@ -18,11 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 from tqdm import tqdm
 
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, percentiles, write_result
+from es_ray.client import EsRayClient
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.inference.triton_client import TritonEncoder
@@ -59,12 +59,12 @@ def http_level(url: str, queries: list[str], clients: int, per_client: int) -> d
     lock = threading.Lock()
 
     def worker(offset: int) -> None:
-        with httpx.Client(base_url=url, timeout=60) as client:
+        with EsRayClient(url, timeout=60) as client:
             mine = []
             for k in range(per_client):
-                query = queries[(offset * per_client + k) % len(queries)]
-                started = time.perf_counter()
-                response = client.post("/v1/search", json={"query": query, "limit": 10})
+                request = client.search_request(queries[(offset * per_client + k) % len(queries)], limit=10)
+                started = time.perf_counter()  # the exchange alone, as an HTTP client sees it: no parsing
+                response = client.send("POST", "/v1/search", request)
                 mine.append(time.perf_counter() - started)
                 if response.status_code != 200:
                     failures[0] += 1

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
-import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from es_ray.client import client as api_client
+from es_ray.client import EsRayClient
 from es_ray.demo.config import Cycle
 from es_ray.lifecycle.cycle import entrypoint
 from es_ray.stack import jobs
@@ -28,16 +28,16 @@ class CycleJobFailed(RuntimeError):
         self.steps = steps or []
 
 
-def _task_of_job(client: httpx.Client, kind: str, job_id: str) -> dict[str, Any] | None:
-    for task in client.get("/v1/tasks", params={"kind": kind, "limit": 20}).json()["tasks"]:
-        if task["job_id"] == job_id:
-            return task
+def _task_of_job(client: EsRayClient, kind: str, job_id: str) -> dict[str, Any] | None:
+    for task in client.tasks(kind, limit=20):
+        if task.job_id == job_id:
+            return task.model_dump()
     return None
 
 
-def _latest(client: httpx.Client, kind: str, since: str) -> dict[str, Any] | None:
-    tasks = client.get("/v1/tasks", params={"kind": kind, "limit": 1}).json()["tasks"]
-    return tasks[0] if tasks and tasks[0]["created_at"] >= since else None
+def _latest(client: EsRayClient, kind: str, since: datetime) -> dict[str, Any] | None:
+    tasks = client.tasks(kind, limit=1)
+    return tasks[0].model_dump() if tasks and tasks[0].created_at >= since else None
 
 
 def submit_cycle_job(manifest: StackManifest, namespace: str, config: Cycle, timeout_s: float = 3 * 3600) -> dict[str, Any]:
@@ -47,7 +47,7 @@ def submit_cycle_job(manifest: StackManifest, namespace: str, config: Cycle, tim
                 submission_id=job_id)
     job_client = jobs.client(manifest.ray_dashboard_url)
     deadline = time.monotonic() + timeout_s
-    with api_client(manifest) as client, Progress(
+    with EsRayClient.for_stack(manifest) as client, Progress(
             TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bars:
         steps_bar = bars.add_task("cycle", total=len(STEPS))
         detail_bar = bars.add_task("", total=None, visible=False)

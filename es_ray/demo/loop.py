@@ -17,11 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 from tqdm import tqdm
 
-from es_ray.client import headers
+from es_ray.client import EsRayClient
 from es_ray.config import Settings
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
@@ -102,11 +101,9 @@ def search_run(url: str, queries: dict[str, str], label: str, limit: int = 100,
     """Top `limit` of every query through the HTTP API (not recorded as sessions); also the models that answered."""
     def one(item):
         qid, text = item
-        with httpx.Client(base_url=url, timeout=120) as client:
-            response = client.post("/v1/search", json={"query": text, "limit": limit, "session": False})
-            response.raise_for_status()
-            body = response.json()
-            return qid, {r["id"]: r["score"] for r in body["results"]}, body["model"]
+        with EsRayClient(url, timeout=120) as client:
+            body = client.search(text, limit=limit, session=False)
+            return qid, {r.id: r.score for r in body.results}, body.model
 
     with ThreadPoolExecutor(clients) as pool:
         answers = list(tqdm(pool.map(one, queries.items()), total=len(queries), desc=f"evaluate {label}",
@@ -130,8 +127,8 @@ def one_round(n: int, settings: Settings, manifest, config: DemoConfig, sample: 
     console.rule(f"[bold]round {n}[/bold]: simulated users")
     users = dataclasses.replace(click_model, seed=click_model.seed + n)  # new sessions each round
     sessions, clicks = simulate_sessions(url, sample.train, sample.train_qrels, users, config.users.clients)
-    learned = httpx.post(f"{url}/v1/improvement/run", params={"settle_s": 0}, headers=headers(manifest),
-                         timeout=3600).json()
+    with EsRayClient.for_stack(manifest) as admin:
+        learned = admin.run_improvement(settle_s=0)
     console.print(f"{sessions} sessions, {clicks} clicks; improvement loop: {learned}")
 
     console.rule(f"[bold]round {n}[/bold]: cycle (fine-tune -> gate -> deploy -> reindex -> switch -> cleanup)")

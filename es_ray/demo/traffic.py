@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from es_ray.client import EsRayClient, EsRayError
+
 
 @dataclass
 class TrafficReport:
@@ -45,15 +47,15 @@ class SearchTraffic:
             thread.join(timeout=120)
 
     def _client(self, n: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=60) as client:
+        with EsRayClient(self.url, timeout=60) as client:
             k = n
             while not self._stop.is_set():
                 query = self.queries[k % len(self.queries)]
                 k += self.clients
                 try:
-                    response = client.post("/v1/search", json={"query": query, "limit": 10, "session": False})
-                    ok = response.status_code == 200
-                    outcome = response.json()["model"] if ok else f"HTTP {response.status_code}"
+                    ok, outcome = True, client.search(query, limit=10, session=False).model
+                except EsRayError as err:
+                    ok, outcome = False, f"HTTP {err.status}"
                 except httpx.HTTPError as err:
                     ok, outcome = False, type(err).__name__
                 with self._lock:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import random
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from es_ray.client import EsRayClient
 from es_ray.config import CONFIG_DIR
 from es_ray.serve.exploration import choose_swap, swapped
 from es_ray.store.clickstream import LoggedSession
@@ -41,19 +41,13 @@ class ClickModel:
         return out
 
 
-def simulate_session(client, model: ClickModel, query: str, relevant: set[str], rng: random.Random,
+def simulate_session(client: EsRayClient, model: ClickModel, query: str, relevant: set[str], rng: random.Random,
                      user_id: str | None = None) -> int:
     """One search with a recorded session, then its clicks; returns the number of clicks sent."""
-    body = {"query": query, "limit": len(model.examination_by_rank)}
-    if user_id:
-        body["user_id"] = user_id
-    response = client.post("/v1/search", json=body)
-    response.raise_for_status()
-    result = response.json()
-    clicked = model.clicks([r["id"] for r in result["results"]], relevant, rng)
-    if clicked and result["session_id"]:
-        events = [{"event_id": uuid.uuid4().hex, "item_id": item, "type": "click"} for item in clicked]
-        client.post(f"/v1/sessions/{result['session_id']}/events", json={"events": events}).raise_for_status()
+    result = client.search(query, limit=len(model.examination_by_rank), user_id=user_id)
+    clicked = model.clicks([r.id for r in result.results], relevant, rng)
+    if clicked and result.session_id:
+        client.click(result.session_id, *clicked)
     return len(clicked)
 
 
@@ -63,7 +57,6 @@ def simulate_sessions(url: str, queries: dict[str, str], qrels: dict[str, dict[s
     returns (sessions, clicks)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import httpx
     from tqdm import tqdm
 
     rng = random.Random(model.seed)
@@ -72,7 +65,7 @@ def simulate_sessions(url: str, queries: dict[str, str], qrels: dict[str, dict[s
 
     def one(task):
         qid, seed = task
-        with httpx.Client(base_url=url, timeout=120) as client:
+        with EsRayClient(url, timeout=120) as client:  # anonymous users, one connection per session
             return simulate_session(client, model, queries[qid], relevant[qid], random.Random(seed))
 
     with ThreadPoolExecutor(clients) as pool:
