@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 
+import httpx
 import pytest
 from pydantic import ValidationError
 
@@ -43,6 +44,23 @@ def items(client):
     assert answer == schemas.UpsertResponse(upserted=len(ITEMS), failed=[])
     yield
     client.delete_items(item["id"] for item in ITEMS)
+
+
+def test_credentials_go_in_the_headers_serve_auth_reads():
+    with EsRayClient("http://127.0.0.1:9/", api_key="esr_key") as admin, admin.as_user("u1.token") as user:
+        assert admin.http.headers["X-API-Key"] == "esr_key" and "X-User-Token" not in admin.http.headers
+        assert user.http.headers["X-User-Token"] == "u1.token" and "X-API-Key" not in user.http.headers
+        assert str(user.http.base_url) == "http://127.0.0.1:9"
+
+
+def test_an_invalid_request_is_refused_before_anything_is_sent():
+    with EsRayClient("http://127.0.0.1:9") as nowhere:  # port 9 (discard): nothing answers there
+        with pytest.raises(ValidationError, match="filter"):
+            nowhere.search("glaciers", filter={"year": {"after": 2000}})
+        with pytest.raises(ValidationError, match="type"):
+            nowhere.add_events("s", [{"event_id": "e", "item_id": "i", "type": "hover"}])
+        with pytest.raises(httpx.ConnectError):    # a valid one does try the network
+            nowhere.search("glaciers")
 
 
 def test_every_route_has_a_client_method(anon):
