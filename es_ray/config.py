@@ -70,7 +70,9 @@ class ServeSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     app_name: str = "es-ray"
-    replicas: int = 1
+    replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(5, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
     max_limit: int = 100
     max_offset: int = 10000
     max_id_length: int = 512

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from es_ray.bench.corpus_vectors import _fingerprint
-from es_ray.bench.quality import Dataset, Harness, Plan, measure
+from es_ray.bench.quality import Plan, measure
+from es_ray.bench.quality_harness import Dataset, Harness
 from es_ray.config import MemorySettings
 from es_ray.train.config import load_finetune_config
 from tests.tiny_model import tiny_encoder_dir

@@ -24,243 +24,37 @@ vectors (`corpus_vectors.py`), so one configuration and seed takes minutes on 2 
    the gate's agreement with the test qrels (Kendall tau over every checkpoint); propensities
    estimated from the swaps against a deliberately wrong prior.
 
-Results: bench/results/quality-<dataset>.json and BENCHMARKS.md.
+The harness itself is quality_harness.py, its statistics quality_stats.py. Results:
+bench/results/quality-<dataset>.json and BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
-import torch
-from scipy import stats
 
-from es_ray.demo.users import ClickModel, simulate_log
 from es_ray.bench.common import write_result
-from es_ray.bench.corpus_vectors import CACHE_DIR, collection_vectors
+from es_ray.bench.quality_harness import Dataset, Harness
+from es_ray.bench.quality_stats import gate_agreement, mean_of, paired
 from es_ray.config import load_settings
 from es_ray.data import beir
-from es_ray.data.corpus import read_corpus, read_qrels, read_queries
-from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
-from es_ray.inference.encoder import default_model_dir, load_encoder, load_tokenizer
+from es_ray.demo.users import ClickModel, simulate_log
+from es_ray.inference.encoder import default_model_dir
+from es_ray.store.clickstream import LoggedSession
 from es_ray.train import gate
-from es_ray.store.clickstream import LoggedSession, normalise_query
-from es_ray.train.clicklog import SessionBatch, is_heldout, split_by_query
-from es_ray.train.config import FinetuneConfig, GateConfig, load_finetune_config
+from es_ray.train.clicklog import SessionBatch, split_by_query
+from es_ray.train.config import FinetuneConfig, load_finetune_config
 from es_ray.train.examples import heldout_labels
-from es_ray.train.finetune import ParentModel, prepare
-from es_ray.train.item_vectors import ItemVectors
-from es_ray.train.metrics import evaluate, per_query
-from es_ray.train.propensity import Impressions, Propensities, propensities
-from es_ray.train.trainer import (Hyperparameters, TrainingData, fit, heldout_metrics, heldout_metrics_of,
-                                  query_vectors)
-
-METRICS = ("ndcg@10", "mrr@10", "recall@100")
-
-
-@dataclass
-class Dataset:
-    name: str
-    items: ItemVectors
-    texts: dict[str, str]
-    train: dict[str, str]                  # train query id -> text
-    test: dict[str, str]
-    train_qrels: dict[str, dict[str, int]]
-    test_qrels: dict[str, dict[str, int]]
-
-    @classmethod
-    def load(cls, path: Path, model_dir: Path, max_length: int, overlap: int, max_chunks: int,
-             cache_dir: Path = CACHE_DIR) -> "Dataset":
-        queries = read_queries(path / "queries.jsonl")
-        train_qrels, test_qrels = read_qrels(path / "qrels" / "train.tsv"), read_qrels(path / "qrels" / "test.tsv")
-
-        def judged(qrels):
-            return {q: queries[q] for q, docs in sorted(qrels.items()) if q in queries and any(g > 0 for g in docs.values())}
-
-        return cls(path.name, collection_vectors(path, model_dir, max_length, overlap, max_chunks, cache_dir),
-                   {i["id"]: i["text"] for i in read_corpus(path / "corpus.jsonl")},
-                   judged(train_qrels), judged(test_qrels), train_qrels, test_qrels)
-
-    def shares_relevant(self) -> set[str]:
-        """Test queries with a relevant item that is also relevant to some train query."""
-        taught = {d for q in self.train for d, g in self.train_qrels[q].items() if g > 0}
-        return {q for q in self.test if any(g > 0 and d in taught for d, g in self.test_qrels[q].items())}
-
-
-class Tower:
-    """A query tower: vectors for query texts, cached (the harness asks for the same texts often)."""
-
-    def __init__(self, model, tokenizer, max_length: int):
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
-        self._cache: dict[str, np.ndarray] = {}
-
-    def vectors(self, texts: list[str]) -> np.ndarray:
-        missing = sorted({t for t in texts if t not in self._cache})
-        if missing:
-            self._cache.update(zip(missing, query_vectors(self.model, self.tokenizer, missing, self.max_length)))
-        return np.stack([self._cache[t] for t in texts]) if texts else np.zeros((0, 0), np.float32)
-
-
-class Harness:
-    def __init__(self, dataset: Dataset, config: FinetuneConfig, memory, swap_share: float, swap_max_rank: int,
-                 model_dir: Path):
-        self.data, self.config, self.memory = dataset, config, memory
-        self.swap_share, self.swap_max_rank = swap_share, swap_max_rank
-        self.parent = ParentModel(0, model_dir, dataset.items.chunks.shape[1], 256)
-        self.base = Tower(load_encoder(model_dir), load_tokenizer(model_dir), config.model.max_query_length)
-        train_ids = sorted(dataset.train)
-        vectors = self.base.vectors([dataset.train[q] for q in train_ids])
-        top = dataset.items.rank(vectors, train_ids, k=len(ClickModel.load().examination_by_rank))
-        self.shown = {q: list(top[q]) for q in train_ids}
-        # The fine-tune holds out queries by a seeded hash of their text: those are the validation split.
-        self.val = {q for q in train_ids if is_heldout(dataset.train[q], config.data.split_seed,
-                                                       config.data.heldout_fraction)}
-        self.shared = dataset.shares_relevant()
-
-    # -- measuring -------------------------------------------------------------------------------
-    def quality(self, tower: Tower, items: ItemVectors | None = None, val_items: ItemVectors | None = None
-                ) -> dict[str, Any]:
-        """Test metrics over the whole collection (all, shared, new), validation and train nDCG@10."""
-        d = self.data
-        items = items or d.items
-        test_ids = sorted(d.test)
-        test_run = items.rank(tower.vectors([d.test[q] for q in test_ids]), test_ids, k=100)
-        out: dict[str, Any] = {k: round(v, 4) for k, v in evaluate(test_run, d.test_qrels).items() if k in METRICS}
-        by_query = per_query(test_run, d.test_qrels)
-        out["shared_ndcg@10"] = round(float(np.mean([v for q, v in by_query.items() if q in self.shared])), 4)
-        out["new_ndcg@10"] = round(float(np.mean([v for q, v in by_query.items() if q not in self.shared])), 4)
-        for label, ids, its in (("val", sorted(self.val), val_items or items),
-                                ("train", sorted(set(d.train) - self.val), items)):
-            run = its.rank(tower.vectors([d.train[q] for q in ids]), ids, k=100)
-            out[f"{label}_ndcg@10"] = round(evaluate(run, d.train_qrels)["ndcg@10"], 4)
-        out["per_query"] = by_query
-        return out
-
-    def test_ndcg(self, tower: Tower) -> float:
-        ids = sorted(self.data.test)
-        run = self.data.items.rank(tower.vectors([self.data.test[q] for q in ids]), ids, k=10)
-        return evaluate(run, self.data.test_qrels)["ndcg@10"]
-
-    # -- learning --------------------------------------------------------------------------------
-    def click_log(self, noise: float, seed: int) -> list[LoggedSession]:
-        model = ClickModel.load().with_noise(noise)
-        return simulate_log(self.data.train, self.shown, self.data.train_qrels, model, seed, self.swap_share,
-                            self.swap_max_rank)
-
-    def hyperparameters(self, config: FinetuneConfig) -> Hyperparameters:
-        return Hyperparameters.from_config({**config.trial, **config.train.model_dump()})
-
-    def gate_point(self, metrics: dict[str, float], model, tokenizer, graded: TrainingData, max_length: int
-                   ) -> tuple[float, ...]:
-        """One model as the gate could see it, beside its test nDCG@10: (held-out nDCG@10, held-out nDCG@10
-        over the whole collection, test nDCG@10, held-out MRR@10, log-likelihood of the clicked among the
-        shown, held-out nDCG@10 with graded labels). `metrics`: its heldout_metrics."""
-        return (metrics["ndcg@10"], metrics["whole_ndcg@10"], self.test_ndcg(Tower(model, tokenizer, max_length)),
-                metrics["mrr@10"], metrics["shown_log_likelihood"],
-                heldout_metrics(model, tokenizer, graded, "cpu")["ndcg@10"])
-
-    def fine_tune(self, data: TrainingData, config: FinetuneConfig, trace: list | None = None,
-                  graded: TrainingData | None = None) -> Tower:
-        """fit() with the job's checkpoint rule (the model at the end of the schedule); `trace` gets the
-        gate's view of every evaluation (`gate_point`, with `graded` the same data with graded labels)."""
-        last = {"state": None}
-        tokenizer = load_tokenizer(self.parent.model_dir)
-
-        def on_eval(metrics, model, _tokenizer):
-            if trace is not None:
-                trace.append(self.gate_point(metrics, model, tokenizer, graded or data, config.model.max_query_length))
-            if metrics["step"] == metrics["total_steps"]:
-                last["state"] = copy.deepcopy(model.state_dict())
-
-        fit(data, self.hyperparameters(config), on_eval)
-        model = load_encoder(self.parent.model_dir)
-        model.load_state_dict(last["state"])
-        return Tower(model, tokenizer, config.model.max_query_length)
-
-    def degraded_checks(self, data: TrainingData, blue_heldout: dict[str, float], config: GateConfig,
-                        baseline: float, seed: int) -> list[dict[str, Any]]:
-        """The gate on worse models: the blue model's query vectors with Gaussian noise (sd 0.01 to 0.05,
-        3 draws each), for held-out and test queries alike."""
-        rng = np.random.default_rng(seed)
-        held = self.base.vectors([data.heldout_queries[q] for q in sorted(data.heldout_queries)])
-        test_ids = sorted(self.data.test)
-        test = self.base.vectors([self.data.test[q] for q in test_ids])
-
-        def noisy(v: np.ndarray, sd: float) -> np.ndarray:
-            v = v + rng.normal(0.0, sd, v.shape).astype(np.float32)
-            return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-        checks = []
-        for sd in (0.01, 0.02, 0.03, 0.05):
-            for _ in range(3):
-                decision = gate.decide(heldout_metrics_of(noisy(held, sd), data), blue_heldout, config)
-                run = self.data.items.rank(noisy(test, sd), test_ids, k=10)
-                checks.append({"sd": sd, "test_gain": round(evaluate(run, self.data.test_qrels)["ndcg@10"] - baseline, 4),
-                               "heldout_gain": round(decision.new - decision.blue, 4), "passed": decision.candidate})
-        return checks
-
-    def remembering(self, sessions: list[LoggedSession], tower: Tower, debiased: bool) -> ItemVectors:
-        """The item vectors with click memories from `sessions`, as the improvement loop stores them
-        (`improve.loop.refresh_memories`: pairs weighted by the click model's P(relevant) with the
-        configured examination curve); naive: raw click counts."""
-        if debiased:
-            weights = clicked_pair_weights(Impressions.from_sessions(sessions, max_rank=10**6),
-                                           Propensities(np.asarray(self.config.debias.examination_prior), "config"))
-        else:
-            weights = {}
-            for s in sessions:
-                for item in s.clicked:
-                    key = (normalise_query(s.query), item)
-                    weights[key] = weights.get(key, 0.0) + 1.0
-        texts = {normalise_query(s.query): s.query for s in sessions}
-        keys = sorted(texts)
-        vectors = dict(zip(keys, tower.vectors([texts[k] for k in keys]))) if keys else {}
-        memories = item_memories(vectors, weights)
-        items = self.data.items
-        chunks = items.chunks.copy()
-        for number, object_id in enumerate(items.ids):
-            if object_id in memories:
-                lo, hi = np.searchsorted(items.owner, number), np.searchsorted(items.owner, number, side="right")
-                chunks[lo:hi] = remembered(chunks[lo:hi], memories[object_id], self.memory.weight,
-                                           self.memory.evidence_half)
-        return ItemVectors(items.ids, chunks, items.owner)
-
-    def system(self, sessions: list[LoggedSession], tower: Tower, debiased: bool) -> dict[str, Any]:
-        """Tower + memories: test with memories from every session, validation with memories from the
-        fine-tune's train side only (a held-out query must not find its own clicks)."""
-        train_side, _ = split_by_query(sessions, self.config.data.split_seed, self.config.data.heldout_fraction)
-        return self.quality(tower, self.remembering(sessions, tower, debiased),
-                            self.remembering(train_side, tower, debiased))
-
-    def skyline(self, shown_only: bool, config: FinetuneConfig) -> dict[str, Any]:
-        """The same trainer on true labels: every relevant item of a train query (or only those the
-        users were shown), one example each; held-out labels the true qrels too."""
-        d, index = self.data, self.data.items.index()
-        fit_ids = sorted(set(d.train) - self.val)
-        queries, positives, excluded = [], [], {}
-        for q in fit_ids:
-            relevant = [x for x, g in d.train_qrels[q].items() if g > 0 and x in index
-                        and (not shown_only or x in self.shown[q])]
-            queries += [d.train[q]] * len(relevant)
-            positives += [index[x] for x in relevant]
-            excluded[d.train[q]] = np.asarray(sorted(index[x] for x in relevant), dtype=np.int64)
-        val_ids = sorted(self.val)
-        template, _ = prepare(SessionBatch(self.click_log(0.0, 0)), d.items, d.texts, self.parent, config)
-        data = copy.copy(template)
-        data.queries, data.positives = queries, np.asarray(positives, dtype=np.int64)
-        data.weights, data.excluded = np.ones(len(queries)), excluded
-        data.heldout_queries = {q: d.train[q] for q in val_ids}
-        data.heldout_qrels = {q: d.train_qrels[q] for q in val_ids}
-        data.heldout_shown = {q: sorted(index) for q in val_ids}
-        data.epoch_size = len(queries)
-        return self.quality(self.fine_tune(data, config))
+from es_ray.train.finetune import prepare
+from es_ray.train.propensity import Propensities, propensities
+from es_ray.train.trainer import TrainingData, heldout_metrics
 
 
 def with_overrides(config: FinetuneConfig, overrides: dict) -> FinetuneConfig:
@@ -268,24 +62,6 @@ def with_overrides(config: FinetuneConfig, overrides: dict) -> FinetuneConfig:
     for section, values in overrides.items():
         merged[section] = {**merged[section], **values} if isinstance(values, dict) else values
     return FinetuneConfig.model_validate(merged)
-
-
-def mean_of(rows: list[dict[str, Any]]) -> dict[str, float]:
-    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float))]
-    return {k: round(float(np.mean([r[k] for r in rows])), 4) for k in keys}
-
-
-def paired(a: list[dict[str, float]], b: list[dict[str, float]], seed: int = 0) -> dict[str, float]:
-    """b - a over test queries (per-query nDCG@10 averaged over runs first): a two-sided paired
-    randomisation test and a 95% bootstrap interval of the mean difference (scipy.stats)."""
-    queries = sorted(a[0])
-    x = np.asarray([np.mean([run[q] for run in a]) for q in queries])
-    y = np.asarray([np.mean([run[q] for run in b]) for q in queries])
-    test = stats.permutation_test((x, y), lambda u, v: np.mean(v - u), permutation_type="samples",
-                                  n_resamples=10_000, random_state=seed)
-    interval = stats.bootstrap(((y - x),), np.mean, n_resamples=10_000, random_state=seed).confidence_interval
-    return {"mean_difference": round(float(np.mean(y - x)), 4), "p_randomisation": round(float(test.pvalue), 4),
-            "bootstrap_95": [round(float(interval.low), 4), round(float(interval.high), 4)]}
 
 
 def propensity_recovery(harness: Harness, config: FinetuneConfig, noise: float, seeds: list[int],
@@ -325,8 +101,12 @@ class Plan:
     propensity_sessions_per_query: tuple[int, ...] = (5, 20, 100)
 
 
+def _print_line(line: dict[str, Any]) -> None:
+    print(json.dumps(line), flush=True)  # noqa: T201
+
+
 def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Plan,
-            progress=lambda line: print(json.dumps(line), flush=True)) -> dict[str, Any]:  # noqa: T201
+            progress: Callable[[dict[str, Any]], None] = _print_line) -> dict[str, Any]:
     """Every (noise, click seed, method, training seed) run, their means, the paired tests, the gate's
     agreement, the propensity recovery and the skylines."""
     started = time.monotonic()
@@ -343,94 +123,10 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
                    "memory": harness.memory.model_dump(), "swap_share": harness.swap_share},
         "by_noise": {}}
     progress({"baseline": result["baseline"]})
-    # Per click log and method: the blue model and every checkpoint as the gate sees them (`gate_point`),
-    # all scored with that method's held-out labels.
-    logs: list[dict[str, list[tuple[float, ...]]]] = []
-    gate_checks: list[dict[str, Any]] = []
-    worse_checks: list[dict[str, Any]] = []
+    runs = Runs(dataset, harness, config, plan, baseline, progress)
     for noise in plan.noises:
-        runs: dict[str, dict[str, list]] = {m: {"tower": [], "system": []} for m in plan.methods}
-        memory_only: list[dict[str, Any]] = []
-        for click_seed in plan.click_seeds:
-            sessions = harness.click_log(noise, 1000 * click_seed + 13)
-            by_method: dict[str, list[tuple[float, ...]]] = {}
-            for method in plan.methods:
-                cfg = with_overrides(config, {"debias": {"enabled": method != "naive"}})
-                data, details = prepare(SessionBatch(sessions), dataset.items, dataset.texts, harness.parent, cfg)
-                if method == plan.methods[-1]:
-                    memory_only.append(harness.system(sessions, harness.base, method != "naive"))
-                blue_heldout = heldout_metrics(harness.base.model, harness.base.tokenizer, data, "cpu")
-                # For comparison: the same held-out sessions with graded labels (10 x P(relevant)).
-                _, heldout_side = split_by_query(sessions, cfg.data.split_seed, cfg.data.heldout_fraction)
-                props = Propensities(np.asarray(details["propensity"]), details["propensity_source"])
-                graded_labels = heldout_labels(heldout_side, props)
-                graded = dataclasses.replace(data, heldout_qrels={q: graded_labels.qrels.get(q, {})
-                                                                  for q in data.heldout_qrels})
-                points = by_method[method] = [harness.gate_point(blue_heldout, harness.base.model,
-                                                                 harness.base.tokenizer, graded,
-                                                                 cfg.model.max_query_length)]
-                if method == plan.methods[-1]:
-                    worse_checks += harness.degraded_checks(data, blue_heldout, cfg.gate, baseline["ndcg@10"],
-                                                            click_seed)
-                for train_seed in plan.train_seeds:
-                    cfg_seed = with_overrides(cfg, {"train": {"seed": cfg.train.seed + train_seed}})
-                    t0 = time.monotonic()
-                    tower = harness.fine_tune(data, cfg_seed, points, graded)
-                    tower_q = harness.quality(tower)
-                    system_q = harness.system(sessions, tower, method != "naive")
-                    decision = gate.decide(heldout_metrics(tower.model, tower.tokenizer, data, "cpu"), blue_heldout,
-                                           cfg.gate)
-                    gate_checks.append({"test_gain": round(tower_q["ndcg@10"] - baseline["ndcg@10"], 4),
-                                        "heldout_gain": round(decision.new - decision.blue, 4),
-                                        "passed": decision.candidate})
-                    runs[method]["tower"].append(tower_q)
-                    runs[method]["system"].append(system_q)
-                    progress({"noise": noise, "click_seed": click_seed, "method": method, "train_seed": train_seed,
-                              "seconds": round(time.monotonic() - t0, 1),
-                              "tower": {k: v for k, v in tower_q.items() if k != "per_query"},
-                              "system": {k: v for k, v in system_q.items() if k != "per_query"},
-                              "gate": decision.reason, "examples": details["examples"],
-                              "propensity_source": details["propensity_source"],
-                              "propensity": details["propensity"]})
-            logs.append(by_method)
-        entry: dict[str, Any] = {m: {part: mean_of(rows) for part, rows in runs[m].items()} for m in plan.methods}
-        entry["memories_only"] = mean_of(memory_only)
-        if "naive" in plan.methods and "debiased" in plan.methods:
-            entry["paired_tower"] = paired([r["per_query"] for r in runs["naive"]["tower"]],
-                                           [r["per_query"] for r in runs["debiased"]["tower"]])
-            entry["paired_system"] = paired([r["per_query"] for r in runs["naive"]["system"]],
-                                            [r["per_query"] for r in runs["debiased"]["system"]])
-            entry["paired_p"] = entry["paired_tower"]["p_randomisation"]
-        result["by_noise"][str(noise)] = entry
-
-    def tau(points, column):
-        return float(stats.kendalltau([p[column] for p in points], [p[2] for p in points]).statistic)
-
-    series = [points for by_method in logs for points in by_method.values() if len(points) > 2]
-    taus = [tau(points, 0) for points in series]
-    whole = [tau(points, 1) for points in series]
-    others = {name: round(float(np.nanmean([tau(points, column) for points in series])), 4)
-              for name, column in (("condensed_mrr@10", 3), ("shown_log_likelihood", 4), ("graded_labels", 5))
-              if series}
-    better = [g for g in gate_checks if g["test_gain"] >= 0.01]
-    worse = [g for g in worse_checks if g["test_gain"] <= -0.01]
-    # Every checkpoint against the blue model of its log, as the gate would compare them.
-    ahead = [(p[0] > points[0][0]) for points in series for p in points[1:] if p[2] - points[0][2] >= 0.01]
-    result["gate"] = {
-        "candidates": "per click log and method: the blue model and every checkpoint of that method's runs on "
-                      "that log, scored by the method's held-out labels and by the test qrels",
-        "kendall_tau_mean": round(float(np.nanmean(taus)), 4) if taus else None,
-        "kendall_tau_per_log_and_method": [round(t, 3) for t in taus],
-        "kendall_tau_whole_collection_mean": round(float(np.nanmean(whole)), 4) if whole else None,
-        "kendall_tau_other_heldout_metrics": others,
-        "models_0.01_better_on_test": len(better), "of_them_passed": sum(g["passed"] for g in better),
-        "checkpoints_0.01_better_on_test": len(ahead), "of_them_ahead_on_heldout": int(sum(ahead)),
-        "models_0.01_worse_on_test": len(worse), "of_them_refused": sum(not g["passed"] for g in worse),
-        "worse_models": "the blue model with Gaussian noise on its query vectors (sd 0.01-0.05, 3 draws each, "
-                        "per click log): a worse ranking the gate must refuse",
-        "checks": gate_checks, "worse_checks": worse_checks, "margin": config.gate.margin,
-        "points": [{method: [[round(float(v), 4) for v in point] for point in points]
-                    for method, points in by_method.items()} for by_method in logs]}
+        result["by_noise"][str(noise)] = runs.at_noise(noise)
+    result["gate"] = gate_agreement(runs.logs, runs.gate_checks, runs.worse_checks, config.gate.margin)
     result["propensity"] = propensity_recovery(harness, config, result["default_noise"],
                                                [1000 * s + 13 for s in plan.click_seeds],
                                                plan.propensity_sessions_per_query)
@@ -439,6 +135,87 @@ def measure(dataset: Dataset, harness: Harness, config: FinetuneConfig, plan: Pl
                               "all_qrels": mean_of([harness.skyline(False, config)])}
     result["wall_s"] = round(time.monotonic() - started, 1)
     return result
+
+
+@dataclass
+class Runs:
+    """The plan's fine-tunes, log by log, and what they collect for the gate's agreement."""
+
+    dataset: Dataset
+    harness: Harness
+    config: FinetuneConfig
+    plan: Plan
+    baseline: dict[str, Any]
+    progress: Callable[[dict[str, Any]], None]
+    # Per click log and method: the blue model and every checkpoint as the gate sees them (`gate_point`),
+    # all scored with that method's held-out labels.
+    logs: list[dict[str, list[tuple[float, ...]]]] = field(default_factory=list)
+    gate_checks: list[dict[str, Any]] = field(default_factory=list)
+    worse_checks: list[dict[str, Any]] = field(default_factory=list)
+
+    def at_noise(self, noise: float) -> dict[str, Any]:
+        """Every click log at one noise level: each method's mean scores, memories alone, the paired tests."""
+        methods = self.plan.methods
+        scores: dict[str, dict[str, list]] = {m: {"tower": [], "system": []} for m in methods}
+        memory_only: list[dict[str, Any]] = []
+        for click_seed in self.plan.click_seeds:
+            sessions = self.harness.click_log(noise, 1000 * click_seed + 13)
+            self.logs.append({method: self.on_log(noise, click_seed, sessions, method, scores[method], memory_only)
+                              for method in methods})
+        entry: dict[str, Any] = {m: {part: mean_of(rows) for part, rows in scores[m].items()} for m in methods}
+        entry["memories_only"] = mean_of(memory_only)
+        if "naive" in methods and "debiased" in methods:
+            entry["paired_tower"] = paired([r["per_query"] for r in scores["naive"]["tower"]],
+                                           [r["per_query"] for r in scores["debiased"]["tower"]])
+            entry["paired_system"] = paired([r["per_query"] for r in scores["naive"]["system"]],
+                                            [r["per_query"] for r in scores["debiased"]["system"]])
+            entry["paired_p"] = entry["paired_tower"]["p_randomisation"]
+        return entry
+
+    def on_log(self, noise: float, click_seed: int, sessions: list[LoggedSession], method: str,
+               scores: dict[str, list], memory_only: list[dict[str, Any]]) -> list[tuple[float, ...]]:
+        """One method's fine-tunes (one per training seed) on one click log; returns the gate's view of
+        the blue model and of every checkpoint. The last method also measures memories alone and the
+        degraded blue models."""
+        harness, base, last, debiased = self.harness, self.harness.base, method == self.plan.methods[-1], method != "naive"
+        cfg = with_overrides(self.config, {"debias": {"enabled": debiased}})
+        data, details = prepare(SessionBatch(sessions), self.dataset.items, self.dataset.texts, harness.parent, cfg)
+        if last:
+            memory_only.append(harness.system(sessions, base, debiased))
+        blue_heldout = heldout_metrics(base.model, base.tokenizer, data, "cpu")
+        graded = graded_heldout(sessions, data, details, cfg)
+        points = [harness.gate_point(blue_heldout, base.model, base.tokenizer, graded, cfg.model.max_query_length)]
+        if last:
+            self.worse_checks += harness.degraded_checks(data, blue_heldout, cfg.gate, self.baseline["ndcg@10"],
+                                                         click_seed)
+        for train_seed in self.plan.train_seeds:
+            cfg_seed = with_overrides(cfg, {"train": {"seed": cfg.train.seed + train_seed}})
+            t0 = time.monotonic()
+            tower = harness.fine_tune(data, cfg_seed, points, graded)
+            tower_q = harness.quality(tower)
+            system_q = harness.system(sessions, tower, debiased)
+            decision = gate.decide(heldout_metrics(tower.model, tower.tokenizer, data, "cpu"), blue_heldout, cfg.gate)
+            self.gate_checks.append({"test_gain": round(tower_q["ndcg@10"] - self.baseline["ndcg@10"], 4),
+                                     "heldout_gain": round(decision.new - decision.blue, 4),
+                                     "passed": decision.candidate})
+            scores["tower"].append(tower_q)
+            scores["system"].append(system_q)
+            self.progress({"noise": noise, "click_seed": click_seed, "method": method, "train_seed": train_seed,
+                           "seconds": round(time.monotonic() - t0, 1),
+                           "tower": {k: v for k, v in tower_q.items() if k != "per_query"},
+                           "system": {k: v for k, v in system_q.items() if k != "per_query"},
+                           "gate": decision.reason, "examples": details["examples"],
+                           "propensity_source": details["propensity_source"], "propensity": details["propensity"]})
+        return points
+
+
+def graded_heldout(sessions: list[LoggedSession], data: TrainingData, details: dict[str, Any],
+                   cfg: FinetuneConfig) -> TrainingData:
+    """For comparison: the same held-out sessions with graded labels (10 x P(relevant))."""
+    _, heldout_side = split_by_query(sessions, cfg.data.split_seed, cfg.data.heldout_fraction)
+    props = Propensities(np.asarray(details["propensity"]), details["propensity_source"])
+    graded_labels = heldout_labels(heldout_side, props)
+    return dataclasses.replace(data, heldout_qrels={q: graded_labels.qrels.get(q, {}) for q in data.heldout_qrels})
 
 
 def main(argv: list[str] | None = None) -> None:

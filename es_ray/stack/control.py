@@ -7,7 +7,6 @@ kept in the manifest, so a restarted stack listens where it did before.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -97,6 +96,7 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
     from ray import serve
 
     from es_ray.lifecycle.driver import start_driver
+    from es_ray.serve import deployment
     from es_ray.serve.app import build_app
 
     os.environ.update({k: v for k, v in ray_head.environment(Path(manifest.state_dir)).items()
@@ -108,11 +108,10 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
         ray.get(driver.ensure_serving.remote())
         serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port},
                     logging_config={"enable_access_log": False})
-        # A settings change (keys, limits) changes settings_version, so serve.run rolls the replicas over.
-        version = hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
-        application = build_app({"namespace": settings.ray.namespace, "replicas": settings.serve.replicas,
-                                 "settings_version": version})
-        serve.run(application, name=settings.serve.app_name, route_prefix="/", blocking=False)
+        # The deployment's options come from configs/stack.yaml (serve/deployment.py); serve.run rolls the
+        # replicas over, so they start with the driver's current settings (keys, limits).
+        serve.run(build_app(deployment.app_args(settings)), name=settings.serve.app_name, route_prefix="/",
+                  blocking=False)
     finally:
         ray.shutdown()
 

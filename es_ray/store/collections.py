@@ -1,8 +1,8 @@
 """One collection per model version: items_<name> (id, payload, version) and parts_<name> (vectors).
 
 An item split into chunks has one part per chunk (part_no 1..n) and one average part (part_no 0,
-is_average). Search ranks items by their best chunk through an HNSW index over the chunk vectors.
-All SQL for collection tables lives here.
+is_average). The tables, their HNSW index over the chunk vectors, writes, reads and the click
+adjustments of vectors live here; the search query over them is store/search.py.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from es_ray.store.filters import compile_filter
-
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
-MAX_POOL = 200_000  # chunks read at most for one page (hnsw.max_scan_tuples bounds the scan too)
 
 
 @dataclass
@@ -47,13 +44,6 @@ class StoredItem:
     payload: dict[str, Any]
     version: int
     source: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class SearchHit:
-    id: str
-    score: float
-    payload: dict[str, Any]
 
 
 def collection_name(model_version: int) -> str:
@@ -311,63 +301,6 @@ class Collection:
         return [r[0] for r in conn.execute(sql.SQL("SELECT object_id FROM {} WHERE NOT deleted "
                                                            "ORDER BY md5(object_id || %s) LIMIT %s")
                                            .format(self.items), (str(seed), n))]
-
-    def search(self, conn: psycopg.Connection, vector: np.ndarray, limit: int, offset: int = 0,
-               filter_: dict[str, Any] | None = None, user_id: str | None = None) -> list[SearchHit]:
-        """Items ranked by their best chunk, page [offset, offset + limit).
-
-        The HNSW scan yields chunks as one deterministic stream (strict order); an item's rank is
-        where its first chunk appears in it. A deeper page reads a longer prefix of the same stream,
-        so the ranking of earlier items never changes: pages have no duplicates and no gaps. If a
-        prefix holds too few distinct items (many chunks per item), it is doubled and read again.
-        With a user id, the items that user's clicks adjusted are scored exactly with the user's
-        vectors and merged in by score (the global stream is in score order too).
-        """
-        condition, params = compile_filter(filter_, column="i.payload")
-        query = sql.SQL("""
-            WITH stream AS (
-                SELECT p.object_id, p.vector <=> %(q)s AS distance
-                FROM {parts} p JOIN {items} i ON i.object_id = p.object_id
-                WHERE NOT p.is_average AND {condition}
-                ORDER BY p.vector <=> %(q)s
-                LIMIT %(pool)s
-            ), numbered AS (
-                SELECT object_id, distance, row_number() OVER () AS position FROM stream
-            ), ranked AS (
-                SELECT object_id, min(distance) AS distance, min(position) AS first_position, count(*) AS n
-                FROM numbered GROUP BY object_id
-            )
-            SELECT r.object_id, 1 - r.distance, i.payload, r.n
-            FROM ranked r JOIN {items} i ON i.object_id = r.object_id
-            ORDER BY r.first_position
-        """).format(parts=self.parts, items=self.items, condition=condition)
-        q = np.asarray(vector, dtype=np.float32)
-        personal = self._personal_scores(conn, q, user_id, condition, params) if user_id else {}
-        wanted = offset + limit
-        pool = max(2 * wanted, 40)
-        while True:
-            rows = conn.execute(query, {"q": q, "pool": pool, **params}).fetchall()
-            streamed = sum(r[3] for r in rows)
-            hits = [SearchHit(id=r[0], score=float(r[1]), payload=r[2]) for r in rows if r[0] not in personal]
-            if len(hits) + len(personal) >= wanted or streamed < pool or pool >= MAX_POOL:
-                break
-            pool *= 2
-        if personal:
-            hits = sorted(hits + list(personal.values()), key=lambda h: (-h.score, h.id))
-        return hits[offset:wanted]
-
-    def _personal_scores(self, conn: psycopg.Connection, q: np.ndarray, user_id: str, condition: sql.Composable,
-                         params: dict[str, Any]) -> dict[str, SearchHit]:
-        rows = conn.execute(sql.SQL("""
-            SELECT p.object_id, max(1 - (COALESCE(u.vector, p.vector) <=> %(q)s)), min(i.payload::text)
-            FROM {parts} p JOIN {items} i ON i.object_id = p.object_id
-            LEFT JOIN {user_parts} u ON u.user_id = %(user)s AND u.object_id = p.object_id AND u.part_no = p.part_no
-            WHERE NOT p.is_average AND {condition}
-              AND p.object_id IN (SELECT object_id FROM {user_parts} WHERE user_id = %(user)s)
-            GROUP BY p.object_id
-        """).format(parts=self.parts, items=self.items, user_parts=self.user_parts, condition=condition),
-            {"q": q, "user": user_id, **params}).fetchall()
-        return {r[0]: SearchHit(id=r[0], score=float(r[1]), payload=json.loads(r[2])) for r in rows}
 
     # -- improvement ----------------------------------------------------------------------------
     def chunk_vectors(self, conn: psycopg.Connection, object_ids: list[str], user_id: str | None = None,

@@ -1,0 +1,61 @@
+"""What one Serve replica holds: the stack's settings and addresses, a Postgres pool, the blue pointer
+and Triton clients. Routes reach it through the `replica` dependency.
+
+Settings come from the lifecycle driver (it holds the stack's settings and addresses, so a replica needs
+nothing but the cluster), once, at start: new settings come with new replicas (serve/deployment.py).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import ray
+from ray import serve
+
+from es_ray.config import Settings
+from es_ray.data import pipeline
+from es_ray.inference.triton_client import TritonEncoder
+from es_ray.lifecycle.handle import get_driver
+from es_ray.serve import auth, schemas
+from es_ray.serve.blue_watcher import BlueWatcher
+from es_ray.serve.errors import ServiceUnavailable
+from es_ray.stack.manifest import StackManifest
+from es_ray.store import db
+from es_ray.store.lifecycle import Blue
+
+
+class Replica:
+    def __init__(self, namespace: str):
+        stack = ray.get(get_driver(namespace).stack.remote())
+        self.settings = Settings.model_validate(stack["settings"])
+        self.manifest = StackManifest.model_validate(stack["manifest"])
+        schemas.configure_limits(self.settings.serve)
+        auth.configure(self.settings.auth)
+        self.driver = get_driver(namespace)
+        self.pool = db.open_pool(self.manifest.postgres_dsn, self.settings.postgres.pool_size,
+                                 self.settings.postgres.hnsw_ef_search, self.settings.postgres.pool_timeout_s)
+        self.blue_watcher = BlueWatcher(self.pool, self.settings.serve.blue_refresh_s)
+        self._encoders: dict[tuple[str, int], TritonEncoder] = {}
+        self._lock = threading.Lock()
+        self.random = random.Random()
+        self.item_encoders = pipeline.Encoders(self.settings, self.manifest.triton_grpc_url)
+
+    def encoder(self, name: str, blue: Blue) -> TritonEncoder:
+        key = (name, blue.model_version)
+        with self._lock:
+            if key not in self._encoders:
+                self._encoders[key] = TritonEncoder.of(self.manifest.triton_grpc_url, name, blue, self.settings)
+            return self._encoders[key]
+
+    def blue(self) -> Blue:
+        """The blue pointer as of now; 503 while the stack bootstraps."""
+        blue = self.blue_watcher.current
+        if blue is None:
+            raise ServiceUnavailable("no blue model yet: the stack is still bootstrapping")
+        return blue
+
+
+async def replica() -> Replica:
+    """FastAPI dependency: this replica's state (Serve runs one ingress object per replica)."""
+    return serve.get_replica_context().servable_object.replica

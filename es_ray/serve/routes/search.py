@@ -1,0 +1,64 @@
+"""POST /v1/search: embed the query, one SQL query over the blue collection, record the session."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Depends
+
+from es_ray import metrics
+from es_ray.inference.triton_client import TritonUnavailable
+from es_ray.inference.triton_repo import QUERY_ENCODER
+from es_ray.serve import auth, exploration, schemas
+from es_ray.serve.auth import Caller
+from es_ray.serve.errors import ServiceUnavailable
+from es_ray.serve.replica import Replica, replica
+from es_ray.store import clickstream, db
+from es_ray.store.collections import Collection
+from es_ray.store.search import search as search_collection
+
+router = APIRouter()
+
+
+@router.post("/v1/search", response_model=schemas.SearchResponse, summary="Semantic search over the blue collection",
+             description="Results come best first, except that a first page recorded as an anonymous session has "
+                         "one adjacent pair among its top results exchanged in a small share of searches "
+                         "(serve.swap_share): these randomised swaps let es-ray learn how much attention each "
+                         "rank gets. The session records the order shown. Searches with session=false or a "
+                         "user_id are never swapped.")
+def search(request: schemas.SearchRequest, who: Caller = Depends(auth.searcher),
+           state: Replica = Depends(replica)) -> schemas.SearchResponse:
+    if request.user_id is not None:
+        auth.require_user(who, request.user_id, f"personalised search for user {request.user_id!r}")
+    blue = state.blue()
+    started, status = time.monotonic(), "unavailable"
+    try:
+        vector = state.encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]
+        with state.pool.connection() as conn:
+            hits = search_collection(conn, Collection(blue.collection, blue.dim), vector, request.limit,
+                                     request.offset, request.filter, request.user_id)
+        status = "ok"
+    except TritonUnavailable as err:
+        raise ServiceUnavailable(f"embedding service unavailable: {err}") from err
+    except db.OperationalError as err:
+        raise ServiceUnavailable(f"database unavailable: {err}") from err
+    finally:
+        metrics.count("es_ray_search_requests", model=blue.model_version, status=status)
+        metrics.observe("es_ray_search_latency_ms", (time.monotonic() - started) * 1000, model=blue.model_version)
+    session_id = None
+    if request.session and hits:
+        swap = None
+        if request.user_id is None and request.offset == 0:  # a user's own ranking is never explored
+            swap = exploration.choose_swap(len(hits), state.settings.serve.swap_share,
+                                           state.settings.serve.swap_max_rank, state.random)
+            hits = exploration.swapped(hits, swap)
+        session_id = uuid.uuid4().hex
+        with state.pool.connection() as conn:
+            clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
+                                       [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)],
+                                       swap)
+        metrics.count("es_ray_sessions", source="search")
+    return schemas.SearchResponse(model=f"v{blue.model_version}", session_id=session_id,
+                                  results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
+                                           for h in hits])

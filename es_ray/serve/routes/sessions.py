@@ -1,0 +1,76 @@
+"""The clickstream: sessions (result lists shown), their click events and irrelevant marks."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends
+
+from es_ray import metrics
+from es_ray.serve import auth, schemas
+from es_ray.serve.auth import Caller
+from es_ray.serve.errors import path_id
+from es_ray.serve.replica import Replica, replica
+from es_ray.store import clickstream
+
+router = APIRouter()
+
+
+@router.post("/v1/sessions", response_model=schemas.SessionCreated,
+             summary="Record a result list shown elsewhere (for clients that search another way)")
+def create_session(request: schemas.SessionRequest, who: Caller = Depends(auth.clickstream_writer),
+                   state: Replica = Depends(replica)) -> schemas.SessionCreated:
+    if request.user_id is not None:
+        auth.require_user(who, request.user_id, f"a session of user {request.user_id!r}")
+    session_id = request.session_id or uuid.uuid4().hex
+    with state.pool.connection() as conn:
+        created = clickstream.record_session(conn, session_id, request.user_id, request.query, None,
+                                             [(r.rank, r.id) for r in request.results])
+    if created:
+        metrics.count("es_ray_sessions", source="external")
+    return schemas.SessionCreated(session_id=session_id, created=created)
+
+
+@router.get("/v1/sessions/{session_id}", response_model=schemas.SessionOut,
+            summary="A session with its events (its user's token or an API key)")
+def read_session(session_id: str, who: Caller = Depends(auth.someone),
+                 state: Replica = Depends(replica)) -> schemas.SessionOut:
+    path_id(session_id, "session_id")
+    with state.pool.connection() as conn:
+        auth.require_user(who, clickstream.session_owner(conn, session_id), f"session {session_id}")
+        session = clickstream.get_session(conn, session_id)
+    return schemas.SessionOut(**{**session.__dict__,
+                                 "results": [{"id": i, "rank": r} for r, i in session.results]})
+
+
+@router.post("/v1/sessions/{session_id}/events", response_model=schemas.EventsResponse,
+             summary="Record clicks on shown results; idempotent by event_id, all or nothing")
+def add_events(session_id: str, request: schemas.EventsRequest, who: Caller = Depends(auth.clickstream_writer),
+               state: Replica = Depends(replica)) -> schemas.EventsResponse:
+    with state.pool.connection() as conn:
+        _check_owner(conn, who, session_id)
+        accepted, duplicates = clickstream.add_events(
+            conn, session_id, [(e.event_id, e.item_id, e.type) for e in request.events])
+    metrics.count("es_ray_click_events", accepted, result="accepted")
+    metrics.count("es_ray_click_events", duplicates, result="duplicate")
+    return schemas.EventsResponse(accepted=accepted, duplicates=duplicates)
+
+
+@router.post("/v1/sessions/{session_id}/irrelevant", summary="Mark the whole result list as irrelevant")
+def mark_irrelevant(session_id: str, who: Caller = Depends(auth.clickstream_writer),
+                    state: Replica = Depends(replica)) -> dict[str, Any]:
+    with state.pool.connection() as conn:
+        _check_owner(conn, who, session_id)
+        clickstream.mark_irrelevant(conn, session_id)
+    metrics.count("es_ray_irrelevant_marks")
+    return {"session_id": session_id, "irrelevant": True}
+
+
+def _check_owner(conn, who: Caller, session_id: str) -> None:
+    """A user's session takes events only from that user (or an admin); anonymous ones from anyone
+    who knows the id."""
+    path_id(session_id, "session_id")
+    owner = clickstream.session_owner(conn, session_id)
+    if owner is not None:
+        auth.require_user(who, owner, f"session {session_id}")

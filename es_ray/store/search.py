@@ -1,0 +1,84 @@
+"""The search query: a collection's items ranked by their best chunk, one page at a time.
+
+The HNSW scan yields chunks as one deterministic stream (strict order); an item's rank is where its
+first chunk appears in it. A deeper page reads a longer prefix of the same stream, so the ranking of
+earlier items never changes: pages have no duplicates and no gaps. If a prefix holds too few distinct
+items (many chunks per item), it is doubled and read again. With a user id, the items that user's
+clicks adjusted are scored exactly with the user's vectors and merged in by score (the global stream
+is in score order too).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from es_ray.store.collections import Collection
+from es_ray.store.filters import compile_filter
+
+MAX_POOL = 200_000  # chunks read at most for one page (hnsw.max_scan_tuples bounds the scan too)
+
+
+@dataclass
+class SearchHit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray, limit: int, offset: int = 0,
+           filter_: dict[str, Any] | None = None, user_id: str | None = None) -> list[SearchHit]:
+    """Items of `collection` ranked by their best chunk, page [offset, offset + limit)."""
+    condition, params = compile_filter(filter_, column="i.payload")
+    query = sql.SQL("""
+        WITH stream AS (
+            SELECT p.object_id, p.vector <=> %(q)s AS distance
+            FROM {parts} p JOIN {items} i ON i.object_id = p.object_id
+            WHERE NOT p.is_average AND {condition}
+            ORDER BY p.vector <=> %(q)s
+            LIMIT %(pool)s
+        ), numbered AS (
+            SELECT object_id, distance, row_number() OVER () AS position FROM stream
+        ), ranked AS (
+            SELECT object_id, min(distance) AS distance, min(position) AS first_position, count(*) AS n
+            FROM numbered GROUP BY object_id
+        )
+        SELECT r.object_id, 1 - r.distance, i.payload, r.n
+        FROM ranked r JOIN {items} i ON i.object_id = r.object_id
+        ORDER BY r.first_position
+    """).format(parts=collection.parts, items=collection.items, condition=condition)
+    q = np.asarray(vector, dtype=np.float32)
+    personal = _personal_scores(conn, collection, q, user_id, condition, params) if user_id else {}
+    wanted = offset + limit
+    pool = max(2 * wanted, 40)
+    while True:
+        rows = conn.execute(query, {"q": q, "pool": pool, **params}).fetchall()
+        streamed = sum(r[3] for r in rows)
+        hits = [SearchHit(id=r[0], score=float(r[1]), payload=r[2]) for r in rows if r[0] not in personal]
+        if len(hits) + len(personal) >= wanted or streamed < pool or pool >= MAX_POOL:
+            break
+        pool *= 2
+    if personal:
+        hits = sorted(hits + list(personal.values()), key=lambda h: (-h.score, h.id))
+    return hits[offset:wanted]
+
+
+def _personal_scores(conn: psycopg.Connection, collection: Collection, q: np.ndarray, user_id: str,
+                     condition: sql.Composable, params: dict[str, Any]) -> dict[str, SearchHit]:
+    """The items this user's clicks adjusted, each scored by its best chunk as the user sees it."""
+    rows = conn.execute(sql.SQL("""
+        SELECT p.object_id, max(1 - (COALESCE(u.vector, p.vector) <=> %(q)s)), min(i.payload::text)
+        FROM {parts} p JOIN {items} i ON i.object_id = p.object_id
+        LEFT JOIN {user_parts} u ON u.user_id = %(user)s AND u.object_id = p.object_id AND u.part_no = p.part_no
+        WHERE NOT p.is_average AND {condition}
+          AND p.object_id IN (SELECT object_id FROM {user_parts} WHERE user_id = %(user)s)
+        GROUP BY p.object_id
+    """).format(parts=collection.parts, items=collection.items, user_parts=collection.user_parts,
+                condition=condition),
+        {"q": q, "user": user_id, **params}).fetchall()
+    return {r[0]: SearchHit(id=r[0], score=float(r[1]), payload=json.loads(r[2])) for r in rows}
