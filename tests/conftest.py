@@ -17,8 +17,6 @@ import pytest
 from es_ray.data import beir
 from es_ray.stack.manifest import free_port
 
-SCIFACT = beir.shared_dataset("scifact")
-
 
 def pytest_collection_modifyitems(config, items):
     # In this order, after the plain tests: generated (schemathesis) requests, which store junk sessions;
@@ -150,23 +148,30 @@ def anon(stack):
         yield client
 
 
-@pytest.fixture(scope="session")
-def scifact():
-    if SCIFACT is None:
-        pytest.skip("../shared/data/scifact is absent: this end-to-end test needs the SciFact collection")
-    return SCIFACT
+# The collection the end-to-end tests search: SciFact where ../shared/data has it (the thresholds measured
+# on it), else es-ray's own small collection (tests/fixtures/collection, written for the project), so that
+# every test runs on a fresh clone too. ES_RAY_SHARED_DATA=/nonexistent shows the second case anywhere.
+FIXTURE_COLLECTION = Path(__file__).resolve().parent / "fixtures" / "collection"
+COLLECTION_DIR = beir.shared_dataset("scifact") or FIXTURE_COLLECTION
 
 
 @pytest.fixture(scope="session")
-def scifact_sample(scifact):
-    """20 test queries, their relevant abstracts and random others: 200 documents."""
-    return beir.sample(scifact, docs=200, queries=20, seed=7)
+def collection_dir() -> Path:
+    """The BEIR directory of the collection (`collection_dir.name` says which: "scifact" or "collection")."""
+    return COLLECTION_DIR
 
 
 @pytest.fixture(scope="session")
-def loaded_scifact(api, scifact_sample):
+def collection(collection_dir):
+    """20 test queries, their relevant documents and random others: 200 documents of SciFact, or the whole
+    of es-ray's own collection (which has fewer)."""
+    return beir.sample(collection_dir, docs=200, queries=20, seed=7)
+
+
+@pytest.fixture(scope="session")
+def loaded_collection(api, collection):
     """The sample upserted over HTTP (in requests of 50 items)."""
-    items, queries, qrels = scifact_sample
+    items, queries, qrels = collection
     for start in range(0, len(items), 50):
         response = api.put("/v1/items", json={"items": items[start:start + 50]})
         assert response.status_code == 200, response.text
@@ -184,7 +189,7 @@ PROBE_TOPICS = ["protein folding in cells", "immune response to infection", "gen
 @pytest.fixture(scope="module")
 def probe_items(api):
     """A few short items to search and click, for tests that need results but not a real collection;
-    deleted after the module, so tests that rank the SciFact sample never meet them."""
+    deleted after the module, so tests that rank the loaded collection never meet them."""
     items = [{"id": f"probe-{n:02d}", "text": f"{PROBE_TOPICS[n % len(PROBE_TOPICS)]}, note {n}"} for n in range(24)]
     response = api.put("/v1/items", json={"items": items})
     assert response.status_code == 200 and not response.json()["failed"], response.text
@@ -193,10 +198,10 @@ def probe_items(api):
 
 
 @pytest.fixture(scope="session")
-def without_scifact_sample(api):
-    """Deletes the SciFact sample once the tests that search it have run (they all run before the
-    lifecycle tests): every reindex re-embeds the whole collection, and the long abstracts would be most
-    of that work."""
+def without_loaded_collection(api):
+    """Deletes the loaded collection once the tests that search it have run (they all run before the
+    lifecycle tests): every reindex re-embeds the whole collection, and SciFact's long abstracts would be
+    most of that work."""
     if LOADED_SAMPLE:
         response = api.request("DELETE", "/v1/items", json={"ids": sorted(LOADED_SAMPLE)})
         assert response.status_code == 200, response.text

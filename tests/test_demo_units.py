@@ -25,19 +25,19 @@ def test_demo_config_reads_the_file_and_validates_overrides():
         load_demo_config(docs=-5)
 
 
-def test_sample_holds_every_relevant_document_and_keeps_splits_apart(scifact):
+def test_sample_holds_every_relevant_document_and_keeps_splits_apart(collection_dir):
     from es_ray.demo.config import Sample
 
-    sample = choose_sample(scifact, Sample(docs=150, train_queries=40, test_queries=20, seed=3))
+    sample = choose_sample(collection_dir, Sample(docs=150, train_queries=40, test_queries=20, seed=3))
     ids = [item["id"] for item in sample.items]
     assert len(ids) == len(set(ids)) == 150
     assert (len(sample.train), len(sample.test)) == (40, 20)
     for queries, qrels in ((sample.train, sample.train_qrels), (sample.test, sample.test_qrels)):
         relevant = {d for q in queries for d, g in qrels[q].items() if g > 0}
         assert relevant <= set(ids)
-    all_train = read_qrels(scifact / "qrels" / "train.tsv")
+    all_train = read_qrels(collection_dir / "qrels" / "train.tsv")
     assert set(sample.train) <= set(all_train) and not set(sample.test) & set(all_train)
-    again = choose_sample(scifact, Sample(docs=150, train_queries=40, test_queries=20, seed=3))
+    again = choose_sample(collection_dir, Sample(docs=150, train_queries=40, test_queries=20, seed=3))
     assert [i["id"] for i in again.items] == ids  # seeded: a rerun finds the same documents loaded
 
 
@@ -59,8 +59,8 @@ def test_report_writes_table_plot_and_markdown(tmp_path):
     assert (tmp_path / "rounds.json").exists()
 
 
-def test_traffic_counts_every_request_and_the_model_that_answered(api, loaded_scifact, stack):
-    _, queries, _ = loaded_scifact
+def test_traffic_counts_every_request_and_the_model_that_answered(api, loaded_collection, stack):
+    _, queries, _ = loaded_collection
     with SearchTraffic(stack.serve_url, list(queries.values()), clients=2, think_s=0.05) as traffic:
         time.sleep(3)
     result = traffic.report.as_dict()

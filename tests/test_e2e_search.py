@@ -25,21 +25,32 @@ def test_openapi_lists_the_routes(api):
     assert api.get("/docs").status_code == 200
 
 
-def test_relevant_scifact_abstracts_come_back(api, loaded_scifact):
-    items, queries, qrels = loaded_scifact
+# Floors for the served model (all-MiniLM-L6-v2) on each collection the tests may load (conftest.py). On the
+# full 5,183-document SciFact it reaches nDCG@10 0.645; the 200-document sample is easier. On es-ray's own
+# collection it reaches nDCG@10 0.92 and MRR@10 1.0 over all 37 test queries (its measure.py): broken
+# search or a wrong model falls far below these floors.
+QUALITY_FLOORS = {"scifact": {"ndcg@10": 0.6, "recall@100": 0.9},
+                  "collection": {"ndcg@10": 0.8, "mrr@10": 0.85, "recall@100": 0.95}}
+
+
+def test_relevant_documents_come_back(api, loaded_collection, collection_dir):
+    items, queries, qrels = loaded_collection
     run = {}
     for qid, text in queries.items():
         body = search(api, text, limit=100)
         assert body["model"] == "v1"
         run[qid] = {r["id"]: r["score"] for r in body["results"]}
     scores = evaluate(run, qrels)
-    # all-MiniLM-L6-v2 reaches nDCG@10 0.645 on the full 5,183-document SciFact; 200 documents are easier.
-    assert scores["ndcg@10"] > 0.6, scores
-    assert scores["recall@100"] > 0.9, scores
+    floors = QUALITY_FLOORS[collection_dir.name]
+    for measure, floor in floors.items():
+        assert scores[measure] > floor, (measure, scores)
+    if collection_dir.name == "collection":  # a relevant document in the top 10 for at least 90 % of queries
+        found = [q for q in queries if set(list(run[q])[:10]) & {d for d, g in qrels[q].items() if g > 0}]
+        assert len(found) >= 0.9 * len(queries), (len(found), len(queries))
 
 
-def test_scores_descend_and_results_carry_payloads(api, loaded_scifact):
-    items, queries, _ = loaded_scifact
+def test_scores_descend_and_results_carry_payloads(api, loaded_collection):
+    items, queries, _ = loaded_collection
     # session=False: a recorded session may show one adjacent pair swapped (exploration)
     body = search(api, next(iter(queries.values())), limit=20, session=False)
     scores = [r["score"] for r in body["results"]]
@@ -49,8 +60,8 @@ def test_scores_descend_and_results_carry_payloads(api, loaded_scifact):
         assert result["payload"] == by_id[result["id"]]["payload"]
 
 
-def test_pages_have_no_duplicates_and_no_gaps(api, loaded_scifact):
-    _, queries, _ = loaded_scifact
+def test_pages_have_no_duplicates_and_no_gaps(api, loaded_collection):
+    _, queries, _ = loaded_collection
     for query in list(queries.values())[:3]:
         whole = ids(search(api, query, limit=100, session=False))
         paged = []
@@ -60,7 +71,7 @@ def test_pages_have_no_duplicates_and_no_gaps(api, loaded_scifact):
         assert len(set(paged)) == len(paged) == 100
 
 
-def test_offset_past_the_end_returns_an_empty_page(api, loaded_scifact):
+def test_offset_past_the_end_returns_an_empty_page(api, loaded_collection):
     assert search(api, "protein", limit=10, offset=10000)["results"] == []
 
 
@@ -102,12 +113,15 @@ def filter_items(api):
 def test_filters(api, filter_items, filter_, expected):
     got = ids(search(api, "aircraft", limit=100, filter={"and": [filter_, {"kind": {"exists": True}}]}))
     assert {i for i in got if i.startswith("f-")} == expected
-    assert all(i.startswith("f-") for i in got)  # SciFact abstracts have no "kind"
+    assert all(i.startswith("f-") for i in got)  # the collection's documents have no "kind"
 
 
-def test_long_text_gets_a_vector_per_chunk_and_an_average(api, stack, scifact_sample):
-    items, _, _ = scifact_sample
-    long_text = " ".join(item["text"] for item in items[:6])  # well over 256 tokens
+def test_long_text_gets_a_vector_per_chunk_and_an_average(api, stack, collection):
+    items, _, _ = collection
+    # Six SciFact abstracts, or as many of the short documents of es-ray's own collection: 700 words and
+    # more are well over three chunks of 256 tokens.
+    count = next(n for n in range(6, len(items) + 1) if sum(len(i["text"].split()) for i in items[:n]) >= 700)
+    long_text = " ".join(item["text"] for item in items[:count])
     response = api.put("/v1/items", json={"items": [{"id": "long-1", "text": long_text, "payload": {}}]})
     assert response.json()["upserted"] == 1
     with db.connect(stack.postgres_dsn) as conn:
@@ -119,8 +133,8 @@ def test_long_text_gets_a_vector_per_chunk_and_an_average(api, stack, scifact_sa
     assert len(chunks) >= 3 and len(average) == 1 and source["chunks"] == len(chunks)
     expected = np.mean(chunks, axis=0)
     assert np.allclose(average[0], expected / np.linalg.norm(expected), atol=1e-5)
-    # the last abstract of the text is found through its own chunk
-    assert "long-1" in ids(search(api, items[5]["text"][:300], limit=10))
+    # the last document of the text is found through its own chunk
+    assert "long-1" in ids(search(api, items[count - 1]["text"][:300], limit=10))
     api.request("DELETE", "/v1/items", json={"ids": ["long-1"]})
 
 

@@ -26,9 +26,9 @@ SMALL = {"data": {"min_heldout_queries": 2, "heldout_fraction": 0.25, "min_train
 
 
 @pytest.fixture(scope="module")
-def clicked_sessions(api, loaded_scifact):
+def clicked_sessions(api, loaded_collection):
     """Ten real search sessions per sample query, clicked by a position-biased user."""
-    _, queries, qrels = loaded_scifact
+    _, queries, qrels = loaded_collection
     rng = random.Random(3)
     sessions = 0
     for qid, text in queries.items():

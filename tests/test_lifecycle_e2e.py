@@ -106,7 +106,7 @@ def assert_embedded_by(stack, settings, target: lifecycle.Target, ids: list[str]
 
 
 @pytest.fixture(scope="module")
-def lifecycle_items(api, without_scifact_sample):
+def lifecycle_items(api, without_loaded_collection):
     items = [{"id": f"lc-{i:04d}", "text": f"Note {i}: {TOPICS[i % len(TOPICS)]}, part {i // len(TOPICS)}",
               "payload": {"i": i}} for i in range(320)]
     response = api.put("/v1/items", json={"items": items})

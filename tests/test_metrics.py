@@ -31,8 +31,8 @@ def gauge_values(samples, name: str) -> set[float]:
     return {value for (sample, _), value in samples.items() if sample == f"ray_{name}"}
 
 
-def test_search_click_and_model_metrics_on_the_prometheus_endpoint(stack, api, loaded_scifact):
-    items, queries, _ = loaded_scifact
+def test_search_click_and_model_metrics_on_the_prometheus_endpoint(stack, api, loaded_collection):
+    items, queries, _ = loaded_collection
     assert stack.ray_metrics_url, "the manifest records the head's metrics endpoint"
     before = scrape(stack.ray_metrics_url)
     searches, clicks = 5, 0

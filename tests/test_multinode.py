@@ -108,7 +108,7 @@ def two_alive_nodes(stack) -> list | None:
     return nodes if len(nodes) == 2 else None
 
 
-def test_reindex_spreads_its_ranges_over_two_nodes(api, stack, settings, without_scifact_sample):
+def test_reindex_spreads_its_ranges_over_two_nodes(api, stack, settings, without_loaded_collection):
     with db.connect(stack.postgres_dsn) as conn:
         blue = lifecycle.get_state(conn).blue
         count = Collection(blue.collection, blue.dim).count(conn)

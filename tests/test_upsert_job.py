@@ -11,15 +11,19 @@ from es_ray.store import db
 from tests.helpers import ids, search
 
 
-def test_bulk_upsert_job_loads_a_beir_corpus_and_can_run_again(stack, scifact, settings, api):
-    items, queries, _ = beir.sample(scifact, docs=60, queries=5, seed=99)
+def test_bulk_upsert_job_loads_a_beir_corpus_and_can_run_again(stack, collection_dir, settings, api):
+    sampled, queries, _ = beir.sample(collection_dir, docs=60, queries=5, seed=99)
+    # Ids of the job's own ("job-..."): the loaded collection may hold the same documents, and deleting
+    # them at the end must not take them from the tests that search it.
+    items = [{**item, "id": f"job-{item['id']}"} for item in sampled]
     corpus = Path(settings.state_path) / "job-corpus.jsonl"
     # the job reads the raw BEIR layout (_id, title, text, metadata), not es-ray items
     wanted = {i["id"] for i in items}
-    with open(scifact / "corpus.jsonl") as source, open(corpus, "w") as out:
+    with open(collection_dir / "corpus.jsonl") as source, open(corpus, "w") as out:
         for line in source:
-            if json.loads(line)["_id"] in wanted:
-                out.write(line)
+            record = json.loads(line)
+            if f"job-{record['_id']}" in wanted:
+                out.write(json.dumps({**record, "_id": f"job-{record['_id']}"}) + "\n")
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", stack.ray_dashboard_url,
                "--working-dir", str(REPO_ROOT), "--", "python", "-m", "es_ray.data.upsert", "--input", str(corpus)]
     env = {"RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}

@@ -40,10 +40,10 @@ def page(browser):
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def test_search_click_and_lifecycle_panel(page, api, stack, loaded_scifact):
+def test_search_click_and_lifecycle_panel(page, api, stack, loaded_collection):
     from playwright.sync_api import expect
 
-    _, queries, _ = loaded_scifact
+    _, queries, _ = loaded_collection
     query = next(iter(queries.values()))
     response = page.goto(stack.serve_url + "/")
     assert response.status == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import urllib.error
 import urllib.request
@@ -22,8 +23,12 @@ class DataUnavailable(RuntimeError):
 
 
 def shared_dataset(name: str) -> Path | None:
-    """../shared/data/<name> beside the checkout, where the project's test collections live."""
-    path = REPO_ROOT.parent / "shared" / "data" / name
+    """../shared/data/<name> beside the checkout, where the project's test collections live.
+
+    ES_RAY_SHARED_DATA names another directory to look in instead; a path that holds no collection
+    (ES_RAY_SHARED_DATA=/nonexistent) shows the tests and benchmarks what a fresh clone without
+    ../shared sees, so that case can be checked on a machine that has it."""
+    path = Path(os.environ.get("ES_RAY_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data") / name
     return path if (path / "corpus.jsonl").exists() else None
 
 
