@@ -131,12 +131,30 @@ class ReindexSettings(BaseModel):
     batch_size: int = Field(64, ge=1)
     rows_per_request: int = Field(16, ge=1)
     embed_timeout_s: float = Field(120.0, gt=0)
-    embed_attempts: int = Field(9, ge=1)
     passes: int = Field(2, ge=1)
     hnsw: str = Field("after", pattern="^(after|during)$")
     adjustments: str = Field("rederive", pattern="^(rederive|drop)$")
     switch: str = Field("auto", pattern="^(auto|force|never)$")
     reuse_item_vectors: bool = True
+
+
+class RetryPolicy(BaseModel):
+    """How one kind of call is tried again (es_ray/retries.py turns it into a tenacity policy)."""
+
+    attempts: int = Field(ge=1)                                   # tries in all, the first included
+    wait: str = Field(pattern="^(exponential|linear)$")
+    first_wait_s: float = Field(ge=0)                             # exponential doubles it, linear adds it
+    max_wait_s: float | None = Field(None, gt=0)
+    retry_on: str = Field(pattern="^(any_error|aborted_transaction)$")
+
+
+class RetrySettings(BaseModel):
+    mlflow: RetryPolicy = RetryPolicy(attempts=5, wait="exponential", first_wait_s=0.2, retry_on="any_error")
+    embed: RetryPolicy = RetryPolicy(attempts=9, wait="exponential", first_wait_s=1.0, max_wait_s=15.0,
+                                     retry_on="any_error")
+    write: RetryPolicy = RetryPolicy(attempts=5, wait="linear", first_wait_s=0.05, retry_on="aborted_transaction")
+    reindex_write: RetryPolicy = RetryPolicy(attempts=5, wait="linear", first_wait_s=0.1,
+                                             retry_on="aborted_transaction")
 
 
 class LifecycleSettings(BaseModel):
@@ -185,6 +203,7 @@ class Settings(BaseSettings):
     improve: ImproveSettings = ImproveSettings()
     tasks: TasksSettings = TasksSettings()
     reindex: ReindexSettings = ReindexSettings()
+    retries: RetrySettings = RetrySettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
     auth: AuthSettings = AuthSettings()
 

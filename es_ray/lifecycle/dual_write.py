@@ -10,20 +10,19 @@ tombstones, so an older copy can neither overwrite a newer write nor bring a del
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import psycopg
+import tenacity
 
+from es_ray import retries
+from es_ray.config import RetryPolicy
 from es_ray.store import lifecycle
 from es_ray.store.collections import Collection, EmbeddedItem, next_versions
 from es_ray.store.lifecycle import Target
 
 # (target, items as dicts with id/text/payload) -> the items embedded by the target's model
 EmbedFor = Callable[[Target, list[dict[str, Any]]], list[EmbeddedItem]]
-ATTEMPTS = 5
-# Postgres breaks a deadlock by aborting one transaction; it did nothing, so it is safe to run again.
-RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 
 
 class LifecycleMoved(RuntimeError):
@@ -46,43 +45,52 @@ def embed_for_live(conn: psycopg.Connection, items: list[dict[str, Any]], embed_
 
 
 def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for: EmbedFor,
-                embedded: dict[int, list[EmbeddedItem]] | None = None) -> int:
+                embedded: dict[int, list[EmbeddedItem]] | None = None, policy: RetryPolicy | None = None) -> int:
     """Upserts `items` into every live collection; returns how many the blue collection took.
 
     Embeddings are made outside the transaction (one set per model version, reused from `embedded`
     when the caller has them); if a collection for another model appeared meanwhile, its embeddings
-    are made and the transaction is tried again.
+    are made and the transaction is tried again (`policy`, by default `retries.write`).
     """
     embedded = dict(embedded or {})
-    for attempt in range(ATTEMPTS):
+
+    def attempt() -> int:
         embed_for_live(conn, items, embed_for, embedded)
-        try:
-            with conn.transaction():
-                state = lifecycle.get_state(conn, lock=True)
-                targets = state.write_targets()
-                if any(t.model_version not in embedded for t in targets):
-                    continue
-                ids = sorted({item["id"] for item in items})
-                versions = dict(zip(ids, next_versions(conn, len(ids))))
-                written = {t.collection: Collection(t.collection, t.dim).upsert(conn, embedded[t.model_version],
-                                                                                versions) for t in targets}
-                return written[state.blue.collection]
-        except RETRYABLE:
-            time.sleep(0.05 * (attempt + 1))  # rolled back whole: try again
-    raise LifecycleMoved(f"the write could not complete in {ATTEMPTS} attempts (lifecycle changes or deadlocks)")
+        with conn.transaction():
+            state = lifecycle.get_state(conn, lock=True)
+            targets = state.write_targets()
+            if any(t.model_version not in embedded for t in targets):
+                raise tenacity.TryAgain  # rolled back (it only read): embed for the new collection first
+            ids = sorted({item["id"] for item in items})
+            versions = dict(zip(ids, next_versions(conn, len(ids))))
+            written = {t.collection: Collection(t.collection, t.dim).upsert(conn, embedded[t.model_version], versions)
+                       for t in targets}
+            return written[state.blue.collection]
+
+    return _until_written("write", policy, attempt)
 
 
-def delete_items(conn: psycopg.Connection, ids: list[str]) -> int:
+def delete_items(conn: psycopg.Connection, ids: list[str], policy: RetryPolicy | None = None) -> int:
     """Deletes from every live collection (tombstones); returns how many the blue collection held."""
     ids = sorted(set(ids))
-    for attempt in range(ATTEMPTS):
-        try:
-            with conn.transaction():
-                state = lifecycle.get_state(conn, lock=True)
-                versions = dict(zip(ids, next_versions(conn, len(ids))))
-                deleted = {t.collection: Collection(t.collection, t.dim).delete(conn, ids, versions)
-                           for t in state.write_targets()}
-                return deleted[state.blue.collection]
-        except RETRYABLE:
-            time.sleep(0.05 * (attempt + 1))
-    raise LifecycleMoved(f"the delete could not complete in {ATTEMPTS} attempts (deadlocks)")
+
+    def attempt() -> int:
+        with conn.transaction():
+            state = lifecycle.get_state(conn, lock=True)
+            versions = dict(zip(ids, next_versions(conn, len(ids))))
+            deleted = {t.collection: Collection(t.collection, t.dim).delete(conn, ids, versions)
+                       for t in state.write_targets()}
+            return deleted[state.blue.collection]
+
+    return _until_written("delete", policy, attempt)
+
+
+def _until_written(what: str, policy: RetryPolicy | None, attempt: Callable[[], int]) -> int:
+    """Runs `attempt` under the write policy; a transaction Postgres rolled back (deadlock) is simply run
+    again. LifecycleMoved when the last attempt still could not complete."""
+    policy = policy or retries.configured().write
+    try:
+        return retries.retrying(policy, f"dual_write.{what}")(attempt)
+    except (tenacity.TryAgain, *retries.RETRY_ON[policy.retry_on]) as err:
+        raise LifecycleMoved(f"the {what} could not complete in {policy.attempts} attempts "
+                             "(lifecycle changes or deadlocks)") from err

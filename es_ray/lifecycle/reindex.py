@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from es_ray import metrics
+from es_ray import metrics, retries
 from es_ray.config import Settings
 from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.logs import get_logger
@@ -96,18 +96,14 @@ class ReindexWorker:
             return self.copy_range(source, green, stored, range_no)
         embedded: list[EmbeddedItem] = []
         size = self.settings.reindex.batch_size
+        embed_retried = retries.retrying(self.settings.retries.embed, "reindex.embed")
         for start in range(0, len(todo), size):
             part = todo[start:start + size]
-            for attempt in range(self.settings.reindex.embed_attempts):
-                try:
-                    embedded += embed(self.encoder, self.settings, [i.id for i in part], [i.text for i in part],
-                                      [i.payload for i in part])
-                    break
-                except Exception as err:  # noqa: BLE001 - retried, then recorded per item (a later pass retries)
-                    if attempt == self.settings.reindex.embed_attempts - 1:
-                        failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
-                    else:  # 1, 2, 4, 8, 15, 15 s...: long enough to ride out a Triton restart
-                        time.sleep(min(2 ** attempt, 15))
+            try:
+                embedded += embed_retried(embed, self.encoder, self.settings, [i.id for i in part],
+                                          [i.text for i in part], [i.payload for i in part])
+            except Exception as err:  # noqa: BLE001 - after the last try: recorded per item (a later pass retries)
+                failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
         return self.finish(green, embedded, stored, failed, range_no)
 
     def copy_range(self, source: Collection, green: Collection, stored: list, range_no: int) -> tuple[int, int, int]:
@@ -135,23 +131,19 @@ class ReindexWorker:
     def write(self, green: Collection, embedded: list[EmbeddedItem], versions: dict[str, int],
               failed: list[tuple[str, str, str]], range_no: int, n_items: int) -> int:
         """Writes the range's copies, its failures and (if none failed) its checkpoint in one transaction;
-        retried when Postgres breaks a deadlock with a concurrent dual write by aborting this one."""
-        from es_ray.lifecycle.dual_write import ATTEMPTS, RETRYABLE
+        tried again (`retries.reindex_write`) when Postgres breaks a deadlock with a concurrent dual write by
+        aborting this one."""
 
-        for attempt in range(ATTEMPTS):
-            try:
-                with self.conn.transaction():
-                    written = green.upsert(self.conn, embedded, versions)
-                    reindex_ranges.clear_failures(self.conn, green.name, [i.id for i in embedded])
-                    reindex_ranges.record_failures(self.conn, green.name, self.task_id, failed)
-                    if not failed:
-                        reindex_ranges.mark_done(self.conn, green.name, range_no, n_items)
-                return written
-            except RETRYABLE:
-                if attempt == ATTEMPTS - 1:
-                    raise
-                time.sleep(0.1 * (attempt + 1))
-        return 0
+        def attempt() -> int:
+            with self.conn.transaction():
+                written = green.upsert(self.conn, embedded, versions)
+                reindex_ranges.clear_failures(self.conn, green.name, [i.id for i in embedded])
+                reindex_ranges.record_failures(self.conn, green.name, self.task_id, failed)
+                if not failed:
+                    reindex_ranges.mark_done(self.conn, green.name, range_no, n_items)
+            return written
+
+        return retries.retrying(self.settings.retries.reindex_write, "reindex.write")(attempt)
 
 
 # --- the job ------------------------------------------------------------------------------------------
@@ -220,8 +212,8 @@ def rederive_adjustments(settings: Settings, manifest, conn, green: Target, prog
 
 def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
             progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    import ray
-
+    """Every blue item into a green collection for `version` (steps 2 to 5 of the module's docstring);
+    returns what was done, for the task's result."""
     started = time.monotonic()
     conn = db.connect(manifest.postgres_dsn)
     blue, green = prepare_green(settings, driver, conn, version, progress)
@@ -229,57 +221,105 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     n_ranges = reindex_ranges.plan(conn, source, green.collection, settings.reindex.range_items)
     todo = reindex_ranges.pending(conn, green.collection)
     total_items = source.count(conn)
-    _, done_before, items_before = reindex_ranges.totals(conn, green.collection)
     log.info("reindex.start", task_id=task_id, source=blue.collection, green=green.collection, ranges=n_ranges,
              pending=len(todo), items=total_items)
-    # A fine-tune of the query tower keeps blue's item tower: the item vectors would come out the same
-    # (as long as chunking is unchanged: set reindex.reuse_item_vectors false to re-chunk every item).
-    blue_tower = item_tower_fingerprint(blue.source_dir)
-    copy_vectors = (settings.reindex.reuse_item_vectors and blue_tower is not None
-                    and blue_tower == item_tower_fingerprint(green.source_dir))
+    copy_vectors = reuses_item_vectors(settings, blue, green)
     log.info("reindex.item_vectors", mode="copied" if copy_vectors else "embedded")
+    loaded = load_ranges(settings, manifest, conn, task_id, (blue, green), copy_vectors, n_ranges, total_items,
+                         progress)
+    check_complete(conn, source, green)
+    index_s = build_index(settings, conn, green, progress)
+    adjustments = carry_adjustments(settings, manifest, conn, green, progress)
+    lifecycle.save_collection(conn, green.collection, version, "ready")
+    result = {"to_version": version, "from_version": blue.model_version, "collection": green.collection,
+              "items": Collection(green.collection, green.dim).count(conn), "ranges": n_ranges,
+              "ranges_this_run": len(todo), **loaded, "index_s": round(index_s, 1), "hnsw": settings.reindex.hnsw,
+              "adjustments": adjustments, "seconds": round(time.monotonic() - started, 1),
+              "item_vectors": ("copied from blue: the item tower is unchanged, only the query tower was trained"
+                               if copy_vectors else "embedded by the new model's item tower")}
+    conn.close()
+    log.info("reindex.done", **{k: v for k, v in result.items() if k != "adjustments"})
+    return result
+
+
+def reuses_item_vectors(settings: Settings, blue: Target, green: Target) -> bool:
+    """A fine-tune of the query tower keeps blue's item tower: the item vectors would come out the same
+    (as long as chunking is unchanged: set reindex.reuse_item_vectors false to re-chunk every item)."""
+    blue_tower = item_tower_fingerprint(blue.source_dir)
+    return (settings.reindex.reuse_item_vectors and blue_tower is not None
+            and blue_tower == item_tower_fingerprint(green.source_dir))
+
+
+def load_ranges(settings: Settings, manifest, conn, task_id: str, blue_green: tuple[Target, Target],
+                copy_vectors: bool, n_ranges: int, total_items: int,
+                progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """Runs the worker pool over the pending ranges, `reindex.passes` times at most (a later pass redoes
+    the ranges where items failed), reporting progress after every batch; returns the load's figures."""
+    import ray
+
+    green = blue_green[1]
+    _, done_before, items_before = reindex_ranges.totals(conn, green.collection)
     gauges = ReindexMetrics(green.collection)
     state = {"items_done": items_before, "items_total": total_items, "ranges_total": n_ranges,
              "ranges_done": done_before, "resumed_from_ranges": done_before, "items_per_s": 0.0, "eta_s": None,
              "failed": 0}
     progress({"stage": "reindexing", **state})
-    load_started = time.monotonic()
+    started = time.monotonic()
     new_items = 0
     nodes: dict[str, int] = {}  # Ray node id -> ranges its workers ran (this run)
     # The pool starts whole before the first range is handed out, so ranges spread over its actors (and
     # their nodes) instead of queueing on the first actor up; a pool that cannot be placed fails the job.
     ray.data.DataContext.get_current().wait_for_min_actors_s = POOL_START_TIMEOUT_S
-    for _ in range(settings.reindex.passes):  # a later pass redoes the ranges where items failed
+    for _ in range(settings.reindex.passes):
         pending = reindex_ranges.pending(conn, green.collection)
         if not pending:
             break
-        dataset = ray.data.from_items(pending).map_batches(
-            ReindexWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=settings.reindex.workers),
-            fn_constructor_args=(settings.model_dump(mode="json"), manifest.triton_grpc_url, manifest.postgres_dsn,
-                                 blue.__dict__, green.__dict__, task_id, copy_vectors),
-            num_cpus=0.25,  # the model runs in Triton; workers tokenise, wait on the network and COPY
-            scheduling_strategy="SPREAD")  # on a cluster: one actor per node first, not all on the emptiest
         state["failed"] = 0
+        dataset = range_dataset(settings, manifest, pending, task_id, blue_green, copy_vectors)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            for items, failed, node_id in zip(batch["items"], batch["failed"], batch["node_id"]):
-                state["ranges_done"] += 1 if not failed else 0
-                state["failed"] += int(failed)
-                new_items += int(items) if not failed else 0
-                nodes[str(node_id)] = nodes.get(str(node_id), 0) + 1
-            metrics.count("es_ray_reindex_written_items", sum(int(w) for w in batch["written"]),
-                          collection=green.collection)
-            metrics.count("es_ray_reindex_failed_items", sum(int(f) for f in batch["failed"]),
-                          collection=green.collection)
-            state["nodes"] = dict(nodes)
-            elapsed = time.monotonic() - load_started
-            rate = new_items / max(elapsed, 1e-9)
+            new_items += count_batch(batch, state, nodes, green.collection)
+            rate = new_items / max(time.monotonic() - started, 1e-9)
             state["items_done"] = items_before + new_items
             state["items_per_s"] = round(rate, 2)
             state["eta_s"] = round(max(total_items - state["items_done"], 0) / rate, 1) if rate > 0 else None
             progress({"stage": "reindexing", **state})
             gauges.set(state)
-    load_s = time.monotonic() - load_started
+    load_s = time.monotonic() - started
+    return {"resumed_from_ranges": done_before, "load_s": round(load_s, 1),
+            "items_per_s": round(new_items / max(load_s, 1e-9), 2), "nodes": nodes}
 
+
+def range_dataset(settings: Settings, manifest, pending: list[dict[str, Any]], task_id: str,
+                  blue_green: tuple[Target, Target], copy_vectors: bool):
+    """The Ray Data pipeline over `pending` ranges: one range per call of a `ReindexWorker` actor."""
+    import ray
+
+    blue, green = blue_green
+    return ray.data.from_items(pending).map_batches(
+        ReindexWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=settings.reindex.workers),
+        fn_constructor_args=(settings.model_dump(mode="json"), manifest.triton_grpc_url, manifest.postgres_dsn,
+                             blue.__dict__, green.__dict__, task_id, copy_vectors),
+        num_cpus=0.25,  # the model runs in Triton; workers tokenise, wait on the network and COPY
+        scheduling_strategy="SPREAD")  # on a cluster: one actor per node first, not all on the emptiest
+
+
+def count_batch(batch: dict[str, np.ndarray], state: dict[str, Any], nodes: dict[str, int], collection: str) -> int:
+    """Adds a batch of range results to the progress `state`, `nodes` and the Ray metrics; returns the
+    items of the ranges it completed."""
+    new_items = 0
+    for items, failed, node_id in zip(batch["items"], batch["failed"], batch["node_id"]):
+        state["ranges_done"] += 1 if not failed else 0
+        state["failed"] += int(failed)
+        new_items += int(items) if not failed else 0
+        nodes[str(node_id)] = nodes.get(str(node_id), 0) + 1
+    metrics.count("es_ray_reindex_written_items", sum(int(w) for w in batch["written"]), collection=collection)
+    metrics.count("es_ray_reindex_failed_items", sum(int(f) for f in batch["failed"]), collection=collection)
+    state["nodes"] = dict(nodes)
+    return new_items
+
+
+def check_complete(conn, source: Collection, green: Target) -> None:
+    """ReindexIncomplete unless every item made it: no failed item left, and green holds exactly blue's ids."""
     failed_total, failed_sample = reindex_ranges.failures(conn, green.collection)
     if failed_total:
         raise ReindexIncomplete(f"{failed_total} items failed (run the reindex again to retry them): "
@@ -288,34 +328,28 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     if differences["missing"] or differences["extra"]:
         raise ReindexIncomplete(f"green differs from blue after every range was done: {differences}")
 
-    index_s = 0.0
-    if settings.reindex.hnsw == "after":
-        progress({"stage": "building the HNSW index"})
-        index_started = time.monotonic()
-        # CONCURRENTLY: dual writes to green go on while the index builds.
-        Collection(green.collection, green.dim).create_index(conn, settings.postgres.hnsw_m,
-                                                             settings.postgres.hnsw_ef_construction, concurrently=True,
-                                                             work_mem=settings.postgres.maintenance_work_mem)
-        index_s = time.monotonic() - index_started
+
+def build_index(settings: Settings, conn, green: Target, progress: Callable[[dict[str, Any]], None]) -> float:
+    """Builds green's HNSW index after the load (`reindex.hnsw: after`); returns the seconds it took."""
+    if settings.reindex.hnsw != "after":
+        return 0.0
+    progress({"stage": "building the HNSW index"})
+    started = time.monotonic()
+    # CONCURRENTLY: dual writes to green go on while the index builds.
+    Collection(green.collection, green.dim).create_index(conn, settings.postgres.hnsw_m,
+                                                         settings.postgres.hnsw_ef_construction, concurrently=True,
+                                                         work_mem=settings.postgres.maintenance_work_mem)
+    return time.monotonic() - started
+
+
+def carry_adjustments(settings: Settings, manifest, conn, green: Target,
+                      progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """What clicks taught, on green: re-derived with the new model (`reindex.adjustments: rederive`) or dropped."""
     if settings.reindex.adjustments == "rederive":
-        adjustments = {"mode": "rederive", **rederive_adjustments(settings, manifest, conn, green, progress)}
-    else:
-        dropped = clickstream.count_improved(conn)
-        adjustments = {"mode": "drop", "sessions_not_replayed": dropped}
-        log.warning("reindex.adjustments_dropped", sessions=dropped, collection=green.collection)
-    lifecycle.save_collection(conn, green.collection, version, "ready")
-    seconds = time.monotonic() - started
-    result = {"to_version": version, "from_version": blue.model_version, "collection": green.collection,
-              "items": Collection(green.collection, green.dim).count(conn), "ranges": n_ranges,
-              "resumed_from_ranges": done_before, "ranges_this_run": len(todo),
-              "load_s": round(load_s, 1), "index_s": round(index_s, 1), "hnsw": settings.reindex.hnsw,
-              "items_per_s": round((state["items_done"] - items_before) / max(load_s, 1e-9), 2),
-              "nodes": nodes, "adjustments": adjustments, "seconds": round(seconds, 1),
-              "item_vectors": ("copied from blue: the item tower is unchanged, only the query tower was trained"
-                               if copy_vectors else "embedded by the new model's item tower")}
-    conn.close()
-    log.info("reindex.done", **{k: v for k, v in result.items() if k != "adjustments"})
-    return result
+        return {"mode": "rederive", **rederive_adjustments(settings, manifest, conn, green, progress)}
+    dropped = clickstream.count_improved(conn)
+    log.warning("reindex.adjustments_dropped", sessions=dropped, collection=green.collection)
+    return {"mode": "drop", "sessions_not_replayed": dropped}
 
 
 def request_switch(driver, force: bool, owner: str, green: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from es_ray import retries
 from es_ray.inference.encoder import QUERY_TOWER_DIR, SentenceEncoder, load_encoder, load_tokenizer
 from es_ray.train.item_vectors import ItemVectors
 from es_ray.train.losses import CollectionSoftmaxLoss
@@ -276,11 +277,13 @@ class TrialTracker:
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.client = MlflowClient(tracking_uri=mlflow_config["tracking_uri"])
-        self.run_id = _retry(lambda: self.client.create_run(
+        # Trials log concurrently; a sqlite tracking store answers 'database is locked' now and then.
+        self.retry = retries.retrying(retries.configured().mlflow, "mlflow")
+        self.run_id = self.retry(lambda: self.client.create_run(
             mlflow_config["experiment_id"], run_name=f"trial-{mlflow_config['trial_id']}",
             tags={"mlflow.parentRunId": mlflow_config["parent_run_id"], "es_ray.trial_id": mlflow_config["trial_id"],
                   "es_ray.role": "trial"}).info.run_id)
-        _retry(lambda: self.client.log_batch(self.run_id, params=[Param(k, str(config[k])) for k in self.PARAMS]))
+        self.retry(lambda: self.client.log_batch(self.run_id, params=[Param(k, str(config[k])) for k in self.PARAMS]))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.client is None:
@@ -290,19 +293,8 @@ class TrialTracker:
         now = int(time.time() * 1000)
         # MLflow names allow no '@': ndcg@10 is logged as ndcg_at_10
         batch = [Metric(k.replace("@", "_at_"), float(v), now, step) for k, v in metrics.items()]
-        _retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
+        self.retry(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def finish(self) -> None:
         if self.client is not None:
-            _retry(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
-
-
-def _retry(fn, attempts: int = 5):
-    """Trials log concurrently; a sqlite tracking store answers 'database is locked' now and then."""
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except Exception:  # noqa: BLE001
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * 2 ** attempt)
+            self.retry(lambda: self.client.set_terminated(self.run_id, "FINISHED"))
