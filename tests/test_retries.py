@@ -11,7 +11,7 @@ import yaml
 
 from es_ray import retries
 from es_ray.config import DEFAULT_CONFIG, RetryPolicy, RetrySettings, load_settings
-from es_ray.lifecycle import dual_write
+from es_ray.data import dual_write
 
 DEADLOCK = psycopg.errors.DeadlockDetected("deadlock detected")
 SERIALISATION = psycopg.errors.SerializationFailure("could not serialize access")

@@ -3,7 +3,7 @@
 The same two stages run in-process for small HTTP bodies (`upsert_now`) and as Ray Data stages for
 bulk loads and large bodies (`upsert_dataset`): `EmbedStage` calls Triton from an actor pool,
 `WriteStage` writes with COPY and reports per-item failures, so one bad batch never stops a load.
-Writes go to every live collection (lifecycle/dual_write.py), each embedded by its own model.
+Writes go to every live collection (data/dual_write.py), each embedded by its own model.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from es_ray.config import Settings
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER
-from es_ray.lifecycle import dual_write
-from es_ray.lifecycle.dual_write import write_items
+from es_ray.data import dual_write
+from es_ray.data.dual_write import write_items
 from es_ray.logs import get_logger
 from es_ray.store import db
 from es_ray.store.collections import EmbeddedItem
@@ -71,7 +71,7 @@ def upsert_now(encoders: Encoders, pool, settings: Settings,
         ids = [i["id"] for i in batch]
         try:
             with pool.connection() as conn:
-                written += write_items(conn, batch, encoders.embed_for)
+                written += write_items(conn, batch, encoders.embed_for, settings.retries.write)
         except Exception as err:  # noqa: BLE001 - reported per item, never swallowed silently
             log.warning("upsert.batch_failed", items=len(batch), error=str(err))
             failed.extend({"id": item_id, "error": f"{type(err).__name__}: {err}"} for item_id in ids)
@@ -139,7 +139,7 @@ class WriteStage:
             for version, item in pickle.loads(batch["embedded"][k]).items():
                 embedded.setdefault(version, []).append(item)
         try:
-            write_items(self.conn, items, self.encoders.embed_for, embedded)
+            write_items(self.conn, items, self.encoders.embed_for, self.encoders.settings.retries.write, embedded)
         except Exception as err:  # noqa: BLE001
             errors = [e or f"write: {type(err).__name__}: {err}" for e in errors]
         return {"id": ids, "error": errors}

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends
 
 from es_ray import metrics
 from es_ray.data import pipeline
-from es_ray.lifecycle import dual_write
+from es_ray.data import dual_write
 from es_ray.logs import get_logger
 from es_ray.serve import schemas
 from es_ray.serve.errors import ServiceUnavailable
@@ -61,7 +61,7 @@ def delete(request: schemas.DeleteRequest, state: Replica = Depends(replica)) ->
     state.blue()  # 503 while the stack bootstraps
     try:
         with state.pool.connection() as conn:
-            deleted = dual_write.delete_items(conn, request.ids)
+            deleted = dual_write.delete_items(conn, request.ids, state.settings.retries.write)
     except db.OperationalError as err:
         raise ServiceUnavailable(f"database unavailable: {err}") from err
     metrics.count("es_ray_deleted_items", deleted)

@@ -44,13 +44,13 @@ def embed_for_live(conn: psycopg.Connection, items: list[dict[str, Any]], embed_
     return embedded
 
 
-def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for: EmbedFor,
-                embedded: dict[int, list[EmbeddedItem]] | None = None, policy: RetryPolicy | None = None) -> int:
+def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for: EmbedFor, policy: RetryPolicy,
+                embedded: dict[int, list[EmbeddedItem]] | None = None) -> int:
     """Upserts `items` into every live collection; returns how many the blue collection took.
 
     Embeddings are made outside the transaction (one set per model version, reused from `embedded`
     when the caller has them); if a collection for another model appeared meanwhile, its embeddings
-    are made and the transaction is tried again (`policy`, by default `retries.write`).
+    are made and the transaction is tried again (`policy`: the stack's `retries.write`).
     """
     embedded = dict(embedded or {})
 
@@ -70,7 +70,7 @@ def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for
     return _until_written("write", policy, attempt)
 
 
-def delete_items(conn: psycopg.Connection, ids: list[str], policy: RetryPolicy | None = None) -> int:
+def delete_items(conn: psycopg.Connection, ids: list[str], policy: RetryPolicy) -> int:
     """Deletes from every live collection (tombstones); returns how many the blue collection held."""
     ids = sorted(set(ids))
 
@@ -85,10 +85,9 @@ def delete_items(conn: psycopg.Connection, ids: list[str], policy: RetryPolicy |
     return _until_written("delete", policy, attempt)
 
 
-def _until_written(what: str, policy: RetryPolicy | None, attempt: Callable[[], int]) -> int:
+def _until_written(what: str, policy: RetryPolicy, attempt: Callable[[], int]) -> int:
     """Runs `attempt` under the write policy; a transaction Postgres rolled back (deadlock) is simply run
     again. LifecycleMoved when the last attempt still could not complete."""
-    policy = policy or retries.configured().write
     try:
         return retries.retrying(policy, f"dual_write.{what}")(attempt)
     except (tenacity.TryAgain, *retries.RETRY_ON[policy.retry_on]) as err:
