@@ -17,7 +17,7 @@ from psycopg import sql
 from schemathesis.checks import CHECKS, load_all_checks
 
 from es_ray.serve.app import app
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection
 
 pytestmark = pytest.mark.hostile
@@ -55,7 +55,7 @@ def new_items_deleted(api, stack):
     """Deletes whatever items the generated upserts stored."""
     def ids() -> set[str]:
         with db.connect(stack.postgres_dsn) as conn:
-            blue = lifecycle.get_blue(conn)
+            blue = blue_green.get_blue(conn)
             items = Collection(blue.collection, blue.dim).items
             return {r[0] for r in conn.execute(sql.SQL("SELECT object_id FROM {}").format(items))}
     before = ids()

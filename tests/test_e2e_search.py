@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from es_ray.store import db, lifecycle
-from es_ray.train.metrics import evaluate
+from es_ray.store import db, blue_green
+from es_ray.train.evaluation import evaluate
 from tests.helpers import ids, search
 
 
@@ -164,7 +164,7 @@ def test_large_body_runs_through_the_ray_data_pipeline(api, stack, settings):
     assert response.json() == {"upserted": n, "failed": []}
     with db.connect(stack.postgres_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM items_v1 WHERE object_id LIKE 'bulk-%'").fetchone()[0] == n
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
     assert blue.collection == "v1"
     deleted = api.request("DELETE", "/v1/items", json={"ids": [i["id"] for i in items]}).json()
     assert deleted == {"deleted": n}

@@ -14,7 +14,7 @@ import pytest
 
 from es_ray.inference import registry
 from es_ray.stack.jobs import REPO_ROOT
-from es_ray.store import db, lifecycle, tasks
+from es_ray.store import db, blue_green, tasks
 from tests.helpers import search
 
 CLICKS = [0.81, 0.56, 0.46, 0.39, 0.29, 0.26, 0.24, 0.20, 0.20, 0.19]   # examination by rank
@@ -82,11 +82,11 @@ def test_fine_tune_task_registers_a_version_and_the_gate_refuses_a_worse_model(a
     assert tags["es_ray.gate"] == "rejected" and tags["es_ray.parent_version"] == "1"
     assert tags["es_ray.split_seed"] == "13" and int(tags["es_ray.sessions"]) >= clicked_sessions
     with db.connect(stack.postgres_dsn) as conn:
-        model = lifecycle.get_model(conn, version)
+        model = blue_green.get_model(conn, version)
         assert model.state == "rejected"
         row = conn.execute("SELECT parent_version, gate FROM models WHERE version = %s", (version,)).fetchone()
         assert row[0] == 1 and row[1]["candidate"] is False
-        assert lifecycle.get_blue(conn).model_version == 1          # a refused model is never deployed
+        assert blue_green.get_blue(conn).model_version == 1          # a refused model is never deployed
     assert not (settings.state_path / "triton" / "models" / "query_encoder" / str(version)).exists()
     assert search(api, "still serving", session=False)["model"] == "v1"
 

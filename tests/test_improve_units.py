@@ -3,7 +3,7 @@
 import numpy as np
 
 from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, AdjusterConfig, Examples, VectorAdjuster
-from es_ray.improve.loop import build_examples, labelled
+from es_ray.improve.loop import adjustment_examples, labelled
 from es_ray.store.clickstream import LoggedSession
 
 
@@ -60,7 +60,7 @@ def test_examples_use_each_items_best_matching_chunk_and_sessions_of_any_shape()
     sessions = [LoggedSession("s1", "q", False, None, [(1, "b"), (2, "a")], {"a"}),
                 LoggedSession("s2", "q", False, None, [(1, "c"), (2, "b"), (3, "a")], {"a", "c"}),
                 LoggedSession("s3", "q", True, None, [(1, "c")], set())]
-    keys, vectors, ex = build_examples(sessions, {"s1": Q, "s2": Q, "s3": Q}, chunks)
+    keys, vectors, ex = adjustment_examples(sessions, {"s1": Q, "s2": Q, "s3": Q}, chunks)
     assert ("a", 2) in keys and ("a", 1) not in keys   # the chunk that matched the query
     assert len(vectors) == len(keys) == 3
     kinds = list(ex.kind)

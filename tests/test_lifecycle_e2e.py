@@ -23,7 +23,7 @@ from es_ray.store.reindex_ranges import totals as range_totals
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, served_name
 from es_ray.stack.jobs import REPO_ROOT
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection, collection_name
 from tests.helpers import register_variant
 
@@ -77,22 +77,22 @@ def wait_ranges(stack, green: str, until, timeout_s: float = 300.0) -> tuple[int
             time.sleep(0.05)
 
 
-def encoder(stack, settings, target: lifecycle.Target, name: str) -> TritonEncoder:
+def encoder(stack, settings, target: blue_green.Target, name: str) -> TritonEncoder:
     return TritonEncoder.of(stack.triton_grpc_url, name, target, settings)
 
 
-def targets(stack) -> lifecycle.State:
+def targets(stack) -> blue_green.State:
     with db.connect(stack.postgres_dsn) as conn:
-        return lifecycle.get_state(conn)
+        return blue_green.get_state(conn)
 
 
-def model_of(stack, version: int) -> lifecycle.Target:
+def model_of(stack, version: int) -> blue_green.Target:
     with db.connect(stack.postgres_dsn) as conn:
-        m = lifecycle.get_model(conn, version)
-    return lifecycle.Target(m.version, f"v{m.version}", m.dim, m.source_dir, m.max_length)
+        m = blue_green.get_model(conn, version)
+    return blue_green.Target(m.version, f"v{m.version}", m.dim, m.source_dir, m.max_length)
 
 
-def assert_embedded_by(stack, settings, target: lifecycle.Target, ids: list[str], texts: dict[str, str]):
+def assert_embedded_by(stack, settings, target: blue_green.Target, ids: list[str], texts: dict[str, str]):
     """Each item's first chunk vector in the target collection is the target model's embedding of its text."""
     with db.connect(stack.postgres_dsn) as conn:
         chunks = Collection(target.collection, target.dim).chunk_vectors(conn, ids)
@@ -225,7 +225,7 @@ def test_a_driver_killed_mid_switch_finishes_it_once(api, stack, settings, varia
     deadline = time.monotonic() + 30
     while True:                                                  # the switch is recorded, not yet made
         with db.connect(stack.postgres_dsn) as conn:
-            started = lifecycle.unfinished_switches(conn)
+            started = blue_green.unfinished_switches(conn)
         if started:
             break
         assert time.monotonic() < deadline, "the switch was never recorded"
@@ -249,9 +249,9 @@ def test_a_driver_killed_mid_switch_finishes_it_once(api, stack, settings, varia
     assert after["epoch"] == before["epoch"] + 1                 # switched exactly once
     assert after["previous"]["model_version"] == before["blue"]["model_version"] and after["green"] is None
     with db.connect(stack.postgres_dsn) as conn:
-        record = lifecycle.get_switch(conn, started[0].switch_id)
+        record = blue_green.get_switch(conn, started[0].switch_id)
         assert record.status == "switched"
-        assert lifecycle.unfinished_switches(conn) == []
+        assert blue_green.unfinished_switches(conn) == []
     assert served_model(api, f"v{variant}") == f"v{variant}"
     again = api.post("/v1/lifecycle/switch", json={"force": True})
     assert again.status_code == 409 and "no green" in again.json()["error"]

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from es_ray.store import db, lifecycle, locks
+from es_ray.store import db, blue_green, locks
 from es_ray.store.collections import Collection, EmbeddedItem, next_versions
 
 
@@ -121,9 +121,9 @@ def test_a_reindex_range_records_failed_items_with_their_stage_and_is_redone(sta
     """An item without a stored text fails at `read`; its range stays to do until a rerun succeeds."""
     from es_ray.lifecycle.reindex import ReindexWorker
     from es_ray.store.reindex_ranges import failures
-    from es_ray.store import lifecycle
+    from es_ray.store import blue_green
 
-    blue = lifecycle.get_blue(conn)
+    blue = blue_green.get_blue(conn)
     source, green = Collection("t_reindex_src", blue.dim), Collection("t_reindex_green", blue.dim)
     for collection in (source, green):
         collection.drop(conn)
@@ -171,7 +171,7 @@ def test_a_write_waiting_on_a_switch_reads_the_new_blue(scratch_dsn):
 
         def write():
             with writer.transaction():
-                seen.append(lifecycle.get_state(writer, lock=True))
+                seen.append(blue_green.get_state(writer, lock=True))
 
         with switcher.transaction():
             switcher.execute("UPDATE blue SET model_version = 2, collection = 'v2', epoch = epoch + 1")

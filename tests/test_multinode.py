@@ -20,7 +20,7 @@ import pytest
 
 from es_ray.stack import ray_head
 from es_ray.stack.manifest import free_port
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection
 from tests.helpers import register_variant
 
@@ -110,7 +110,7 @@ def two_alive_nodes(stack) -> list | None:
 
 def test_reindex_spreads_its_ranges_over_two_nodes(api, stack, settings, without_loaded_collection):
     with db.connect(stack.postgres_dsn) as conn:
-        blue = lifecycle.get_state(conn).blue
+        blue = blue_green.get_state(conn).blue
         count = Collection(blue.collection, blue.dim).count(conn)
     needed = RANGES_AT_LEAST * settings.reindex.range_items - count
     if needed > 0:  # run on its own, blue may hold little: short texts embed fast
@@ -147,7 +147,7 @@ def test_reindex_spreads_its_ranges_over_two_nodes(api, stack, settings, without
 
     # Green was complete (exactly blue's items) and is blue now; the old blue is the previous one.
     with db.connect(stack.postgres_dsn) as conn:
-        state = lifecycle.get_state(conn)
+        state = blue_green.get_state(conn)
         assert state.blue.model_version == version and state.previous.model_version == blue.model_version
         new, old = Collection(state.blue.collection, state.blue.dim), Collection(blue.collection, blue.dim)
         assert new.differences(conn, old) == {"missing": 0, "extra": 0, "missing_ids": [], "extra_ids": []}

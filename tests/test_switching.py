@@ -9,7 +9,7 @@ import pytest
 
 from es_ray.config import LifecycleSettings
 from es_ray.lifecycle import switching
-from es_ray.store import db, lifecycle, locks
+from es_ray.store import db, blue_green, locks
 from es_ray.store.collections import Collection
 
 
@@ -33,11 +33,11 @@ def conn(scratch_database):
     db.migrate(dsn)
     with db.connect(dsn) as connection:
         for v in (1, 2, 3):
-            lifecycle.save_model(connection, lifecycle.ModelRecord(v, f"models:/m/{v}", f"/models/v{v}", 3, 8))
+            blue_green.save_model(connection, blue_green.ModelRecord(v, f"models:/m/{v}", f"/models/v{v}", 3, 8))
             Collection(f"c{v}", 3).create(connection)
-            lifecycle.save_collection(connection, f"c{v}", v, "ready" if v < 3 else "building")
-        lifecycle.set_blue(connection, 1, "c1")
-        lifecycle.set_green(connection, 2, "c2")
+            blue_green.save_collection(connection, f"c{v}", v, "ready" if v < 3 else "building")
+        blue_green.set_blue(connection, 1, "c1")
+        blue_green.set_green(connection, 2, "c2")
         yield connection
 
 
@@ -48,12 +48,12 @@ def quick(settings):
 
 
 def pass_gate(conn, version: int) -> None:
-    lifecycle.set_model_state(conn, version, "candidate")
-    lifecycle.record_lineage(conn, version, 1, {"ndcg@10": 0.5}, {"candidate": True, "reason": "better"})
+    blue_green.set_model_state(conn, version, "candidate")
+    blue_green.record_lineage(conn, version, 1, {"ndcg@10": 0.5}, {"candidate": True, "reason": "better"})
 
 
 def blue_green_previous(conn) -> tuple:
-    state = lifecycle.get_state(conn)
+    state = blue_green.get_state(conn)
     return tuple(t.collection if t else None for t in (state.blue, state.green, state.previous))
 
 
@@ -69,7 +69,7 @@ def test_switch_needs_the_gate_then_keeps_the_old_blue_for_rollback(conn, quick)
     assert (done["status"], done["from_version"], done["to_version"]) == ("switched", 1, 2)
     assert blue_green_previous(conn) == ("c2", None, "c1")
     assert deployer.calls == [("deploy", 2)]                            # Triton serves v2 before the swap
-    assert lifecycle.get_model(conn, 2).state == "deployed"
+    assert blue_green.get_model(conn, 2).state == "deployed"
 
     back = switching.rollback(conn, quick, deployer)
     assert (back["kind"], back["status"], back["to_version"]) == ("rollback", "switched", 1)
@@ -80,10 +80,10 @@ def test_switch_needs_the_gate_then_keeps_the_old_blue_for_rollback(conn, quick)
 
 def test_a_switch_refuses_an_unfinished_green_or_a_held_lock(conn, quick):
     deployer = RecordingDeployer()
-    lifecycle.set_green(conn, 3, "c3")                                  # still building
+    blue_green.set_green(conn, 3, "c3")                                  # still building
     with pytest.raises(switching.SwitchRefused, match="its reindex has not finished"):
         switching.switch(conn, quick, deployer, force=True)
-    lifecycle.save_collection(conn, "c3", 3, "ready")
+    blue_green.save_collection(conn, "c3", 3, "ready")
     with pytest.raises(switching.SwitchRefused, match="green is c3, not c2"):
         switching.switch(conn, quick, deployer, force=True, expected_green="c2")
     locks.acquire(conn, locks.LIFECYCLE, "reindex:other", 30)
@@ -111,15 +111,15 @@ def test_cleanup_drops_the_previous_blue_only_when_due(conn, quick, monkeypatch)
     assert not Collection("c1", 3).exists(conn)
     assert blue_green_previous(conn) == ("c2", None, None)
     assert deployer.calls == [("deploy", 2), ("undeploy", 1)]
-    assert lifecycle.get_model(conn, 1).state == "retired"
-    assert lifecycle.get_collection(conn, "c1")["state"] == "dropped"
+    assert blue_green.get_model(conn, 1).state == "retired"
+    assert blue_green.get_collection(conn, "c1")["state"] == "dropped"
     with pytest.raises(switching.SwitchRefused, match="nothing to roll back to"):
         switching.rollback(conn, quick, deployer)
 
 
 def test_a_switch_recorded_by_a_dead_driver_is_finished_once(conn, quick):
-    state = lifecycle.get_state(conn)
-    record = lifecycle.begin_switch(conn, "switch", state.blue, state.green, True)  # then the driver died
+    state = blue_green.get_state(conn)
+    record = blue_green.begin_switch(conn, "switch", state.blue, state.green, True)  # then the driver died
     locks.acquire(conn, locks.LIFECYCLE, f"{switching.SWITCH_OWNER}dead", 30)
     resumed = switching.resume(conn, quick)
     assert [(r["switch_id"], r["status"]) for r in resumed] == [(record.switch_id, "switched")]
@@ -132,4 +132,4 @@ def test_dropping_a_replaced_green_stops_its_dual_writes(conn):
     switching.drop_green(conn, "c2", reason="replaced by a reindex to v3")
     assert blue_green_previous(conn) == ("c1", None, None)
     assert not Collection("c2", 3).exists(conn)
-    assert lifecycle.get_collection(conn, "c2")["state"] == "dropped"
+    assert blue_green.get_collection(conn, "c2")["state"] == "dropped"

@@ -5,12 +5,12 @@ import torch
 
 from es_ray.inference.encoder import load_encoder
 from es_ray.inference.triton_client import TritonEncoder
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 
 
 def test_served_embedding_equals_local_model(stack, settings):
     with db.connect(stack.postgres_dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
     texts = ["What causes lift on an aircraft wing?", "x",
              "Transcription factors regulate gene expression in eukaryotic cells. " * 30,  # truncated at max_length
              "Ünïcödé тексты и 中文 also embed."]

@@ -9,7 +9,7 @@ from es_ray.config import TritonSettings, load_settings
 from es_ray.inference.chunking import split
 from es_ray.inference.encoder import default_model_dir, load_tokenizer
 from es_ray.inference.triton_repo import config_pbtxt
-from es_ray.train.metrics import evaluate
+from es_ray.train.evaluation import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from es_ray.store import clickstream, db, lifecycle
+from es_ray.store import clickstream, db, blue_green
 from es_ray.store.collections import Collection
 
 OLD_SCHEMA = Path(__file__).parent / "fixtures" / "schema-8ba3954.sql"
@@ -47,7 +47,7 @@ def test_a_database_of_an_earlier_release_is_migrated_and_keeps_its_data(old_dsn
     assert db.migrate(old_dsn) == []                                     # each migration once
     with db.connect(old_dsn) as conn:
         assert db.schema_version(conn) == latest
-        state = lifecycle.get_state(conn)
+        state = blue_green.get_state(conn)
         assert (state.blue.model_version, state.blue.collection, state.green, state.epoch) == (1, "v1", None, 0)
         [session] = clickstream.recent_sessions(conn, 10)
         assert (session.query, session.shown, session.clicked) == ("old query", [(1, "a"), (2, "b")], {"b"})

@@ -30,11 +30,11 @@ from es_ray.data.corpus import read_qrels, read_queries
 from es_ray.inference.encoder import load_encoder, load_tokenizer, query_tower_dir
 from es_ray.serve.schemas import TaskOut
 from es_ray.stack.manifest import StackManifest
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection
 from es_ray.train.config import load_finetune_config
 from es_ray.train.item_vectors import ItemVectors
-from es_ray.train.metrics import evaluate
+from es_ray.train.evaluation import evaluate
 from es_ray.train.trainer import embed_queries
 
 STATE = Path("/tmp/esr-bench-finetune")
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     test = {q: queries[q] for q in sorted(test_qrels) if q in queries}
 
     with db.connect(manifest.postgres_dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
         collection = Collection(blue.collection, blue.dim)
         items = ItemVectors.from_chunks(collection.chunk_vectors(conn, collection.sample_ids(conn, 10**9), model=True))
         stored = conn.execute("SELECT count(*) FROM sessions").fetchone()[0]

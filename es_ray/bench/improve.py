@@ -23,9 +23,9 @@ from es_ray.client import EsRayClient
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.stack import jobs
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection
-from es_ray.train.metrics import evaluate
+from es_ray.train.evaluation import evaluate
 
 STATE = Path("/tmp/esr-bench-improve")
 
@@ -43,7 +43,7 @@ def load_corpus(settings, manifest, data: Path, docs: int, judged: set[str]) -> 
     chosen = [i for i in corpus if i["id"] in judged]
     chosen += [i for i in corpus if i["id"] not in judged][:max(0, docs - len(chosen))]
     with db.connect(manifest.postgres_dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
         collection = Collection(blue.collection, blue.dim)
         if collection.count(conn) >= len(chosen):
             return len(chosen)
@@ -59,7 +59,7 @@ def load_corpus(settings, manifest, data: Path, docs: int, judged: set[str]) -> 
 def reset_learning(manifest) -> None:
     """The benchmark stack is ours: start every run from the model's vectors and no sessions."""
     with db.connect(manifest.postgres_dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
         Collection(blue.collection, blue.dim).undo_global(conn)
         conn.execute(f"TRUNCATE sessions CASCADE; TRUNCATE user_parts_{blue.collection}")
 

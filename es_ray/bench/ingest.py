@@ -26,7 +26,7 @@ from es_ray.inference.chunking import split
 from es_ray.data.corpus import read_corpus
 from es_ray.inference.encoder import load_encoder, load_tokenizer
 from es_ray.stack import jobs
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 
 
 def raw_forward(texts: list[str], model_dir: str, batch_items: int, max_rows: int, max_length: int, overlap: int,
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
     with db.connect(manifest.postgres_dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
 
     raw_s, chunks = raw_forward([i["text"] for i in items], blue.source_dir, settings.upsert.batch_size,
                                 settings.triton.max_batch_size, blue.max_length, settings.model.chunk_overlap,

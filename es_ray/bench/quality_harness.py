@@ -22,7 +22,7 @@ from es_ray.train.clicklog import SessionBatch, is_heldout, split_by_query
 from es_ray.train.config import FinetuneConfig, GateConfig
 from es_ray.train.finetune import ParentModel, prepare
 from es_ray.train.item_vectors import ItemVectors
-from es_ray.train.metrics import evaluate, per_query
+from es_ray.train.evaluation import evaluate, per_query
 from es_ray.train.propensity import Impressions, Propensities
 from es_ray.train.trainer import Hyperparameters, TrainingData, fit, heldout_metrics, heldout_metrics_of, query_vectors
 

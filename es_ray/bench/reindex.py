@@ -33,7 +33,7 @@ from es_ray.data import beir
 from es_ray.data.corpus import read_corpus
 from es_ray.serve.schemas import TaskOut
 from es_ray.stack.manifest import StackManifest
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection, EmbeddedItem
 
 STATE = Path("/tmp/esr-bench-reindex")
@@ -54,7 +54,7 @@ def sentences(data_dirs: list[Path], n: int) -> list[str]:
 def grow_blue(dsn: str, texts: list[str], dim: int, batch: int = 2000) -> None:
     """Writes items bench-<i> for every text not yet stored, with random placeholder vectors."""
     with db.connect(dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
         collection = Collection(blue.collection, blue.dim)
         have = collection.count(conn)
         if have >= len(texts):
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         data_dirs = [beir.locate(None, settings.state_path)]
     texts = sentences(data_dirs, sizes[-1])
     with db.connect(manifest.postgres_dsn) as conn:
-        v1 = lifecycle.get_model(conn, 1)
+        v1 = blue_green.get_model(conn, 1)
 
     raw_s, chunks = raw_forward(texts[:args.raw_items], v1.source_dir, settings.reindex.batch_size,
                                 settings.triton.max_batch_size, v1.max_length, settings.model.chunk_overlap,

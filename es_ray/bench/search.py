@@ -28,7 +28,7 @@ from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.stack import jobs
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection
 
 PLAIN_TOP10 = ("SELECT object_id, vector <=> %s AS distance FROM parts_{c} WHERE NOT is_average "
@@ -37,7 +37,7 @@ PLAIN_TOP10 = ("SELECT object_id, vector <=> %s AS distance FROM parts_{c} WHERE
 
 def load_if_needed(settings, manifest, data: Path, docs: int) -> int:
     with db.connect(manifest.postgres_dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
         count = Collection(blue.collection, blue.dim).count(conn)
     if count >= docs:
         return count
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     test_ids = sorted(read_qrels(data / "qrels" / "test.tsv"))
     queries = [queries_by_id[q] for q in test_ids if q in queries_by_id]
     with db.connect(manifest.postgres_dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
 
     # The parts alone, measured in this run.
     encoder = TritonEncoder.of(manifest.triton_grpc_url, QUERY_ENCODER, blue, settings)  # as the Serve replica does

@@ -17,9 +17,9 @@ import tenacity
 
 from es_ray import retries
 from es_ray.config import RetryPolicy
-from es_ray.store import lifecycle
+from es_ray.store import blue_green
 from es_ray.store.collections import Collection, EmbeddedItem, next_versions
-from es_ray.store.lifecycle import Target
+from es_ray.store.blue_green import Target
 
 # (target, items as dicts with id/text/payload) -> the items embedded by the target's model
 EmbedFor = Callable[[Target, list[dict[str, Any]]], list[EmbeddedItem]]
@@ -34,12 +34,12 @@ def embed_for_live(conn: psycopg.Connection, items: list[dict[str, Any]], embed_
     """Adds the embeddings of every live collection's model that `embedded` lacks. A collection dropped
     (and its model unloaded) after the state was read is skipped: an embedding it fails is not needed,
     since the write transaction reads the live collections again."""
-    for target in lifecycle.get_state(conn).write_targets():
+    for target in blue_green.get_state(conn).write_targets():
         if target.model_version not in embedded:
             try:
                 embedded[target.model_version] = embed_for(target, items)
             except Exception:
-                if target in lifecycle.get_state(conn).write_targets():
+                if target in blue_green.get_state(conn).write_targets():
                     raise
     return embedded
 
@@ -57,7 +57,7 @@ def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for
     def attempt() -> int:
         embed_for_live(conn, items, embed_for, embedded)
         with conn.transaction():
-            state = lifecycle.get_state(conn, lock=True)
+            state = blue_green.get_state(conn, lock=True)
             targets = state.write_targets()
             if any(t.model_version not in embedded for t in targets):
                 raise tenacity.TryAgain  # rolled back (it only read): embed for the new collection first
@@ -76,7 +76,7 @@ def delete_items(conn: psycopg.Connection, ids: list[str], policy: RetryPolicy) 
 
     def attempt() -> int:
         with conn.transaction():
-            state = lifecycle.get_state(conn, lock=True)
+            state = blue_green.get_state(conn, lock=True)
             versions = dict(zip(ids, next_versions(conn, len(ids))))
             deleted = {t.collection: Collection(t.collection, t.dim).delete(conn, ids, versions)
                        for t in state.write_targets()}

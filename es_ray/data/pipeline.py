@@ -24,7 +24,7 @@ from es_ray.data.dual_write import write_items
 from es_ray.logs import get_logger
 from es_ray.store import db
 from es_ray.store.collections import EmbeddedItem
-from es_ray.store.lifecycle import Target
+from es_ray.store.blue_green import Target
 
 log = get_logger(__name__)
 

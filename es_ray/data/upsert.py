@@ -25,7 +25,7 @@ from es_ray.data.pipeline import parse_jsonl, upsert_dataset
 from es_ray.lifecycle.handle import get_driver
 from es_ray.logs import get_logger
 from es_ray.stack.manifest import StackManifest
-from es_ray.store.lifecycle import Blue
+from es_ray.store.blue_green import Blue
 
 log = get_logger("es_ray.data.upsert")
 

@@ -32,9 +32,9 @@ from es_ray.demo.users import ClickModel, simulate_sessions
 from es_ray.logs import get_logger
 from es_ray.stack import control, jobs
 from es_ray.stack.host import machine
-from es_ray.store import db, lifecycle
+from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection
-from es_ray.train.metrics import evaluate
+from es_ray.train.evaluation import evaluate
 
 log = get_logger(__name__)
 console = Console(width=None if Console().is_terminal else 150)  # a log file gets the whole (wide) table
@@ -80,7 +80,7 @@ def choose_sample(data: Path, sample: Sample) -> DemoSample:
 def load(settings: Settings, manifest, data: Path, items: list[dict[str, Any]]) -> float:
     """Upserts the sample as a Ray Data job unless blue already holds every item (a second demo run)."""
     with db.connect(manifest.postgres_dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
         present = Collection(blue.collection, blue.dim).get(conn, [i["id"] for i in items])
     if len(present) == len(items):
         console.print(f"blue collection {blue.collection} already holds the {len(items)} documents: not loading")

@@ -49,8 +49,8 @@ def labelled(session: LoggedSession) -> list[tuple[str, int]]:
     return []
 
 
-def build_examples(sessions: list[LoggedSession], query_vectors: dict[str, np.ndarray],
-                   chunks: dict[str, list[tuple[int, np.ndarray]]]):
+def adjustment_examples(sessions: list[LoggedSession], query_vectors: dict[str, np.ndarray],
+                        chunks: dict[str, list[tuple[int, np.ndarray]]]):
     """Examples on the chunk of each item that best matches the session's query ("per chunk")."""
     keys: list[tuple[str, int]] = []              # (object id, part no) of each adjusted vector
     index: dict[tuple[str, int], int] = {}
@@ -167,7 +167,7 @@ def apply_user_sessions(conn: psycopg.Connection, collection: Collection, sessio
     for user_id, group in by_user.items():
         items = sorted({item for s in group for item, _ in labelled(s)})
         seen = collection.chunk_vectors(conn, items, user_id)
-        keys, current, examples = build_examples(group, query_vectors, seen)
+        keys, current, examples = adjustment_examples(group, query_vectors, seen)
         if not keys:
             continue
         # Anchored at the global vectors: a user's copies stay close to what everyone sees.

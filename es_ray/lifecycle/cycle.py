@@ -66,7 +66,7 @@ def run_cycle(driver, settings, manifest, steps: Steps, overrides: dict[str, Any
               cleanup_now: bool) -> dict[str, Any]:
     import ray
 
-    from es_ray.store import db, lifecycle
+    from es_ray.store import db, blue_green
 
     dsn = manifest.postgres_dsn
     started = steps.start("fine-tune")
@@ -113,7 +113,7 @@ def run_cycle(driver, settings, manifest, steps: Steps, overrides: dict[str, Any
         steps.end(started, dropped=report.get("dropped"))
     else:
         with db.connect(dsn) as conn:
-            until = lifecycle.get_state(conn).previous_until
+            until = blue_green.get_state(conn).previous_until
         steps.end(started, "scheduled", previous_until=until.isoformat() if until else None)
     return {"version": version, "switched": True, "from_version": switch["from_version"]}
 

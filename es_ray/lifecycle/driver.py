@@ -26,7 +26,7 @@ from es_ray.logs import get_logger
 from es_ray.periodic import Periodic
 from es_ray.stack.manifest import StackManifest
 from es_ray.stack import jobs
-from es_ray.store import db, lifecycle, locks, reindex_ranges, tasks
+from es_ray.store import db, blue_green, locks, reindex_ranges, tasks
 from es_ray.store.collections import Collection, collection_name
 
 log = get_logger(__name__)
@@ -57,7 +57,7 @@ class LifecycleDriver:
         green, previous; blue first). Holds the Triton lock, so it never loads a version a deploy is writing."""
         try:
             with self._conn() as conn:
-                state = lifecycle.get_state(conn)
+                state = blue_green.get_state(conn)
             if state is None:
                 return
             live = [t.model_version for t in (state.blue, state.green, state.previous) if t is not None]
@@ -86,39 +86,39 @@ class LifecycleDriver:
 
     def blue(self) -> dict[str, Any] | None:
         with self._conn() as conn:
-            blue = lifecycle.get_blue(conn)
+            blue = blue_green.get_blue(conn)
         return blue.__dict__ if blue else None
 
     def ensure_serving(self) -> dict[str, Any]:
         """Idempotent bootstrap: a registered v1, deployed to Triton, with a collection, pointed to by blue."""
         started = time.monotonic()
         with self._conn() as conn:
-            blue = lifecycle.get_blue(conn)
+            blue = blue_green.get_blue(conn)
             if blue is None:
                 model_dir = resolve_model_dir(self.settings.model.source)
                 version = registry.register_initial_model(self.settings, model_dir)
                 local_dir = registry.download(self.settings, version)
-                model = lifecycle.ModelRecord(version=version, mlflow_uri=registry.model_uri(self.settings, version),
+                model = blue_green.ModelRecord(version=version, mlflow_uri=registry.model_uri(self.settings, version),
                                               source_dir=str(local_dir), dim=deploy.model_dim(local_dir),
                                               max_length=self.settings.model.max_length)
-                lifecycle.save_model(conn, model)
+                blue_green.save_model(conn, model)
                 self.deployer.deploy(version, local_dir)
-                lifecycle.save_model(conn, lifecycle.ModelRecord(**{**model.__dict__, "state": "deployed"}))
+                blue_green.save_model(conn, blue_green.ModelRecord(**{**model.__dict__, "state": "deployed"}))
                 name = collection_name(version)
                 Collection(name, model.dim).create(conn, self.settings.postgres.hnsw_m,
                                                    self.settings.postgres.hnsw_ef_construction)
-                lifecycle.save_collection(conn, name, version, "ready")
-                lifecycle.set_blue(conn, version, name)
+                blue_green.save_collection(conn, name, version, "ready")
+                blue_green.set_blue(conn, version, name)
                 log.info("lifecycle.bootstrapped", model_version=version, collection=name)
             else:
                 self.deployer.deploy(blue.model_version, Path(blue.source_dir))
                 # Bring live collections made by an older es-ray up to the current schema (idempotent).
-                state = lifecycle.get_state(conn)
+                state = blue_green.get_state(conn)
                 for target in state.write_targets():
                     Collection(target.collection, target.dim).create(
                         conn, self.settings.postgres.hnsw_m, self.settings.postgres.hnsw_ef_construction,
                         index=target != state.green)
-            blue = lifecycle.get_blue(conn)
+            blue = blue_green.get_blue(conn)
         log.info("lifecycle.serving", model_version=blue.model_version, collection=blue.collection,
                  seconds=round(time.monotonic() - started, 2))
         if self.settings.improve.enabled and self._improvement is None:
@@ -128,7 +128,7 @@ class LifecycleDriver:
     def improve_pass(self, settle_s: float | None = None) -> dict[str, Any]:
         """One improvement pass over settled sessions, on the blue collection."""
         with self._conn() as conn:
-            blue = lifecycle.get_blue(conn)
+            blue = blue_green.get_blue(conn)
             encoder = self._query_encoder(blue)
             result = improve_once(conn, Collection(blue.collection, blue.dim), encoder.embed_queries,
                                   learning_from(self.settings), self.settings.improve.batch_sessions,
@@ -216,23 +216,23 @@ class LifecycleDriver:
         """Makes a registered version ready in Triton (traced into the repository this driver owns,
         loaded next to the versions serving); records it in `models` the first time. Idempotent."""
         with self._conn() as conn:
-            model = lifecycle.get_model(conn, version)
+            model = blue_green.get_model(conn, version)
             if model is None:
                 if not registry.has_version(self.settings, version):
                     raise UnknownModel(f"model version {version} is not registered")
                 local_dir = registry.download(self.settings, version)
-                model = lifecycle.ModelRecord(version, registry.model_uri(self.settings, version), str(local_dir),
+                model = blue_green.ModelRecord(version, registry.model_uri(self.settings, version), str(local_dir),
                                               deploy.model_dim(local_dir), self.settings.model.max_length)
-                lifecycle.save_model(conn, model)
+                blue_green.save_model(conn, model)
         self.deployer.deploy(version, Path(model.source_dir))
         return model.__dict__
 
     def start_reindex(self, version: int, switch: str | None = None, hnsw: str | None = None) -> dict[str, Any]:
         """Creates a reindex task and submits its Ray job (es_ray.lifecycle.reindex)."""
         with self._conn() as conn:
-            if lifecycle.get_model(conn, version) is None and not registry.has_version(self.settings, version):
+            if blue_green.get_model(conn, version) is None and not registry.has_version(self.settings, version):
                 raise UnknownModel(f"model version {version} is not registered")
-            if lifecycle.get_blue(conn).model_version == version:
+            if blue_green.get_blue(conn).model_version == version:
                 raise switching.SwitchRefused(f"version {version} is already blue: nothing to reindex")
         return self._submit(tasks.REINDEX, {"to": version, "switch": switch, "hnsw": hnsw}, "es_ray.lifecycle.reindex")
 
@@ -256,7 +256,7 @@ class LifecycleDriver:
     def lifecycle_state(self) -> dict[str, Any]:
         """Blue, green (with its reindex progress), previous, locks, tasks and recent switches."""
         with self._conn() as conn:
-            state = lifecycle.get_state(conn)
+            state = blue_green.get_state(conn)
             if state is None:
                 return {"blue": None}
 
@@ -264,7 +264,7 @@ class LifecycleDriver:
                 if target is None:
                     return None
                 info = {"model_version": target.model_version, "collection": target.collection,
-                        "state": (lifecycle.get_collection(conn, target.collection) or {}).get("state"),
+                        "state": (blue_green.get_collection(conn, target.collection) or {}).get("state"),
                         "items": Collection(target.collection, target.dim).count(conn)}
                 total, done, _ = reindex_ranges.totals(conn, target.collection)
                 if total:
@@ -276,13 +276,13 @@ class LifecycleDriver:
                 "previous_until": state.previous_until, "epoch": state.epoch,
                 "locks": [lock.__dict__ for lock in locks.all_locks(conn)],
                 "tasks": [t.__dict__ for t in tasks.recent(conn, None, 10)],
-                "switches": [s.as_dict() for s in lifecycle.recent_switches(conn, 10)],
-                "models": lifecycle.list_models(conn),
+                "switches": [s.as_dict() for s in blue_green.recent_switches(conn, 10)],
+                "models": blue_green.list_models(conn),
             }
 
     def status(self) -> dict[str, Any]:
         with self._conn() as conn:
-            blue = lifecycle.get_blue(conn)
+            blue = blue_green.get_blue(conn)
             count = Collection(blue.collection, blue.dim).count(conn) if blue else 0
         return {"blue": blue.__dict__ if blue else None, "items": count}
 

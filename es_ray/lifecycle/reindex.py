@@ -35,9 +35,9 @@ from es_ray.config import Settings
 from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.logs import get_logger
 from es_ray.lifecycle.switching import drop_green
-from es_ray.store import clickstream, db, lifecycle, reindex_ranges
+from es_ray.store import clickstream, db, blue_green, reindex_ranges
 from es_ray.store.collections import Collection, EmbeddedItem, collection_name
-from es_ray.store.lifecycle import Target
+from es_ray.store.blue_green import Target
 
 log = get_logger("es_ray.lifecycle.reindex")
 POOL_START_TIMEOUT_S = 600  # how long the worker pool may take to start (Ray Data's wait_for_min_actors_s)
@@ -173,11 +173,11 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
     """Deploys the version, creates its collection and turns on dual writes; returns (blue, green)."""
     import ray
 
-    state = lifecycle.get_state(conn)
+    state = blue_green.get_state(conn)
     if state.blue.model_version == version:
         raise ValueError(f"version {version} is already blue: nothing to reindex")
     progress({"stage": "deploying", "to_version": version})
-    model = lifecycle.ModelRecord(**ray.get(driver.deploy_version.remote(version)))  # blue keeps serving
+    model = blue_green.ModelRecord(**ray.get(driver.deploy_version.remote(version)))  # blue keeps serving
     if model.state == "rejected":
         log.warning("reindex.rejected_model", version=version, note="the quality gate refused this version")
     name = collection_name(version)
@@ -188,12 +188,12 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
     progress({"stage": "creating the green collection"})
     Collection(name, model.dim).create(conn, settings.postgres.hnsw_m, settings.postgres.hnsw_ef_construction,
                                        index=settings.reindex.hnsw == "during")
-    known = lifecycle.get_collection(conn, name)
+    known = blue_green.get_collection(conn, name)
     if known is None or known["state"] != "building":
         # A new reindex, not a resumed one: checkpoints of an earlier life of this collection do not count.
         reindex_ranges.forget(conn, name)
-        lifecycle.save_collection(conn, name, version, "building")
-    lifecycle.set_green(conn, version, name)
+        blue_green.save_collection(conn, name, version, "building")
+    blue_green.set_green(conn, version, name)
     green = Target(version, name, model.dim, model.source_dir, model.max_length)
     return state.blue, green
 
@@ -230,7 +230,7 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     check_complete(conn, source, green)
     index_s = build_index(settings, conn, green, progress)
     adjustments = carry_adjustments(settings, manifest, conn, green, progress)
-    lifecycle.save_collection(conn, green.collection, version, "ready")
+    blue_green.save_collection(conn, green.collection, version, "ready")
     result = {"to_version": version, "from_version": blue.model_version, "collection": green.collection,
               "items": Collection(green.collection, green.dim).count(conn), "ranges": n_ranges,
               "ranges_this_run": len(todo), **loaded, "index_s": round(index_s, 1), "hnsw": settings.reindex.hnsw,

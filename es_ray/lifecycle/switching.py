@@ -1,7 +1,7 @@
 """Switch, rollback and cleanup: the moves of blue/green, as plain functions of a connection, the
 settings and a deployer (what loads and unloads models in Triton), so that a test drives them against
 Postgres without Ray. The lifecycle driver calls them; the `blue` row itself is only written by
-`store.lifecycle`.
+`store.blue_green`.
 
 - switch: the complete green collection becomes blue; the old blue stays as `previous` (writes still
   reach it) for `lifecycle.grace_s`, so a rollback loses nothing.
@@ -23,7 +23,7 @@ import psycopg
 from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.logs import get_logger
-from es_ray.store import lifecycle, locks, reindex_ranges
+from es_ray.store import blue_green, locks, reindex_ranges
 from es_ray.store.collections import Collection
 
 log = get_logger(__name__)
@@ -49,24 +49,24 @@ def switch(conn: psycopg.Connection, settings: Settings, deployer: Deployer, for
     owner = lock_owner or f"{SWITCH_OWNER}{uuid.uuid4().hex}"
     _acquire(conn, settings, owner)
     try:
-        state = lifecycle.get_state(conn)
+        state = blue_green.get_state(conn)
         green = state.green
         if green is None:
             raise SwitchRefused("there is no green collection to switch to: run a reindex first")
         if expected_green and green.collection != expected_green:
             raise SwitchRefused(f"green is {green.collection}, not {expected_green}")
-        collection = lifecycle.get_collection(conn, green.collection)
+        collection = blue_green.get_collection(conn, green.collection)
         if collection["state"] != "ready":
             raise SwitchRefused(f"green collection {green.collection} is {collection['state']}: "
                                 "its reindex has not finished")
-        if not force and not lifecycle.gate_passed(conn, green.model_version):
+        if not force and not blue_green.gate_passed(conn, green.model_version):
             raise SwitchRefused(f"model v{green.model_version} has not passed the quality gate; "
                                 "switch with force to override")
         deployer.deploy(green.model_version, Path(green.source_dir))  # idempotent: Triton serves it before the switch
         if state.previous is not None:
             # One rollback target at a time: the blue being replaced takes the older one's place.
             drop_previous(conn, deployer, state.previous)
-        record = lifecycle.begin_switch(conn, "switch", state.blue, green, force)
+        record = blue_green.begin_switch(conn, "switch", state.blue, green, force)
         return _complete(conn, settings, record)
     finally:
         if lock_owner is None:
@@ -78,12 +78,12 @@ def rollback(conn: psycopg.Connection, settings: Settings, deployer: Deployer) -
     owner = f"{SWITCH_OWNER}{uuid.uuid4().hex}"
     _acquire(conn, settings, owner)
     try:
-        state = lifecycle.get_state(conn)
+        state = blue_green.get_state(conn)
         if state.previous is None:
             raise SwitchRefused("there is nothing to roll back to: no previous collection "
                                 "(none was switched from, or its grace period is over)")
         deployer.deploy(state.previous.model_version, Path(state.previous.source_dir))
-        record = lifecycle.begin_switch(conn, "rollback", state.blue, state.previous, True)
+        record = blue_green.begin_switch(conn, "rollback", state.blue, state.previous, True)
         return _complete(conn, settings, record)
     finally:
         locks.release(conn, locks.LIFECYCLE, owner)
@@ -92,7 +92,7 @@ def rollback(conn: psycopg.Connection, settings: Settings, deployer: Deployer) -
 def resume(conn: psycopg.Connection, settings: Settings) -> list[dict[str, Any]]:
     """At a driver's start: finishes the switches a dead one recorded (compare-and-swap: at most once)
     and releases the switch locks it held."""
-    resumed = [_complete(conn, settings, record) for record in lifecycle.unfinished_switches(conn)]
+    resumed = [_complete(conn, settings, record) for record in blue_green.unfinished_switches(conn)]
     for lock in locks.all_locks(conn):
         if lock.owner.startswith(SWITCH_OWNER):
             locks.release(conn, lock.name, lock.owner)
@@ -105,11 +105,11 @@ def cleanup(conn: psycopg.Connection, settings: Settings, deployer: Deployer, no
     """Drops the previous collection and unloads its model once the grace period is over (`now`: without
     waiting for it); purges delete tombstones from blue when nothing is being reindexed."""
     report: dict[str, Any] = {"dropped": None}
-    state = lifecycle.get_state(conn)
+    state = blue_green.get_state(conn)
     if state is None:
         return report
     if state.previous is not None:
-        if not lifecycle.previous_due(conn, now, CLEANUP_MARGIN_S):
+        if not blue_green.previous_due(conn, now, CLEANUP_MARGIN_S):
             report["previous_until"] = state.previous_until
             return report
         owner = f"cleanup:{uuid.uuid4().hex}"
@@ -122,23 +122,23 @@ def cleanup(conn: psycopg.Connection, settings: Settings, deployer: Deployer, no
             report["dropped"] = drop_previous(conn, deployer, state.previous)
         finally:
             locks.release(conn, locks.LIFECYCLE, owner)
-    state = lifecycle.get_state(conn)
+    state = blue_green.get_state(conn)
     if state.green is None and state.previous is None:
         report["tombstones_purged"] = Collection(state.blue.collection, state.blue.dim).purge_tombstones(conn)
         reindex_ranges.forget(conn, state.blue.collection)
     return report
 
 
-def drop_previous(conn: psycopg.Connection, deployer: Deployer, previous: lifecycle.Target) -> dict[str, Any] | None:
+def drop_previous(conn: psycopg.Connection, deployer: Deployer, previous: blue_green.Target) -> dict[str, Any] | None:
     """Stops dual writes to the previous collection, drops it and unloads its model (if unused)."""
-    if not lifecycle.clear_previous(conn, previous.collection):
+    if not blue_green.clear_previous(conn, previous.collection):
         return None
     Collection(previous.collection, previous.dim).drop(conn)
-    lifecycle.save_collection(conn, previous.collection, previous.model_version, "dropped")
-    live = {t.model_version for t in lifecycle.get_state(conn).write_targets()}
+    blue_green.save_collection(conn, previous.collection, previous.model_version, "dropped")
+    live = {t.model_version for t in blue_green.get_state(conn).write_targets()}
     if previous.model_version not in live:
         deployer.undeploy(previous.model_version)
-        lifecycle.set_model_state(conn, previous.model_version, "retired")
+        blue_green.set_model_state(conn, previous.model_version, "retired")
     dropped = {"collection": previous.collection, "model_version": previous.model_version}
     log.info("lifecycle.cleaned_up", **dropped)
     return dropped
@@ -147,11 +147,11 @@ def drop_previous(conn: psycopg.Connection, deployer: Deployer, previous: lifecy
 def drop_green(conn: psycopg.Connection, name: str, reason: str) -> None:
     """Stops dual writes to a green collection and drops it with its checkpoints (a reindex to another
     version replaces it). Its model stays deployed: the caller decides."""
-    lifecycle.stop_green(conn, name)
-    row = lifecycle.get_collection(conn, name)
+    blue_green.stop_green(conn, name)
+    row = blue_green.get_collection(conn, name)
     if row:
-        Collection(name, lifecycle.get_model(conn, row["model_version"]).dim).drop(conn)
-        lifecycle.save_collection(conn, name, row["model_version"], "dropped")
+        Collection(name, blue_green.get_model(conn, row["model_version"]).dim).drop(conn)
+        blue_green.save_collection(conn, name, row["model_version"], "dropped")
     reindex_ranges.forget(conn, name)
     log.info("lifecycle.green_dropped", collection=name, reason=reason)
 
@@ -163,10 +163,10 @@ def _acquire(conn: psycopg.Connection, settings: Settings, owner: str) -> None:
         raise SwitchRefused(f"{err}: one reindex or switch at a time") from None
 
 
-def _complete(conn: psycopg.Connection, settings: Settings, record: lifecycle.Switch) -> dict[str, Any]:
+def _complete(conn: psycopg.Connection, settings: Settings, record: blue_green.Switch) -> dict[str, Any]:
     if settings.lifecycle.switch_pause_s:
         time.sleep(settings.lifecycle.switch_pause_s)  # fault-injection window (tests)
-    done = lifecycle.complete_switch(conn, record, settings.lifecycle.grace_s)
+    done = blue_green.complete_switch(conn, record, settings.lifecycle.grace_s)
     if done.status == "switched":
         metrics.count("es_ray_switches", kind=done.kind)
         metrics.set_gauge("es_ray_blue_model_version", done.to_version)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from es_ray.logs import get_logger
 from es_ray.periodic import Periodic
-from es_ray.store import lifecycle
-from es_ray.store.lifecycle import Blue
+from es_ray.store import blue_green
+from es_ray.store.blue_green import Blue
 
 log = get_logger(__name__)
 
@@ -24,7 +24,7 @@ class BlueWatcher:
 
     def _read(self) -> Blue | None:
         with self.pool.connection() as conn:
-            return lifecycle.get_blue(conn)
+            return blue_green.get_blue(conn)
 
     def _poll(self) -> None:
         try:

@@ -22,7 +22,7 @@ from es_ray.serve.blue_watcher import BlueWatcher
 from es_ray.serve.errors import ServiceUnavailable
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import db
-from es_ray.store.lifecycle import Blue
+from es_ray.store.blue_green import Blue
 
 
 class Replica:

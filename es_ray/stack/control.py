@@ -215,12 +215,12 @@ def _mlflow_up(uri: str) -> bool:
 def _blue_and_count(dsn: str) -> dict[str, Any]:
     import psycopg
 
-    from es_ray.store import db, lifecycle
+    from es_ray.store import db, blue_green
     from es_ray.store.collections import Collection
 
     try:
         with db.connect(dsn) as conn:
-            blue = lifecycle.get_blue(conn)
+            blue = blue_green.get_blue(conn)
             if blue is None:
                 return {"blue": None, "items": 0}
             return {"blue": {"model_version": blue.model_version, "collection": blue.collection},

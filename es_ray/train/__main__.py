@@ -18,13 +18,13 @@ from typing import Any
 
 
 def run(settings, manifest, config, progress) -> dict[str, Any]:
-    from es_ray.store import db, lifecycle
+    from es_ray.store import db, blue_green
     from es_ray.store.collections import Collection
     from es_ray.train.clicklog import read_sessions
     from es_ray.train.finetune import ParentModel, fine_tune, load_item_vectors
 
     with db.connect(manifest.postgres_dsn) as conn:
-        blue = lifecycle.get_blue(conn)
+        blue = blue_green.get_blue(conn)
         batch = read_sessions(conn, config.data.max_sessions)
         collection = Collection(blue.collection, blue.dim)
         items = load_item_vectors(conn, collection, batch, config.data.eval_corpus_items, config.data.split_seed)
@@ -35,9 +35,9 @@ def run(settings, manifest, config, progress) -> dict[str, Any]:
         from es_ray.inference import registry
 
         state = "candidate" if result["candidate"] else "rejected"
-        lifecycle.save_model(conn, lifecycle.ModelRecord(result["version"], registry.model_uri(settings, result["version"]),
+        blue_green.save_model(conn, blue_green.ModelRecord(result["version"], registry.model_uri(settings, result["version"]),
                                                          result["model_dir"], blue.dim, blue.max_length, state))
-        lifecycle.record_lineage(conn, result["version"], blue.model_version, result["heldout"], result["gate"])
+        blue_green.record_lineage(conn, result["version"], blue.model_version, result["heldout"], result["gate"])
     return result
 
 

@@ -28,7 +28,7 @@ from es_ray import retries
 from es_ray.inference.encoder import QUERY_TOWER_DIR, SentenceEncoder, load_encoder, load_tokenizer
 from es_ray.train.item_vectors import ItemVectors
 from es_ray.train.losses import CollectionSoftmaxLoss
-from es_ray.train.metrics import evaluate
+from es_ray.train.evaluation import evaluate
 from es_ray.train.weight_averaging import interpolate
 
 
