@@ -29,15 +29,21 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+import ray
 
 from es_ray import metrics, retries
 from es_ray.config import Settings
+from es_ray.data.pipeline import embed
+from es_ray.improve.loop import learning_from, rederive
 from es_ray.inference.encoder import item_tower_fingerprint
+from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER
 from es_ray.logs import get_logger
-from es_ray.lifecycle.switching import drop_green
-from es_ray.store import clickstream, db, blue_green, reindex_ranges
-from es_ray.store.collections import Collection, EmbeddedItem, collection_name
+from es_ray.lifecycle.switching import SwitchRefused, drop_green
+from es_ray.lifecycle.task_job import TaskJob, run_as_task
+from es_ray.store import blue_green, clickstream, db, locks, reindex_ranges, tasks
 from es_ray.store.blue_green import Target
+from es_ray.store.collections import Collection, EmbeddedItem, collection_name
 
 log = get_logger("es_ray.lifecycle.reindex")
 POOL_START_TIMEOUT_S = 600  # how long the worker pool may take to start (Ray Data's wait_for_min_actors_s)
@@ -56,11 +62,6 @@ class ReindexWorker:
 
     def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str, source: dict[str, Any],
                  green: dict[str, Any], task_id: str, copy_vectors: bool = False):
-        import ray
-
-        from es_ray.inference.triton_client import TritonEncoder
-        from es_ray.inference.triton_repo import ITEM_ENCODER
-
         self.settings = Settings.model_validate(settings)
         self.source, self.green = Target(**source), Target(**green)
         self.copy_vectors = copy_vectors
@@ -84,8 +85,6 @@ class ReindexWorker:
         return out
 
     def reindex_range(self, range_no: int, after: str | None, last: str | None) -> tuple[int, int, int]:
-        from es_ray.data.pipeline import embed
-
         source = Collection(self.source.collection, self.source.dim)
         green = Collection(self.green.collection, self.green.dim)
         stored = source.read_range(self.conn, after, last)
@@ -171,7 +170,6 @@ class ReindexMetrics:
 
 def prepare_green(settings: Settings, driver, conn, version: int, progress) -> tuple[Target, Target]:
     """Deploys the version, creates its collection and turns on dual writes; returns (blue, green)."""
-    import ray
 
     state = blue_green.get_state(conn)
     if state.blue.model_version == version:
@@ -201,9 +199,6 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
 def rederive_adjustments(settings: Settings, manifest, conn, green: Target, progress) -> dict[str, int]:
     """Click memories and users' adjustments derived again on the green collection, with the new
     model's query vectors (vectors of two models are never mixed)."""
-    from es_ray.improve.loop import learning_from, rederive
-    from es_ray.inference.triton_client import TritonEncoder
-    from es_ray.inference.triton_repo import QUERY_ENCODER
 
     encoder = TritonEncoder.of(manifest.triton_grpc_url, QUERY_ENCODER, green, settings)
     return rederive(conn, Collection(green.collection, green.dim), encoder.embed_queries, learning_from(settings),
@@ -250,14 +245,13 @@ def reuses_item_vectors(settings: Settings, blue: Target, green: Target) -> bool
             and blue_tower == item_tower_fingerprint(green.source_dir))
 
 
-def load_ranges(settings: Settings, manifest, conn, task_id: str, blue_green: tuple[Target, Target],
+def load_ranges(settings: Settings, manifest, conn, task_id: str, targets: tuple[Target, Target],
                 copy_vectors: bool, n_ranges: int, total_items: int,
                 progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Runs the worker pool over the pending ranges, `reindex.passes` times at most (a later pass redoes
     the ranges where items failed), reporting progress after every batch; returns the load's figures."""
-    import ray
 
-    green = blue_green[1]
+    green = targets[1]
     _, done_before, items_before = reindex_ranges.totals(conn, green.collection)
     gauges = ReindexMetrics(green.collection)
     state = {"items_done": items_before, "items_total": total_items, "ranges_total": n_ranges,
@@ -275,7 +269,7 @@ def load_ranges(settings: Settings, manifest, conn, task_id: str, blue_green: tu
         if not pending:
             break
         state["failed"] = 0
-        dataset = range_dataset(settings, manifest, pending, task_id, blue_green, copy_vectors)
+        dataset = range_dataset(settings, manifest, pending, task_id, targets, copy_vectors)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             new_items += count_batch(batch, state, nodes, green.collection)
             rate = new_items / max(time.monotonic() - started, 1e-9)
@@ -290,11 +284,10 @@ def load_ranges(settings: Settings, manifest, conn, task_id: str, blue_green: tu
 
 
 def range_dataset(settings: Settings, manifest, pending: list[dict[str, Any]], task_id: str,
-                  blue_green: tuple[Target, Target], copy_vectors: bool):
+                  targets: tuple[Target, Target], copy_vectors: bool):
     """The Ray Data pipeline over `pending` ranges: one range per call of a `ReindexWorker` actor."""
-    import ray
 
-    blue, green = blue_green
+    blue, green = targets
     return ray.data.from_items(pending).map_batches(
         ReindexWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=settings.reindex.workers),
         fn_constructor_args=(settings.model_dump(mode="json"), manifest.triton_grpc_url, manifest.postgres_dsn,
@@ -355,9 +348,6 @@ def carry_adjustments(settings: Settings, manifest, conn, green: Target,
 def request_switch(driver, force: bool, owner: str, green: str) -> dict[str, Any]:
     """Asks the lifecycle driver to switch to green; a refusal (gate not passed) or a failed switch is
     part of the answer: the reindex itself is done."""
-    import ray
-
-    from es_ray.lifecycle.switching import SwitchRefused
 
     try:
         return ray.get(driver.switch.remote(force=force, lock_owner=owner, expected_green=green))
@@ -384,9 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.to is None and args.task_id is None:
         parser.error("--to VERSION is required")
-
-    from es_ray.lifecycle.task_job import TaskJob, run_as_task
-    from es_ray.store import locks, tasks
 
     def work(job: TaskJob) -> dict[str, Any]:
         params, settings = job.task.params, job.settings

@@ -16,13 +16,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from es_ray.inference import registry
+from es_ray.lifecycle.task_job import JobRefused, TaskJob, run_as_task
+from es_ray.store import blue_green, db, tasks
+from es_ray.store.collections import Collection
+from es_ray.train.clicklog import read_sessions
+from es_ray.train.config import load_finetune_config
+from es_ray.train.finetune import ParentModel, fine_tune, load_item_vectors
+
 
 def run(settings, manifest, config, progress) -> dict[str, Any]:
-    from es_ray.store import db, blue_green
-    from es_ray.store.collections import Collection
-    from es_ray.train.clicklog import read_sessions
-    from es_ray.train.finetune import ParentModel, fine_tune, load_item_vectors
-
     with db.connect(manifest.postgres_dsn) as conn:
         blue = blue_green.get_blue(conn)
         batch = read_sessions(conn, config.data.max_sessions)
@@ -32,8 +37,6 @@ def run(settings, manifest, config, progress) -> dict[str, Any]:
     parent = ParentModel(blue.model_version, Path(blue.source_dir), blue.dim, blue.max_length)
     result = fine_tune(settings, config, batch, items, texts, parent, progress)
     with db.connect(manifest.postgres_dsn) as conn:
-        from es_ray.inference import registry
-
         state = "candidate" if result["candidate"] else "rejected"
         blue_green.save_model(conn, blue_green.ModelRecord(result["version"], registry.model_uri(settings, result["version"]),
                                                          result["model_dir"], blue.dim, blue.max_length, state))
@@ -48,12 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task-id", default=None, help="an existing pending task to run (set by the HTTP API)")
     parser.add_argument("--namespace", default="es-ray", help="Ray namespace of the lifecycle driver")
     args = parser.parse_args(argv)
-
-    from pydantic import ValidationError
-
-    from es_ray.lifecycle.task_job import JobRefused, TaskJob, run_as_task
-    from es_ray.store import tasks
-    from es_ray.train.config import load_finetune_config
 
     if args.config is not None and not args.config.exists():
         parser.error(f"--config {args.config} does not exist")
