@@ -1,0 +1,102 @@
+"""The terminal display (es_ray/console.py) and the log file (logs.to_file), without a stack."""
+
+import io
+import logging
+import os
+import warnings
+
+import pytest
+
+from es_ray.console import Display, parse_progress
+from es_ray.logs import get_logger, to_file
+
+
+def plain_display(every_s: float = 0.0) -> tuple[Display, io.StringIO]:
+    out = io.StringIO()  # not a terminal: plain lines
+    return Display(out, every_s=every_s), out
+
+
+def test_plain_mode_prints_one_line_per_step_progress_and_table_row():
+    display, out = plain_display(every_s=3600)  # only the first and the last progress line
+    assert not display.live
+    with display:
+        display.step("loading documents")
+        with display.bar("upsert", total=10, unit="items") as bar:
+            for _ in range(10):
+                bar.advance()
+        display.note("[bold]done[/bold]")
+        display.table("quality", ["round", "nDCG@10"])
+        display.add_row(["0", "0.8105"])
+        display.add_row(["1", "0.8205"])
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "== loading documents"
+    assert lines[1].startswith("upsert: 0/10 items (")
+    assert lines[2].startswith("upsert: 10/10 items (")
+    assert lines[3] == "done"  # markup gone, no escape codes
+    assert lines[4:] == ["table: quality", "round | nDCG@10", "0 | 0.8105", "1 | 0.8205"]
+    assert "\x1b" not in out.getvalue()
+
+
+def test_plain_progress_lines_read_back_with_counts_and_eta():
+    display, out = plain_display(every_s=0)
+    with display, display.bar("upsert", total=1000, unit="items") as bar:
+        bar.update(250)
+    lines = out.getvalue().splitlines()
+    middle = next(line for line in lines if line.startswith("upsert: 250/"))
+    assert "25%" in middle and "ETA" in middle
+    assert [parse_progress(line) for line in lines] == [("upsert", 0, 1000), ("upsert", 250, 1000),
+                                                        ("upsert", 250, 1000)]
+    assert parse_progress("upsert: 3/? items (1 s)") == ("upsert", 3, None)
+    assert parse_progress("2026-12-01 22:18:24,238 INFO logging_progress.py:233 -- Tasks: 0") is None
+
+
+def test_live_mode_shows_the_table_that_grew():
+    out = io.StringIO()
+    with Display(out, live=True) as display:
+        display.table("quality", ["round", "model"])
+        display.add_row(["0", "v1"])
+        display.add_row(["1", "v2"])
+        with display.bar("search", total=2, unit="queries") as bar:
+            bar.advance(2)
+    text = out.getvalue()
+    assert "quality" in text and "v1" in text and "v2" in text
+    assert "search: 2/2 queries" in text  # the finished bar's result line
+
+
+def test_log_lines_go_to_the_file_and_not_to_the_terminal(tmp_path, capfd):
+    path = tmp_path / "logs" / "demo.log"
+    with to_file(path) as terminal, Display(terminal) as display:
+        display.step("round 1")
+        get_logger("es_ray.test").info("test.event", items=3)
+        logging.getLogger("some.library").warning("a library says hello")
+        warnings.warn("XDG_RUNTIME_DIR is not set", RuntimeWarning, stacklevel=1)
+        print("a stray print")  # noqa: T201
+        os.write(2, b"core_worker.cc:2465: written by C++ to fd 2\n")
+    out, err = capfd.readouterr()
+    assert out == "== round 1\n" and err == ""
+    logged = path.read_text()
+    for line in ('"event": "test.event"', '"items": 3', "a library says hello", "XDG_RUNTIME_DIR is not set",
+                 "a stray print", "core_worker.cc:2465"):
+        assert line in logged
+    # afterwards the streams are the terminal's again
+    print("after")  # noqa: T201
+    assert capfd.readouterr().out == "after\n"
+
+
+def test_verbose_shows_the_log_lines_too(tmp_path, capfd):
+    path = tmp_path / "up.log"
+    with to_file(path, verbose=True) as terminal, Display(terminal) as display:
+        display.step("Ray head")
+        get_logger("es_ray.test").info("test.verbose")
+    out, err = capfd.readouterr()
+    assert "== Ray head" in out
+    assert '"event": "test.verbose"' in err and '"event": "test.verbose"' in path.read_text()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_error_inside_is_logged_and_the_streams_come_back(tmp_path, capfd, verbose):
+    path = tmp_path / "cycle.log"
+    with pytest.raises(RuntimeError), to_file(path, verbose):
+        raise RuntimeError("boom")
+    print("back")  # noqa: T201
+    assert "back" in capfd.readouterr().out
