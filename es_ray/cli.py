@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
+from rich.markup import escape
 
 from es_ray.config import Settings, load_settings
 
@@ -43,7 +44,7 @@ def _terminal(settings: Settings, command: str, verbose: bool) -> Iterator:
             raise
         except Exception as err:
             get_logger("es_ray.cli").exception(f"{command}.failed")
-            display.note(f"[bold red]{command} failed[/bold red]: {type(err).__name__}: {err}\n"
+            display.note(f"[bold red]{command} failed[/bold red]: {type(err).__name__}: {escape(str(err))}\n"
                          f"The traceback and every log line: {path}")
             raise typer.Exit(1) from None
 
@@ -134,7 +135,7 @@ def demo(state_dir: Optional[Path] = StateDir,
         try:
             run(settings, data, config, display)
         except DataUnavailable as err:
-            display.note(f"[bold red]error[/bold red]: {err}")
+            display.note(f"[bold red]error[/bold red]: {escape(str(err))}")
             raise typer.Exit(2) from None
 
 
@@ -165,11 +166,11 @@ def cycle(state_dir: Optional[Path] = StateDir,
                                       Cycle(force=force, cleanup_now=cleanup_now, finetune=parsed), display,
                                       timeout_s=6 * 3600)
         except CycleJobFailed as err:
-            display.note(f"[bold red]the cycle failed[/bold red]: {err}")
+            display.note(f"[bold red]the cycle failed[/bold red]: {escape(str(err))}")
             raise typer.Exit(1) from None
         for step in result["steps"]:
             display.note(f"{step['step']:<10} {step['status']} ({step.get('seconds', '?')} s)"
-                         + (f": {step['reason']}" if step.get("reason") else ""))
+                         + (f": {escape(str(step['reason']))}" if step.get("reason") else ""))
         display.note(f"[bold]switched v{result['from_version']} -> v{result['version']}[/bold]"
                      if result.get("switched") else
                      f"[bold]v{result['version']} stopped at the {result.get('stopped_at', '?')}[/bold]")

@@ -105,11 +105,12 @@ class Bar:
 
 
 class Display:
-    """The terminal of one command. `live=None`: a live display if `file` is a terminal, else plain lines."""
+    """The terminal of one command. `live=None`: a live display if `file` is a terminal, else plain lines;
+    True or False decides (True draws as on a terminal wherever `file` goes)."""
 
     def __init__(self, file: TextIO | None = None, live: bool | None = None, every_s: float = 10.0):
-        self.console = Console(file=file or sys.stdout)
-        self.live = self.console.is_terminal if live is None else live
+        self.console = Console(file=file or sys.stdout, force_terminal=live)
+        self.live = self.console.is_terminal
         self.every_s = every_s
         self._step = ""
         self._table: Table | None = None
@@ -120,7 +121,10 @@ class Display:
 
     def __enter__(self) -> "Display":
         if self.live:
-            self._live = Live(get_renderable=self._render, console=self.console, refresh_per_second=4)
+            # Python's stdout and stderr stay where they are (the log file, logs.to_file): rich would
+            # otherwise print whatever reaches them above the live display.
+            self._live = Live(get_renderable=self._render, console=self.console, refresh_per_second=4,
+                              redirect_stdout=False, redirect_stderr=False)
             self._live.start()
         return self
 

@@ -3,9 +3,11 @@
 import io
 import logging
 import os
+import sys
 import warnings
 
 import pytest
+from rich.text import Text
 
 from es_ray.console import Display, parse_progress
 from es_ray.logs import get_logger, to_file
@@ -50,15 +52,17 @@ def test_plain_progress_lines_read_back_with_counts_and_eta():
     assert parse_progress("2026-12-01 22:18:24,238 INFO logging_progress.py:233 -- Tasks: 0") is None
 
 
-def test_live_mode_shows_the_table_that_grew():
-    out = io.StringIO()
+def test_live_mode_shows_the_table_that_grew_and_leaves_python_streams_alone():
+    out, stdout, stderr = io.StringIO(), sys.stdout, sys.stderr
     with Display(out, live=True) as display:
+        assert display.console.is_terminal
+        assert sys.stdout is stdout and sys.stderr is stderr  # stray prints go to the log, not the screen
         display.table("quality", ["round", "model"])
         display.add_row(["0", "v1"])
         display.add_row(["1", "v2"])
         with display.bar("search", total=2, unit="queries") as bar:
             bar.advance(2)
-    text = out.getvalue()
+    text = Text.from_ansi(out.getvalue()).plain
     assert "quality" in text and "v1" in text and "v2" in text
     assert "search: 2/2 queries" in text  # the finished bar's result line
 
