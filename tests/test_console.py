@@ -104,3 +104,18 @@ def test_an_error_inside_is_logged_and_the_streams_come_back(tmp_path, capfd, ve
         raise RuntimeError("boom")
     print("back")  # noqa: T201
     assert "back" in capfd.readouterr().out
+
+
+def test_a_jobs_progress_lines_move_the_followers_bar_and_the_rest_goes_to_the_log(capsys):
+    from es_ray.demo.loop import follow_progress
+
+    display, out = plain_display(every_s=0)
+    with display, display.bar("upsert", total=None, unit="items") as bar:
+        follow = follow_progress(bar, "upsert")
+        # chunks as `ray job logs` hands them out: lines cut anywhere, Ray Data's own lines in between
+        follow("2026-12-01 22:18:14,191\tINFO logging_progress.py:225 -- Total Progress: 0/?\nups")
+        assert bar.completed == 0
+        follow("ert: 120/200 items (60%, 3 s, ETA 2 s)\nreindex: 5/9 items (1 s)\n")
+        assert (bar.completed, bar.total) == (120, 200)  # another bar's line does not move this one
+    assert "Total Progress" in capsys.readouterr().out  # passed on to stdout: the log file in a command
+    assert "Total Progress" not in out.getvalue()
