@@ -128,10 +128,11 @@ class Display:
             self._live.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._live is not None:
-            self._step = ""  # the last state stays on screen without a stale step line
-            self._live.stop()
+            if exc_type is None:
+                self._step = ""  # the last state stays on screen, without a finished step; after an error
+            self._live.stop()    # the step says where it happened
             self._live = None
 
     def _render(self) -> Group:
