@@ -6,12 +6,15 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 from rich.markup import escape
 
 from es_ray.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from es_ray.console import Display
 
 # Our display shows progress; tqdm's bars (sentence-transformers, the simulated users) would only be
 # noise in the log file. tqdm reads this when it is imported, so it is set before anything imports it.
@@ -28,7 +31,7 @@ Verbose = typer.Option(False, "--verbose", "-v",
 
 
 @contextlib.contextmanager
-def _terminal(settings: Settings, command: str, verbose: bool) -> Iterator:
+def _terminal(settings: Settings, command: str, verbose: bool) -> Iterator[Display]:
     """The command's display; every log line of the process goes to <state dir>/logs/<command>.log, whose
     path is printed first. With --verbose the log is shown as well, and the display prints plain lines
     (a live display and log lines would overwrite each other)."""
