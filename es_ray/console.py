@@ -31,6 +31,7 @@ from rich.text import Text
 from es_ray.logs import get_logger
 
 log = get_logger(__name__)
+QUIET_S = 60.0  # plain mode: a progress line that did not move is printed again only this often
 
 # "upsert: 200/1000 items (20%, 12 s, ETA 48 s)"; the total is "?" while unknown.
 PROGRESS_LINE = re.compile(r"^(?P<description>[^:\n]+): (?P<completed>\d+)/(?P<total>\d+|\?) (?P<unit>\S+)")
@@ -55,7 +56,8 @@ class Bar:
 
     def __init__(self, display: "Display", description: str, total: int | None, unit: str):
         self.display, self.description, self.total, self.unit = display, description, total, unit
-        self.completed, self.started, self._printed_at = 0, time.monotonic(), 0.0
+        self.completed, self.started = 0, time.monotonic()
+        self._printed_at, self._printed_count = 0.0, -1  # plain mode: when and at which count it last printed
         self._task: TaskID | None = None
         if display.live:
             self._task = display._progress.add_task(description, total=total, unit=unit)
@@ -72,7 +74,7 @@ class Bar:
         return text + f" ({_seconds(elapsed)})"
 
     def _print(self) -> None:
-        self._printed_at = time.monotonic()
+        self._printed_at, self._printed_count = time.monotonic(), self.completed
         self.display._write(self.line())
 
     def update(self, completed: int, total: int | None = None, description: str | None = None) -> None:
@@ -82,8 +84,10 @@ class Bar:
         if self._task is not None:
             self.display._progress.update(self._task, completed=completed, total=self.total,
                                           description=self.description)
-        elif time.monotonic() - self._printed_at >= self.display.every_s:
-            self._print()
+        elif self._printed_at >= 0:  # not done yet
+            since = time.monotonic() - self._printed_at
+            if since >= self.display.every_s and (self.completed != self._printed_count or since >= QUIET_S):
+                self._print()
 
     def advance(self, amount: int = 1) -> None:
         self.update(self.completed + amount)
@@ -93,7 +97,7 @@ class Bar:
             self.display._progress.remove_task(self._task)
             self._task = None
             self.display.note(self.line())
-        elif self._printed_at >= 0:
+        elif self._printed_at >= 0 and self.completed != self._printed_count:
             self._print()
         self._printed_at = -1.0  # done once
 

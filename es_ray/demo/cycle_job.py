@@ -72,7 +72,7 @@ def submit_cycle_job(manifest: StackManifest, namespace: str, config: Cycle, dis
                     if detail_bar is None:
                         detail_bar, detail_step = display.bar(f"  {kind}", unit=unit), running
                     detail_bar.update(progress.get(done_key, 0), total=progress.get(total_key) or None,
-                                      description=f"  {kind} ({progress.get('stage', 'starting')})"[:28])
+                                      description=f"  {kind} ({progress.get('stage', 'starting')})")
                 if task["status"] in ("done", "failed", "cancelled"):
                     break
             status = job_client.get_job_status(job_id)
