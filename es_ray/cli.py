@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
+from rich.markup import escape
 
-from es_ray.config import load_settings
+from es_ray.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from es_ray.console import Display
+
+# Our display shows progress; tqdm's bars (sentence-transformers, the simulated users) would only be
+# noise in the log file. tqdm reads this when it is imported, so it is set before anything imports it.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="es-ray: self-improving semantic search on Ray. State lives in --state-dir.")
@@ -16,20 +26,47 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 StateDir = typer.Option(None, "--state-dir", envvar="ES_RAY_STATE_DIR",
                         help="Where Postgres data, MLflow, the Triton repository and Ray's temp dir live "
                              "(default .es-ray)")
+Verbose = typer.Option(False, "--verbose", "-v",
+                       help="Show the log lines too (they always go to <state dir>/logs/<command>.log)")
+
+
+@contextlib.contextmanager
+def _terminal(settings: Settings, command: str, verbose: bool) -> Iterator[Display]:
+    """The command's display; every log line of the process goes to <state dir>/logs/<command>.log, whose
+    path is printed first. With --verbose the log is shown as well, and the display prints plain lines
+    (a live display and log lines would overwrite each other)."""
+    from es_ray.console import Display
+    from es_ray.logs import get_logger, to_file
+
+    path = settings.state_path / "logs" / f"{command}.log"
+    with to_file(path, verbose) as terminal, Display(terminal, live=False if verbose else None) as display:
+        display.note(f"[dim]logs: {path}" + ("" if verbose else " (--verbose shows them here)") + "[/dim]")
+        try:
+            yield display
+        except (typer.Exit, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            get_logger("es_ray.cli").exception(f"{command}.failed")
+            display.note(f"[bold red]{command} failed[/bold red]: {type(err).__name__}: {escape(str(err))}\n"
+                         f"The traceback and every log line: {path}")
+            raise typer.Exit(1) from None
 
 
 @app.command()
-def up(state_dir: Optional[Path] = StateDir) -> None:
+def up(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose) -> None:
     """Start the stack (or what of it is not running) and return once it is healthy."""
     from es_ray.stack import control
 
     settings = load_settings(state_dir)
-    manifest = control.up(settings)
-    typer.echo(f"es-ray is up: {manifest.serve_url}  (API docs: {manifest.serve_url}/docs)")
-    typer.echo(f"Ray dashboard: {manifest.ray_dashboard_url}   submit jobs with RAY_ADDRESS={manifest.ray_dashboard_url}")
-    key_file = settings.state_path / "auth" / "admin.key"
-    if key_file.exists():
-        typer.echo(f"API key for admin and write routes (X-API-Key header): {key_file}")
+    with _terminal(settings, "up", verbose) as display:
+        manifest = control.up(settings, display=display)
+        display.note(f"[bold green]es-ray is up[/bold green]: {manifest.serve_url}  "
+                     f"(API docs: {manifest.serve_url}/docs)")
+        display.note(f"Ray dashboard: {manifest.ray_dashboard_url}   "
+                     f"submit jobs with RAY_ADDRESS={manifest.ray_dashboard_url}")
+        key_file = settings.state_path / "auth" / "admin.key"
+        if key_file.exists():
+            display.note(f"API key for admin and write routes (X-API-Key header): {key_file}")
 
 
 @app.command()
@@ -47,12 +84,15 @@ def status(state_dir: Optional[Path] = StateDir,
 
 
 @app.command()
-def down(state_dir: Optional[Path] = StateDir) -> None:
+def down(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose) -> None:
     """Stop everything this state dir started (and nothing else). Data stays for the next `up`."""
     from es_ray.stack import control
 
-    stopped = control.down(load_settings(state_dir))
-    typer.echo(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+    settings = load_settings(state_dir)
+    with _terminal(settings, "down", verbose) as display:
+        display.step("stopping")
+        stopped = control.down(settings)
+        display.note(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
 
 @app.command()
@@ -75,7 +115,10 @@ def demo(state_dir: Optional[Path] = StateDir,
          train_queries: Optional[int] = typer.Option(None, help="Queries the simulated users search and click"),
          test_queries: Optional[int] = typer.Option(None, help="Held-out queries that measure quality"),
          force: Optional[bool] = typer.Option(None, "--force/--no-force",
-                                              help="Switch to each new model even where the quality gate refuses")) -> None:
+                                              help="Switch to each new model even where the quality gate refuses"),
+         config_file: Optional[Path] = typer.Option(None, "--config",
+                                                    help="Another demo.yaml (default configs/demo.yaml)"),
+         verbose: bool = Verbose) -> None:
     """Rounds of the self-improvement loop on a BEIR collection (configs/demo.yaml): simulated users click,
     the improvement loop learns, a fine-tune cycle deploys, reindexes and switches; quality after each round."""
     from pydantic import ValidationError
@@ -85,12 +128,18 @@ def demo(state_dir: Optional[Path] = StateDir,
     from es_ray.demo.loop import run
 
     try:
-        config = load_demo_config(docs=docs, train_queries=train_queries, test_queries=test_queries, rounds=rounds,
-                                  force=force)
-        run(load_settings(state_dir), data, config)
-    except (DataUnavailable, ValidationError) as err:
+        config = load_demo_config(*([config_file] if config_file else []), docs=docs, train_queries=train_queries,
+                                  test_queries=test_queries, rounds=rounds, force=force)
+    except ValidationError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
+    settings = load_settings(state_dir)
+    with _terminal(settings, "demo", verbose) as display:
+        try:
+            run(settings, data, config, display)
+        except DataUnavailable as err:
+            display.note(f"[bold red]error[/bold red]: {escape(str(err))}")
+            raise typer.Exit(2) from None
 
 
 @app.command()
@@ -100,21 +149,34 @@ def cycle(state_dir: Optional[Path] = StateDir,
           force: bool = typer.Option(False, "--force", help="Deploy and switch even if the quality gate refuses"),
           cleanup_now: bool = typer.Option(False, "--cleanup-now",
                                            help="Drop the old collection right after the switch, not after "
-                                                "lifecycle.grace_s")) -> None:
+                                                "lifecycle.grace_s"),
+          verbose: bool = Verbose) -> None:
     """Run one cycle as a Ray job: fine-tune -> gate -> deploy -> reindex -> switch -> cleanup."""
-    from es_ray.lifecycle.cycle import entrypoint
-    from es_ray.stack import control, jobs
+    from es_ray.demo.config import Cycle
+    from es_ray.demo.cycle_job import CycleJobFailed, submit_cycle_job
+    from es_ray.stack import control
 
     try:
         parsed = json.loads(overrides)
     except json.JSONDecodeError as err:
         raise typer.BadParameter(f"not JSON: {err}", param_hint="--overrides") from None
     settings = load_settings(state_dir)
-    manifest = control.up(settings)
-    status, _ = jobs.submit_and_wait(manifest, entrypoint(parsed, force, cleanup_now, settings.ray.namespace),
-                                     timeout_s=6 * 3600)
-    if status != "SUCCEEDED":
-        raise typer.Exit(1)
+    with _terminal(settings, "cycle", verbose) as display:
+        display.step("stack")
+        manifest = control.up(settings, display=display)
+        try:
+            result = submit_cycle_job(manifest, settings.ray.namespace,
+                                      Cycle(force=force, cleanup_now=cleanup_now, finetune=parsed), display,
+                                      timeout_s=6 * 3600)
+        except CycleJobFailed as err:
+            display.note(f"[bold red]the cycle failed[/bold red]: {escape(str(err))}")
+            raise typer.Exit(1) from None
+        for step in result["steps"]:
+            display.note(f"{step['step']:<10} {step['status']} ({step.get('seconds', '?')} s)"
+                         + (f": {escape(str(step['reason']))}" if step.get("reason") else ""))
+        display.note(f"[bold]switched v{result['from_version']} -> v{result['version']}[/bold]"
+                     if result.get("switched") else
+                     f"[bold]v{result['version']} stopped at the {result.get('stopped_at', '?')}[/bold]")
 
 
 if __name__ == "__main__":

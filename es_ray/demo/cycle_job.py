@@ -9,9 +9,8 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
 from es_ray.client import EsRayClient
+from es_ray.console import Display
 from es_ray.demo.config import Cycle
 from es_ray.lifecycle.cycle import entrypoint
 from es_ray.stack import jobs
@@ -40,17 +39,16 @@ def _latest(client: EsRayClient, kind: str, since: datetime) -> dict[str, Any] |
     return tasks[0].model_dump() if tasks and tasks[0].created_at >= since else None
 
 
-def submit_cycle_job(manifest: StackManifest, namespace: str, config: Cycle, timeout_s: float = 3 * 3600) -> dict[str, Any]:
+def submit_cycle_job(manifest: StackManifest, namespace: str, config: Cycle, display: Display,
+                     timeout_s: float = 3 * 3600) -> dict[str, Any]:
     """Submits the cycle job and follows it to its end; returns the cycle task's result."""
     job_id = f"demo-cycle-{uuid.uuid4().hex[:10]}"
     jobs.submit(manifest.ray_dashboard_url, entrypoint(config.finetune, config.force, config.cleanup_now, namespace),
                 submission_id=job_id)
     job_client = jobs.client(manifest.ray_dashboard_url)
     deadline = time.monotonic() + timeout_s
-    with EsRayClient.for_stack(manifest) as client, Progress(
-            TextColumn("{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bars:
-        steps_bar = bars.add_task("cycle", total=len(STEPS))
-        detail_bar = bars.add_task("", total=None, visible=False)
+    with EsRayClient.for_stack(manifest) as client, display.bar("cycle", total=len(STEPS), unit="steps") as steps_bar:
+        detail_bar, detail_step, shown_step = None, None, None
         task, ended_at = None, None
         while time.monotonic() < deadline:
             task = _task_of_job(client, "cycle", job_id) or task
@@ -58,16 +56,22 @@ def submit_cycle_job(manifest: StackManifest, namespace: str, config: Cycle, tim
                 steps = task["progress"].get("steps", [])
                 finished = sum(1 for s in steps if s["status"] not in ("running",))
                 current = steps[-1]["step"] if steps else "starting"
-                bars.update(steps_bar, completed=finished, description=f"cycle: {current}")
-                if current in DETAIL and steps[-1]["status"] == "running":
-                    kind, done_key, total_key, unit = DETAIL[current]
+                steps_bar.update(finished, description=f"cycle ({current})")
+                if current != shown_step:
+                    display.step(f"cycle: {current}")
+                    shown_step = current
+                running = current if current in DETAIL and steps[-1]["status"] == "running" else None
+                if detail_bar is not None and running != detail_step:
+                    detail_bar.done()
+                    detail_bar = None
+                if running:
+                    kind, done_key, total_key, unit = DETAIL[running]
                     sub = _latest(client, kind, task["created_at"])
                     progress = sub["progress"] if sub else {}
-                    bars.update(detail_bar, visible=True, completed=progress.get(done_key, 0),
-                                total=progress.get(total_key) or None,
-                                description=f"  {kind} {unit}: {progress.get('stage', 'starting')}"[:32])
-                else:
-                    bars.update(detail_bar, visible=False)
+                    if detail_bar is None:
+                        detail_bar, detail_step = display.bar(f"  {kind}", unit=unit), running
+                    detail_bar.update(progress.get(done_key, 0), total=progress.get(total_key) or None,
+                                      description=f"  {kind} ({progress.get('stage', 'starting')})")
                 if task["status"] in ("done", "failed", "cancelled"):
                     break
             status = job_client.get_job_status(job_id)
@@ -81,6 +85,8 @@ def submit_cycle_job(manifest: StackManifest, namespace: str, config: Cycle, tim
             time.sleep(1)
         else:
             raise CycleJobFailed(f"cycle job {job_id} did not end within {timeout_s}s")
+        if detail_bar is not None:
+            detail_bar.done()
     if task["status"] != "done":
         raise CycleJobFailed(f"cycle task {task['task_id']} {task['status']}: {task['error']}",
                           task["progress"].get("steps"))

@@ -9,19 +9,20 @@ queries, which never produce a click, and on the train queries.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from rich.console import Console
-from tqdm import tqdm
+from rich.markup import escape
 
 from es_ray.client import EsRayClient
 from es_ray.config import Settings
+from es_ray.console import Bar, Display, parse_progress
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.demo import report
@@ -37,7 +38,6 @@ from es_ray.store.collections import Collection
 from es_ray.train.evaluation import evaluate
 
 log = get_logger(__name__)
-console = Console(width=None if Console().is_terminal else 150)  # a log file gets the whole (wide) table
 
 
 @dataclasses.dataclass
@@ -77,27 +77,45 @@ def choose_sample(data: Path, sample: Sample) -> DemoSample:
                       {q: queries[q] for q in test_ids}, {q: test_qrels[q] for q in test_ids})
 
 
-def load(settings: Settings, manifest, data: Path, items: list[dict[str, Any]]) -> float:
+def follow_progress(bar: Bar, name: str) -> Callable[[str], None]:
+    """A Ray job's output follower: the job's progress lines named `name` move `bar`; every line goes on
+    to stdout, which is the log file inside logs.to_file."""
+    pending = [""]
+
+    def on_output(text: str) -> None:
+        print(text, end="", flush=True)  # noqa: T201 - the job's own log, kept in the command's log file
+        *lines, pending[0] = (pending[0] + text).split("\n")
+        for line in lines:
+            progress = parse_progress(line)
+            if progress and progress[0] == name:
+                bar.update(progress[1], total=progress[2])
+
+    return on_output
+
+
+def load(settings: Settings, manifest, data: Path, items: list[dict[str, Any]], display: Display) -> float:
     """Upserts the sample as a Ray Data job unless blue already holds every item (a second demo run)."""
     with db.connect(manifest.postgres_dsn) as conn:
         blue = blue_green.get_blue(conn)
         present = Collection(blue.collection, blue.dim).get(conn, [i["id"] for i in items])
     if len(present) == len(items):
-        console.print(f"blue collection {blue.collection} already holds the {len(items)} documents: not loading")
+        display.note(f"blue collection {blue.collection} already holds the {len(items)} documents: not loading")
         return 0.0
     path = settings.state_path / "demo" / f"{data.name}-sample.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
-    console.print(f"[bold]Loading {len(items)} documents of {data} as a Ray Data job[/bold] (Triton embeds them)")
+    display.step(f"loading {len(items)} documents of {data.name} as a Ray Data job (Triton embeds them)")
     started = time.monotonic()
-    status, _ = jobs.submit_and_wait(manifest, f"python -m es_ray.data.upsert --input {path}")
+    with display.bar("upsert", total=len(items), unit="items") as bar:
+        status, _ = jobs.submit_and_wait(manifest, f"python -m es_ray.data.upsert --input {path}",
+                                         on_output=follow_progress(bar, "upsert"))
     if status != "SUCCEEDED":
-        raise SystemExit(f"the upsert job ended {status}; see its logs above")
+        raise RuntimeError(f"the upsert job ended {status}; its output is in the log file")
     return time.monotonic() - started
 
 
 def search_run(url: str, queries: dict[str, str], label: str, limit: int = 100,
-               clients: int = 2) -> tuple[dict, set[str]]:
+               clients: int = 2, display: Display | None = None) -> tuple[dict, set[str]]:
     """Top `limit` of every query through the HTTP API (not recorded as sessions); also the models that answered."""
     def one(item):
         qid, text = item
@@ -105,15 +123,20 @@ def search_run(url: str, queries: dict[str, str], label: str, limit: int = 100,
             body = client.search(text, limit=limit, session=False)
             return qid, {r.id: r.score for r in body.results}, body.model
 
-    with ThreadPoolExecutor(clients) as pool:
-        answers = list(tqdm(pool.map(one, queries.items()), total=len(queries), desc=f"evaluate {label}",
-                            unit="query"))
+    answers = []
+    bar = display.bar(f"search {label}", total=len(queries), unit="queries") if display else None
+    with ThreadPoolExecutor(clients) as pool, bar or contextlib.nullcontext():
+        for answer in pool.map(one, queries.items()):
+            answers.append(answer)
+            if bar:
+                bar.advance()
     return {qid: run for qid, run, _ in answers}, {model for _, _, model in answers}
 
 
-def measure(url: str, sample: DemoSample, clients: int) -> tuple[dict[str, float], str]:
-    test_run, models = search_run(url, sample.test, "test queries", clients=clients)
-    train_run, more = search_run(url, sample.train, "train queries", limit=10, clients=clients)  # nDCG@10 only
+def measure(url: str, sample: DemoSample, clients: int, display: Display) -> tuple[dict[str, float], str]:
+    test_run, models = search_run(url, sample.test, "test queries", clients=clients, display=display)
+    train_run, more = search_run(url, sample.train, "train queries", limit=10, clients=clients,  # nDCG@10 only
+                                 display=display)
     test, train = evaluate(test_run, sample.test_qrels), evaluate(train_run, sample.train_qrels)
     quality = {"test_ndcg@10": test["ndcg@10"], "test_mrr@10": test["mrr@10"],
                "test_recall@100": test["recall@100"], "train_ndcg@10": train["ndcg@10"]}
@@ -121,23 +144,26 @@ def measure(url: str, sample: DemoSample, clients: int) -> tuple[dict[str, float
 
 
 def one_round(n: int, settings: Settings, manifest, config: DemoConfig, sample: DemoSample,
-              click_model: ClickModel) -> report.RoundRow:
+              click_model: ClickModel, display: Display) -> report.RoundRow:
     started = time.monotonic()
     url = manifest.serve_url
-    console.rule(f"[bold]round {n}[/bold]: simulated users")
+    display.step(f"round {n}: simulated users search the {len(sample.train)} train queries and click "
+                 f"({len(sample.train) * click_model.sessions_per_query} sessions)")
     users = dataclasses.replace(click_model, seed=click_model.seed + n)  # new sessions each round
     sessions, clicks = simulate_sessions(url, sample.train, sample.train_qrels, users, config.users.clients)
+    display.step(f"round {n}: the improvement loop learns from the clicks")
     with EsRayClient.for_stack(manifest) as admin:
         learned = admin.run_improvement(settle_s=0)
-    console.print(f"{sessions} sessions, {clicks} clicks; improvement loop: {learned}")
+    display.note(f"round {n}: {sessions} sessions, {clicks} clicks; improvement loop: {escape(str(learned))}")
 
-    console.rule(f"[bold]round {n}[/bold]: cycle (fine-tune -> gate -> deploy -> reindex -> switch -> cleanup)")
+    display.step(f"round {n}: cycle (fine-tune -> gate -> deploy -> reindex -> switch -> cleanup)")
     with SearchTraffic(url, list(sample.test.values()), config.traffic.clients, config.traffic.think_s) as traffic:
         try:
-            result = submit_cycle_job(manifest, settings.ray.namespace, config.cycle)
+            result = submit_cycle_job(manifest, settings.ray.namespace, config.cycle, display)
         except CycleJobFailed as err:
             # Shown as the round's outcome (too few clicks yet, say); the next round has more sessions.
-            console.print(f"[red]the cycle failed[/red]: {err}")
+            log.warning("demo.cycle_failed", round=n, error=str(err))
+            display.note(f"[red]round {n}: the cycle failed[/red]: {escape(str(err).splitlines()[0])}")
             result = {"steps": err.steps, "failed": str(err)}
     gate = next((s for s in result["steps"] if s["step"] == "gate"), {})
     if "failed" in result:
@@ -146,29 +172,36 @@ def one_round(n: int, settings: Settings, manifest, config: DemoConfig, sample: 
         decision = f"{gate.get('status', '?')}: {gate.get('reason', '')}".strip(": ")
         switched = (f"v{result['from_version']} -> v{result['version']}" if result.get("switched")
                     else f"v{result['version']} stopped at the {result.get('stopped_at', '?')}")
-    quality, model = measure(url, sample, config.measure.clients)
+    display.step(f"round {n}: measuring quality")
+    quality, model = measure(url, sample, config.measure.clients, display)
     return report.RoundRow(n, model, quality, sessions, clicks, decision, switched, traffic.report.as_dict(),
                            result["steps"], round(time.monotonic() - started, 1))
 
 
-def run(settings: Settings, data: Path | None, config: DemoConfig) -> Path:
+def run(settings: Settings, data: Path | None, config: DemoConfig, display: Display) -> Path:
     started = time.monotonic()
+    display.step("finding the data")
     data_dir = beir.locate(data, settings.state_path)
-    manifest = control.up(settings)
+    display.step("stack")
+    manifest = control.up(settings, display=display)
+    display.step("choosing the sample")
     sample = choose_sample(data_dir, config.sample)
-    load_s = load(settings, manifest, data_dir, sample.items)
+    load_s = load(settings, manifest, data_dir, sample.items, display)
     out_dir = settings.state_path / "demo"
     title = (f"{data_dir.name}: {len(sample.items)} documents, {len(sample.train)} train queries clicked, "
              f"{len(sample.test)} test queries")
 
-    quality, model = measure(manifest.serve_url, sample, config.measure.clients)
+    display.step("round 0: measuring quality before any click")
+    quality, model = measure(manifest.serve_url, sample, config.measure.clients, display)
     rows = [report.RoundRow(0, model, quality, wall_s=round(time.monotonic() - started, 1))]
-    console.print(report.table(rows, title))
+    display.table(title, report.HEADERS, left=("gate", "switch"))
+    display.add_row(rows[0].cells(brief=True))
     click_model = ClickModel.load()
     for n in range(1, config.rounds + 1):
-        rows.append(one_round(n, settings, manifest, config, sample, click_model))
+        rows.append(one_round(n, settings, manifest, config, sample, click_model, display))
         log.info("demo.round", **{k: v for k, v in dataclasses.asdict(rows[-1]).items() if k != "steps"})
-        console.print(report.table(rows, title))
+        display.add_row(rows[-1].cells(brief=True))
+    display.step("writing the report")
 
     context = {"dataset": data_dir.name, "docs": len(sample.items), "train_queries": len(sample.train),
                "test_queries": len(sample.test), "load_s": load_s, "wall_s": time.monotonic() - started,
@@ -176,13 +209,13 @@ def run(settings: Settings, data: Path | None, config: DemoConfig) -> Path:
     plot_path = report.plot(rows, out_dir / "quality.png", title)
     report_path = report.markdown(rows, context, plot_path, out_dir / "report.md")
     url = manifest.serve_url
-    console.print(f"\n[bold]Report[/bold]: {report_path}\n[bold]Plot[/bold]:   {plot_path}\n"
-                  f"Finished in {context['wall_s'] / 60:.1f} minutes.\n")
-    console.print(f"Search page:    {url}/            API docs: {url}/docs\n"
-                  f"Ray dashboard:  {manifest.ray_dashboard_url}   Prometheus metrics: {manifest.ray_metrics_url}\n"
-                  f"Query it:       curl -s {url}/v1/search -H 'content-type: application/json' "
-                  "-d '{\"query\": \"cancer immunotherapy\", \"limit\": 5}'\n"
-                  f"API key:        {settings.state_path / 'auth' / 'admin.key'} (X-API-Key: the web page's lifecycle "
-                  "panel, items, tasks, lifecycle)\n"
-                  f"Stop it:        .venv/bin/es-ray down --state-dir {settings.state_path}")
+    display.note(f"\n[bold]Report[/bold]: {report_path}\n[bold]Plot[/bold]:   {plot_path}\n"
+                 f"Finished in {context['wall_s'] / 60:.1f} minutes.\n")
+    display.note(f"Search page:    {url}/            API docs: {url}/docs\n"
+                 f"Ray dashboard:  {manifest.ray_dashboard_url}   Prometheus metrics: {manifest.ray_metrics_url}\n"
+                 f"Query it:       curl -s {url}/v1/search -H 'content-type: application/json' "
+                 "-d '{\"query\": \"cancer immunotherapy\", \"limit\": 5}'\n"
+                 f"API key:        {settings.state_path / 'auth' / 'admin.key'} (X-API-Key: the web page's lifecycle "
+                 "panel, items, tasks, lifecycle)\n"
+                 f"Stop it:        .venv/bin/es-ray down --state-dir {settings.state_path}")
     return report_path

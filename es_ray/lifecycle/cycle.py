@@ -17,7 +17,8 @@ import sys
 import time
 from typing import Any, Callable
 
-from es_ray.logs import get_logger
+from es_ray.console import Display
+from es_ray.logs import get_logger, to_file
 
 log = get_logger("es_ray.lifecycle.cycle")
 
@@ -29,18 +30,25 @@ class CycleFailed(RuntimeError):
 class Steps:
     """The cycle's steps as the task's progress: [{step, status, seconds, ...}]."""
 
-    def __init__(self, progress: Callable[[dict[str, Any]], None]):
-        self.progress, self.steps = progress, []
+    def __init__(self, progress: Callable[[dict[str, Any]], None], display: Display | None = None):
+        self.progress, self.steps, self.display = progress, [], display
 
     def start(self, name: str) -> float:
         self.steps.append({"step": name, "status": "running"})
         self.progress({"stage": name, "steps": self.steps})
         log.info("cycle.step", step=name)
+        if self.display:
+            self.display.step(name)
         return time.monotonic()
 
     def end(self, started: float, status: str = "done", **details: Any) -> None:
         self.steps[-1].update({"status": status, "seconds": round(time.monotonic() - started, 1), **details})
         self.progress({"steps": self.steps})
+        if self.display:
+            from rich.markup import escape
+
+            reason = f": {escape(str(details['reason']))}" if details.get("reason") else ""
+            self.display.note(f"{self.steps[-1]['step']} {status} ({self.steps[-1]['seconds']} s){reason}")
 
 
 def entrypoint(overrides: dict[str, Any], force: bool, cleanup_now: bool, namespace: str) -> str:
@@ -136,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     from es_ray.store import tasks
 
     def work(job: TaskJob) -> dict[str, Any]:
-        steps = Steps(job.progress)
-        result = run_cycle(job.driver, job.settings, job.manifest, steps, overrides, args.force, args.cleanup_now)
+        # The job's terminal (`ray job logs`) shows the steps; the log lines go to the state dir.
+        log_path = job.settings.state_path / "logs" / "cycle.log"
+        with to_file(log_path) as terminal, Display(terminal) as display:
+            display.note(f"logs: {log_path}")
+            steps = Steps(job.progress, display)
+            result = run_cycle(job.driver, job.settings, job.manifest, steps, overrides, args.force,
+                               args.cleanup_now)
         return {**result, "steps": steps.steps}
 
     return run_as_task(tasks.CYCLE, args.namespace, None,

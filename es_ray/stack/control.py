@@ -15,6 +15,7 @@ from typing import Any
 import requests
 
 from es_ray.config import Settings
+from es_ray.console import Display
 from es_ray.inference import registry
 from es_ray.logs import get_logger
 from es_ray.stack import credentials, postgres, ray_head, triton
@@ -30,8 +31,10 @@ def _port(recorded_url: str, configured: int) -> int:
     return port_or_free(configured)
 
 
-def up(settings: Settings, wait_s: float = 600) -> StackManifest:
-    """Starts what is not running yet, bootstraps the blue model, deploys Serve; returns once healthy."""
+def up(settings: Settings, wait_s: float = 600, display: Display | None = None) -> StackManifest:
+    """Starts what is not running yet, bootstraps the blue model, deploys Serve; returns once healthy.
+    `display`: where a person watches the steps (`es-ray up`); tests and benchmarks pass none."""
+    step = display.step if display else lambda text: None
     started = time.monotonic()
     state = settings.state_path
     state.mkdir(parents=True, exist_ok=True)
@@ -40,12 +43,14 @@ def up(settings: Settings, wait_s: float = 600) -> StackManifest:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     # PostgreSQL + pgvector
+    step("PostgreSQL")
     if settings.postgres.dsn:
         manifest.postgres_dsn, manifest.postgres_started = settings.postgres.dsn, False
     else:
         manifest.postgres_dsn, manifest.postgres_started = postgres.start(state), True
 
     # Triton
+    step("Triton")
     if settings.triton.url:
         manifest.triton_url = settings.triton.url
         manifest.triton_grpc_url = settings.triton.url.rsplit(":", 1)[0] + f":{settings.triton.grpc_port or 8001}"
@@ -64,6 +69,7 @@ def up(settings: Settings, wait_s: float = 600) -> StackManifest:
     manifest.mlflow_uri = registry.tracking_uri(settings)
 
     # Ray head
+    step("Ray head")
     if settings.ray.address:
         manifest.ray_address, manifest.ray_started = settings.ray.address, False
         manifest.ray_dashboard_url = manifest.ray_dashboard_url or f"http://127.0.0.1:{settings.ray.dashboard_port}"
@@ -85,7 +91,9 @@ def up(settings: Settings, wait_s: float = 600) -> StackManifest:
     manifest.serve_url = f"http://{settings.serve.host}:{settings.serve.port}"
     manifest.save()
 
+    step("lifecycle driver (loads the blue model into Triton) and Serve")
     _start_driver_and_serve(settings, manifest)
+    step(f"waiting for {manifest.serve_url}/healthz")
     wait_healthy(manifest.serve_url, wait_s)
     log.info("stack.up", seconds=round(time.monotonic() - started, 1), url=manifest.serve_url)
     return manifest

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from es_ray.logs import get_logger
 from es_ray.stack.manifest import StackManifest
@@ -39,8 +40,11 @@ def submit(dashboard_url: str, entrypoint: str, submission_id: str | None = None
 
 
 def submit_and_wait(manifest: StackManifest, entrypoint: str, timeout_s: float = 3600,
-                    echo_logs: bool = True) -> tuple[str, str]:
-    """Runs `entrypoint` as a Ray job and waits for it; returns (status, logs)."""
+                    echo_logs: bool = True, on_output: Callable[[str], None] | None = None) -> tuple[str, str]:
+    """Runs `entrypoint` as a Ray job and waits for it; returns (status, logs). The job's output as it
+    comes goes to `on_output` (a follower that shows it as progress), else to stdout if `echo_logs`."""
+    if on_output is None and echo_logs:
+        on_output = lambda text: print(text, end="", flush=True)  # noqa: E731, T201 - passed through
     from ray.job_submission import JobStatus
 
     job_id = submit(manifest.ray_dashboard_url, entrypoint)
@@ -52,13 +56,13 @@ def submit_and_wait(manifest: StackManifest, entrypoint: str, timeout_s: float =
             jobs_client.stop_job(job_id)
             raise TimeoutError(f"job {job_id} did not finish within {timeout_s}s")
         time.sleep(1)
-        if echo_logs:
+        if on_output is not None:
             logs = jobs_client.get_job_logs(job_id)
-            print(logs[printed:], end="", flush=True)  # noqa: T201 - the job's own output, passed through
+            on_output(logs[printed:])
             printed = len(logs)
         status = jobs_client.get_job_status(job_id)
     logs = jobs_client.get_job_logs(job_id)
-    if echo_logs:
-        print(logs[printed:], end="", flush=True)  # noqa: T201
+    if on_output is not None:
+        on_output(logs[printed:])
     log.info("job.finished", job_id=job_id, status=str(status))
     return ("SUCCEEDED" if status == JobStatus.SUCCEEDED else str(status.value)), logs
