@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -37,6 +37,30 @@ class PostgresSettings(BaseModel):
     hnsw_ef_search: int = 100
     maintenance_work_mem: str = "1GB"
     pool_timeout_s: float = 5.0
+    search_timeout_ms: int = Field(3000, ge=1)
+
+
+# Bind parameters one statement may have (the protocol's 16-bit count), less the search query's own.
+FILTER_MAX_PARAMETERS = 65_535 - 16
+
+
+class FilterLimits(BaseModel):
+    """How large a search filter may be (es_ray/store/filters.py): width as well as depth, so no filter
+    exceeds Postgres' parameter limit or makes one search scan for long."""
+
+    max_depth: int = Field(16, ge=1)
+    max_leaves: int = Field(256, ge=1)       # comparisons (eq, ne, exists, gt.., in: one each)
+    max_in_values: int = Field(1000, ge=1)   # values of one `in` list
+    max_values: int = Field(4000, ge=1)      # `in` values in the whole filter
+    max_fields: int = Field(64, ge=1)        # distinct fields named
+
+    @model_validator(mode="after")
+    def _fits_in_one_statement(self) -> "FilterLimits":
+        # A comparison takes at most 3 parameters and an `in` value 2 (filters.py).
+        worst = 3 * self.max_leaves + 2 * self.max_values
+        if worst > FILTER_MAX_PARAMETERS:
+            raise ValueError(f"filter limits allow {worst} query parameters; one query takes {FILTER_MAX_PARAMETERS}")
+        return self
 
 
 class TritonSettings(BaseModel):
@@ -85,6 +109,8 @@ class ServeSettings(BaseModel):
     blue_refresh_s: float = 1.0
     swap_share: float = Field(0.25, ge=0, le=1)
     swap_max_rank: int = Field(10, ge=2)
+    filter_limits: FilterLimits = FilterLimits()
+    health_cache_s: float = Field(2.0, ge=0)
 
 
 class UpsertSettings(BaseModel):

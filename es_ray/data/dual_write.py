@@ -6,11 +6,15 @@ per item shared by every copy. A switch (or green appearing) takes that row FOR 
 for writes in flight and every later write sees the new set of collections. A reindex copies items
 with the version it read; `Collection.upsert` keeps whichever copy is newer and deletes leave
 tombstones, so an older copy can neither overwrite a newer write nor bring a deleted item back.
+
+Writes take a connection only to read the live collections and for the transaction itself, never
+while an embedding runs: a pooled connection held through a Triton call would make every other
+request of the replica wait for Triton too.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import psycopg
 import tenacity
@@ -23,40 +27,49 @@ from es_ray.store.blue_green import Target
 
 # (target, items as dicts with id/text/payload) -> the items embedded by the target's model
 EmbedFor = Callable[[Target, list[dict[str, Any]]], list[EmbeddedItem]]
+# () -> a connection for the time of a `with` block: `pool.connection`, or `lambda: nullcontext(conn)`
+Connect = Callable[[], ContextManager[psycopg.Connection]]
 
 
 class LifecycleMoved(RuntimeError):
     """The set of collections kept changing while the write was embedding; retry later."""
 
 
-def embed_for_live(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for: EmbedFor,
+def live_targets(connect: Connect) -> list[Target]:
+    with connect() as conn:
+        return blue_green.get_state(conn).write_targets()
+
+
+def embed_for_live(connect: Connect, items: list[dict[str, Any]], embed_for: EmbedFor,
                    embedded: dict[int, list[EmbeddedItem]]) -> dict[int, list[EmbeddedItem]]:
-    """Adds the embeddings of every live collection's model that `embedded` lacks. A collection dropped
-    (and its model unloaded) after the state was read is skipped: an embedding it fails is not needed,
-    since the write transaction reads the live collections again."""
-    for target in blue_green.get_state(conn).write_targets():
+    """Adds the embeddings of every live collection's model that `embedded` lacks, holding no connection
+    while the models run. A collection dropped (and its model unloaded) after the state was read is
+    skipped: an embedding it fails is not needed, since the write transaction reads the live collections
+    again."""
+    for target in live_targets(connect):
         if target.model_version not in embedded:
             try:
                 embedded[target.model_version] = embed_for(target, items)
             except Exception:
-                if target in blue_green.get_state(conn).write_targets():
+                if target in live_targets(connect):
                     raise
     return embedded
 
 
-def write_items(conn: psycopg.Connection, items: list[dict[str, Any]], embed_for: EmbedFor, policy: RetryPolicy,
+def write_items(connect: Connect, items: list[dict[str, Any]], embed_for: EmbedFor, policy: RetryPolicy,
                 embedded: dict[int, list[EmbeddedItem]] | None = None) -> int:
     """Upserts `items` into every live collection; returns how many the blue collection took.
 
-    Embeddings are made outside the transaction (one set per model version, reused from `embedded`
-    when the caller has them); if a collection for another model appeared meanwhile, its embeddings
-    are made and the transaction is tried again (`policy`: the stack's `retries.write`).
+    Embeddings are made first, with no connection held (one set per model version, reused from
+    `embedded` when the caller has them); then one transaction writes them. If a collection for another
+    model appeared meanwhile, its embeddings are made and the transaction is tried again (`policy`: the
+    stack's `retries.write`).
     """
     embedded = dict(embedded or {})
 
     def attempt() -> int:
-        embed_for_live(conn, items, embed_for, embedded)
-        with conn.transaction():
+        embed_for_live(connect, items, embed_for, embedded)
+        with connect() as conn, conn.transaction():
             state = blue_green.get_state(conn, lock=True)
             targets = state.write_targets()
             if any(t.model_version not in embedded for t in targets):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import pickle
 import threading
+from contextlib import nullcontext
 from typing import Any, Iterator
 
 import numpy as np
@@ -63,15 +64,16 @@ class Encoders:
 
 def upsert_now(encoders: Encoders, pool, settings: Settings,
                items: list[dict[str, Any]]) -> tuple[int, list[dict[str, str]]]:
-    """Embeds and writes in batches of upsert.batch_size; a failing batch is reported, the rest kept."""
+    """Embeds and writes in batches of upsert.batch_size; a failing batch is reported, the rest kept.
+    A pooled connection is taken only to read the live collections and to write, never while Triton
+    embeds (data/dual_write.py): the pool is sized to the requests in flight, not to Triton's latency."""
     written, failed = 0, []
     size = settings.upsert.batch_size
     for start in range(0, len(items), size):
         batch = items[start:start + size]
         ids = [i["id"] for i in batch]
         try:
-            with pool.connection() as conn:
-                written += write_items(conn, batch, encoders.embed_for, settings.retries.write)
+            written += write_items(pool.connection, batch, encoders.embed_for, settings.retries.write)
         except Exception as err:  # noqa: BLE001 - reported per item, never swallowed silently
             log.warning("upsert.batch_failed", items=len(batch), error=str(err))
             failed.extend({"id": item_id, "error": f"{type(err).__name__}: {err}"} for item_id in ids)
@@ -111,7 +113,7 @@ class EmbedStage:
         out: dict[str, list] = {"id": [i["id"] for i in items], "text": [i["text"] for i in items],
                                 "payload_json": list(batch["payload_json"]), "embedded": [], "error": []}
         try:
-            per_version = dual_write.embed_for_live(self.conn, items, self.encoders.embed_for, {})
+            per_version = dual_write.embed_for_live(lambda: nullcontext(self.conn), items, self.encoders.embed_for, {})
             for k in range(len(items)):
                 out["embedded"].append(pickle.dumps({v: embedded[k] for v, embedded in per_version.items()}))
                 out["error"].append("")
@@ -139,7 +141,8 @@ class WriteStage:
             for version, item in pickle.loads(batch["embedded"][k]).items():
                 embedded.setdefault(version, []).append(item)
         try:
-            write_items(self.conn, items, self.encoders.embed_for, self.encoders.settings.retries.write, embedded)
+            write_items(lambda: nullcontext(self.conn), items, self.encoders.embed_for,
+                        self.encoders.settings.retries.write, embedded)
         except Exception as err:  # noqa: BLE001
             errors = [e or f"write: {type(err).__name__}: {err}" for e in errors]
         return {"id": ids, "error": errors}

@@ -89,7 +89,8 @@ class Authenticator:
         if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
             return None
         body = ".".join(parts[:3])
-        if not hmac.compare_digest(self._sign(body), parts[3]):
+        # As bytes: compare_digest refuses str with non-ASCII characters (TypeError, a 500).
+        if not hmac.compare_digest(self._sign(body).encode(), parts[3].encode("utf-8", "surrogatepass")):
             return None
         try:
             user_id, expires = _unb64(parts[1]).decode("utf-8"), int(parts[2])

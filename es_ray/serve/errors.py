@@ -3,6 +3,12 @@
 Domain errors raised by the store or by the lifecycle driver map to 4xx here (CLIENT_ERRORS), a missing
 dependency (Triton, Postgres, no blue model yet) to 503 with Retry-After, and FastAPI's own validation
 and HTTP errors are rewritten into the same body.
+
+A search Postgres cancelled at its statement timeout is a 503 with Retry-After, not a 422: the filter's
+size is already bounded (serve.filter_limits, refused with 422 before any SQL runs), so what is left
+is a query whose cost depends on the data and the load of the moment (the same filter is fast on a
+quiet database, slow behind a reindex). A 4xx would tell a client never to send a valid request again;
+the Retry-After spaces out the retries, and the message says a narrower filter is cheaper.
 """
 
 from __future__ import annotations
@@ -13,10 +19,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from es_ray.data.dual_write import LifecycleMoved
 from es_ray.lifecycle.handle import UnknownModel
 from es_ray.lifecycle.switching import SwitchRefused
 from es_ray.serve import schemas
 from es_ray.store import clickstream, db, tasks
+from es_ray.store.search import SearchTimeout
 
 
 class ServiceUnavailable(Exception):
@@ -29,7 +37,8 @@ CLIENT_ERRORS = {clickstream.UnknownSession: 404, clickstream.EventRejected: 422
 
 
 def driver_call(ref):
-    """The driver's answer; a domain error raised in the actor is re-raised as itself (not Ray's wrapper)."""
+    """The driver's answer; a domain error raised in the actor is re-raised as itself (not Ray's wrapper).
+    A driver that died or is restarting (Ray restarts it) is a 503: the client may retry."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as err:
@@ -37,6 +46,9 @@ def driver_call(ref):
         if isinstance(cause, tuple(CLIENT_ERRORS)):
             raise cause from None
         raise
+    except ray.exceptions.RayActorError as err:  # ActorDiedError and ActorUnavailableError among them
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ServiceUnavailable(f"lifecycle driver unavailable ({type(err).__name__}): {first_line}") from err
 
 
 def path_id(value: str, field: str) -> str:
@@ -80,6 +92,17 @@ async def _unavailable(request: Request, exc: ServiceUnavailable) -> JSONRespons
     return JSONResponse(status_code=503, content={"error": str(exc)}, headers={"Retry-After": "1"})
 
 
+async def _search_timeout(request: Request, exc: SearchTimeout) -> JSONResponse:
+    return JSONResponse(status_code=503, content={"error": f"{exc}; retry later, or narrow the filter", "details": []},
+                        headers={"Retry-After": "2"})
+
+
+async def _lifecycle_moved(request: Request, exc: LifecycleMoved) -> JSONResponse:
+    # The live collections kept changing (a switch, green appearing) or Postgres kept breaking deadlocks:
+    # nothing was written, and the same request succeeds once the move is done.
+    return JSONResponse(status_code=503, content={"error": str(exc), "details": []}, headers={"Retry-After": "1"})
+
+
 async def _database_down(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=503, content={"error": f"database unavailable: {exc}"}, headers={"Retry-After": "1"})
 
@@ -95,6 +118,8 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ServiceUnavailable, _unavailable)
+    app.add_exception_handler(SearchTimeout, _search_timeout)
+    app.add_exception_handler(LifecycleMoved, _lifecycle_moved)
     for error, status in CLIENT_ERRORS.items():
         app.add_exception_handler(error, _client_error(status))
     app.add_exception_handler(db.OperationalError, _database_down)

@@ -15,14 +15,18 @@ from ray import serve
 
 from es_ray.config import Settings
 from es_ray.data import pipeline
+from es_ray.logs import get_logger
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.lifecycle.handle import get_driver
 from es_ray.serve import auth, schemas
 from es_ray.serve.blue_watcher import BlueWatcher
 from es_ray.serve.errors import ServiceUnavailable
+from es_ray.serve.health_cache import HealthCache
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import db
 from es_ray.store.blue_green import Blue
+
+log = get_logger(__name__)
 
 
 class Replica:
@@ -33,13 +37,24 @@ class Replica:
         schemas.configure_limits(self.settings.serve)
         auth.configure(self.settings.auth)
         self.driver = get_driver(namespace)
-        self.pool = db.open_pool(self.manifest.postgres_dsn, self.settings.postgres.pool_size,
+        self.pool_size = pool_size(self.settings)
+        self.pool = db.open_pool(self.manifest.postgres_dsn, self.pool_size,
                                  self.settings.postgres.hnsw_ef_search, self.settings.postgres.pool_timeout_s)
+        self.health = HealthCache(self.settings.serve.health_cache_s)
+        self._check_connection_budget()
         self.blue_watcher = BlueWatcher(self.pool, self.settings.serve.blue_refresh_s)
         self._encoders: dict[tuple[str, int], TritonEncoder] = {}
         self._lock = threading.Lock()
         self.random = random.Random()
         self.item_encoders = pipeline.Encoders(self.settings, self.manifest.triton_grpc_url)
+
+    def _check_connection_budget(self) -> None:
+        """Warns when the replicas' pools together could take every connection Postgres allows."""
+        with self.pool.connection() as conn:
+            allowed = int(conn.execute("SHOW max_connections").fetchone()[0])
+        wanted = self.settings.serve.replicas * self.pool_size
+        if wanted > allowed // 2:  # the driver, jobs, reindex workers and the improvement loop need theirs
+            log.warning("replica.pools_near_max_connections", replicas_need=wanted, max_connections=allowed)
 
     def encoder(self, name: str, blue: Blue) -> TritonEncoder:
         key = (name, blue.model_version)
@@ -54,6 +69,17 @@ class Replica:
         if blue is None:
             raise ServiceUnavailable("no blue model yet: the stack is still bootstrapping")
         return blue
+
+
+def pool_size(settings: Settings) -> int:
+    """Connections one replica keeps: enough for every request it works on at once (a request holds one
+    connection at a time, and none while it waits for Triton) and its blue watcher, so a request never
+    waits on another request of its own replica; postgres.pool_size when that is larger."""
+    needed = settings.serve.max_ongoing_requests + 1
+    if settings.postgres.pool_size < needed:
+        log.info("replica.pool_sized_to_concurrency", pool_size=needed, configured=settings.postgres.pool_size,
+                 max_ongoing_requests=settings.serve.max_ongoing_requests)
+    return max(settings.postgres.pool_size, needed)
 
 
 async def replica() -> Replica:

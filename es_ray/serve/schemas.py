@@ -146,7 +146,8 @@ class SearchRequest(Strict):
     offset: int = Field(0, description="Results to skip, 0 to serve.max_offset.")
     filter: dict[str, Any] | None = Field(None, description="Payload filter, see es_ray.store.filters: "
                                           '{"field": value}, {"field": {"in"|"gt"|"gte"|"lt"|"lte"|"ne"|"exists": '
-                                          '...}}, {"and"|"or": [...]}, {"not": {...}}.')
+                                          '...}}, {"and"|"or": [...]}, {"not": {...}}. Bounded in depth, '
+                                          'comparisons, `in` values and fields (serve.filter_limits).')
     user_id: str | None = Field(None, description="Who searches: recorded with the session.")
     session: bool = Field(True, description="Record the shown results as a clickstream session.")
 
@@ -165,7 +166,8 @@ class SearchRequest(Strict):
     @classmethod
     def _check_filter(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         check_json(value, "filter")
-        compile_filter(value)  # raises FilterError (a ValueError) naming the bad part
+        # Raises FilterError (a ValueError: 422) naming the bad part, or the limit it goes over.
+        compile_filter(value, limits=LIMITS.filter_limits)
         return value
 
     @field_validator("limit")

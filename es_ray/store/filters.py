@@ -15,6 +15,10 @@ combinators `and`, `or`, `not`:
 Field names never reach the SQL text: paths are passed as text[] parameters (`payload #> %(f0)s`) and
 values as JSONB parameters. Range comparisons only match values of the same JSON type, so a string
 never compares with a number and no cast can fail at query time.
+
+A filter is bounded in depth and in width (`FilterLimits`, serve.filter_limits in configs/stack.yaml):
+comparisons, `in` values per list and in all, distinct fields. Without width bounds a few tens of
+thousands of `in` values exceed Postgres' 65,535 parameters and a little less is an enormous scan.
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ from typing import Any
 
 from psycopg import sql
 
+from es_ray.config import FILTER_MAX_PARAMETERS, FilterLimits
+
 FIELD_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}(\.[A-Za-z_][A-Za-z0-9_-]{0,63}){0,7}$")
 RANGE_OPERATORS = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
 OPERATORS = {"eq", "ne", "in", "exists", *RANGE_OPERATORS}
-MAX_DEPTH = 16
-MAX_IN_VALUES = 1000
+DEFAULT_LIMITS = FilterLimits()  # configs/stack.yaml's serve.filter_limits, as typed in es_ray/config.py
 
 
 class FilterError(ValueError):
@@ -37,26 +42,61 @@ class FilterError(ValueError):
 
 
 class _Params(dict):
-    """Named query parameters f0, f1, ...; `add` returns the placeholder for a new one."""
+    """Named query parameters f0, f1, ...; `add` returns the placeholder for a new one. Also counts what
+    the filter's size is bounded by, and refuses the part that goes over a limit."""
+
+    def __init__(self, limits: FilterLimits | None):
+        super().__init__()
+        self.limits = limits
+        self.leaves = self.values = 0
+        self.fields: set[str] = set()
 
     def add(self, value: Any, cast: str) -> sql.Composable:
+        if len(self) >= FILTER_MAX_PARAMETERS:
+            raise FilterError(f"filter: needs more than {FILTER_MAX_PARAMETERS} query parameters (Postgres' limit)")
         name = f"f{len(self)}"
         self[name] = value
         return sql.SQL("{}::" + cast).format(sql.Placeholder(name))
 
+    def count_field(self, field: str, where: str) -> None:
+        self.fields.add(field)
+        if self.limits and len(self.fields) > self.limits.max_fields:
+            raise FilterError(f"{where}: the filter names more than {self.limits.max_fields} distinct fields "
+                              "(limit serve.filter_limits.max_fields)")
 
-def compile_filter(filter_: dict[str, Any] | None, column: str = "payload") -> tuple[sql.Composable, dict[str, Any]]:
-    """Returns (SQL condition, named parameters). An empty or missing filter is TRUE."""
-    params = _Params()
+    def count_leaf(self, where: str, in_values: int = 0) -> None:
+        self.leaves += 1
+        self.values += in_values
+        if not self.limits:
+            return
+        if self.leaves > self.limits.max_leaves:
+            raise FilterError(f"{where}: the filter holds more than {self.limits.max_leaves} comparisons "
+                              "(limit serve.filter_limits.max_leaves)")
+        if in_values > self.limits.max_in_values:
+            raise FilterError(f"{where}.in: {in_values} values in one list; at most {self.limits.max_in_values} "
+                              "(limit serve.filter_limits.max_in_values)")
+        if self.values > self.limits.max_values:
+            raise FilterError(f"{where}.in: the filter holds more than {self.limits.max_values} `in` values in all "
+                              "(limit serve.filter_limits.max_values)")
+
+
+def compile_filter(filter_: dict[str, Any] | None, column: str = "payload",
+                   limits: FilterLimits | None = DEFAULT_LIMITS) -> tuple[sql.Composable, dict[str, Any]]:
+    """Returns (SQL condition, named parameters). An empty or missing filter is TRUE.
+
+    `limits`: the size a filter may have (the API validates requests with the stack's configured ones).
+    None keeps only Postgres' parameter limit: the store compiles again a filter the API has accepted."""
+    params = _Params(limits)
     if not filter_:
-        return sql.SQL("TRUE"), params
+        return sql.SQL("TRUE"), {}
     condition = _compile_object(filter_, sql.Identifier(*column.split(".")), params, "filter", 0)
-    return condition, params
+    return condition, dict(params)
 
 
 def _compile_object(obj: Any, column: sql.Composable, params: _Params, where: str, depth: int) -> sql.Composable:
-    if depth > MAX_DEPTH:
-        raise FilterError(f"{where}: filter nested deeper than {MAX_DEPTH} levels")
+    max_depth = params.limits.max_depth if params.limits else None
+    if max_depth is not None and depth > max_depth:
+        raise FilterError(f"{where}: filter nested deeper than {max_depth} levels (limit serve.filter_limits.max_depth)")
     if not isinstance(obj, dict) or not obj:
         raise FilterError(f"{where}: expected a non-empty object, got {json.dumps(obj)[:80]}")
     parts = []
@@ -79,8 +119,10 @@ def _compile_field(field: str, spec: Any, column: sql.Composable, params: _Param
     if not FIELD_PATTERN.match(field):
         raise FilterError(f"{where}: '{field[:80]}' is not a field name (letters, digits, _ and -, dots for nesting)"
                           " nor one of and/or/not")
+    params.count_field(field, where)
     path = field.split(".")
     if not isinstance(spec, dict):
+        params.count_leaf(where)
         return _equals(path, spec, column, params, where)
     if not spec:
         raise FilterError(f"{where}: empty operator object")
@@ -89,13 +131,17 @@ def _compile_field(field: str, spec: Any, column: sql.Composable, params: _Param
         raise FilterError(f"{where}: unknown operator '{unknown[0]}' (known: {', '.join(sorted(OPERATORS))})")
     parts = []
     for op, value in spec.items():
+        if op != "in":
+            params.count_leaf(f"{where}.{op}")
         if op == "eq":
             parts.append(_equals(path, value, column, params, f"{where}.eq"))
         elif op == "ne":
             parts.append(sql.SQL("(NOT {})").format(_equals(path, value, column, params, f"{where}.ne")))
         elif op == "in":
-            if not isinstance(value, list) or not value or len(value) > MAX_IN_VALUES:
-                raise FilterError(f"{where}.in: expected a list of 1 to {MAX_IN_VALUES} values")
+            if not isinstance(value, list) or not value:
+                most = params.limits.max_in_values if params.limits else "any number of"
+                raise FilterError(f"{where}.in: expected a list of 1 to {most} values")
+            params.count_leaf(where, in_values=len(value))
             alternatives = [_equals(path, v, column, params, f"{where}.in") for v in value]
             parts.append(sql.SQL("({})").format(sql.SQL(" OR ").join(alternatives)))
         elif op == "exists":

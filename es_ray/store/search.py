@@ -6,6 +6,10 @@ earlier items never changes: pages have no duplicates and no gaps. If a prefix h
 items (many chunks per item), it is doubled and read again. With a user id, the items that user's
 clicks adjusted are scored exactly with the user's vectors and merged in by score (the global stream
 is in score order too).
+
+A search runs in a transaction of its own with a `statement_timeout` (postgres.search_timeout_ms): a
+filter the planner cannot use an index for, or a database under load, ends as SearchTimeout rather
+than holding a connection and a backend for as long as the scan takes.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from es_ray.store.filters import compile_filter
 MAX_POOL = 200_000  # chunks read at most for one page (hnsw.max_scan_tuples bounds the scan too)
 
 
+class SearchTimeout(Exception):
+    """Postgres cancelled the search at its statement timeout."""
+
+
 @dataclass
 class SearchHit:
     id: str
@@ -32,9 +40,25 @@ class SearchHit:
 
 
 def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray, limit: int, offset: int = 0,
-           filter_: dict[str, Any] | None = None, user_id: str | None = None) -> list[SearchHit]:
-    """Items of `collection` ranked by their best chunk, page [offset, offset + limit)."""
-    condition, params = compile_filter(filter_, column="i.payload")
+           filter_: dict[str, Any] | None = None, user_id: str | None = None,
+           timeout_ms: int | None = None) -> list[SearchHit]:
+    """Items of `collection` ranked by their best chunk, page [offset, offset + limit). Every statement of
+    the search is cancelled after `timeout_ms` (SearchTimeout)."""
+    try:
+        with conn.transaction():
+            if timeout_ms:
+                # SET LOCAL, as a function so the value is a parameter: it ends with this transaction.
+                conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_ms)}ms",))
+            return _search(conn, collection, vector, limit, offset, filter_, user_id)
+    except psycopg.errors.QueryCanceled as err:
+        raise SearchTimeout(f"the search took longer than {timeout_ms} ms (postgres.search_timeout_ms) and was "
+                            "cancelled") from err
+
+
+def _search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray, limit: int, offset: int,
+            filter_: dict[str, Any] | None, user_id: str | None) -> list[SearchHit]:
+    # The API validated the filter against the stack's limits; here only Postgres' own limit applies.
+    condition, params = compile_filter(filter_, column="i.payload", limits=None)
     query = sql.SQL("""
         WITH stream AS (
             SELECT p.object_id, p.vector <=> %(q)s AS distance

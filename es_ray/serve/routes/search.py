@@ -37,7 +37,8 @@ def search(request: schemas.SearchRequest, who: Caller = Depends(auth.searcher),
         vector = state.encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]
         with state.pool.connection() as conn:
             hits = search_collection(conn, Collection(blue.collection, blue.dim), vector, request.limit,
-                                     request.offset, request.filter, request.user_id)
+                                     request.offset, request.filter, request.user_id,
+                                     timeout_ms=state.settings.postgres.search_timeout_ms)
         status = "ok"
     except TritonUnavailable as err:
         raise ServiceUnavailable(f"embedding service unavailable: {err}") from err
