@@ -138,7 +138,9 @@ class EsRayClient:
 
     def create_session(self, query: str, shown: Sequence[str], *, first_rank: int = 1,
                        session_id: str | None = None, user_id: str | None = None) -> schemas.SessionCreated:
-        """Records a result list shown elsewhere: `shown` item ids in order, the first at `first_rank`."""
+        """Records a result list shown by another system: `shown` item ids in order, the first at `first_rank`.
+        Needs the API key (recorded with the session as its source); its clicks need the key too, or the
+        token of `user_id`. Sessions of `search` need neither: their ids are signed by the server."""
         request = schemas.SessionRequest(
             query=query, session_id=session_id, user_id=user_id,
             results=[schemas.ShownResult(id=item, rank=first_rank + k) for k, item in enumerate(shown)])
@@ -148,7 +150,8 @@ class EsRayClient:
         return schemas.SessionOut.model_validate(self._call("GET", f"/v1/sessions/{session_id}"))
 
     def add_events(self, session_id: str, events: Iterable[schemas.Event | dict[str, Any]]) -> schemas.EventsResponse:
-        """Click events ({"event_id", "item_id", "type": "click"}); a resent event_id counts as a duplicate."""
+        """Click events ({"event_id", "item_id", "type": "click"}); an event_id resent to the same session
+        counts as a duplicate."""
         request = schemas.EventsRequest(events=list(events))
         return schemas.EventsResponse.model_validate(self._call("POST", f"/v1/sessions/{session_id}/events", request))
 

@@ -6,12 +6,13 @@ YAML file documents every knob. `load_settings()` is the single entry point.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -202,6 +203,30 @@ class AuthSettings(BaseModel):
     user_token_ttl_s: float = Field(86_400.0, gt=0)
 
 
+# Who recorded a session (the `source` column of `sessions`, es_ray/store/clickstream.py).
+SessionSource = Literal["served", "ingested", "unverified"]
+
+
+class LearningSettings(BaseModel):
+    """What the learners (improvement loop, its replay on a new collection, the fine-tune) read."""
+
+    exclude_sources: list[SessionSource] = ["unverified"]
+
+
+class ClientSettings(BaseModel):
+    """What identifies a client: the peer address, or a forwarded-for header set by a trusted proxy."""
+
+    trusted_proxies: list[str] = Field([], description="addresses or networks (CIDR) of proxies whose "
+                                       "X-Forwarded-For is believed")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ipaddress.ip_network(value, strict=False)  # ValueError names the bad entry
+        return values
+
+
 class _YamlSource(PydanticBaseSettingsSource):
     """Reads the YAML file named by ES_RAY_CONFIG (default configs/stack.yaml)."""
 
@@ -232,6 +257,8 @@ class Settings(BaseSettings):
     retries: RetrySettings = RetrySettings()
     lifecycle: LifecycleSettings = LifecycleSettings()
     auth: AuthSettings = AuthSettings()
+    learning: LearningSettings = LearningSettings()
+    clients: ClientSettings = ClientSettings()
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.hostile
 
 MUTATING = {"post", "put", "patch", "delete"}
 # Public by configuration (auth.public_search / auth.public_clickstream, both true in the test stack):
-# anyone may search and send clicks. Every other mutating route needs a key.
-PUBLIC_BY_CONFIG = {("post", "/v1/search"), ("post", "/v1/sessions"), ("post", "/v1/sessions/{session_id}/events"),
+# anyone may search and send clicks (to sessions search returned: tests/test_provenance.py). Every other
+# mutating route needs a key, recording a session shown elsewhere (POST /v1/sessions) included.
+PUBLIC_BY_CONFIG = {("post", "/v1/search"), ("post", "/v1/sessions/{session_id}/events"),
                     ("post", "/v1/sessions/{session_id}/irrelevant")}
 ADMIN_VIEWS = {("get", "/v1/tasks"), ("get", "/v1/tasks/{task_id}"), ("get", "/v1/lifecycle"),
                ("get", "/v1/sessions/{session_id}")}
@@ -94,11 +95,11 @@ def test_user_tokens_guard_a_users_sessions_and_personalisation(anon, api, probe
     events = api.get(f"/v1/sessions/{session_id}").json()["events"]
     assert [e["event_id"] for e in events] == [f"auth-{session_id}"]  # the refused ones stored nothing
 
-    # A session recorded for a user needs that user's token too; anonymous sessions stay public.
+    # A session shown by another system needs an API key, whoever it is for: a user token is not one.
     shown_list = {"query": "q", "results": [{"id": shown, "rank": 1}]}
-    assert anon.post("/v1/sessions", json={**shown_list, "user_id": "alice"}, headers=as_bob).status_code == 403
-    assert anon.post("/v1/sessions", json={**shown_list, "user_id": "alice"}, headers=as_alice).status_code == 200
-    assert anon.post("/v1/sessions", json=shown_list).status_code == 200
+    assert anon.post("/v1/sessions", json={**shown_list, "user_id": "alice"}, headers=as_alice).status_code == 401
+    assert anon.post("/v1/sessions", json=shown_list).status_code == 401
+    assert api.post("/v1/sessions", json={**shown_list, "user_id": "alice"}).status_code == 200
 
     # Forgetting: her own, not someone else's.
     assert anon.delete("/v1/users/alice/personalisation", headers=as_bob).status_code == 403

@@ -81,9 +81,8 @@ def test_bad_events_store_nothing_and_say_why(api, items):
     assert response.status_code == 422 and "twice" in response.json()["error"]
 
     assert api.post(f"/v1/sessions/{sid}/events", json={"events": mixed[:1]}).json()["accepted"] == 1
-    other = search(api, "volcano", limit=3, filter={"i": {"exists": True}})
-    reuse = [{"event_id": f"{sid}-ok", "item_id": ids(other)[0], "type": "click"}]
-    response = api.post(f"/v1/sessions/{other['session_id']}/events", json={"events": reuse})
+    changed = [{"event_id": f"{sid}-ok", "item_id": ids(body)[1], "type": "click"}]
+    response = api.post(f"/v1/sessions/{sid}/events", json={"events": changed})
     assert response.status_code == 409 and "already recorded" in response.json()["error"]
 
 
@@ -101,6 +100,7 @@ def test_sessions_made_elsewhere(api):
     assert created["created"] is True and len(created["session_id"]) >= 16
     session = session_of(api, created["session_id"])
     assert session["model_version"] is None and [r["id"] for r in session["results"]] == ["x1", "x2"]
+    assert (session["source"], session["key_name"]) == ("ingested", "local-admin")
 
     named = {**body, "session_id": "ext-session-1"}
     assert api.post("/v1/sessions", json=named).json() == {"session_id": "ext-session-1", "created": True}

@@ -96,16 +96,21 @@ def test_search_click_and_session(client, items):
     assert client.session(found.session_id).irrelevant is True
 
 
-def test_sessions_shown_elsewhere(client):
+def test_sessions_shown_elsewhere(client, stack):
     named = f"client-session-{uuid.uuid4().hex[:8]}"
     created = client.create_session("shown by another app", ["x1", "x2", "x3"], first_rank=11, session_id=named)
     assert created == schemas.SessionCreated(session_id=named, created=True)
     assert client.create_session("shown by another app", ["x1", "x2", "x3"], first_rank=11,
                                  session_id=named).created is False
-    assert [(r.rank, r.id) for r in client.session(named).results] == [(11, "x1"), (12, "x2"), (13, "x3")]
+    recorded = client.session(named)
+    assert [(r.rank, r.id) for r in recorded.results] == [(11, "x1"), (12, "x2"), (13, "x3")]
+    assert (recorded.source, recorded.key_name, recorded.client) == ("ingested", "local-admin", "127.0.0.1")
     with pytest.raises(EsRayError) as conflict:
         client.create_session("another query", ["x1"], session_id=named)
     assert conflict.value.status == 409 and named in conflict.value.detail
+    with EsRayClient.for_stack(stack, anonymous=True) as anyone, pytest.raises(EsRayError) as refused:
+        anyone.create_session("made up", ["x1"])     # anyone could make these up: a key is needed
+    assert refused.value.status == 401 and "needs an API key" in refused.value.detail
 
 
 def test_upsert_and_delete(client):

@@ -29,6 +29,10 @@ def old_dsn(scratch_database):
                         VALUES ('s1', 'old query', 1, now() - interval '1 day')""")
         conn.execute("INSERT INTO session_results (session_id, rank, object_id) VALUES ('s1', 1, 'a'), ('s1', 2, 'b')")
         conn.execute("INSERT INTO events (event_id, session_id, object_id, type) VALUES ('e1', 's1', 'b', 'click')")
+        # A session recorded through POST /v1/sessions (no model), which anyone could call back then.
+        conn.execute("""INSERT INTO sessions (session_id, query, created_at)
+                        VALUES ('s2', 'posted query', now() - interval '2 days')""")
+        conn.execute("INSERT INTO session_results (session_id, rank, object_id) VALUES ('s2', 1, 'c')")
         # The first release's collection layout: no text, tombstones or model-vector column yet.
         conn.execute("""CREATE TABLE items_v1 (object_id text PRIMARY KEY, payload jsonb NOT NULL DEFAULT '{}',
                                                source jsonb NOT NULL DEFAULT '{}', version bigint NOT NULL,
@@ -49,8 +53,14 @@ def test_a_database_of_an_earlier_release_is_migrated_and_keeps_its_data(old_dsn
         assert db.schema_version(conn) == latest
         state = blue_green.get_state(conn)
         assert (state.blue.model_version, state.blue.collection, state.green, state.epoch) == (1, "v1", None, 0)
-        [session] = clickstream.recent_sessions(conn, 10)
+        sessions = {s.session_id: s for s in clickstream.recent_sessions(conn, 10)}
+        session = sessions["s1"]
         assert (session.query, session.shown, session.clicked) == ("old query", [(1, "a"), (2, "b")], {"b"})
+        # Who recorded them, as far as it can be told: search set a model version, POST /v1/sessions did not.
+        assert {(s.session_id, s.source, s.client) for s in sessions.values()} == {("s1", "served", None),
+                                                                                    ("s2", "unverified", None)}
+        assert [s.session_id for s in clickstream.recent_sessions(conn, 10, ["unverified"])] == ["s1"]
+        assert clickstream.add_events(conn, "s2", [("e1", "c", "click")]) == (1, 0)  # event ids: per session now
         assert clickstream.get_session(conn, "s1").swapped_rank is None   # a column the old schema lacked
         assert conn.execute("SELECT count(*) FROM click_evidence").fetchone()[0] == 0  # a table it lacked
 

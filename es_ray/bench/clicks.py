@@ -2,7 +2,8 @@
 
     python -m es_ray.bench.clicks --sessions 200 --clients 4
 
-Records sessions through `POST /v1/sessions` (20 shown results each), then sends click events in
+Records sessions through `POST /v1/sessions` with the stack's API key (sessions shown by another system,
+source `ingested`; 20 shown results each), then sends click events (with the key too) in
 batches of --batch per request from --clients concurrent clients, every batch sent twice (the second
 time they must all come back as duplicates, as a client retrying after a timeout would see).
 Target: at least 500 accepted events/s on this machine.

@@ -3,7 +3,8 @@
 One pass (`improve_once`) runs in one transaction:
 1. take an advisory lock for the collection (a second loop started by mistake skips the pass, so two
    loops never read-modify-write the same vectors),
-2. claim up to `batch_sessions` sessions older than `settle_s` with `FOR UPDATE SKIP LOCKED`,
+2. claim up to `batch_sessions` sessions older than `settle_s` with `FOR UPDATE SKIP LOCKED`, leaving
+   out the sources in learning.exclude_sources,
 3. anonymous sessions: add their impressions and clicks to the click evidence (store/evidence.py)
    and recompute the click memories of the items they showed (memory.py): every item's global
    vectors are its model vectors plus what all the queries that clicked it say, weighted by the
@@ -89,6 +90,7 @@ class Learning:
     adjuster: VectorAdjuster
     memory: MemorySettings
     examination: list[float]      # examination probability by rank (the click model's prior)
+    exclude_sources: tuple[str, ...] = ()   # sessions recorded by these are never learned from
 
 
 def improvement_lock(collection: Collection) -> str:
@@ -103,7 +105,7 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
     with conn.transaction():
         if not locks.try_transaction_lock(conn, improvement_lock(collection)):
             return {"sessions": 0, "busy": True}
-        sessions = clickstream.claim_unimproved(conn, batch_sessions, settle_s)
+        sessions = clickstream.claim_unimproved(conn, batch_sessions, settle_s, learning.exclude_sources)
         if not sessions:
             return {"sessions": 0}
         anonymous = [s for s in sessions if s.user_id is None]
@@ -193,7 +195,7 @@ def rederive(conn: psycopg.Connection, collection: Collection, embed_queries, le
         progress({"stage": "re-deriving click memories", **totals})
     cursor = None
     while True:
-        sessions, cursor = clickstream.improved_user_sessions(conn, cursor, batch)
+        sessions, cursor = clickstream.improved_user_sessions(conn, cursor, batch, learning.exclude_sources)
         if not sessions:
             return totals
         with conn.transaction():
@@ -227,4 +229,4 @@ class ImprovementLoop(Periodic):
 
 def learning_from(settings) -> Learning:
     return Learning(VectorAdjuster(settings.improve.adjuster), settings.improve.memory,
-                    load_finetune_config().debias.examination_prior)
+                    load_finetune_config().debias.examination_prior, tuple(settings.learning.exclude_sources))

@@ -5,6 +5,10 @@
 - A user token is `u1.<user id, base64url>.<expiry, unix s>.<HMAC-SHA256>`, issued by an admin
   (POST /v1/users/{user_id}/token) and checked without a database: it proves "this caller is that user"
   until it expires. Rotating auth.user_token_secret revokes every token.
+- A served session id is `s1.<random, hex>.<HMAC-SHA256>`, signed with the same secret when search records
+  a session: clicks on it are taken without a credential because it proves es-ray itself showed that
+  result list. A session recorded any other way (POST /v1/sessions) needs an API key, and so do its
+  clicks, unless it is a user's and that user's token comes with them.
 
 Routes declare what they need with the FastAPI dependencies at the bottom; an API key is an admin
 credential and also passes every user check.
@@ -28,6 +32,7 @@ from es_ray.config import AuthSettings
 API_KEY_HEADER = "X-API-Key"
 USER_TOKEN_HEADER = "X-User-Token"
 TOKEN_PREFIX = "u1"
+SESSION_PREFIX = "s1"   # not TOKEN_PREFIX: a user token is never a valid session id, nor the reverse
 
 
 def new_api_key() -> str:
@@ -97,6 +102,22 @@ class Authenticator:
         except ValueError:
             return None
         return user_id if expires > time.time() else None
+
+    def new_session_id(self) -> str:
+        """A fresh session id that only this stack's search can make (see served_session)."""
+        if not self._secret:
+            raise RuntimeError("auth.user_token_secret is empty: served session ids cannot be signed")
+        body = f"{SESSION_PREFIX}.{secrets.token_hex(16)}"
+        return f"{body}.{self._sign(body)}"
+
+    def served_session(self, session_id: str | None) -> bool:
+        """Whether the id was made by new_session_id with this secret."""
+        if not session_id or not self._secret or len(session_id) > 256:
+            return False
+        body, _, signature = session_id.rpartition(".")
+        if not body.startswith(SESSION_PREFIX + ".") or not body.isascii() or not signature.isascii():
+            return False  # compare_digest refuses non-ASCII str: a TypeError would be a 500
+        return hmac.compare_digest(self._sign(body), signature)
 
     def _sign(self, body: str) -> str:
         return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())
@@ -176,11 +197,22 @@ def searcher(who: Caller = Security(caller)) -> Caller:
 
 
 def clickstream_writer(who: Caller = Security(caller)) -> Caller:
-    """Sessions, click events and irrelevant marks: public unless auth.public_clickstream is false."""
+    """Click events and irrelevant marks: public unless auth.public_clickstream is false (which sessions
+    take them from whom: routes/sessions.py)."""
     if not (authenticator().settings.public_clickstream or who.admin or who.user_id):
         raise unauthorized(f"clickstream ingestion needs an API key ({API_KEY_HEADER}) or a user token "
                            f"({USER_TOKEN_HEADER})")
     return who
+
+
+def ingester(key: str | None = Security(_api_key)) -> Caller:
+    """POST /v1/sessions, result lists shown by another system: es-ray cannot tell them from fabricated
+    ones, so only a holder of an API key may record them (and is recorded with them)."""
+    if key is None:
+        raise unauthorized(f"recording a session shown by another system needs an API key in the "
+                           f"{API_KEY_HEADER} header; sessions of es-ray's own searches are recorded by "
+                           f"POST /v1/search")
+    return _key_caller(key)
 
 
 def require_user(who: Caller, user_id: str | None, what: str) -> None:

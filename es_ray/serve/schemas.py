@@ -32,7 +32,7 @@ class ErrorOut(BaseModel):
 
 
 ERROR_RESPONSES = {status: {"model": ErrorOut, "description": description} for status, description in {
-    400: "The body could not be read", 401: "No valid API key or user token", 403: "Another user's data",
+    400: "The body could not be read", 401: "No valid API key or user token", 403: "Another user's data, or a session this es-ray did not serve",
     404: "Unknown id or path", 409: "Conflicts with stored data or running work", 413: "Request body too large",
     422: "Invalid request: details name each field", 503: "A dependency is unavailable: retry after Retry-After",
 }.items()}
@@ -232,7 +232,8 @@ class SessionCreated(BaseModel):
 
 
 class Event(Strict):
-    event_id: str = Field(description="Unique per event: a resent event is counted as a duplicate.")
+    event_id: str = Field(description="Unique per event within its session: a resent event is counted as a "
+                                      "duplicate; another session may use the same id.")
     item_id: str
     type: Literal["click"]
 
@@ -271,6 +272,12 @@ class SessionOut(BaseModel):
     events: list[EventOut]
     swapped_rank: int | None = Field(None, description="Search showed this rank and the next one exchanged "
                                                        "(a randomised swap that lets es-ray learn position bias).")
+    source: str = Field(description="Who recorded it: served (es-ray's search), ingested (POST /v1/sessions "
+                                    "with an API key) or unverified (POST /v1/sessions before sources were "
+                                    "recorded); learning.exclude_sources leaves sources out of learning.")
+    key_name: str | None = Field(None, description="The name of the API key that recorded it, if one did.")
+    client: str | None = Field(None, description="The client that recorded it: its address (behind a trusted "
+                                                 "proxy, the forwarded one).")
 
 
 # --- tasks ---------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""SQL for the clickstream: sessions (what was shown, ranked), events (what the user did), and the
-irrelevant mark. Writes are idempotent and all-or-nothing: a request that is refused stores nothing."""
+"""SQL for the clickstream: sessions (what was shown, ranked, and who recorded it), events (what the user
+did), and the irrelevant mark. Writes are idempotent and all-or-nothing: a request that is refused stores
+nothing. The learners' readers leave out the sources configured in learning.exclude_sources."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import psycopg
+
+from es_ray.config import SessionSource
 
 
 class UnknownSession(LookupError):
@@ -22,6 +26,16 @@ class EventRejected(ValueError):
     """An event does not fit its session (for example an item that was not shown)."""
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Who recorded a session: its source, the API key's name where one was used, and the client
+    identity (es_ray/serve/clients.py) that sent it."""
+
+    source: SessionSource
+    key_name: str | None = None
+    client: str | None = None
+
+
 @dataclass
 class Session:
     session_id: str
@@ -33,6 +47,9 @@ class Session:
     results: list[tuple[int, str]] = field(default_factory=list)   # (rank, object id)
     events: list[dict[str, Any]] = field(default_factory=list)
     swapped_rank: int | None = None    # search showed ranks swapped_rank and swapped_rank + 1 exchanged
+    source: SessionSource | None = None
+    key_name: str | None = None
+    client: str | None = None
 
 
 @dataclass
@@ -47,6 +64,8 @@ class LoggedSession:
     shown: list[tuple[int, str]]                    # (rank, object id), rank 1 = top
     clicked: set[str] = field(default_factory=set)
     user_id: str | None = None                      # None: anonymous
+    source: SessionSource | None = None             # None: not read from the store
+    client: str | None = None
 
     def skipped_above(self) -> list[str]:
         """Shown above the lowest click and not clicked: seen and passed over."""
@@ -62,13 +81,16 @@ def normalise_query(query: str) -> str:
 
 
 def record_session(conn: psycopg.Connection, session_id: str, user_id: str | None, query: str,
-                   model_version: int | None, results: list[tuple[int, str]], swapped_rank: int | None = None) -> bool:
-    """Stores a session; True if new. The same id with the same content again is a no-op."""
+                   model_version: int | None, results: list[tuple[int, str]], provenance: Provenance,
+                   swapped_rank: int | None = None) -> bool:
+    """Stores a session; True if new. The same id with the same content again is a no-op (whoever sends it:
+    the first recording's provenance stays)."""
     with conn.transaction():
         inserted = conn.execute(
-            """INSERT INTO sessions (session_id, user_id, query, model_version, swapped_rank)
-               VALUES (%s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
-            (session_id, user_id, query, model_version, swapped_rank)).fetchone()
+            """INSERT INTO sessions (session_id, user_id, query, model_version, swapped_rank, source, key_name, client)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
+            (session_id, user_id, query, model_version, swapped_rank, provenance.source, provenance.key_name,
+             provenance.client)).fetchone()
         if inserted is None:
             existing = get_session(conn, session_id, with_events=False)
             if (existing.user_id, existing.query, sorted(existing.results)) != (user_id, query, sorted(results)):
@@ -81,11 +103,11 @@ def record_session(conn: psycopg.Connection, session_id: str, user_id: str | Non
 
 
 def get_session(conn: psycopg.Connection, session_id: str, with_events: bool = True) -> Session:
-    row = conn.execute("SELECT session_id, user_id, query, model_version, irrelevant, created_at, swapped_rank "
-                       "FROM sessions WHERE session_id = %s", (session_id,)).fetchone()
+    row = conn.execute("SELECT session_id, user_id, query, model_version, irrelevant, created_at, swapped_rank, "
+                       "source, key_name, client FROM sessions WHERE session_id = %s", (session_id,)).fetchone()
     if row is None:
         raise UnknownSession(f"no session {session_id!r}")
-    session = Session(*row[:6], swapped_rank=row[6])
+    session = Session(*row[:6], swapped_rank=row[6], source=row[7], key_name=row[8], client=row[9])
     session.results = [tuple(r) for r in conn.execute(
         "SELECT rank, object_id FROM session_results WHERE session_id = %s ORDER BY rank", (session_id,))]
     if with_events:
@@ -104,7 +126,8 @@ def session_owner(conn: psycopg.Connection, session_id: str) -> str | None:
 
 
 def add_events(conn: psycopg.Connection, session_id: str, events: list[tuple[str, str, str]]) -> tuple[int, int]:
-    """Adds (event id, item id, type) events; returns (accepted, duplicates). All or nothing."""
+    """Adds (event id, item id, type) events; returns (accepted, duplicates). All or nothing. Event ids
+    are the client's, unique within the session: another session's same id is another event."""
     with conn.transaction():
         if conn.execute("SELECT 1 FROM sessions WHERE session_id = %s", (session_id,)).fetchone() is None:
             raise UnknownSession(f"no session {session_id!r}")
@@ -119,16 +142,16 @@ def add_events(conn: psycopg.Connection, session_id: str, events: list[tuple[str
         accepted = conn.execute(
             """INSERT INTO events (event_id, session_id, object_id, type)
                SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[])
-               ON CONFLICT (event_id) DO NOTHING RETURNING event_id""",
+               ON CONFLICT (session_id, event_id) DO NOTHING RETURNING event_id""",
             (ids, [session_id] * len(ids), [e[1] for e in events], [e[2] for e in events])).fetchall()
         accepted_ids = {r[0] for r in accepted}
         resent = [e for e in events if e[0] not in accepted_ids]
         if resent:
-            stored = {r[0]: (r[1], r[2], r[3]) for r in conn.execute(
-                "SELECT event_id, session_id, object_id, type FROM events WHERE event_id = ANY(%s)",
-                ([e[0] for e in resent],))}
+            stored = {r[0]: (r[1], r[2]) for r in conn.execute(
+                "SELECT event_id, object_id, type FROM events WHERE session_id = %s AND event_id = ANY(%s)",
+                (session_id, [e[0] for e in resent]))}
             for event_id, item, kind in resent:
-                if stored.get(event_id) != (session_id, item, kind):
+                if stored.get(event_id) != (item, kind):
                     raise Conflict(f"event_id {event_id!r} was already recorded with other content")
     return len(accepted_ids), len(resent)
 
@@ -142,23 +165,31 @@ def mark_irrelevant(conn: psycopg.Connection, session_id: str) -> None:
 
 # --- the click log, read by the learners ------------------------------------------------------------
 
-LOG_COLUMNS = "session_id, query, irrelevant, created_at, user_id"
+# Every reader below takes `exclude_sources` (learning.exclude_sources): sessions of those sources are
+# left out, as if they had never been recorded.
+LOG_COLUMNS = "session_id, query, irrelevant, created_at, user_id, source, client"
+KEPT = "source <> ALL(%(exclude)s::text[])"
 
 
-def recent_sessions(conn: psycopg.Connection, max_sessions: int) -> list[LoggedSession]:
+def recent_sessions(conn: psycopg.Connection, max_sessions: int, exclude_sources: Sequence[str] = ()
+                    ) -> list[LoggedSession]:
     """The most recent `max_sessions` sessions, oldest first."""
-    rows = conn.execute(f"SELECT {LOG_COLUMNS} FROM sessions ORDER BY created_at DESC, session_id LIMIT %s",
-                        (max_sessions,)).fetchall()
+    rows = conn.execute(f"""SELECT {LOG_COLUMNS} FROM sessions WHERE {KEPT}
+                            ORDER BY created_at DESC, session_id LIMIT %(limit)s""",
+                        {"exclude": list(exclude_sources), "limit": max_sessions}).fetchall()
     return sorted(_with_results(conn, rows), key=lambda s: (s.created_at, s.session_id))
 
 
-def claim_unimproved(conn: psycopg.Connection, limit: int, settle_s: float) -> list[LoggedSession]:
+def claim_unimproved(conn: psycopg.Connection, limit: int, settle_s: float, exclude_sources: Sequence[str] = ()
+                     ) -> list[LoggedSession]:
     """Up to `limit` sessions older than `settle_s` the improvement loop has not learned from, locked
-    for this transaction (SKIP LOCKED: a concurrent pass takes others)."""
+    for this transaction (SKIP LOCKED: a concurrent pass takes others). Excluded sessions are not
+    claimed, so they stay unlearned (not consumed) while their source is excluded."""
     rows = conn.execute(
         f"""SELECT {LOG_COLUMNS} FROM sessions
-            WHERE improved_at IS NULL AND created_at < now() - make_interval(secs => %s)
-            ORDER BY created_at LIMIT %s FOR UPDATE SKIP LOCKED""", (settle_s, limit)).fetchall()
+            WHERE improved_at IS NULL AND created_at < now() - make_interval(secs => %(settle)s) AND {KEPT}
+            ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED""",
+        {"settle": settle_s, "limit": limit, "exclude": list(exclude_sources)}).fetchall()
     return _with_results(conn, rows)
 
 
@@ -166,16 +197,17 @@ def mark_improved(conn: psycopg.Connection, session_ids: list[str]) -> None:
     conn.execute("UPDATE sessions SET improved_at = now() WHERE session_id = ANY(%s)", (session_ids,))
 
 
-def improved_user_sessions(conn: psycopg.Connection, after: tuple | None, limit: int
-                           ) -> tuple[list[LoggedSession], tuple | None]:
+def improved_user_sessions(conn: psycopg.Connection, after: tuple | None, limit: int,
+                           exclude_sources: Sequence[str] = ()) -> tuple[list[LoggedSession], tuple | None]:
     """Users' sessions already learned from, in (created_at, id) order from `after` (for deriving their
     adjustments again on a new model's collection). Returns them and the next `after`."""
     rows = conn.execute(
         f"""SELECT {LOG_COLUMNS} FROM sessions
-            WHERE improved_at IS NOT NULL AND user_id IS NOT NULL
+            WHERE improved_at IS NOT NULL AND user_id IS NOT NULL AND {KEPT}
               AND (%(at)s::timestamptz IS NULL OR (created_at, session_id) > (%(at)s, %(id)s))
             ORDER BY created_at, session_id LIMIT %(limit)s""",
-        {"at": after[0] if after else None, "id": after[1] if after else None, "limit": limit}).fetchall()
+        {"at": after[0] if after else None, "id": after[1] if after else None, "limit": limit,
+         "exclude": list(exclude_sources)}).fetchall()
     return _with_results(conn, rows), ((rows[-1][3], rows[-1][0]) if rows else after)
 
 
@@ -188,7 +220,7 @@ def _with_results(conn: psycopg.Connection, rows: list[tuple]) -> list[LoggedSes
     """Sessions (rows of LOG_COLUMNS) with their shown results, by rank, and their clicks."""
     if not rows:
         return []
-    sessions = {r[0]: LoggedSession(r[0], r[1], r[2], r[3], [], set(), r[4]) for r in rows}
+    sessions = {r[0]: LoggedSession(r[0], r[1], r[2], r[3], [], set(), r[4], r[5], r[6]) for r in rows}
     for session_id, rank, object_id in conn.execute(
             "SELECT session_id, rank, object_id FROM session_results WHERE session_id = ANY(%s) "
             "ORDER BY session_id, rank", (list(sessions),)):

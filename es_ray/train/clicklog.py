@@ -8,6 +8,7 @@ click alone, and the position-bias models need the impressions without clicks to
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
@@ -28,9 +29,10 @@ class SessionBatch:
                 "sessions_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
 
 
-def read_sessions(conn: psycopg.Connection, max_sessions: int) -> SessionBatch:
-    """The most recent `max_sessions` sessions with their shown results and clicks."""
-    return SessionBatch(recent_sessions(conn, max_sessions))
+def read_sessions(conn: psycopg.Connection, max_sessions: int, exclude_sources: Sequence[str] = ()) -> SessionBatch:
+    """The most recent `max_sessions` sessions with their shown results and clicks, but none recorded by
+    `exclude_sources` (learning.exclude_sources): what the fine-tune trains on and the gate scores on."""
+    return SessionBatch(recent_sessions(conn, max_sessions, exclude_sources))
 
 
 def is_heldout(query: str, seed: int, fraction: float) -> bool:

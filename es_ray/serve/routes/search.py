@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-import uuid
 
 from fastapi import APIRouter, Depends
 
 from es_ray import metrics
 from es_ray.inference.triton_client import TritonUnavailable
 from es_ray.inference.triton_repo import QUERY_ENCODER
-from es_ray.serve import auth, exploration, schemas
+from es_ray.serve import auth, clients, exploration, schemas
 from es_ray.serve.auth import Caller
 from es_ray.serve.errors import ServiceUnavailable
 from es_ray.serve.replica import Replica, replica
@@ -28,7 +27,8 @@ router = APIRouter()
                          "rank gets. The session records the order shown. Searches with session=false or a "
                          "user_id are never swapped.")
 def search(request: schemas.SearchRequest, who: Caller = Depends(auth.searcher),
-           state: Replica = Depends(replica)) -> schemas.SearchResponse:
+           state: Replica = Depends(replica), client: str = Depends(clients.client_identity)
+           ) -> schemas.SearchResponse:
     if request.user_id is not None:
         auth.require_user(who, request.user_id, f"personalised search for user {request.user_id!r}")
     blue = state.blue()
@@ -54,11 +54,11 @@ def search(request: schemas.SearchRequest, who: Caller = Depends(auth.searcher),
             swap = exploration.choose_swap(len(hits), state.settings.serve.swap_share,
                                            state.settings.serve.swap_max_rank, state.random)
             hits = exploration.swapped(hits, swap)
-        session_id = uuid.uuid4().hex
+        session_id = auth.authenticator().new_session_id()  # signed: clicks on it need no credential
         with state.pool.connection() as conn:
             clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
                                        [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)],
-                                       swap)
+                                       clickstream.Provenance("served", who.key_name, client), swap)
         metrics.count("es_ray_sessions", source="search")
     return schemas.SearchResponse(model=f"v{blue.model_version}", session_id=session_id,
                                   results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)

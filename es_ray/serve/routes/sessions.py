@@ -1,4 +1,10 @@
-"""The clickstream: sessions (result lists shown), their click events and irrelevant marks."""
+"""The clickstream: sessions (result lists shown), their click events and irrelevant marks.
+
+Who may write what: a session search returned has a signed id (auth.py), and anyone who has it may
+click on it (auth.public_clickstream). A session shown by another system is recorded only with an API
+key, and takes clicks only with a key (or its own user's token): an id anyone could have picked teaches
+nothing from anyone.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from es_ray import metrics
-from es_ray.serve import auth, schemas
+from es_ray.serve import auth, clients, schemas
 from es_ray.serve.auth import Caller
 from es_ray.serve.errors import path_id
 from es_ray.serve.replica import Replica, replica
@@ -18,15 +24,18 @@ router = APIRouter()
 
 
 @router.post("/v1/sessions", response_model=schemas.SessionCreated,
-             summary="Record a result list shown elsewhere (for clients that search another way)")
-def create_session(request: schemas.SessionRequest, who: Caller = Depends(auth.clickstream_writer),
-                   state: Replica = Depends(replica)) -> schemas.SessionCreated:
-    if request.user_id is not None:
-        auth.require_user(who, request.user_id, f"a session of user {request.user_id!r}")
+             summary="Record a result list shown by another system (an API key)",
+             description="Sessions of es-ray's own searches are recorded by POST /v1/search. A result list "
+                         "shown elsewhere is recorded with its source `ingested` and the API key's name; "
+                         "its clicks too need the key (or the token of the session's user).")
+def create_session(request: schemas.SessionRequest, who: Caller = Depends(auth.ingester),
+                   state: Replica = Depends(replica), client: str = Depends(clients.client_identity)
+                   ) -> schemas.SessionCreated:
     session_id = request.session_id or uuid.uuid4().hex
     with state.pool.connection() as conn:
         created = clickstream.record_session(conn, session_id, request.user_id, request.query, None,
-                                             [(r.rank, r.id) for r in request.results])
+                                             [(r.rank, r.id) for r in request.results],
+                                             clickstream.Provenance("ingested", who.key_name, client))
     if created:
         metrics.count("es_ray_sessions", source="external")
     return schemas.SessionCreated(session_id=session_id, created=created)
@@ -45,11 +54,11 @@ def read_session(session_id: str, who: Caller = Depends(auth.someone),
 
 
 @router.post("/v1/sessions/{session_id}/events", response_model=schemas.EventsResponse,
-             summary="Record clicks on shown results; idempotent by event_id, all or nothing")
+             summary="Record clicks on shown results; idempotent by event_id within the session, all or nothing")
 def add_events(session_id: str, request: schemas.EventsRequest, who: Caller = Depends(auth.clickstream_writer),
                state: Replica = Depends(replica)) -> schemas.EventsResponse:
     with state.pool.connection() as conn:
-        _check_owner(conn, who, session_id)
+        _check_writer(conn, who, session_id)
         accepted, duplicates = clickstream.add_events(
             conn, session_id, [(e.event_id, e.item_id, e.type) for e in request.events])
     metrics.count("es_ray_click_events", accepted, result="accepted")
@@ -61,16 +70,27 @@ def add_events(session_id: str, request: schemas.EventsRequest, who: Caller = De
 def mark_irrelevant(session_id: str, who: Caller = Depends(auth.clickstream_writer),
                     state: Replica = Depends(replica)) -> dict[str, Any]:
     with state.pool.connection() as conn:
-        _check_owner(conn, who, session_id)
+        _check_writer(conn, who, session_id)
         clickstream.mark_irrelevant(conn, session_id)
     metrics.count("es_ray_irrelevant_marks")
     return {"session_id": session_id, "irrelevant": True}
 
 
-def _check_owner(conn, who: Caller, session_id: str) -> None:
-    """A user's session takes events only from that user (or an admin); anonymous ones from anyone
-    who knows the id."""
+def _check_writer(conn, who: Caller, session_id: str) -> None:
+    """Raises unless the caller may write to this session: a user's session only that user (or an
+    admin); an anonymous one anyone if search served it (its id is signed), else only an admin."""
     path_id(session_id, "session_id")
+    served = auth.authenticator().served_session(session_id)
+    if not (served or who.admin or who.user_id):
+        # Refused before the lookup: an id nobody was given tells nothing, not even whether it exists.
+        raise _not_served(session_id)
     owner = clickstream.session_owner(conn, session_id)
     if owner is not None:
         auth.require_user(who, owner, f"session {session_id}")
+    elif not (served or who.admin):
+        raise _not_served(session_id)
+
+
+def _not_served(session_id: str):
+    return auth.forbidden(f"session {session_id} was not returned by this es-ray's search: its clicks need "
+                          f"an API key ({auth.API_KEY_HEADER})")
