@@ -26,7 +26,8 @@ def up(state_dir: Optional[Path] = StateDir) -> None:
     settings = load_settings(state_dir)
     manifest = control.up(settings)
     typer.echo(f"es-ray is up: {manifest.serve_url}  (API docs: {manifest.serve_url}/docs)")
-    typer.echo(f"Ray dashboard: {manifest.ray_dashboard_url}   submit jobs with RAY_ADDRESS={manifest.ray_dashboard_url}")
+    typer.echo(f"Ray dashboard: {manifest.ray_dashboard_url}   submit jobs with RAY_ADDRESS={manifest.ray_dashboard_url}"
+               f" RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={settings.state_path / 'auth' / 'ray.token'}")
     key_file = settings.state_path / "auth" / "admin.key"
     if key_file.exists():
         typer.echo(f"API key for admin and write routes (X-API-Key header): {key_file}")

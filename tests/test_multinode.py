@@ -32,7 +32,7 @@ RANGES_AT_LEAST = 4  # so that both of the pool's actors get work (conftest: 40 
 def alive_nodes(stack) -> list:
     from ray.util.state import list_nodes
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the session's loopback-only head
+    ray_head.use_token(stack.state_dir)  # the session's head wants its token (set by control.up already)
     # Filtered on this side: with a server-side filter, Ray 2.60 counts the dead nodes left out as
     # truncated output and raises.
     return [n for n in list_nodes(address=stack.ray_dashboard_url, limit=1000) if n.state == "ALIVE"]
@@ -56,7 +56,7 @@ def second_node(stack, settings, num_cpus: int = 1):
     env = ray_head.environment(settings.state_path)
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # nothing to drain (no Serve replica): stop at once
     command = [str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={stack.ray_address}",
-               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+               f"--node-ip-address={settings.ray.node_ip_address}", f"--num-cpus={num_cpus}", "--num-gpus=0",
                f"--object-store-memory={200 * 1024 ** 2}", f"--dashboard-agent-listen-port={free_port()}",
                f"--temp-dir={temp}", "--disable-usage-stats"]
     with open(temp / "ray-start.log", "w") as log:
