@@ -40,6 +40,13 @@ def use_token(state_dir: Path) -> None:
     """Makes Ray calls of this process (ray.init, the job and state APIs) authenticate to this head."""
     os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the path (another cluster's token)
     os.environ.update(auth_environment(state_dir))
+    from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
+
+    # Ray reads RAY_AUTH_MODE once, when it is imported: a process that imported it earlier reads the
+    # configuration again, as `ray start` does when it turns token authentication on.
+    if get_authentication_mode() != AuthenticationMode.TOKEN:
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 def environment(state_dir: Path) -> dict[str, str]:
