@@ -12,6 +12,7 @@ lifecycle driver and the jobs carry the token; a client in another process calls
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import subprocess
 import sys
@@ -76,7 +77,15 @@ def start(state_dir: Path, gcs_port: int, dashboard_port: int, client_server_por
                f"--temp-dir={temp}", "--disable-usage-stats"]
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
-    result = subprocess.run(command, env=environment(state_dir), capture_output=True, text=True, timeout=180)
+    env = environment(state_dir)
+    if ipaddress.ip_address(node_ip_address).is_loopback:
+        # `ray start` replaces a loopback node address by the machine's own, and its servers then listen
+        # on every interface. Ray's single-machine mode (its default on macOS and Windows, the variable
+        # says so) keeps the address, so the GCS, raylet, workers, agents and metrics listen on loopback.
+        # Its processes inherit the setting; a second node joins with its own environment (multi-node
+        # wants a reachable ray.node_ip_address anyway).
+        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     wait_dashboard(f"http://127.0.0.1:{dashboard_port}", 120, state_dir)
