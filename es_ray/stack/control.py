@@ -108,7 +108,7 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
     os.environ.update({k: v for k, v in ray_head.environment(Path(manifest.state_dir)).items()
                        if k.startswith(("RAY_", "HF_", "TOKENIZERS")) and not k.startswith("RAY_AUTH_")})
     if manifest.ray_started:  # an external cluster's authentication is its operator's (RAY_AUTH_* as set)
-        ray_head.use_token(Path(manifest.state_dir))
+        ray_head.use_head(Path(manifest.state_dir), settings.ray.node_ip_address)
     ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning",
              log_to_driver=False)
     try:

@@ -7,7 +7,7 @@ Anyone who can submit a Ray job runs code on the cluster, so the head runs with 
 authentication (RAY_AUTH_MODE=token, the token in <state dir>/auth/ray.token, see credentials.py) and
 listens on `ray.node_ip_address` (loopback unless a multi-node cluster needs a reachable address); its
 dashboard on loopback. Ray's processes inherit the environment of `ray start`, so the replicas, the
-lifecycle driver and the jobs carry the token; a client in another process calls `use_token` first.
+lifecycle driver and the jobs carry the token; a client in another process calls `use_head` first.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ def auth_environment(state_dir: Path) -> dict[str, str]:
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(credentials.ray_token_path(state_dir))}
 
 
-def use_token(state_dir: Path) -> None:
-    """Makes Ray calls of this process (ray.init, the job and state APIs) authenticate to this head."""
+def use_head(state_dir: Path, node_ip_address: str) -> None:
+    """Makes Ray calls of this process (ray.init, the job and state APIs) reach this state dir's head
+    and authenticate to it."""
     os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the path (another cluster's token)
     os.environ.update(auth_environment(state_dir))
+    from ray._private import ray_constants
     from ray._raylet import AuthenticationMode, AuthenticationTokenLoader, Config, get_authentication_mode
 
     # Ray reads RAY_AUTH_MODE once, when it is imported: a process that imported it earlier reads the
@@ -48,6 +50,19 @@ def use_token(state_dir: Path) -> None:
     if get_authentication_mode() != AuthenticationMode.TOKEN:
         Config.initialize("")
         AuthenticationTokenLoader.instance().reset_cache()
+    if single_machine(node_ip_address):
+        # A client turns a loopback cluster address into the machine's own too, where the head does not
+        # listen, unless it is in single-machine mode (read by Ray when imported: set here as well).
+        os.environ.update(SINGLE_MACHINE)
+        ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+SINGLE_MACHINE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def single_machine(node_ip_address: str) -> bool:
+    """Does the head run in Ray's single-machine mode (a loopback node address, see start)?"""
+    return ipaddress.ip_address(node_ip_address).is_loopback
 
 
 def environment(state_dir: Path) -> dict[str, str]:
@@ -78,13 +93,12 @@ def start(state_dir: Path, gcs_port: int, dashboard_port: int, client_server_por
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
     env = environment(state_dir)
-    if ipaddress.ip_address(node_ip_address).is_loopback:
+    if single_machine(node_ip_address):
         # `ray start` replaces a loopback node address by the machine's own, and its servers then listen
         # on every interface. Ray's single-machine mode (its default on macOS and Windows, the variable
         # says so) keeps the address, so the GCS, raylet, workers, agents and metrics listen on loopback.
-        # Its processes inherit the setting; a second node joins with its own environment (multi-node
-        # wants a reachable ray.node_ip_address anyway).
-        env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        # Its processes (replicas, driver, jobs) inherit it; other clients call use_head.
+        env.update(SINGLE_MACHINE)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     if result.returncode != 0:
         raise RuntimeError(f"ray start failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
