@@ -8,7 +8,6 @@ started, never with `ray stop` (which would stop every Ray process on the machin
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
