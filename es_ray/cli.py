@@ -63,7 +63,8 @@ def up(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose) -> None:
         display.note(f"[bold green]es-ray is up[/bold green]: {manifest.serve_url}  "
                      f"(API docs: {manifest.serve_url}/docs)")
         display.note(f"Ray dashboard: {manifest.ray_dashboard_url}   "
-                     f"submit jobs with RAY_ADDRESS={manifest.ray_dashboard_url}")
+                     f"submit jobs with RAY_ADDRESS={manifest.ray_dashboard_url} RAY_AUTH_MODE=token "
+                     f"RAY_AUTH_TOKEN_PATH={settings.state_path / 'auth' / 'ray.token'}")
         key_file = settings.state_path / "auth" / "admin.key"
         if key_file.exists():
             display.note(f"API key for admin and write routes (X-API-Key header): {key_file}")

@@ -22,6 +22,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "stack.yaml"
 
 class RaySettings(BaseModel):
     address: str = ""
+    node_ip_address: str = "127.0.0.1"
     num_cpus: int = 0
     gcs_port: int = 0
     dashboard_port: int = 8265

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from es_ray.inference import registry
+from es_ray.stack import ray_head
 from es_ray.stack.jobs import REPO_ROOT
 from es_ray.store import db, blue_green, tasks
 from tests.helpers import search
@@ -140,7 +141,7 @@ def test_ray_job_submit_entry_point_records_its_task_and_refuses_a_bad_config(st
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", stack.ray_dashboard_url,
                "--working-dir", str(REPO_ROOT), "--", "python", "-m", "es_ray.train", "--config",
                "configs/finetune.yaml", "--overrides", json.dumps({"tune": {"num_samples": 0}})]
-    env = {"RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    env = {**ray_head.auth_environment(Path(stack.state_dir)), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "invalid fine-tune config" in output and "num_samples" in output, output[-3000:]

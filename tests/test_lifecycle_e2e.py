@@ -22,6 +22,7 @@ import tritonclient.http
 from es_ray.store.reindex_ranges import totals as range_totals
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, served_name
+from es_ray.stack import ray_head
 from es_ray.stack.jobs import REPO_ROOT
 from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection, collection_name
@@ -180,7 +181,7 @@ def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, se
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", stack.ray_dashboard_url,
                "--working-dir", str(REPO_ROOT), "--", "python", "-m", "es_ray.lifecycle.reindex", "--to", str(variant),
                "--switch", "never", "--namespace", settings.ray.namespace]
-    env = {"RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    env = {**ray_head.auth_environment(Path(stack.state_dir)), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     with db.connect(stack.postgres_dsn) as conn:

@@ -8,12 +8,10 @@ started, never with `ray stop` (which would stop every Ray process on the machin
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import psutil
 import pytest
@@ -32,7 +30,7 @@ RANGES_AT_LEAST = 4  # so that both of the pool's actors get work (conftest: 40 
 def alive_nodes(stack) -> list:
     from ray.util.state import list_nodes
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the session's loopback-only head
+    # The dashboard wants the head's token: control.up put it into this process's environment.
     # Filtered on this side: with a server-side filter, Ray 2.60 counts the dead nodes left out as
     # truncated output and raises.
     return [n for n in list_nodes(address=stack.ray_dashboard_url, limit=1000) if n.state == "ALIVE"]
@@ -53,10 +51,19 @@ def second_node(stack, settings, num_cpus: int = 1):
     """A Ray worker node on this machine joined to the session's head; yields its `ray start` process."""
     temp = settings.state_path / "ray2"  # under the state dir: the session's teardown would find leftovers
     temp.mkdir(exist_ok=True)
-    env = ray_head.environment(settings.state_path)
+    env = ray_head.environment(settings.state_path)  # with the head's token
     env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"  # nothing to drain (no Serve replica): stop at once
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--block", f"--address={stack.ray_address}",
-               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0",
+    # A loopback head (the default) listens on loopback only, and `ray start` would turn the loopback
+    # addresses below into the machine's own; a worker node refuses Ray's single-machine mode, which keeps
+    # them. So this node starts through `ray start`'s own entry point with loopback addresses kept as
+    # given, as Ray's cluster_utils runs several nodes on 127.0.0.1. (A real second machine joins a head
+    # configured with a reachable ray.node_ip_address, where nothing is rewritten.)
+    for name in ray_head.SINGLE_MACHINE:
+        env.pop(name, None)
+    keep_loopback = ("from ray._private import services; services.resolve_ip_for_localhost = lambda host: host; "
+                     "from ray.scripts.scripts import main; main()")
+    command = [sys.executable, "-c", keep_loopback, "start", "--block", f"--address={stack.ray_address}",
+               f"--node-ip-address={settings.ray.node_ip_address}", f"--num-cpus={num_cpus}", "--num-gpus=0",
                f"--object-store-memory={200 * 1024 ** 2}", f"--dashboard-agent-listen-port={free_port()}",
                f"--temp-dir={temp}", "--disable-usage-stats"]
     with open(temp / "ray-start.log", "w") as log:

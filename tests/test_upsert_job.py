@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from es_ray.data import beir
+from es_ray.stack import ray_head
 from es_ray.stack.jobs import REPO_ROOT
 from es_ray.store import db
 from tests.helpers import ids, search
@@ -26,7 +27,7 @@ def test_bulk_upsert_job_loads_a_beir_corpus_and_can_run_again(stack, collection
                 out.write(json.dumps({**record, "_id": f"job-{record['_id']}"}) + "\n")
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", stack.ray_dashboard_url,
                "--working-dir", str(REPO_ROOT), "--", "python", "-m", "es_ray.data.upsert", "--input", str(corpus)]
-    env = {"RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    env = {**ray_head.auth_environment(Path(stack.state_dir)), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
     for attempt in range(2):  # the second run must replace, not duplicate
         result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -1,4 +1,8 @@
-"""Deploying a model version to Triton: trace to TorchScript, write the repository entry, load it."""
+"""Deploying a model version to Triton: trace to TorchScript, write the repository entry, load it.
+
+Loads and unloads carry `control_headers`: the embedded Triton answers its model-repository API only to
+requests with the lifecycle driver's key (es_ray/stack/triton.py).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ def model_dim(model_dir: Path) -> int:
     return int(json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"])
 
 
-def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, model_dir: Path) -> None:
+def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, model_dir: Path,
+           control_headers: dict[str, str] | None = None) -> None:
     """Makes both encoders of `version` ready in Triton; versions already loaded keep serving."""
     if not triton_repo.has_version(repo, version):
         started = time.monotonic()
@@ -38,24 +43,25 @@ def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, m
         model = triton_repo.served_name(name, version)
         if not client.is_model_ready(model, str(version)):
             started = time.monotonic()
-            client.load_model(model)
+            client.load_model(model, headers=control_headers)
             log.info("deploy.loaded", model=model, version=version, seconds=round(time.monotonic() - started, 2))
     client.close()
 
 
-def undeploy(repo: Path, triton_http_url: str, version: int) -> None:
+def undeploy(repo: Path, triton_http_url: str, version: int, control_headers: dict[str, str] | None = None) -> None:
     """Unloads the version's two Triton models (requests in flight finish first) and removes their files."""
     client = triton_http.InferenceServerClient(triton_http_url, network_timeout=300)
     for name in triton_repo.ENCODERS:
         try:
-            client.unload_model(triton_repo.served_name(name, version))
+            client.unload_model(triton_repo.served_name(name, version), headers=control_headers)
         except InferenceServerException as err:  # not loaded (a restarted Triton): the files go all the same
             log.warning("deploy.unload_failed", model=triton_repo.served_name(name, version), error=str(err))
     client.close()
     triton_repo.remove_version(repo, version)
 
 
-def reload_missing(repo: Path, triton_http_url: str, versions: list[int]) -> list[str]:
+def reload_missing(repo: Path, triton_http_url: str, versions: list[int],
+                   control_headers: dict[str, str] | None = None) -> list[str]:
     """Loads the models of `versions` (in that order: blue first) that are deployed in the repository but
     not ready in Triton, as after a Triton restart (explicit model control starts with nothing loaded);
     returns what it loaded."""
@@ -71,7 +77,7 @@ def reload_missing(repo: Path, triton_http_url: str, versions: list[int]) -> lis
             version = deployed.get(model)
             if version is not None and not client.is_model_ready(model, str(version)):
                 started = time.monotonic()
-                client.load_model(model)
+                client.load_model(model, headers=control_headers)
                 loaded.append(model)
                 log.info("deploy.reloaded", model=model, version=version, seconds=round(time.monotonic() - started, 2))
     finally:
@@ -84,18 +90,20 @@ class TritonDeployer:
     files and Triton's loads are shared by every caller: the lifecycle driver's requests and its reconcile
     loop)."""
 
-    def __init__(self, settings: Settings, repo: Path, triton_http_url: str):
+    def __init__(self, settings: Settings, repo: Path, triton_http_url: str,
+                 control_headers: dict[str, str] | None = None):
         self.settings, self.repo, self.url = settings, repo, triton_http_url
+        self.control_headers = control_headers or {}
         self._lock = threading.Lock()
 
     def deploy(self, version: int, model_dir: Path) -> None:
         with self._lock:
-            deploy(self.settings, self.repo, self.url, version, Path(model_dir))
+            deploy(self.settings, self.repo, self.url, version, Path(model_dir), self.control_headers)
 
     def undeploy(self, version: int) -> None:
         with self._lock:
-            undeploy(self.repo, self.url, version)
+            undeploy(self.repo, self.url, version, self.control_headers)
 
     def reload_missing(self, versions: list[int]) -> list[str]:
         with self._lock:
-            return reload_missing(self.repo, self.url, versions)
+            return reload_missing(self.repo, self.url, versions, self.control_headers)

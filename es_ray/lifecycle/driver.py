@@ -25,7 +25,7 @@ from es_ray.lifecycle.handle import DRIVER_NAME, UnknownModel
 from es_ray.logs import get_logger
 from es_ray.periodic import Periodic
 from es_ray.stack.manifest import StackManifest
-from es_ray.stack import jobs
+from es_ray.stack import credentials, jobs, triton
 from es_ray.store import db, blue_green, locks, reindex_ranges, tasks
 from es_ray.store.collections import Collection, collection_name
 
@@ -39,8 +39,9 @@ class LifecycleDriver:
     def __init__(self, settings: dict[str, Any], manifest: dict[str, Any]):
         self.settings = Settings.model_validate(settings)
         self.manifest = StackManifest.model_validate(manifest)
-        self.deployer = deploy.TritonDeployer(self.settings, Path(self.manifest.state_dir) / "triton" / "models",
-                                              self.manifest.triton_url)
+        state_dir = Path(self.manifest.state_dir)
+        self.deployer = deploy.TritonDeployer(self.settings, triton.model_repository(state_dir),
+                                              self.manifest.triton_url, triton.control_headers(state_dir))
         db.migrate(self.manifest.postgres_dsn)
         self._improvement: ImprovementLoop | None = None
         # After a restart, put the blue model back into Triton if Triton lost it, and finish (or
@@ -81,7 +82,8 @@ class LifecycleDriver:
             metrics.set_gauge("es_ray_blue_model_version", blue["model_version"])
 
     def stack(self) -> dict[str, Any]:
-        """Addresses and settings for jobs and replicas."""
+        """Addresses and settings for jobs and replicas; no secrets (start_driver leaves them out): any
+        caller of the actor would read them."""
         return {"settings": self.settings.model_dump(mode="json"), "manifest": self.manifest.model_dump()}
 
     def blue(self) -> dict[str, Any] | None:
@@ -305,7 +307,9 @@ class LifecycleDriver:
 
 def start_driver(settings: Settings, manifest: StackManifest):
     """The running driver, or a new one; a driver started with other settings or addresses is replaced
-    (its state is in Postgres, so nothing is lost)."""
+    (its state is in Postgres, so nothing is lost). It gets the settings without secrets: an actor's
+    arguments can be read by whoever can reach the cluster, and stack() hands them to every caller."""
+    settings = credentials.without_secrets(settings)
     try:
         running = ray.get_actor(DRIVER_NAME, namespace=settings.ray.namespace)
         wanted = {"settings": settings.model_dump(mode="json"), "manifest": manifest.model_dump()}

@@ -1,6 +1,6 @@
 """How other processes reach the lifecycle driver: its actor name, an error it answers with, and a Ray
-job's way in (the
-driver hands out the stack's settings and addresses, so a job needs nothing but the cluster)."""
+job's way in (the driver hands out the stack's settings and addresses, so a job needs nothing but the
+cluster; no secrets: whoever can call the actor reads what it returns, see stack/credentials.py)."""
 
 from __future__ import annotations
 

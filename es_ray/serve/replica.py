@@ -3,6 +3,7 @@ and Triton clients. Routes reach it through the `replica` dependency.
 
 Settings come from the lifecycle driver (it holds the stack's settings and addresses, so a replica needs
 nothing but the cluster), once, at start: new settings come with new replicas (serve/deployment.py).
+The driver holds no secrets: the user-token secret is read here, from the state dir or the environment.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from es_ray.serve import auth, schemas
 from es_ray.serve.blue_watcher import BlueWatcher
 from es_ray.serve.errors import ServiceUnavailable
 from es_ray.serve.health_cache import HealthCache
+from es_ray.stack.credentials import with_user_token_secret
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import db
 from es_ray.store.blue_green import Blue
@@ -32,7 +34,7 @@ log = get_logger(__name__)
 class Replica:
     def __init__(self, namespace: str):
         stack = ray.get(get_driver(namespace).stack.remote())
-        self.settings = Settings.model_validate(stack["settings"])
+        self.settings = with_user_token_secret(Settings.model_validate(stack["settings"]))
         self.manifest = StackManifest.model_validate(stack["manifest"])
         schemas.configure_limits(self.settings.serve)
         auth.configure(self.settings.auth)

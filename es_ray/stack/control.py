@@ -19,7 +19,7 @@ from es_ray.console import Display
 from es_ray.inference import registry
 from es_ray.logs import get_logger
 from es_ray.stack import credentials, postgres, ray_head, triton
-from es_ray.stack.manifest import StackManifest, free_port, port_or_free
+from es_ray.stack.manifest import StackManifest, free_port, port_or_free, redacted_dsn
 
 log = get_logger(__name__)
 
@@ -48,6 +48,7 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
         manifest.postgres_dsn, manifest.postgres_started = settings.postgres.dsn, False
     else:
         manifest.postgres_dsn, manifest.postgres_started = postgres.start(state), True
+    manifest.save()
 
     # Triton
     step("Triton")
@@ -64,6 +65,7 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
             pid = triton.start(state, http_port, grpc_port, metrics_port)
         manifest.triton_url, manifest.triton_grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
         manifest.triton_metrics_url, manifest.triton_pid = f"127.0.0.1:{metrics_port}", pid
+    manifest.save()  # after each start: a failure further on leaves what `down` needs to stop it
 
     # MLflow: a sqlite file under the state dir unless a tracking server is configured.
     manifest.mlflow_uri = registry.tracking_uri(settings)
@@ -76,17 +78,21 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
     else:
         gcs_port = _port(manifest.ray_address, settings.ray.gcs_port)
         dashboard_port = _port(manifest.ray_dashboard_url, settings.ray.dashboard_port)
-        if not (ray_head.is_running(state) and ray_head.dashboard_up(f"http://127.0.0.1:{dashboard_port}")):
+        # A head without a token file here was started before token authentication: start it again.
+        if not (ray_head.is_running(state) and ray_head.dashboard_up(f"http://127.0.0.1:{dashboard_port}", state)
+                and credentials.ray_token_path(state).exists()):
             ray_head.stop(state)  # leftovers of a crashed head
             # A restart reuses the recorded ports, which are free now: new ones must not collide with them.
             chosen = {gcs_port, dashboard_port}
             client_port = port_or_free(settings.ray.client_server_port, avoid=chosen)
             agent_port = free_port(avoid=chosen | {client_port})
             metrics_port = port_or_free(settings.ray.metrics_export_port, avoid=chosen | {client_port, agent_port})
+            manifest.ray_started = True
+            manifest.save()
             ray_head.start(state, gcs_port, dashboard_port, client_port, agent_port, metrics_port,
-                           settings.ray.num_cpus)
-            manifest.ray_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        manifest.ray_address, manifest.ray_started = f"127.0.0.1:{gcs_port}", True
+                           settings.ray.num_cpus, settings.ray.node_ip_address)
+            manifest.ray_metrics_url = f"http://{settings.ray.node_ip_address}:{metrics_port}/metrics"
+        manifest.ray_address, manifest.ray_started = f"{settings.ray.node_ip_address}:{gcs_port}", True
         manifest.ray_dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     manifest.serve_url = f"http://{settings.serve.host}:{settings.serve.port}"
     manifest.save()
@@ -108,7 +114,9 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
     from es_ray.serve.app import build_app
 
     os.environ.update({k: v for k, v in ray_head.environment(Path(manifest.state_dir)).items()
-                       if k.startswith(("RAY_", "HF_", "TOKENIZERS"))})
+                       if k.startswith(("RAY_", "HF_", "TOKENIZERS")) and not k.startswith("RAY_AUTH_")})
+    if manifest.ray_started:  # an external cluster's authentication is its operator's (RAY_AUTH_* as set)
+        ray_head.use_head(Path(manifest.state_dir), settings.ray.node_ip_address)
     ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning",
              log_to_driver=False)
     try:
@@ -185,8 +193,8 @@ def status(settings: Settings) -> dict[str, Any]:
         return {"state_dir": str(state), "running": False, "note": "no stack.json: `es-ray up` has not run here"}
     report: dict[str, Any] = {"state_dir": str(state)}
     report["ray"] = {"address": manifest.ray_address, "dashboard": manifest.ray_dashboard_url,
-                     "metrics": manifest.ray_metrics_url, "up": ray_head.dashboard_up(manifest.ray_dashboard_url)}
-    report["postgres"] = {"dsn": manifest.postgres_dsn, "up": _postgres_up(manifest.postgres_dsn)}
+                     "metrics": manifest.ray_metrics_url, "up": ray_head.dashboard_up(manifest.ray_dashboard_url, state)}
+    report["postgres"] = {"dsn": redacted_dsn(manifest.postgres_dsn), "up": _postgres_up(manifest.postgres_dsn)}
     report["triton"] = {"http": manifest.triton_url, "grpc": manifest.triton_grpc_url,
                         "up": _http_ok(f"http://{manifest.triton_url}/v2/health/live")}
     report["mlflow"] = {"tracking_uri": manifest.mlflow_uri, "up": _mlflow_up(manifest.mlflow_uri)}

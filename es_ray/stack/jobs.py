@@ -23,7 +23,8 @@ def current_submission_id() -> str | None:
 
 
 def client(dashboard_url: str):
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback-only embedded head; see DESIGN.md
+    # Authenticates with RAY_AUTH_* of this process: inherited from `ray start` inside the cluster (the
+    # driver, jobs), set by control.up (stack/ray_head.py: use_head) in the CLI.
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(dashboard_url)

@@ -1,14 +1,17 @@
 """What `es-ray up` started and where it listens, saved as <state dir>/stack.json.
 
 `status` and `down` read it so they act only on what this state dir started; jobs and tests read it
-to find the services.
+to find the services. It is written with mode 0600: a configured DSN may carry a password.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
+
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pydantic import BaseModel
 
@@ -44,8 +47,24 @@ class StackManifest(BaseModel):
     def save(self) -> None:
         path = self.path(Path(self.state_dir))
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.model_dump(), indent=2))
+        tmp.unlink(missing_ok=True)
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(json.dumps(self.model_dump(), indent=2))
         tmp.replace(path)  # atomic: a crash never leaves half a manifest
+
+
+def redacted_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ***, for what is printed or logged."""
+    if not dsn:
+        return dsn
+    try:
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # noqa: BLE001 - unparseable: show nothing of it rather than a password
+        return "<unparseable DSN>"
+    if parts.get("password"):
+        parts["password"] = "***"
+    return make_conninfo(**parts)
 
 
 def free_port(host: str = "127.0.0.1", avoid: set[int] = frozenset()) -> int:

@@ -3,6 +3,13 @@
 Runs in explicit model-control mode over <state dir>/triton/models, so models load and unload only
 when the lifecycle driver asks. The wheel bundles just the python backend; its stub process needs the
 interpreter's lib dir and the wheel's bundled libs on LD_LIBRARY_PATH (see DESIGN.md).
+
+Triton listens on loopback only, and its model-repository API (load, unload, index: a load can carry a
+model.py, which Triton runs) answers only requests with the driver's key in a header (the restricted-API
+options; the key is made under <state dir>/auth, see credentials.py). Inference, health and metadata stay
+open to local clients. The key is on tritonserver's command line, which local users can read in /proc
+unless it is mounted with hidepid: the restriction keeps out clients that can only send requests (a web
+page making a browser post to 127.0.0.1, a server-side request forgery), not a local user.
 """
 
 from __future__ import annotations
@@ -18,9 +25,13 @@ from pathlib import Path
 import psutil
 
 from es_ray.logs import get_logger
+from es_ray.stack import credentials
 from es_ray.stack.supervisor import kill_group
 
 log = get_logger(__name__)
+
+CONTROL_HEADER = "es-ray-model-control"  # the header Triton's model-repository API demands (with the key)
+RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"  # what changes the server, not a search
 
 
 def model_repository(state_dir: Path) -> Path:
@@ -58,6 +69,7 @@ def start(state_dir: Path, http_port: int, grpc_port: int, metrics_port: int, ti
     repo = model_repository(state_dir)
     repo.mkdir(parents=True, exist_ok=True)
     log_path = state_dir / "triton" / "tritonserver.log"
+    restricted = f"{RESTRICTED_APIS}:{CONTROL_HEADER}={credentials.ensure_triton_control_key(state_dir)}"
     command = [
         str(server_dir / "bin" / "tritonserver"),
         f"--model-repository={repo}",
@@ -68,6 +80,9 @@ def start(state_dir: Path, http_port: int, grpc_port: int, metrics_port: int, ti
         f"--metrics-port={metrics_port}",
         "--http-address=127.0.0.1",
         "--grpc-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+        f"--http-restricted-api={restricted}",
+        f"--grpc-restricted-protocol={restricted}",
         "--exit-on-error=false",
         "--strict-readiness=false",
         "--log-verbose=0",
@@ -83,6 +98,12 @@ def start(state_dir: Path, http_port: int, grpc_port: int, metrics_port: int, ti
     log.info("triton.started", supervisor_pid=process.pid, pid=server_pid(state_dir), http_port=http_port,
              grpc_port=grpc_port, repository=str(repo))
     return process.pid
+
+
+def control_headers(state_dir: Path) -> dict[str, str]:
+    """What a model load or unload sends to the embedded Triton; nothing for an external one (no key here)."""
+    key = credentials.triton_control_key(state_dir)
+    return {CONTROL_HEADER: key} if key else {}
 
 
 def _supervisor_pid_file(state_dir: Path) -> Path:
