@@ -1,4 +1,9 @@
-"""The `es-ray` command: up, status, down, key, demo, cycle."""
+"""The `es-ray` command: up, status, down, key, demo, cycle.
+
+Each command imports what it runs inside its function: `es-ray --help` and `es-ray key` stay quick, and
+nothing imports Ray before the command has set the stack's environment (Ray's token mode is read when
+Ray is imported).
+"""
 
 from __future__ import annotations
 

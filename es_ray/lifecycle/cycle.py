@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from typing import Any, Callable
 
+import ray
+from rich.markup import escape
+
 from es_ray.console import Display
+from es_ray.lifecycle.task_job import TaskJob, run_as_task
 from es_ray.logs import get_logger, to_file
+from es_ray.store import blue_green, db, tasks
 
 log = get_logger("es_ray.lifecycle.cycle")
 
@@ -45,23 +51,17 @@ class Steps:
         self.steps[-1].update({"status": status, "seconds": round(time.monotonic() - started, 1), **details})
         self.progress({"steps": self.steps})
         if self.display:
-            from rich.markup import escape
-
             reason = f": {escape(str(details['reason']))}" if details.get("reason") else ""
             self.display.note(f"{self.steps[-1]['step']} {status} ({self.steps[-1]['seconds']} s){reason}")
 
 
 def entrypoint(overrides: dict[str, Any], force: bool, cleanup_now: bool, namespace: str) -> str:
     """The job's command line (`es-ray cycle` and the demo submit it)."""
-    import shlex
-
     return (f"python -m es_ray.lifecycle.cycle --overrides {shlex.quote(json.dumps(overrides))} "
             f"--namespace {namespace}" + (" --force" if force else "") + (" --cleanup-now" if cleanup_now else ""))
 
 
 def wait_task(dsn: str, task_id: str, poll_s: float = 2.0):
-    from es_ray.store import db, tasks
-
     while True:
         with db.connect(dsn) as conn:
             task = tasks.get(conn, task_id)
@@ -72,10 +72,6 @@ def wait_task(dsn: str, task_id: str, poll_s: float = 2.0):
 
 def run_cycle(driver, settings, manifest, steps: Steps, overrides: dict[str, Any], force: bool,
               cleanup_now: bool) -> dict[str, Any]:
-    import ray
-
-    from es_ray.store import db, blue_green
-
     dsn = manifest.postgres_dsn
     started = steps.start("fine-tune")
     fine_tune = wait_task(dsn, ray.get(driver.start_fine_tune.remote(overrides))["task_id"])
@@ -139,9 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         overrides = json.loads(args.overrides)
     except json.JSONDecodeError as err:
         parser.error(f"--overrides is not JSON: {err}")
-
-    from es_ray.lifecycle.task_job import TaskJob, run_as_task
-    from es_ray.store import tasks
 
     def work(job: TaskJob) -> dict[str, Any]:
         # The job's terminal (`ray job logs`) shows the steps; the log lines go to the state dir.
