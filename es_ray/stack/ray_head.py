@@ -137,7 +137,28 @@ def processes(state_dir: Path) -> list[psutil.Process]:
             continue
     # Workers are children of the raylet and may not carry the marker themselves.
     children = [c for p in found for c in _children(p)]
-    return list({p.pid: p for p in found + children}.values())
+    return list({p.pid: p for p in found + children + _client_servers(found)}.values())
+
+
+def _client_servers(found: list[psutil.Process]) -> list[psutil.Process]:
+    """Ray Client's proxy (`ray.util.client.server`): started by `ray start`, which exits, so it is nobody's
+    child, and its command line names the head only by the GCS address. Found by that port."""
+    ports = set()
+    for process in found:
+        try:
+            ports.update(part.split("=", 1)[1] for part in process.cmdline() if part.startswith("--gcs_server_port="))
+        except psutil.Error:
+            continue
+    servers = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = process.info["cmdline"] or []
+            if "ray.util.client.server" in cmdline and any(
+                    part.startswith("--address=") and part.rsplit(":", 1)[-1] in ports for part in cmdline):
+                servers.append(process)
+        except psutil.Error:
+            continue
+    return servers
 
 
 def _children(process: psutil.Process) -> list[psutil.Process]:
