@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from es_ray.store import db, blue_green, locks
+from es_ray import retries
+from es_ray.store import blue_green, db, locks
 from es_ray.store.collections import Collection, EmbeddedItem, next_versions
 
 
@@ -53,8 +54,12 @@ def test_an_older_copy_never_overwrites_a_newer_write_nor_revives_a_delete(conn,
     assert collection.purge_tombstones(conn) == 1                                   # never-seen's tombstone
 
 
-def test_concurrent_writes_and_late_copies_end_in_the_newest_state(stack, collection):
-    """Writers upsert and delete while a 'reindex' keeps copying old versions: every id ends as its last write."""
+def test_concurrent_writes_and_late_copies_end_in_the_newest_state(stack, settings, collection):
+    """Writers upsert and delete while a 'reindex' keeps copying old versions: every id ends as its last write.
+
+    Each write goes through the retry policy its real caller uses (the dual write's, the reindex's): rows
+    that another writer commits mid-transaction can deadlock two writers, and Postgres then rolls one back
+    whole, which the policy runs again."""
     ids = [f"id-{i}" for i in range(30)]
     final: dict[str, tuple[int, str | None]] = {}
     lock = threading.Lock()
@@ -68,10 +73,11 @@ def test_concurrent_writes_and_late_copies_end_in_the_newest_state(stack, collec
                 try:
                     versions = dict(zip(chosen, next_versions(c, len(chosen))))
                     if rng.random() < 0.4:
-                        collection.delete(c, chosen, versions)
+                        retries.retrying(settings.retries.write, "test.delete")(collection.delete, c, chosen, versions)
                         update = {i: (versions[i], None) for i in chosen}
                     else:
-                        collection.upsert(c, [item(i, f"{i} by {seed} #{n}") for i in chosen], versions)
+                        written = [item(i, f"{i} by {seed} #{n}") for i in chosen]
+                        retries.retrying(settings.retries.write, "test.upsert")(collection.upsert, c, written, versions)
                         update = {i: (versions[i], f"{i} by {seed} #{n}") for i in chosen}
                     with lock:
                         for i, (v, t) in update.items():
@@ -84,9 +90,13 @@ def test_concurrent_writes_and_late_copies_end_in_the_newest_state(stack, collec
         stale = next_versions(c, 1)[0]              # older than anything the writers write
 
     def late_copier() -> None:
-        with db.connect(stack.postgres_dsn) as c:
-            for _ in range(20):
-                collection.upsert(c, [item(i, "stale copy") for i in ids], {i: stale for i in ids})
+        copy = retries.retrying(settings.retries.reindex_write, "test.copy")
+        try:
+            with db.connect(stack.postgres_dsn) as c:
+                for _ in range(20):
+                    copy(collection.upsert, c, [item(i, "stale copy") for i in ids], {i: stale for i in ids})
+        except Exception as err:  # noqa: BLE001 - collected and asserted below, as the writers' are
+            errors.append(err)
 
     threads = [threading.Thread(target=writer, args=(s,)) for s in range(3)] + [threading.Thread(target=late_copier)]
     for t in threads:

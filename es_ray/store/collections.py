@@ -144,8 +144,10 @@ class Collection:
         `versions` (id -> version) come from the caller when one write goes to several collections or
         when a reindex copies an item; without them every item takes the next global version. A stored
         version at least as new (a later write, or a delete's tombstone) wins, so copies may arrive in
-        any order. Rows are staged with COPY (binary for vectors), existing rows locked in id order (so
-        concurrent writers cannot deadlock) and merged with one INSERT ... ON CONFLICT. An item whose
+        any order. Rows are staged with COPY (binary for vectors), existing rows locked in id order and
+        merged with one INSERT ... ON CONFLICT. A row another writer commits between the two can still
+        deadlock two writers; Postgres rolls one back whole, and callers retry it (es_ray/retries.py,
+        `aborted_transaction`). An item whose
         text is unchanged keeps its vectors and their learned adjustments (only the payload changes);
         new text replaces the vectors and drops every adjustment made to the old ones, and the click
         evidence about them (store/evidence.py).
