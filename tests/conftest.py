@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from es_ray.client import EsRayClient
 from es_ray.data import beir
 from es_ray.stack.manifest import free_port
 
@@ -138,6 +139,13 @@ def api(stack, settings):
     key = local_api_key(settings.state_path)
     assert key, "es-ray up made no local API key"
     with httpx.Client(base_url=stack.serve_url, headers={"X-API-Key": key}, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def client(stack):
+    """The typed client (es_ray/client.py) with the stack's API key."""
+    with EsRayClient.for_stack(stack) as client:
         yield client
 
 

@@ -33,12 +33,6 @@ ROUTES = {("get", "/healthz"): "health", ("post", "/v1/search"): "search", ("put
 
 
 @pytest.fixture(scope="module")
-def client(stack):
-    with EsRayClient.for_stack(stack) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def items(client):
     answer = client.upsert_items(ITEMS)
     assert answer == schemas.UpsertResponse(upserted=len(ITEMS), failed=[])

@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from es_ray.client import EsRayClient
 from es_ray.improve.loop import ImprovementLoop
 from es_ray.store import db
 
@@ -15,12 +14,6 @@ TOPIC = [f"Volcanic eruptions release ash and sulfur gases into the atmosphere, 
         [f"Magma chambers under volcanoes and their pressure, report {i}" for i in range(6)]
 ITEMS = [{"id": f"imp-{i}", "text": text, "payload": {"group": "imp"}} for i, text in enumerate(TOPIC)]
 ONLY = {"group": "imp"}
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    with EsRayClient.for_stack(stack) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
