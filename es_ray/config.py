@@ -212,6 +212,10 @@ class LearningSettings(BaseModel):
     """What the learners (improvement loop, its replay on a new collection, the fine-tune) read."""
 
     exclude_sources: list[SessionSource] = ["unverified"]
+    # What one client can teach everybody (es_ray/train/learning_guards.py); configs/stack.yaml says why.
+    min_clients: int = Field(3, ge=1)
+    max_votes_per_client: int = Field(1, ge=1)
+    max_sessions_per_client: int = Field(100, ge=1)
 
 
 class ClientSettings(BaseModel):

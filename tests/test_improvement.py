@@ -9,6 +9,7 @@ import pytest
 
 from es_ray.improve.loop import ImprovementLoop
 from es_ray.store import db
+from tests.helpers import click_as_people
 
 TOPIC = [f"Volcanic eruptions release ash and sulfur gases into the atmosphere, study {i}" for i in range(6)] + \
         [f"Magma chambers under volcanoes and their pressure, report {i}" for i in range(6)]
@@ -34,6 +35,11 @@ def search(client, query, **options) -> list[str]:
 
 
 def click(client, query, target, user_id=None, times=1):
+    """`times` searches and clicks on `target`: a user's own, or anonymous ones from `times` distinct
+    clients (global learning waits for several, learning.min_clients, and ignores filtered sessions)."""
+    if user_id is None:
+        click_as_people(client.url, query, target, times)
+        return
     for _ in range(times):
         found = client.search(query, limit=10, filter=ONLY, user_id=user_id)
         assert target in [r.id for r in found.results]
@@ -76,7 +82,7 @@ def test_global_adjustments_can_be_undone(client, stack, items):
     client.undo_improvement()  # earlier tests moved vectors: start from the model's own
     target = search(client, query, limit=12, session=False)[6]
     model_vectors = vectors_of(stack, target)
-    click(client, query, target, times=2)
+    click(client, query, target, times=3)
     improve(client)
     assert any(not np.allclose(v, model_vectors[p]) for p, v in vectors_of(stack, target).items())
     undone = client.undo_improvement()
@@ -150,7 +156,7 @@ def test_delete_and_new_text_drop_adjustments_same_text_keeps_them(client, stack
     query = "magma under volcanoes"
     extra = {"id": "imp-extra", "text": "Lava domes grow slowly above magma", "payload": {"group": "imp"}}
     assert client.upsert_items([extra]).upserted == 1
-    click(client, query, "imp-extra", times=2)
+    click(client, query, "imp-extra", times=3)
     click(client, query, "imp-extra", user_id="cat", times=2)
     improve(client)
     with db.connect(stack.postgres_dsn) as conn:

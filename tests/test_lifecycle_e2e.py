@@ -26,7 +26,7 @@ from es_ray.stack import ray_head
 from es_ray.stack.jobs import REPO_ROOT
 from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection, collection_name
-from tests.helpers import register_variant
+from tests.helpers import click_as_people, register_variant
 
 pytestmark = pytest.mark.lifecycle
 
@@ -143,11 +143,11 @@ def test_reindex_resumes_after_its_driver_and_a_worker_are_killed(api, stack, se
     body = api.post("/v1/search", json={"query": PROBES[0], "limit": 10, "user_id": "lc-user"}).json()
     click = {"event_id": f"{body['session_id']}-click", "item_id": body["results"][3]["id"], "type": "click"}
     assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": [click]}).status_code == 200
-    # An anonymous click becomes a click memory on blue; the reindex must derive it again for green.
-    body = api.post("/v1/search", json={"query": PROBES[1], "limit": 10}).json()
+    # Anonymous clicks (from learning.min_clients distinct clients) become a click memory on blue; the
+    # reindex must derive it again for green.
+    body = api.post("/v1/search", json={"query": PROBES[1], "limit": 10, "session": False}).json()
     remembered_id = body["results"][4]["id"]
-    click = {"event_id": f"{body['session_id']}-click", "item_id": remembered_id, "type": "click"}
-    assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": [click]}).status_code == 200
+    click_as_people(stack.serve_url, PROBES[1], remembered_id, people=3, limit=10)
     learned = api.post("/v1/improvement/run", params={"settle_s": 0}).json()
     assert learned["vectors_personal"] > 0 and learned["items_remembered"] >= 1
 

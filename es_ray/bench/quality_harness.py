@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from es_ray.bench.corpus_vectors import CACHE_DIR, collection_vectors
+from es_ray.config import LearningSettings, load_settings
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.demo.users import ClickModel, simulate_log
 from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
@@ -22,6 +23,7 @@ from es_ray.train.clicklog import SessionBatch, is_heldout, split_by_query
 from es_ray.train.config import FinetuneConfig, GateConfig
 from es_ray.train.finetune import ParentModel, prepare
 from es_ray.train.item_vectors import ItemVectors
+from es_ray.train.learning_guards import evidence_counts, teaching_sessions
 from es_ray.train.evaluation import evaluate, per_query
 from es_ray.train.propensity import Impressions, Propensities
 from es_ray.train.trainer import Hyperparameters, TrainingData, fit, heldout_metrics, heldout_metrics_of, query_vectors
@@ -74,8 +76,11 @@ class Tower:
 
 class Harness:
     def __init__(self, dataset: Dataset, config: FinetuneConfig, memory, swap_share: float, swap_max_rank: int,
-                 model_dir: Path):
+                 model_dir: Path, guards: LearningSettings | None = None):
         self.data, self.config, self.memory = dataset, config, memory
+        # The learning guards as configured (configs/stack.yaml `learning:`), so the benchmark measures
+        # what the stack would learn from the same users.
+        self.guards = guards if guards is not None else load_settings().learning
         self.swap_share, self.swap_max_rank = swap_share, swap_max_rank
         self.parent = ParentModel(0, model_dir, dataset.items.chunks.shape[1], 256)
         self.base = Tower(load_encoder(model_dir), load_tokenizer(model_dir), config.model.max_query_length)
@@ -114,9 +119,12 @@ class Harness:
 
     # -- learning --------------------------------------------------------------------------------
     def click_log(self, noise: float, seed: int) -> list[LoggedSession]:
+        """The simulated users' log as the learners see it: through the learning guards (each simulated
+        session is a client of its own, so a pair teaches once min_clients users clicked it)."""
         model = ClickModel.load().with_noise(noise)
-        return simulate_log(self.data.train, self.shown, self.data.train_qrels, model, seed, self.swap_share,
-                            self.swap_max_rank)
+        log = simulate_log(self.data.train, self.shown, self.data.train_qrels, model, seed, self.swap_share,
+                           self.swap_max_rank)
+        return teaching_sessions(log, self.guards).sessions
 
     def hyperparameters(self, config: FinetuneConfig) -> Hyperparameters:
         return Hyperparameters.from_config({**config.trial, **config.train.model_dump()})
@@ -172,17 +180,17 @@ class Harness:
 
     def remembering(self, sessions: list[LoggedSession], tower: Tower, debiased: bool) -> ItemVectors:
         """The item vectors with click memories from `sessions`, as the improvement loop stores them
-        (`improve.loop.refresh_memories`: pairs weighted by the click model's P(relevant) with the
-        configured examination curve); naive: raw click counts."""
+        (`improve.loop.refresh_memories`: the evidence read through the learning guards, pairs weighted
+        by the click model's P(relevant) with the configured examination curve); naive: click counts."""
+        counts = evidence_counts(sessions, self.guards)
         if debiased:
-            weights = clicked_pair_weights(Impressions.from_sessions(sessions, max_rank=10**6),
+            weights = clicked_pair_weights(Impressions.from_counts(counts),
                                            Propensities(np.asarray(self.config.debias.examination_prior), "config"))
         else:
             weights = {}
-            for s in sessions:
-                for item in s.clicked:
-                    key = (normalise_query(s.query), item)
-                    weights[key] = weights.get(key, 0.0) + 1.0
+            for query, item, _, _, clicks in counts:
+                if clicks:
+                    weights[(query, item)] = weights.get((query, item), 0.0) + clicks
         texts = {normalise_query(s.query): s.query for s in sessions}
         keys = sorted(texts)
         vectors = dict(zip(keys, tower.vectors([texts[k] for k in keys]))) if keys else {}

@@ -78,7 +78,8 @@ def simulate_log(queries: dict[str, str], shown: dict[str, list[str]], qrels: di
                  ) -> list[LoggedSession]:
     """The click log that `sessions_per_query` users per query would leave, in-process (no HTTP): each
     session shows `shown[query]` (one adjacent pair swapped in a `swap_share` of sessions, as search
-    does: es_ray.serve.exploration) and clicks by the click model."""
+    does: es_ray.serve.exploration) and clicks by the click model. Each session is a person of its own,
+    so a client of its own (what the learning guards count)."""
     rng = random.Random(seed)
     start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
     log = []
@@ -88,5 +89,5 @@ def simulate_log(queries: dict[str, str], shown: dict[str, list[str]], qrels: di
             results = swapped(shown[qid], choose_swap(len(shown[qid]), swap_share, swap_max_rank, rng))
             clicked = set(model.clicks(results, relevant, rng))
             log.append(LoggedSession(f"{qid}-{n}", queries[qid], False, start + datetime.timedelta(seconds=len(log)),
-                                     list(enumerate(results, start=1)), clicked))
+                                     list(enumerate(results, start=1)), clicked, client=f"simulated-{qid}-{n}"))
     return log

@@ -5,12 +5,14 @@ One pass (`improve_once`) runs in one transaction:
    loops never read-modify-write the same vectors),
 2. claim up to `batch_sessions` sessions older than `settle_s` with `FOR UPDATE SKIP LOCKED`, leaving
    out the sources in learning.exclude_sources,
-3. anonymous sessions: add their impressions and clicks to the click evidence (store/evidence.py)
-   and recompute the click memories of the items they showed (memory.py): every item's global
-   vectors are its model vectors plus what all the queries that clicked it say, weighted by the
-   click model's P(relevant), so what one query's users teach reaches similar queries nobody clicked,
-4. a user's sessions: adjust that user's own copies of the vectors (adjuster.py; anchored at the
-   global ones), so one user's clicks never change what others see,
+3. anonymous sessions without a filter: add their impressions and clicks, per client, to the click
+   evidence (store/evidence.py) and recompute the click memories of the items they showed (memory.py):
+   every item's global vectors are its model vectors plus what all the queries that clicked it say,
+   weighted by the click model's P(relevant), so what one query's users teach reaches similar queries
+   nobody clicked. The evidence is read through the learning guards (train/learning_guards.py): a pair
+   teaches once several distinct clients clicked it, each client's votes capped,
+4. a user's sessions, filtered or not: adjust that user's own copies of the vectors (adjuster.py;
+   anchored at the global ones), so one user's clicks never change what others see,
 5. mark the sessions improved.
 A crash anywhere rolls the whole pass back, so a session is applied once or not at all, across restarts.
 """
@@ -19,13 +21,13 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import psycopg
 
-from es_ray.config import MemorySettings
+from es_ray.config import LearningSettings, MemorySettings
 from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, Examples, VectorAdjuster
 from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
 from es_ray.logs import get_logger
@@ -34,6 +36,7 @@ from es_ray.store import clickstream, evidence, locks
 from es_ray.store.clickstream import LoggedSession
 from es_ray.store.collections import Collection
 from es_ray.train.config import load_finetune_config
+from es_ray.train.learning_guards import unfiltered
 from es_ray.train.propensity import Impressions, Propensities
 
 log = get_logger(__name__)
@@ -91,6 +94,7 @@ class Learning:
     memory: MemorySettings
     examination: list[float]      # examination probability by rank (the click model's prior)
     exclude_sources: tuple[str, ...] = ()   # sessions recorded by these are never learned from
+    guards: LearningSettings = field(default_factory=LearningSettings)   # min_clients and the per-client caps
 
 
 def improvement_lock(collection: Collection) -> str:
@@ -109,14 +113,16 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
         if not sessions:
             return {"sessions": 0}
         anonymous = [s for s in sessions if s.user_id is None]
-        live = collection.hold_live(conn, {item for s in anonymous for _, item in s.shown})
-        evidence.record(conn, anonymous, live)
+        teaching = unfiltered(anonymous)   # a filtered session is consumed and teaches nobody
+        live = collection.hold_live(conn, {item for s in teaching for _, item in s.shown})
+        evidence.record(conn, teaching, live)
         shown = sorted(live)
         remembered_items = refresh_memories(conn, collection, shown, embed_queries, learning)
         personal = apply_user_sessions(conn, collection, [s for s in sessions if s.user_id is not None],
                                        embed_queries, learning.adjuster)
         clickstream.mark_improved(conn, [s.session_id for s in sessions])
-    result = {"sessions": len(sessions), "anonymous": len(anonymous), "items_remembered": remembered_items,
+    result = {"sessions": len(sessions), "anonymous": len(anonymous),
+              "anonymous_filtered": len(anonymous) - len(teaching), "items_remembered": remembered_items,
               "vectors_personal": personal, "seconds": round(time.monotonic() - started, 3)}
     log.info("improve.pass", collection=collection.name, **result)
     return result
@@ -132,7 +138,9 @@ def refresh_memories(conn: psycopg.Connection, collection: Collection, items: li
     if not items:
         return 0
     keys = evidence.queries_that_clicked(conn, items)
-    weights = clicked_pair_weights(Impressions.from_counts(evidence.counts_for_queries(conn, keys)),
+    counts = evidence.counts_for_queries(conn, keys, max_votes_per_client=learning.guards.max_votes_per_client,
+                                         min_clients=learning.guards.min_clients)
+    weights = clicked_pair_weights(Impressions.from_counts(counts),
                                    Propensities(np.asarray(learning.examination), "config"))
     wanted = set(items)
     weights = {pair: w for pair, w in weights.items() if pair[1] in wanted}
@@ -229,4 +237,5 @@ class ImprovementLoop(Periodic):
 
 def learning_from(settings) -> Learning:
     return Learning(VectorAdjuster(settings.improve.adjuster), settings.improve.memory,
-                    load_finetune_config().debias.examination_prior, tuple(settings.learning.exclude_sources))
+                    load_finetune_config().debias.examination_prior, tuple(settings.learning.exclude_sources),
+                    settings.learning)

@@ -66,6 +66,13 @@ class LoggedSession:
     user_id: str | None = None                      # None: anonymous
     source: SessionSource | None = None             # None: not read from the store
     client: str | None = None
+    filtered: bool = False                          # its search had a payload filter
+
+    @property
+    def learning_client(self) -> str:
+        """Whom this session counts for when the learners count clients: its recorded client, or where
+        none was recorded (sessions older than migration 2) the session itself."""
+        return self.client or self.session_id
 
     def skipped_above(self) -> list[str]:
         """Shown above the lowest click and not clicked: seen and passed over."""
@@ -82,15 +89,16 @@ def normalise_query(query: str) -> str:
 
 def record_session(conn: psycopg.Connection, session_id: str, user_id: str | None, query: str,
                    model_version: int | None, results: list[tuple[int, str]], provenance: Provenance,
-                   swapped_rank: int | None = None) -> bool:
+                   swapped_rank: int | None = None, filtered: bool = False) -> bool:
     """Stores a session; True if new. The same id with the same content again is a no-op (whoever sends it:
-    the first recording's provenance stays)."""
+    the first recording's provenance stays). `filtered`: its search had a payload filter."""
     with conn.transaction():
         inserted = conn.execute(
-            """INSERT INTO sessions (session_id, user_id, query, model_version, swapped_rank, source, key_name, client)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
+            """INSERT INTO sessions (session_id, user_id, query, model_version, swapped_rank, source, key_name, client,
+                                     filtered)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
             (session_id, user_id, query, model_version, swapped_rank, provenance.source, provenance.key_name,
-             provenance.client)).fetchone()
+             provenance.client, filtered)).fetchone()
         if inserted is None:
             existing = get_session(conn, session_id, with_events=False)
             if (existing.user_id, existing.query, sorted(existing.results)) != (user_id, query, sorted(results)):
@@ -167,7 +175,7 @@ def mark_irrelevant(conn: psycopg.Connection, session_id: str) -> None:
 
 # Every reader below takes `exclude_sources` (learning.exclude_sources): sessions of those sources are
 # left out, as if they had never been recorded.
-LOG_COLUMNS = "session_id, query, irrelevant, created_at, user_id, source, client"
+LOG_COLUMNS = "session_id, query, irrelevant, created_at, user_id, source, client, filtered"
 KEPT = "source <> ALL(%(exclude)s::text[])"
 
 
@@ -220,7 +228,7 @@ def _with_results(conn: psycopg.Connection, rows: list[tuple]) -> list[LoggedSes
     """Sessions (rows of LOG_COLUMNS) with their shown results, by rank, and their clicks."""
     if not rows:
         return []
-    sessions = {r[0]: LoggedSession(r[0], r[1], r[2], r[3], [], set(), r[4], r[5], r[6]) for r in rows}
+    sessions = {r[0]: LoggedSession(r[0], r[1], r[2], r[3], [], set(), r[4], r[5], r[6], r[7]) for r in rows}
     for session_id, rank, object_id in conn.execute(
             "SELECT session_id, rank, object_id FROM session_results WHERE session_id = ANY(%s) "
             "ORDER BY session_id, rank", (list(sessions),)):

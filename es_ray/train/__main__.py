@@ -30,7 +30,7 @@ from es_ray.train.finetune import ParentModel, fine_tune, load_item_vectors
 def run(settings, manifest, config, progress) -> dict[str, Any]:
     with db.connect(manifest.postgres_dsn) as conn:
         blue = blue_green.get_blue(conn)
-        batch = read_sessions(conn, config.data.max_sessions, settings.learning.exclude_sources)
+        batch = read_sessions(conn, config.data.max_sessions, settings.learning)
         collection = Collection(blue.collection, blue.dim)
         items = load_item_vectors(conn, collection, batch, config.data.eval_corpus_items, config.data.split_seed)
         texts = collection.texts(conn, items.ids) if config.train.corpus_share > 0 else {}

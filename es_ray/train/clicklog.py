@@ -1,19 +1,24 @@
 """The click log as training data: stored sessions (what was shown at which rank, what was clicked),
 and the split of their queries into train and held-out sets.
 
-Every session counts, clicked or not: a result shown five times and clicked once says more than the
-click alone, and the position-bias models need the impressions without clicks too.
+Every session that may teach counts, clicked or not: a result shown five times and clicked once says
+more than the click alone, and the position-bias models need the impressions without clicks too. Which
+sessions and clicks may teach is the learning guards' decision (learning_guards.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psycopg
 
+from es_ray.config import LearningSettings
+from es_ray.logs import get_logger
 from es_ray.store.clickstream import LoggedSession, normalise_query, recent_sessions
+from es_ray.train.learning_guards import teaching_sessions
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -21,6 +26,13 @@ class SessionBatch:
     """The sessions a fine-tune read, and what identifies them in the model's lineage."""
 
     sessions: list[LoggedSession]
+    dropped: dict[str, int] = field(default_factory=dict)    # what the learning guards left out
+
+    @classmethod
+    def guarded(cls, sessions: list[LoggedSession], learning: LearningSettings) -> "SessionBatch":
+        """The sessions a fine-tune may learn from (learning_guards.teaching_sessions)."""
+        guarded = teaching_sessions(sessions, learning)
+        return cls(guarded.sessions, guarded.dropped)
 
     def lineage(self) -> dict[str, str | int]:
         ids = sorted(s.session_id for s in self.sessions)
@@ -29,10 +41,13 @@ class SessionBatch:
                 "sessions_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
 
 
-def read_sessions(conn: psycopg.Connection, max_sessions: int, exclude_sources: Sequence[str] = ()) -> SessionBatch:
-    """The most recent `max_sessions` sessions with their shown results and clicks, but none recorded by
-    `exclude_sources` (learning.exclude_sources): what the fine-tune trains on and the gate scores on."""
-    return SessionBatch(recent_sessions(conn, max_sessions, exclude_sources))
+def read_sessions(conn: psycopg.Connection, max_sessions: int, learning: LearningSettings) -> SessionBatch:
+    """The most recent `max_sessions` sessions with their shown results and clicks, none recorded by
+    learning.exclude_sources, through the learning guards: what the fine-tune trains on and the gate
+    scores on."""
+    batch = SessionBatch.guarded(recent_sessions(conn, max_sessions, learning.exclude_sources), learning)
+    log.info("clicklog.read", sessions=len(batch.sessions), **{f"dropped_{k}": v for k, v in batch.dropped.items()})
+    return batch
 
 
 def is_heldout(query: str, seed: int, fraction: float) -> bool:

@@ -58,7 +58,8 @@ def search(request: schemas.SearchRequest, who: Caller = Depends(auth.searcher),
         with state.pool.connection() as conn:
             clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
                                        [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)],
-                                       clickstream.Provenance("served", who.key_name, client), swap)
+                                       clickstream.Provenance("served", who.key_name, client), swap,
+                                       filtered=bool(request.filter))  # a filter can show any item for any query
         metrics.count("es_ray_sessions", source="search")
     return schemas.SearchResponse(model=f"v{blue.model_version}", session_id=session_id,
                                   results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
