@@ -97,6 +97,25 @@ def test_test_queries_never_click_and_validation_queries_never_train(measured):
     assert set(data.heldout_queries.values()) <= {dataset.train[q] for q in harness.val}
 
 
+def test_the_harness_learns_through_the_configured_learning_guards(measured):
+    """Each simulated session is a person of its own, and what the harness learns from passed the guards
+    the stack applies (configs/stack.yaml `learning:`): no clicked pair with fewer clients than that."""
+    from es_ray.config import load_settings
+    from es_ray.demo.users import ClickModel, simulate_log
+    from es_ray.train.learning_guards import clicking_clients
+
+    dataset, harness, _, _ = measured
+    assert harness.guards == load_settings().learning
+    raw = simulate_log(dataset.train, harness.shown, dataset.train_qrels, ClickModel.load().with_noise(0.1), 13,
+                       harness.swap_share, harness.swap_max_rank)
+    assert len({s.learning_client for s in raw}) == len(raw)
+    lone = [pair for pair, clients in clicking_clients(raw).items() if len(clients) < harness.guards.min_clients]
+    assert lone                                                  # the raw log has pairs too few people clicked ...
+    learned = clicking_clients(harness.click_log(0.1, 13))
+    assert learned and min(len(c) for c in learned.values()) >= harness.guards.min_clients
+    assert not set(lone) & set(learned)                          # ... and the harness does not learn from them
+
+
 def test_vector_cache_is_keyed_by_content_not_modification_time(tmp_path):
     model_dir = tmp_path / "model"
     model_dir.mkdir()
