@@ -76,6 +76,11 @@ def environment(state_dir: Path) -> dict[str, str]:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Serve's HTTP proxy is uvicorn, which by default believes X-Forwarded-For from 127.0.0.1 and hands the
+    # replica that address as the peer: any local client could then name itself anyone (and vote as many
+    # clients). Trust no one there; es-ray reads the header itself, from clients.trusted_proxies only
+    # (serve/clients.py).
+    env["FORWARDED_ALLOW_IPS"] = ""
     return env
 
 

@@ -16,7 +16,7 @@ with their numbers in the `learning:` section of configs/stack.yaml:
 
 A client is the session's `learning_client` (its recorded client, else the session itself). The
 improvement loop stores evidence per client and store/evidence.py applies rules 2 and 3 in SQL when
-it reads it; `guarded_impressions` is the same reading over sessions in memory (the quality harness),
+it reads it; `evidence_counts` is the same reading over sessions in memory (the quality harness),
 and `teaching_sessions` is the fine-tune's (train/clicklog.py). Works on plain session lists.
 """
 
@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 from es_ray.config import LearningSettings
 from es_ray.store.clickstream import LoggedSession, normalise_query
-from es_ray.train.propensity import Impressions
 
 
 def unfiltered(sessions: Iterable[LoggedSession]) -> list[LoggedSession]:
@@ -115,8 +114,3 @@ def evidence_counts(sessions: Iterable[LoggedSession], guards: LearningSettings
             capped[(query, item, rank, kind)] += min(count, guards.max_votes_per_client)
     return sorted((q, i, r, capped[(q, i, r, "n")], capped[(q, i, r, "c")])
                   for q, i, r, kind in capped if kind == "n")
-
-
-def guarded_impressions(sessions: Iterable[LoggedSession], guards: LearningSettings) -> Impressions:
-    """`evidence_counts` as the click model reads them (what improve/loop.py's refresh_memories fits)."""
-    return Impressions.from_counts(evidence_counts(sessions, guards))
