@@ -16,7 +16,7 @@ from es_ray.inference import registry
 from es_ray.stack import ray_head
 from es_ray.stack.jobs import REPO_ROOT
 from es_ray.store import db, blue_green, tasks
-from tests.helpers import search
+from tests.helpers import person, search
 
 CLICKS = [0.81, 0.56, 0.46, 0.39, 0.29, 0.26, 0.24, 0.20, 0.20, 0.19]   # examination by rank
 SMALL = {"data": {"min_heldout_queries": 2, "heldout_fraction": 0.25, "min_train_examples": 5},
@@ -28,20 +28,23 @@ SMALL = {"data": {"min_heldout_queries": 2, "heldout_fraction": 0.25, "min_train
 
 @pytest.fixture(scope="module")
 def clicked_sessions(api, loaded_collection):
-    """Ten real search sessions per sample query, clicked by a position-biased user."""
+    """Ten real search sessions per sample query, clicked by position-biased users: ten people, each from
+    an address of its own (the fine-tune learns a pair once learning.min_clients distinct clients clicked it)."""
     _, queries, qrels = loaded_collection
     rng = random.Random(3)
     sessions = 0
-    for qid, text in queries.items():
-        relevant = {d for d, g in qrels[qid].items() if g > 0}
-        for _ in range(10):
-            body = search(api, text, limit=10)
-            clicked = [r["id"] for rank, r in enumerate(body["results"])
-                       if rng.random() < CLICKS[rank] * (0.9 if r["id"] in relevant else 0.1)]
-            if clicked:
-                events = [{"event_id": uuid.uuid4().hex, "item_id": i, "type": "click"} for i in clicked]
-                assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": events}).status_code == 200
-            sessions += 1
+    for n in range(10):
+        with person(str(api.base_url), 2 + n) as user:
+            for qid, text in queries.items():
+                relevant = {d for d, g in qrels[qid].items() if g > 0}
+                body = search(user, text, limit=10)
+                clicked = [r["id"] for rank, r in enumerate(body["results"])
+                           if rng.random() < CLICKS[rank] * (0.9 if r["id"] in relevant else 0.1)]
+                if clicked:
+                    events = [{"event_id": uuid.uuid4().hex, "item_id": i, "type": "click"} for i in clicked]
+                    assert user.post(f"/v1/sessions/{body['session_id']}/events",
+                                     json={"events": events}).status_code == 200
+                sessions += 1
     return sessions
 
 
