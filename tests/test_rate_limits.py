@@ -121,7 +121,8 @@ def limited_app():
 
 
 def test_over_the_limit_is_a_429_with_retry_after_and_the_limits_name(limited_app):
-    farm, other = TestClient(limited_app, client=("127.0.0.5", 5000)), TestClient(limited_app, client=("127.0.0.6", 5000))
+    farm = TestClient(limited_app, client=("127.0.0.5", 5000))
+    other = TestClient(limited_app, client=("127.0.0.6", 5000))
     assert [farm.post("/search").status_code for _ in range(3)] == [200, 200, 200]
     refused = farm.post("/search")
     assert refused.status_code == 429

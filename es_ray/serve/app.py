@@ -42,7 +42,8 @@ class SearchAPI:
     def __init__(self, namespace: str = "es-ray", settings_version: str = ""):
         # settings_version is unused here: a new value (new keys, limits) means new replicas (deployment.py).
         self.replica = Replica(namespace)
-        rate_limits.configure(self.replica.settings.serve.rate_limits)  # here: rate_limits needs replica.py
+        # Here, not in Replica: rate_limits imports replica.py (through clients.py), so replica.py cannot import it.
+        rate_limits.configure(self.replica.settings.serve.rate_limits)
 
 
 def search_api(args: dict[str, Any]) -> serve.Deployment:
