@@ -36,12 +36,15 @@ FINISHED = ("done", "failed", "cancelled")  # task statuses that do not change a
 
 
 class EsRayError(Exception):
-    """The server answered 4xx or 5xx: `status`, its one-line `detail` and the per-field `details` (422)."""
+    """The server answered 4xx or 5xx: `status`, its one-line `detail`, the per-field `details` (422) and
+    `retry_after`, the seconds its Retry-After header asks a client to wait (429 over a rate limit, 503),
+    else None."""
 
     def __init__(self, status: int, detail: str, details: list[dict[str, Any]] | None = None,
                  response: httpx.Response | None = None):
         super().__init__(f"HTTP {status}: {detail}")
         self.status, self.detail, self.details, self.response = status, detail, details or [], response
+        self.retry_after = _retry_after(response)
 
     @classmethod
     def of(cls, response: httpx.Response) -> "EsRayError":
@@ -54,6 +57,15 @@ class EsRayError(Exception):
         return cls(response.status_code, response.text[:500] or response.reason_phrase, [], response)
 
 
+def _retry_after(response: httpx.Response | None) -> float | None:
+    """Retry-After in seconds; es-ray sends whole seconds (the header's HTTP-date form is not read)."""
+    text = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
 def _body(request: BaseModel) -> dict[str, Any]:
     return request.model_dump(mode="json", exclude_none=True)  # unset options: the server's defaults
 
@@ -63,27 +75,33 @@ class EsRayClient:
     it as a context manager."""
 
     def __init__(self, url: str, api_key: str | None = None, user_token: str | None = None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, local_address: str | None = None):
+        """`local_address`: the source address of every connection (e.g. 127.0.0.7: Linux routes all of
+        127/8 to loopback), so that simulated people are distinct clients to the server's rate limits
+        and its learning (es_ray/serve/clients.py)."""
         self.url, self.api_key, self.user_token, self.timeout = url.rstrip("/"), api_key, user_token, timeout
+        self.local_address = local_address
         headers = {}
         if api_key:
             headers[API_KEY_HEADER] = api_key
         if user_token:
             headers[USER_TOKEN_HEADER] = user_token
         # The raw client, with these credentials, for callers that need the raw exchange.
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        transport = httpx.HTTPTransport(local_address=local_address) if local_address else None
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
 
     @classmethod
-    def for_stack(cls, manifest: StackManifest, timeout: float = 60.0, anonymous: bool = False) -> "EsRayClient":
+    def for_stack(cls, manifest: StackManifest, timeout: float = 60.0, anonymous: bool = False,
+                  local_address: str | None = None) -> "EsRayClient":
         """A client of a stack started here, with the API key `es-ray up` made in its state dir
         (es_ray/stack/credentials.py); `anonymous=True` leaves the key out (what anyone may do)."""
         key = None if anonymous else local_api_key(manifest.state_dir)
-        return cls(manifest.serve_url, api_key=key, timeout=timeout)
+        return cls(manifest.serve_url, api_key=key, timeout=timeout, local_address=local_address)
 
     def as_user(self, token: str | schemas.UserToken) -> "EsRayClient":
         """A new client acting as one user: that user's token and no API key."""
         token = token.token if isinstance(token, schemas.UserToken) else token
-        return EsRayClient(self.url, user_token=token, timeout=self.timeout)
+        return EsRayClient(self.url, user_token=token, timeout=self.timeout, local_address=self.local_address)
 
     def close(self) -> None:
         self.http.close()

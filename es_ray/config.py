@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from limits import parse as parse_limit
 from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -65,6 +66,23 @@ class FilterLimits(BaseModel):
         return self
 
 
+class RateLimitSettings(BaseModel):
+    """Requests one client (or one session) may send without an API key (es_ray/serve/rate_limits.py), in
+    the `limits` library's notation: "<count>/<second|minute|hour|day>" or "<count> per <n> <unit>"."""
+
+    search: str = "120/minute"          # POST /v1/search, per client
+    clickstream: str = "60/minute"      # click events and irrelevant marks, per client
+    session_writes: str = "20/minute"   # click events and irrelevant marks into one session
+    session_reads: str = "60/minute"    # GET /v1/sessions/{id}, per client
+
+    @field_validator("*")
+    @classmethod
+    def _check_notation(cls, value: str) -> str:
+        if parse_limit(value).amount < 1:  # parse's ValueError names a text it cannot read
+            raise ValueError(f"{value!r} allows no request at all")
+        return value
+
+
 class TritonSettings(BaseModel):
     url: str = ""
     http_port: int = 0
@@ -113,6 +131,7 @@ class ServeSettings(BaseModel):
     swap_max_rank: int = Field(10, ge=2)
     filter_limits: FilterLimits = FilterLimits()
     health_cache_s: float = Field(2.0, ge=0)
+    rate_limits: RateLimitSettings = RateLimitSettings()
 
 
 class UpsertSettings(BaseModel):

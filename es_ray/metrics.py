@@ -40,6 +40,8 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "es_ray_switches": ("counter", "Blue switches made (kind: switch or rollback)", ("kind",)),
     "es_ray_blue_model_version": ("gauge", "Model version of the blue (serving) collection", ()),
     "es_ray_auth_refusals": ("counter", "Requests refused for their credentials (status: 401 or 403)", ("status",)),
+    "es_ray_rate_limited": ("counter", "Requests refused with 429, by the serve.rate_limits entry they exceeded",
+                            ("limit",)),
 }
 
 

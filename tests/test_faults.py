@@ -13,6 +13,7 @@ import pytest
 
 from es_ray.bench.load import Load, kill_replica, kill_triton, refusals, restart_postgres, settle_clicks, wait_for
 from es_ray.client import EsRayClient
+from es_ray.stack.credentials import local_api_key
 
 pytestmark = pytest.mark.faults
 
@@ -50,7 +51,7 @@ def _quick_503s(outcomes, since: float, fast_s: float) -> list:
 
 
 def test_postgres_restart_under_load_answers_503_then_recovers(stack, settings, probe_items):
-    with Load(stack.serve_url, think_s=0.05) as load:
+    with Load(stack.serve_url, think_s=0.05, api_key=local_api_key(stack.state_dir)) as load:
         wait_for(lambda: len(load.acked) >= 3, 60, "clicks before the fault")
         fault = restart_postgres(load, settings.state_path)
     # A request waits at most postgres.pool_timeout_s for a connection, so a refusal is never slow.
@@ -59,7 +60,7 @@ def test_postgres_restart_under_load_answers_503_then_recovers(stack, settings, 
 
 
 def test_killed_triton_is_restarted_and_searches_fail_fast_meanwhile(stack, settings, probe_items):
-    with Load(stack.serve_url, think_s=0.05) as load:
+    with Load(stack.serve_url, think_s=0.05, api_key=local_api_key(stack.state_dir)) as load:
         wait_for(lambda: len(load.acked) >= 3, 60, "clicks before the fault")
         fault = kill_triton(load, settings.state_path)
     _quick_503s(load.searches, fault["fault_at"], fast_s=5)
@@ -67,7 +68,7 @@ def test_killed_triton_is_restarted_and_searches_fail_fast_meanwhile(stack, sett
 
 
 def test_killed_serve_replica_is_replaced_and_no_acknowledged_click_is_lost(stack, probe_items):
-    with Load(stack.serve_url, think_s=0.05) as load:
+    with Load(stack.serve_url, think_s=0.05, api_key=local_api_key(stack.state_dir)) as load:
         wait_for(lambda: len(load.acked) >= 5, 60, "clicks before the fault")
         fault = kill_replica(load, stack)
     # Requests the dead replica held fail (Ray Serve answers 500/503, or the connection drops); none

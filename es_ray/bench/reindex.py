@@ -72,9 +72,12 @@ def grow_blue(dsn: str, texts: list[str], dim: int, batch: int = 2000) -> None:
         collection.create_index(conn)
 
 
-def search_latency(url: str, stop: threading.Event | None = None, n: int = 100, think_s: float = 0.2):
+def search_latency(manifest: StackManifest, stop: threading.Event | None = None, n: int = 100,
+                   think_s: float = 0.2):
+    """Search latency, one search per `think_s`, with the API key: a probe of the service that runs for the
+    whole reindex, at a pace the per-client rate limit would refuse an anonymous client."""
     samples, failures = [], 0
-    with EsRayClient(url, timeout=60) as client:
+    with EsRayClient.for_stack(manifest, timeout=60) as client:
         k = 0
         while (stop is None and k < n) or (stop is not None and not stop.is_set()):
             request = client.search_request(PROBES[k % len(PROBES)], limit=10, session=False)
@@ -128,12 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for size in sizes:
         grow_blue(manifest.postgres_dsn, texts[:size], v1.dim)
-        idle, idle_failures = search_latency(manifest.serve_url)
+        idle, idle_failures = search_latency(manifest)
         version = register_variant(settings, seed=1000 + size)
         stop = threading.Event()
         during: dict = {}
         client = threading.Thread(target=lambda: during.update(
-            zip(("samples", "failures"), search_latency(manifest.serve_url, stop))))
+            zip(("samples", "failures"), search_latency(manifest, stop))))
         client.start()
         result = reindex(manifest, version, args.hnsw)
         stop.set()

@@ -28,6 +28,7 @@ from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.stack import jobs
+from es_ray.stack.manifest import StackManifest
 from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection
 
@@ -53,13 +54,15 @@ def load_if_needed(settings, manifest, data: Path, docs: int) -> int:
         return Collection(blue.collection, blue.dim).count(conn)
 
 
-def http_level(url: str, queries: list[str], clients: int, per_client: int) -> dict:
+def http_level(manifest: StackManifest, queries: list[str], clients: int, per_client: int) -> dict:
+    """`clients` threads sending `per_client` searches each, back to back, with the API key: this measures
+    the service's capacity, and a client this fast is what the per-client rate limits refuse."""
     latencies: list[float] = []
     failures = [0]
     lock = threading.Lock()
 
     def worker(offset: int) -> None:
-        with EsRayClient(url, timeout=60) as client:
+        with EsRayClient.for_stack(manifest, timeout=60) as client:
             mine = []
             for k in range(per_client):
                 request = client.search_request(queries[(offset * per_client + k) % len(queries)], limit=10)
@@ -118,10 +121,10 @@ def main(argv: list[str] | None = None) -> None:
             pg_s.append(time.perf_counter() - started)
     parts = {"embed": percentiles(embed_s)["p50_ms"], "pgvector": percentiles(pg_s)["p50_ms"]}
 
-    http_level(manifest.serve_url, queries, 1, 20)  # warm-up
+    http_level(manifest, queries, 1, 20)  # warm-up
     levels = []
     for clients in (1, 8):
-        level = http_level(manifest.serve_url, queries, clients, max(args.requests // clients, 25))
+        level = http_level(manifest, queries, clients, max(args.requests // clients, 25))
         level["ratio"] = round(level["p50_ms"] / (parts["embed"] + parts["pgvector"]), 2)
         levels.append(level)
     one = levels[0]

@@ -26,6 +26,7 @@ from es_ray.console import Bar, Display, parse_progress
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.demo import report
+from es_ray.demo.addresses import MEASUREMENT, person_address
 from es_ray.demo.config import DemoConfig, Sample
 from es_ray.demo.cycle_job import CycleJobFailed, submit_cycle_job
 from es_ray.demo.traffic import SearchTraffic
@@ -116,17 +117,19 @@ def load(settings: Settings, manifest, data: Path, items: list[dict[str, Any]], 
 
 def search_run(url: str, queries: dict[str, str], label: str, limit: int = 100,
                clients: int = 2, display: Display | None = None) -> tuple[dict, set[str]]:
-    """Top `limit` of every query through the HTTP API (not recorded as sessions); also the models that answered."""
+    """Top `limit` of every query through the HTTP API (not recorded as sessions); also the models that answered.
+    Each query from its own loopback address (demo/addresses.py), not with the API key: the measure is
+    what an anonymous person is shown, and hundreds of queries from one address would be rate limited."""
     def one(item):
-        qid, text = item
-        with EsRayClient(url, timeout=120) as client:
+        n, (qid, text) = item
+        with EsRayClient(url, timeout=120, local_address=person_address(MEASUREMENT, n)) as client:
             body = client.search(text, limit=limit, session=False)
             return qid, {r.id: r.score for r in body.results}, body.model
 
     answers = []
     bar = display.bar(f"search {label}", total=len(queries), unit="queries") if display else None
     with ThreadPoolExecutor(clients) as pool, bar or contextlib.nullcontext():
-        for answer in pool.map(one, queries.items()):
+        for answer in pool.map(one, enumerate(queries.items())):
             answers.append(answer)
             if bar:
                 bar.advance()

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from es_ray.client import EsRayClient, EsRayError
+from es_ray.demo.addresses import TRAFFIC, person_address
 
 
 @dataclass
@@ -26,7 +27,9 @@ class TrafficReport:
 
 
 class SearchTraffic:
-    """`clients` threads searching `queries` in turn (think time between requests) until stopped."""
+    """`clients` threads searching `queries` in turn (think time between requests) until stopped. Each
+    search is a different anonymous person from its own loopback address (demo/addresses.py): one
+    thread's pace is a crowd's, and from one address it would run into the per-client rate limit."""
 
     def __init__(self, url: str, queries: list[str], clients: int, think_s: float):
         self.url, self.queries, self.clients, self.think_s = url, queries, clients, think_s
@@ -47,22 +50,22 @@ class SearchTraffic:
             thread.join(timeout=120)
 
     def _client(self, n: int) -> None:
-        with EsRayClient(self.url, timeout=60) as client:
-            k = n
-            while not self._stop.is_set():
-                query = self.queries[k % len(self.queries)]
-                k += self.clients
-                try:
+        k = n
+        while not self._stop.is_set():
+            query = self.queries[k % len(self.queries)]
+            try:
+                with EsRayClient(self.url, timeout=60, local_address=person_address(TRAFFIC, k)) as client:
                     ok, outcome = True, client.search(query, limit=10, session=False).model
-                except EsRayError as err:
-                    ok, outcome = False, f"HTTP {err.status}"
-                except httpx.HTTPError as err:
-                    ok, outcome = False, type(err).__name__
-                with self._lock:
-                    self.report.requests += 1
-                    if ok:
-                        self.report.models[outcome] += 1
-                    else:
-                        self.report.failed += 1
-                        self.report.errors[outcome] += 1
-                time.sleep(self.think_s)
+            except EsRayError as err:
+                ok, outcome = False, f"HTTP {err.status}"
+            except httpx.HTTPError as err:
+                ok, outcome = False, type(err).__name__
+            k += self.clients
+            with self._lock:
+                self.report.requests += 1
+                if ok:
+                    self.report.models[outcome] += 1
+                else:
+                    self.report.failed += 1
+                    self.report.errors[outcome] += 1
+            time.sleep(self.think_s)

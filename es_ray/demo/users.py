@@ -12,6 +12,7 @@ import yaml
 
 from es_ray.client import EsRayClient
 from es_ray.config import CONFIG_DIR
+from es_ray.demo.addresses import USERS, person_address
 from es_ray.serve.exploration import choose_swap, swapped
 from es_ray.store.clickstream import LoggedSession
 
@@ -53,19 +54,20 @@ def simulate_session(client: EsRayClient, model: ClickModel, query: str, relevan
 
 def simulate_sessions(url: str, queries: dict[str, str], qrels: dict[str, dict[str, int]], model: ClickModel,
                       clients: int = 3) -> tuple[int, int]:
-    """`sessions_per_query` searches with clicks for every query, from concurrent simulated users;
-    returns (sessions, clicks)."""
+    """`sessions_per_query` searches with clicks for every query, from concurrent simulated users, each
+    session a different person from its own loopback address (demo/addresses.py); returns (sessions, clicks)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
     rng = random.Random(model.seed)
-    plan = [(q, rng.random()) for q in queries for _ in range(model.sessions_per_query)]
+    plan = [(n, q, rng.random()) for n, q in enumerate(q for q in queries for _ in range(model.sessions_per_query))]
     relevant = {q: {d for d, g in qrels[q].items() if g > 0} for q in queries}
 
     def one(task):
-        qid, seed = task
-        with EsRayClient(url, timeout=120) as client:  # anonymous users, one connection per session
+        n, qid, seed = task
+        # Anonymous people, one connection each: as many distinct clients to the server as sessions.
+        with EsRayClient(url, timeout=120, local_address=person_address(USERS, n)) as client:
             return simulate_session(client, model, queries[qid], relevant[qid], random.Random(seed))
 
     with ThreadPoolExecutor(clients) as pool:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from es_ray.serve import deployment, errors, schemas
+from es_ray.serve import deployment, errors, rate_limits, schemas
 from es_ray.serve.limits import BodySizeLimit
 from es_ray.serve.replica import Replica
 from es_ray.serve.routes import health, improvement, items, lifecycle, search, sessions, tasks, users, web_page
@@ -42,6 +42,8 @@ class SearchAPI:
     def __init__(self, namespace: str = "es-ray", settings_version: str = ""):
         # settings_version is unused here: a new value (new keys, limits) means new replicas (deployment.py).
         self.replica = Replica(namespace)
+        # Here, not in Replica: rate_limits imports replica.py (through clients.py), so replica.py cannot import it.
+        rate_limits.configure(self.replica.settings.serve.rate_limits)
 
 
 def search_api(args: dict[str, Any]) -> serve.Deployment:

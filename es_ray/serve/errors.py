@@ -1,7 +1,8 @@
 """The API's errors: every one is answered as JSON {"error": message, "details": [...]} with its status.
 
 Domain errors raised by the store or by the lifecycle driver map to 4xx here (CLIENT_ERRORS), a missing
-dependency (Triton, Postgres, no blue model yet) to 503 with Retry-After, and FastAPI's own validation
+dependency (Triton, Postgres, no blue model yet) to 503 with Retry-After, a request over a rate limit
+(rate_limits.py) to 429 with Retry-After, and FastAPI's own validation
 and HTTP errors are rewritten into the same body.
 
 A search Postgres cancelled at its statement timeout is a 503 with Retry-After, not a 422: the filter's
@@ -29,6 +30,14 @@ from es_ray.store.search import SearchTimeout
 
 class ServiceUnavailable(Exception):
     """A dependency is not there (yet): 503, and the client may retry."""
+
+
+class RateLimited(Exception):
+    """Over the serve.rate_limits entry `name` (rate_limits.py): 429, retry after `retry_after_s`."""
+
+    def __init__(self, message: str, name: str, retry_after_s: int):
+        super().__init__(message)
+        self.name, self.retry_after_s = name, retry_after_s
 
 
 # Domain errors -> HTTP status, each answered as {"error": message, "details": []}.
@@ -103,6 +112,11 @@ async def _lifecycle_moved(request: Request, exc: LifecycleMoved) -> JSONRespons
     return JSONResponse(status_code=503, content={"error": str(exc), "details": []}, headers={"Retry-After": "1"})
 
 
+async def _rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+    return JSONResponse(status_code=429, content={"error": str(exc), "details": []},
+                        headers={"Retry-After": str(exc.retry_after_s)})
+
+
 async def _database_down(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(status_code=503, content={"error": f"database unavailable: {exc}"}, headers={"Retry-After": "1"})
 
@@ -120,6 +134,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ServiceUnavailable, _unavailable)
     app.add_exception_handler(SearchTimeout, _search_timeout)
     app.add_exception_handler(LifecycleMoved, _lifecycle_moved)
+    app.add_exception_handler(RateLimited, _rate_limited)
     for error, status in CLIENT_ERRORS.items():
         app.add_exception_handler(error, _client_error(status))
     app.add_exception_handler(db.OperationalError, _database_down)

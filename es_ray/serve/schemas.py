@@ -34,7 +34,8 @@ class ErrorOut(BaseModel):
 ERROR_RESPONSES = {status: {"model": ErrorOut, "description": description} for status, description in {
     400: "The body could not be read", 401: "No valid API key or user token", 403: "Another user's data, or a session this es-ray did not serve",
     404: "Unknown id or path", 409: "Conflicts with stored data or running work", 413: "Request body too large",
-    422: "Invalid request: details name each field", 503: "A dependency is unavailable: retry after Retry-After",
+    422: "Invalid request: details name each field", 429: "Over a rate limit (no API key): retry after Retry-After",
+    503: "A dependency is unavailable: retry after Retry-After",
 }.items()}
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends
 from es_ray import metrics
 from es_ray.inference.triton_client import TritonUnavailable
 from es_ray.inference.triton_repo import QUERY_ENCODER
-from es_ray.serve import auth, clients, exploration, schemas
+from es_ray.serve import auth, clients, exploration, rate_limits, schemas
 from es_ray.serve.auth import Caller
 from es_ray.serve.errors import ServiceUnavailable
 from es_ray.serve.replica import Replica, replica
@@ -21,6 +21,7 @@ router = APIRouter()
 
 
 @router.post("/v1/search", response_model=schemas.SearchResponse, summary="Semantic search over the blue collection",
+             dependencies=[Depends(rate_limits.search)],
              description="Results come best first, except that a first page recorded as an anonymous session has "
                          "one adjacent pair among its top results exchanged in a small share of searches "
                          "(serve.swap_share): these randomised swaps let es-ray learn how much attention each "

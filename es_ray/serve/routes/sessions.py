@@ -14,13 +14,15 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from es_ray import metrics
-from es_ray.serve import auth, clients, schemas
+from es_ray.serve import auth, clients, rate_limits, schemas
 from es_ray.serve.auth import Caller
 from es_ray.serve.errors import path_id
 from es_ray.serve.replica import Replica, replica
 from es_ray.store import clickstream
 
 router = APIRouter()
+# Per client first: a client over its own limit is refused before it takes a slot of the session's.
+CLICKSTREAM_LIMITS = [Depends(rate_limits.clickstream), Depends(rate_limits.session_writes)]
 
 
 @router.post("/v1/sessions", response_model=schemas.SessionCreated,
@@ -42,6 +44,7 @@ def create_session(request: schemas.SessionRequest, who: Caller = Depends(auth.i
 
 
 @router.get("/v1/sessions/{session_id}", response_model=schemas.SessionOut,
+            dependencies=[Depends(rate_limits.session_reads)],
             summary="A session with its events (its user's token or an API key)")
 def read_session(session_id: str, who: Caller = Depends(auth.someone),
                  state: Replica = Depends(replica)) -> schemas.SessionOut:
@@ -54,6 +57,7 @@ def read_session(session_id: str, who: Caller = Depends(auth.someone),
 
 
 @router.post("/v1/sessions/{session_id}/events", response_model=schemas.EventsResponse,
+             dependencies=CLICKSTREAM_LIMITS,
              summary="Record clicks on shown results; idempotent by event_id within the session, all or nothing")
 def add_events(session_id: str, request: schemas.EventsRequest, who: Caller = Depends(auth.clickstream_writer),
                state: Replica = Depends(replica)) -> schemas.EventsResponse:
@@ -66,7 +70,8 @@ def add_events(session_id: str, request: schemas.EventsRequest, who: Caller = De
     return schemas.EventsResponse(accepted=accepted, duplicates=duplicates)
 
 
-@router.post("/v1/sessions/{session_id}/irrelevant", summary="Mark the whole result list as irrelevant")
+@router.post("/v1/sessions/{session_id}/irrelevant", summary="Mark the whole result list as irrelevant",
+             dependencies=CLICKSTREAM_LIMITS)
 def mark_irrelevant(session_id: str, who: Caller = Depends(auth.clickstream_writer),
                     state: Replica = Depends(replica)) -> dict[str, Any]:
     with state.pool.connection() as conn:
