@@ -214,8 +214,12 @@ def test_retention_by_age_and_count_prunes_only_what_was_learned_or_is_excluded(
     assert left() == {old_waiting, *new_learned, new_waiting}      # waiting for the loop: kept, however old
 
     # By count: the oldest learned sessions go until max_sessions are left; waiting ones never.
+    bounded = retention.prune(conn, RetentionSettings(max_age_days=None, max_sessions=4, delete_batch=1,
+                                                      max_batches=1))
+    assert (bounded.by_count, bounded.finished) == (1, False)
+    assert new_learned[0] not in left()
     by_count = retention.prune(conn, RetentionSettings(max_age_days=None, max_sessions=4), ["unverified"])
-    assert (by_count.by_age, by_count.by_count, by_count.finished) == (0, 2, True)
+    assert (by_count.by_age, by_count.by_count, by_count.finished) == (0, 1, True)
     assert left() == {old_waiting, new_learned[2], new_learned[3], new_waiting}
     assert retention.prune(conn, RetentionSettings(max_age_days=None, max_sessions=0)).by_count == 2
     assert left() == {old_waiting, new_waiting}

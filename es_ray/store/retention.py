@@ -53,10 +53,8 @@ def prune(conn: psycopg.Connection, policy: RetentionSettings, exclude_sources: 
         else:
             pruned.finished = not _any_left(conn, _PRUNABLE_BY_AGE, params)
     if policy.max_sessions is not None and pruned.finished:
-        while True:
-            excess = conn.execute("SELECT count(*) FROM sessions").fetchone()[0] - policy.max_sessions
-            if excess <= 0:
-                break
+        excess = conn.execute("SELECT count(*) FROM sessions").fetchone()[0] - policy.max_sessions
+        while excess > 0:
             if budget == 0:
                 pruned.finished = not _any_left(conn, "improved_at IS NOT NULL", {})
                 break
@@ -64,6 +62,7 @@ def prune(conn: psycopg.Connection, policy: RetentionSettings, exclude_sources: 
             wanted = min(excess, policy.delete_batch)
             deleted = _delete_batch(conn, "improved_at IS NOT NULL", {}, wanted)
             pruned.by_count += deleted
+            excess -= deleted   # counted once per call: new sessions meanwhile wait for the next call
             if deleted < wanted:
                 break   # the rest is waiting for the improvement loop (or locked by a pass)
     return pruned
