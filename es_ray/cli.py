@@ -1,4 +1,4 @@
-"""The `es-ray` command: up, status, down, key, demo, cycle.
+"""The `es-ray` command: up, status, down, key, demo, cycle, prune.
 
 Each command imports what it runs inside its function: `es-ray --help` and `es-ray key` stay quick, and
 nothing imports Ray before the command has set the stack's environment (Ray's token mode is read when
@@ -183,6 +183,39 @@ def cycle(state_dir: Optional[Path] = StateDir,
         display.note(f"[bold]switched v{result['from_version']} -> v{result['version']}[/bold]"
                      if result.get("switched") else
                      f"[bold]v{result['version']} stopped at the {result.get('stopped_at', '?')}[/bold]")
+
+
+@app.command()
+def prune(state_dir: Optional[Path] = StateDir,
+          rounds: int = typer.Option(0, min=0, help="Stop after this many bounded rounds (retention.max_batches "
+                                                     "DELETEs each); 0: until nothing is left to prune"),
+          verbose: bool = Verbose) -> None:
+    """Prune old sessions now, as the lifecycle driver does every retention.interval_s (configs/stack.yaml:
+    retention). Only sessions already learned from (or of an excluded source, past the age) are pruned."""
+    from es_ray.stack.manifest import StackManifest
+    from es_ray.store import db, retention
+
+    settings = load_settings(state_dir)
+    manifest = StackManifest.load(settings.state_path)
+    dsn = settings.postgres.dsn or (manifest.postgres_dsn if manifest else "")
+    if not dsn:
+        typer.echo(f"no database: postgres.dsn is empty and {settings.state_path} has no stack (es-ray up)", err=True)
+        raise typer.Exit(1)
+    with _terminal(settings, "prune", verbose) as display:
+        display.step("pruning")
+        totals = {"by_age": 0, "by_count": 0}
+        done = 0
+        with db.connect(dsn) as conn:
+            while True:
+                pruned = retention.prune(conn, settings.retention, settings.learning.exclude_sources)
+                totals["by_age"] += pruned.by_age
+                totals["by_count"] += pruned.by_count
+                done += 1
+                if pruned.finished or done == rounds:
+                    break
+        display.note(f"pruned {totals['by_age']} session(s) by age (retention.max_age_days) and "
+                     f"{totals['by_count']} by count (retention.max_sessions)"
+                     + ("" if pruned.finished else "; more remain (run again)"))
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ class ServeSettings(BaseModel):
     filter_limits: FilterLimits = FilterLimits()
     health_cache_s: float = Field(2.0, ge=0)
     rate_limits: RateLimitSettings = RateLimitSettings()
+    max_results_per_session: int = Field(100, ge=1)
 
 
 class UpsertSettings(BaseModel):
@@ -161,9 +162,22 @@ class ImproveSettings(BaseModel):
     enabled: bool = True
     interval_s: float = 10.0
     settle_s: float = 5.0
-    batch_sessions: int = 256
+    batch_sessions: int = Field(256, ge=1)
+    max_pass_results: int = Field(25_600, ge=1)
     adjuster: AdjusterSettings = AdjusterSettings()
     memory: MemorySettings = MemorySettings()
+
+
+class RetentionSettings(BaseModel):
+    """How long sessions are kept (es_ray/store/retention.py). Only sessions whose lessons are kept
+    elsewhere are pruned: consumed by the improvement loop (their counts are in the click or user
+    evidence), or of an excluded source and past the age."""
+
+    interval_s: float = Field(3600.0, gt=0)
+    max_age_days: float | None = Field(90.0, gt=0)
+    max_sessions: int | None = Field(1_000_000, ge=0)
+    delete_batch: int = Field(1000, ge=1)
+    max_batches: int = Field(100, ge=1)
 
 
 class TasksSettings(BaseModel):
@@ -276,6 +290,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     upsert: UpsertSettings = UpsertSettings()
     improve: ImproveSettings = ImproveSettings()
+    retention: RetentionSettings = RetentionSettings()
     tasks: TasksSettings = TasksSettings()
     reindex: ReindexSettings = ReindexSettings()
     retries: RetrySettings = RetrySettings()

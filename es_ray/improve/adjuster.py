@@ -45,6 +45,9 @@ class Examples:
     chunk: np.ndarray          # (n_examples,) index into the vectors being adjusted
     kind: np.ndarray           # (n_examples,) CLICKED / SKIPPED / IRRELEVANT
     best_click: np.ndarray     # (n_examples,) for SKIPPED: index of the example of the session's top click, else -1
+    # (n_examples,) how many sessions each example stands for (None: one each). A replay from counted
+    # evidence (store/user_evidence.py) weighs an example by its count: the same loss as repeating it.
+    weight: np.ndarray | None = None
 
 
 class VectorAdjuster:
@@ -60,17 +63,18 @@ class VectorAdjuster:
         chunk = torch.as_tensor(ex.chunk, dtype=torch.long)
         kind = torch.as_tensor(ex.kind, dtype=torch.long)
         cos = F.cosine_similarity(q, vectors[chunk], dim=1)
+        weight = torch.ones_like(cos) if ex.weight is None else torch.as_tensor(ex.weight, dtype=vectors.dtype)
         loss = vectors.new_zeros(())
         clicked = kind == CLICKED
         if clicked.any():
-            loss = loss + c.pull * (1 - cos[clicked]).sum()
+            loss = loss + c.pull * (weight[clicked] * (1 - cos[clicked])).sum()
         skipped = kind == SKIPPED
         if skipped.any():
             best = torch.as_tensor(ex.best_click, dtype=torch.long)[skipped]
-            loss = loss + c.push * F.relu(cos[skipped] - cos[best] + c.margin).sum()
+            loss = loss + c.push * (weight[skipped] * F.relu(cos[skipped] - cos[best] + c.margin)).sum()
         irrelevant = kind == IRRELEVANT
         if irrelevant.any():
-            loss = loss + c.irrelevant * F.relu(cos[irrelevant] - c.irrelevant_floor).sum()
+            loss = loss + c.irrelevant * (weight[irrelevant] * F.relu(cos[irrelevant] - c.irrelevant_floor)).sum()
         return loss + c.anchor * ((vectors - anchors) ** 2).sum()
 
     def adjust(self, vectors: np.ndarray, anchors: np.ndarray, examples: Examples) -> np.ndarray:

@@ -12,8 +12,11 @@ One pass (`improve_once`) runs in one transaction:
    nobody clicked. The evidence is read through the learning guards (train/learning_guards.py): a pair
    teaches once several distinct clients clicked it, each client's votes capped,
 4. a user's sessions, filtered or not: adjust that user's own copies of the vectors (adjuster.py;
-   anchored at the global ones), so one user's clicks never change what others see,
-5. mark the sessions improved.
+   anchored at the global ones), so one user's clicks never change what others see, and count their
+   labels in the user evidence (store/user_evidence.py), from which a reindex re-derives them,
+5. mark the sessions improved (retention, store/retention.py, may prune them from then on).
+A pass takes at most `batch_sessions` sessions and `max_pass_results` shown results, so its memory is
+bounded however long the backlog and however many results a session showed.
 A crash anywhere rolls the whole pass back, so a session is applied once or not at all, across restarts.
 """
 
@@ -32,7 +35,7 @@ from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, Examples, Vect
 from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
 from es_ray.logs import get_logger
 from es_ray.periodic import Periodic
-from es_ray.store import clickstream, evidence, locks
+from es_ray.store import clickstream, evidence, locks, user_evidence
 from es_ray.store.clickstream import LoggedSession
 from es_ray.store.collections import Collection
 from es_ray.train.config import load_finetune_config
@@ -51,6 +54,19 @@ def labelled(session: LoggedSession) -> list[tuple[str, int]]:
     if session.irrelevant:
         return [(item, IRRELEVANT) for _, item in session.shown]
     return []
+
+
+KIND_NAMES = {CLICKED: "clicked", SKIPPED: "skipped", IRRELEVANT: "irrelevant"}
+KINDS = {name: kind for kind, name in KIND_NAMES.items()}
+
+
+def taught(session: LoggedSession) -> user_evidence.TaughtSession:
+    """A user's session as the user evidence counts it: its labels, each skip tied to the session's top
+    click (the pairwise term's partner in `adjustment_examples`)."""
+    labels = labelled(session)
+    top_click = next((item for item, kind in labels if kind == CLICKED), "")
+    return user_evidence.TaughtSession(session.user_id, session.source, session.query, [
+        user_evidence.Lesson(item, KIND_NAMES[kind], top_click if kind == SKIPPED else "") for item, kind in labels])
 
 
 def adjustment_examples(sessions: list[LoggedSession], query_vectors: dict[str, np.ndarray],
@@ -103,13 +119,15 @@ def improvement_lock(collection: Collection) -> str:
 
 
 def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning,
-                 batch_sessions: int = 256, settle_s: float = 5.0) -> dict[str, Any]:
+                 batch_sessions: int = 256, settle_s: float = 5.0, max_pass_results: int | None = None
+                 ) -> dict[str, Any]:
     """One pass; returns counts. `embed_queries(texts) -> (n, dim)` is the blue query encoder."""
     started = time.monotonic()
     with conn.transaction():
         if not locks.try_transaction_lock(conn, improvement_lock(collection)):
             return {"sessions": 0, "busy": True}
-        sessions = clickstream.claim_unimproved(conn, batch_sessions, settle_s, learning.exclude_sources)
+        sessions = clickstream.claim_unimproved(conn, batch_sessions, settle_s, learning.exclude_sources,
+                                                max_results=max_pass_results)
         if not sessions:
             return {"sessions": 0}
         anonymous = [s for s in sessions if s.user_id is None]
@@ -118,8 +136,9 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
         evidence.record(conn, teaching, live)
         shown = sorted(live)
         remembered_items = refresh_memories(conn, collection, shown, embed_queries, learning)
-        personal = apply_user_sessions(conn, collection, [s for s in sessions if s.user_id is not None],
-                                       embed_queries, learning.adjuster)
+        users_sessions = [s for s in sessions if s.user_id is not None]
+        personal = apply_user_sessions(conn, collection, users_sessions, embed_queries, learning.adjuster)
+        user_evidence.record(conn, [taught(s) for s in users_sessions])
         clickstream.mark_improved(conn, [s.session_id for s in sessions])
     result = {"sessions": len(sessions), "anonymous": len(anonymous),
               "anonymous_filtered": len(anonymous) - len(teaching), "items_remembered": remembered_items,
@@ -189,11 +208,73 @@ def apply_user_sessions(conn: psycopg.Connection, collection: Collection, sessio
     return adjusted
 
 
+def evidence_examples(groups: list[user_evidence.UserQuery], query_vectors: dict[str, np.ndarray],
+                      chunks: dict[str, list[tuple[int, np.ndarray]]]):
+    """`adjustment_examples` from counted evidence: one example per counted label, weighted by its
+    sessions, on the chunk of each item that best matches the query. A skip whose top click has been
+    deleted since teaches nothing (it has nothing to rank below)."""
+    keys: list[tuple[str, int]] = []
+    index: dict[tuple[str, int], int] = {}
+    queries, chunk_idx, kinds, best, weights = [], [], [], [], []
+
+    def example(q: np.ndarray, item: str, kind: int, best_click: int, weight: int) -> int:
+        part_no, _ = max(chunks[item], key=lambda pv: float(pv[1] @ q))
+        if (item, part_no) not in index:
+            index[(item, part_no)] = len(keys)
+            keys.append((item, part_no))
+        queries.append(q), chunk_idx.append(index[(item, part_no)]), kinds.append(kind), best.append(best_click)
+        weights.append(weight)
+        return len(kinds) - 1
+
+    for group in groups:
+        q = query_vectors[group.query]
+        lessons = sorted(group.lessons.items(), key=lambda ln: (KINDS[ln[0].kind], ln[0].object_id, ln[0].above))
+        clicks = {}
+        for lesson, count in lessons:
+            if lesson.object_id not in chunks:
+                continue  # deleted since
+            if lesson.kind == "clicked":
+                clicks[lesson.object_id] = example(q, lesson.object_id, CLICKED, -1, count)
+            elif lesson.kind == "irrelevant":
+                example(q, lesson.object_id, IRRELEVANT, -1, count)
+            elif lesson.above in clicks:   # clicks sort before skips
+                example(q, lesson.object_id, SKIPPED, clicks[lesson.above], count)
+    vectors = np.stack([dict(chunks[o])[p] for o, p in keys]) if keys else np.zeros((0, 0), np.float32)
+    examples = Examples(np.asarray(queries, dtype=np.float32), np.asarray(chunk_idx), np.asarray(kinds),
+                        np.asarray(best), np.asarray(weights, dtype=np.float32))
+    return keys, vectors, examples
+
+
+def apply_user_evidence(conn: psycopg.Connection, collection: Collection, groups: list[user_evidence.UserQuery],
+                        embed_queries, adjuster: VectorAdjuster) -> int:
+    """Adjusts each user's own copies of the vectors from their counted evidence (a page of it); returns
+    how many vectors."""
+    texts = sorted({g.query for g in groups})
+    query_vectors = dict(zip(texts, embed_queries(texts))) if texts else {}
+    by_user: dict[str, list[user_evidence.UserQuery]] = defaultdict(list)
+    for group in groups:
+        by_user[group.user_id].append(group)
+    adjusted = 0
+    for user_id, user_groups in by_user.items():
+        items = sorted({ln.object_id for g in user_groups for ln in g.lessons})
+        seen = collection.chunk_vectors(conn, items, user_id)
+        keys, current, examples = evidence_examples(user_groups, query_vectors, seen)
+        if not keys:
+            continue
+        anchors = collection.chunk_vectors(conn, items, None)
+        anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
+        new = adjuster.adjust(current, anchor, examples)
+        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)])
+        adjusted += len(keys)
+    return adjusted
+
+
 def rederive(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning, batch: int,
              progress=lambda _: None) -> dict[str, int]:
     """Everything learned from clicks, derived again on a new model's collection with its own query
-    vectors (vectors of two models never mix): click memories from the evidence, then the users'
-    sessions replayed."""
+    vectors (vectors of two models never mix): click memories from the click evidence, then the users'
+    adjustments from the user evidence, `batch` (user, query) groups at a time. Neither reads the
+    sessions, so pruning them (store/retention.py) changes nothing here."""
     totals = {"items_remembered": 0, "user_sessions": 0, "vectors_personal": 0}
     after = None
     while items := evidence.clicked_items(conn, after, batch):
@@ -203,13 +284,13 @@ def rederive(conn: psycopg.Connection, collection: Collection, embed_queries, le
         progress({"stage": "re-deriving click memories", **totals})
     cursor = None
     while True:
-        sessions, cursor = clickstream.improved_user_sessions(conn, cursor, batch, learning.exclude_sources)
-        if not sessions:
+        groups, cursor = user_evidence.page(conn, cursor, batch, learning.exclude_sources)
+        if not groups:
             return totals
         with conn.transaction():
-            totals["vectors_personal"] += apply_user_sessions(conn, collection, sessions, embed_queries,
+            totals["vectors_personal"] += apply_user_evidence(conn, collection, groups, embed_queries,
                                                               learning.adjuster)
-        totals["user_sessions"] += len(sessions)
+        totals["user_sessions"] += sum(g.sessions for g in groups)
         progress({"stage": "re-deriving users' adjustments", **totals})
 
 

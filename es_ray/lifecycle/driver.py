@@ -26,7 +26,7 @@ from es_ray.logs import get_logger
 from es_ray.periodic import Periodic
 from es_ray.stack.manifest import StackManifest
 from es_ray.stack import credentials, jobs, triton
-from es_ray.store import db, blue_green, locks, reindex_ranges, tasks
+from es_ray.store import db, blue_green, locks, reindex_ranges, retention, tasks
 from es_ray.store.collections import Collection, collection_name
 
 log = get_logger(__name__)
@@ -52,6 +52,7 @@ class LifecycleDriver:
         self._housekeeper = Periodic(self._housekeeping, self.settings.tasks.check_interval_s, "housekeeper")
         self._triton_keeper = Periodic(self._reconcile_triton, self.settings.triton.reconcile_interval_s,
                                              "triton-keeper")
+        self._retention = Periodic(self.prune_sessions, self.settings.retention.interval_s, "retention")
 
     def _reconcile_triton(self) -> None:
         """A restarted Triton (explicit model control) comes back empty: load the live versions again (blue,
@@ -134,7 +135,8 @@ class LifecycleDriver:
             encoder = self._query_encoder(blue)
             result = improve_once(conn, Collection(blue.collection, blue.dim), encoder.embed_queries,
                                   learning_from(self.settings), self.settings.improve.batch_sessions,
-                                  self.settings.improve.settle_s if settle_s is None else settle_s)
+                                  self.settings.improve.settle_s if settle_s is None else settle_s,
+                                  self.settings.improve.max_pass_results)
         if result.get("sessions"):
             metrics.count("es_ray_improvement_steps")
             metrics.count("es_ray_improvement_sessions", result["sessions"])
@@ -155,6 +157,14 @@ class LifecycleDriver:
             totals["passes"] += 1
             for key in ("sessions", "items_remembered", "vectors_personal"):
                 totals[key] += result.get(key, 0)
+
+    def prune_sessions(self) -> dict[str, Any]:
+        """One bounded round of retention (store/retention.py); the next interval goes on with the rest."""
+        with self._conn() as conn:
+            pruned = retention.prune(conn, self.settings.retention, self.settings.learning.exclude_sources)
+        if pruned.by_age or pruned.by_count:
+            log.info("retention.pruned", **pruned.as_dict())
+        return pruned.as_dict()
 
     def _query_encoder(self, blue):
         key = blue.model_version

@@ -211,7 +211,8 @@ class SessionRequest(Strict):
     session_id: str | None = Field(None, description="Your id for the session; generated when missing.")
     user_id: str | None = None
     query: str
-    results: list[ShownResult] = Field(min_length=1)
+    results: list[ShownResult] = Field(min_length=1, description="What was shown: at most "
+                                       "serve.max_results_per_session results (default 100).")
 
     _ids = field_validator("session_id", "user_id")(lambda value: value if value is None else _check_id(value))
     _query = field_validator("query")(lambda value: SearchRequest._check_query(value))
@@ -219,6 +220,10 @@ class SessionRequest(Strict):
     @field_validator("results")
     @classmethod
     def _check_results(cls, results: list[ShownResult]) -> list[ShownResult]:
+        # One session is one result list: the improvement loop and the fine-tune read all of it at once.
+        if len(results) > LIMITS.max_results_per_session:
+            raise ValueError(f"{len(results)} results in one session; the limit is {LIMITS.max_results_per_session} "
+                             "(serve.max_results_per_session)")
         _at_most_per_request(results, "results")
         if len({r.rank for r in results}) != len(results):
             raise ValueError("two results share a rank")

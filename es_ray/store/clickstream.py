@@ -188,17 +188,37 @@ def recent_sessions(conn: psycopg.Connection, max_sessions: int, exclude_sources
     return sorted(_with_results(conn, rows), key=lambda s: (s.created_at, s.session_id))
 
 
-def claim_unimproved(conn: psycopg.Connection, limit: int, settle_s: float, exclude_sources: Sequence[str] = ()
-                     ) -> list[LoggedSession]:
+def claim_unimproved(conn: psycopg.Connection, limit: int, settle_s: float, exclude_sources: Sequence[str] = (),
+                     max_results: int | None = None) -> list[LoggedSession]:
     """Up to `limit` sessions older than `settle_s` the improvement loop has not learned from, locked
     for this transaction (SKIP LOCKED: a concurrent pass takes others). Excluded sessions are not
-    claimed, so they stay unlearned (not consumed) while their source is excluded."""
+    claimed, so they stay unlearned (not consumed) while their source is excluded. With `max_results`,
+    the claim stops before the session whose shown results would exceed it (the first is always taken,
+    so a session larger than the budget is not stuck): the pass's memory is bounded by results, not
+    only by sessions."""
     rows = conn.execute(
         f"""SELECT {LOG_COLUMNS} FROM sessions
             WHERE improved_at IS NULL AND created_at < now() - make_interval(secs => %(settle)s) AND {KEPT}
             ORDER BY created_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED""",
         {"settle": settle_s, "limit": limit, "exclude": list(exclude_sources)}).fetchall()
+    if max_results is not None:
+        rows = rows[:within_results(conn, [r[0] for r in rows], max_results)]
     return _with_results(conn, rows)
+
+
+def within_results(conn: psycopg.Connection, session_ids: list[str], max_results: int) -> int:
+    """How many of `session_ids`, taken in order, show at most `max_results` results in all (at least one).
+    The sessions left out stay locked until the pass ends and unimproved: the next pass takes them."""
+    if not session_ids:
+        return 0
+    counts = dict(conn.execute("SELECT session_id, count(*) FROM session_results WHERE session_id = ANY(%s) "
+                               "GROUP BY session_id", (session_ids,)).fetchall())
+    total = 0
+    for taken, session_id in enumerate(session_ids):
+        total += counts.get(session_id, 0)
+        if total > max_results and taken > 0:
+            return taken
+    return len(session_ids)
 
 
 def mark_improved(conn: psycopg.Connection, session_ids: list[str]) -> None:
