@@ -290,7 +290,7 @@ def restore(settings: Settings, backup_path: Path) -> dict[str, Any]:
     if manifest.format != FORMAT:
         raise BackupError(f"backup format {manifest.format}; this es-ray reads format {FORMAT}")
     state.mkdir(parents=True, exist_ok=True)
-    staging = state / ".restoring"
+    staging, changed = state / ".restoring", False
     try:
         if backup_path.is_dir():
             shutil.copytree(backup_path, staging)
@@ -298,7 +298,7 @@ def restore(settings: Settings, backup_path: Path) -> dict[str, Any]:
             with tarfile.open(backup_path) as archive:
                 archive.extractall(staging, filter="data")  # no absolute paths, links out or devices
         verify(staging, manifest)
-        old = manifest.source_state_dir
+        old, changed = manifest.source_state_dir, True
         for part in (MLFLOW_STORE, MLFLOW_ARTIFACTS, MODEL_COPIES, TRITON_REPOSITORY):
             if (staging / part).exists():
                 (state / part).parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +308,10 @@ def restore(settings: Settings, backup_path: Path) -> dict[str, Any]:
         if (staging / SECRETS).exists():
             _restore_secrets(staging / SECRETS, credentials.auth_dir(state))
         report = _restore_postgres(settings, staging / POSTGRES_DUMP, old)
+    except BackupError as err:
+        if changed:
+            raise BackupError(f"{err}\n{state} is half restored: remove it before restoring again") from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report.update(state_dir=str(state), backup=str(backup_path), created_at=manifest.created_at,
