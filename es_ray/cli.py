@@ -1,4 +1,4 @@
-"""The `es-ray` command: up, status, down, key, demo, cycle, prune.
+"""The `es-ray` command: up, status, down, backup, restore, key, demo, cycle, prune.
 
 Each command imports what it runs inside its function: `es-ray --help` and `es-ray key` stay quick, and
 nothing imports Ray before the command has set the stack's environment (Ray's token mode is read when
@@ -99,6 +99,66 @@ def down(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose) -> None:
         display.step("stopping")
         stopped = control.down(settings)
         display.note(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@app.command()
+def backup(output: Optional[Path] = typer.Argument(None, help="The archive to write (default "
+                                                               "es-ray-backup-<UTC time>.tar here)"),
+           state_dir: Optional[Path] = StateDir,
+           with_secrets: bool = typer.Option(False, "--with-secrets",
+                                             help="Include the state dir's secrets (auth/): API key, user-token "
+                                                  "secret; without them a restored stack makes new ones"),
+           verbose: bool = Verbose) -> None:
+    """Back up Postgres (items, vectors, sessions, lifecycle), MLflow and the Triton repository to one tar,
+    consistent while the stack serves and takes writes."""
+    from datetime import datetime, timezone
+
+    from es_ray.stack import backup as backups
+
+    settings = load_settings(state_dir)
+    target = output or Path(f"es-ray-backup-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.tar")
+    with _terminal(settings, "backup", verbose) as display:
+        display.step(f"backing up {settings.state_path}")
+        try:
+            manifest = backups.backup(settings, target, with_secrets=with_secrets)
+        except backups.BackupError as err:
+            display.note(f"[bold red]error[/bold red]: {escape(str(err))}")
+            raise typer.Exit(2) from None
+        display.note(f"[bold green]backup written[/bold green]: {target.resolve()} "
+                     f"({len(manifest.files)} files)\n{escape(backups.describe(manifest))}")
+
+
+@app.command()
+def restore(backup_file: Path = typer.Argument(..., exists=True, help="An archive from `es-ray backup`"),
+            state_dir: Optional[Path] = StateDir, verbose: bool = Verbose) -> None:
+    """Restore a backup into a new, empty state dir; then `es-ray up --state-dir` serves it."""
+    from es_ray.stack import backup as backups
+
+    settings = load_settings(state_dir)
+    try:  # before the log file exists: it is the one thing a fresh state dir may hold
+        backups.ensure_fresh(settings.state_path)
+    except backups.BackupError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    with _terminal(settings, "restore", verbose) as display:
+        display.step(f"restoring {backup_file} into {settings.state_path}")
+        try:
+            report = backups.restore(settings, backup_file)
+        except backups.BackupError as err:
+            display.note(f"[bold red]error[/bold red]: {escape(str(err))}")
+            raise typer.Exit(2) from None
+        blue = report["blue"]
+        display.note(f"restored: blue v{blue['model_version']} ({blue['collection']}, {report['items_in_blue']} "
+                     f"items), models {report['models']}, MLflow versions {report['mlflow_versions']}, "
+                     f"Triton versions {report['triton_versions']}" if blue else "restored: no blue model yet")
+        for note in report["notes"]:
+            display.note(f"note: {escape(note)}")
+        if report["problems"]:
+            for problem in report["problems"]:
+                display.note(f"[bold red]problem[/bold red]: {escape(problem)}")
+            raise typer.Exit(1)
+        display.note(f"[bold green]restored[/bold green]: start it with "
+                     f"`es-ray up --state-dir {settings.state_path}`")
 
 
 @app.command()

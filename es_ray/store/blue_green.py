@@ -253,3 +253,11 @@ def list_models(conn: psycopg.Connection) -> list[dict]:
                            ORDER BY version""").fetchall()
     return [{"version": r[0], "state": r[1], "parent_version": r[2], "metrics": r[3], "gate": r[4],
              "created_at": r[5]} for r in rows]
+
+
+def move_source_dirs(conn: psycopg.Connection, old_prefix: str, new_prefix: str) -> int:
+    """Points models' local encoder copies from `old_prefix` to `new_prefix` (a restore into another state
+    dir); directories outside `old_prefix` stay. Returns the rows changed."""
+    old, new = old_prefix.rstrip("/") + "/", new_prefix.rstrip("/") + "/"
+    return conn.execute("""UPDATE models SET source_dir = %s || substr(source_dir, length(%s) + 1)
+                           WHERE starts_with(source_dir, %s)""", (new, old, old)).rowcount
