@@ -217,26 +217,32 @@ def top10(client: httpx.Client) -> list[str]:
 
 
 def click_where_shown(client: httpx.Client, target: str, headers: dict | None = None) -> str | None:
-    """One search and a click on `target` if it was shown; the session id."""
-    served = client.post("/v1/search", json={"query": QUERY, "limit": 10}, headers=headers).json()
-    if target not in ids(served):
+    """One search and a click on `target` if it was shown; the session id (None: not shown, or refused
+    by the rate limits: 429)."""
+    served = client.post("/v1/search", json={"query": QUERY, "limit": 10}, headers=headers)
+    if served.status_code == 429 or target not in ids(served.json()):
         return None
     event = {"events": [{"event_id": "e-1", "item_id": target, "type": "click"}]}
-    assert client.post(f"/v1/sessions/{served['session_id']}/events", json=event,
-                       headers=headers).json()["accepted"] == 1
-    return served["session_id"]
+    clicked = client.post(f"/v1/sessions/{served.json()['session_id']}/events", json=event, headers=headers)
+    if clicked.status_code == 429:
+        return None
+    assert clicked.json()["accepted"] == 1
+    return served.json()["session_id"]
 
 
 def test_a_click_farm_from_one_client_moves_nothing_and_several_clients_do(anon, api, stack, tidal):
     api.post("/v1/improvement/run", params={"settle_s": 0})   # what earlier tests left, learned first
     before = top10(anon)
     target = before[9]
-    # One client, a hundred searches and clicks on the 10th result. The X-Forwarded-For it makes up is not
-    # believed (no trusted proxy is configured), so it stays one client.
-    farmed = [s for s in (click_where_shown(anon, target, {"X-Forwarded-For": f"203.0.113.{n}"})
-                          for n in range(100)) if s]
-    assert len(farmed) >= 80
-    assert {api.get(f"/v1/sessions/{s}").json()["client"] for s in farmed[:5]} == {"127.0.0.1"}
+    # One client, a hundred searches and clicks on the 10th result within a minute. The rate limits refuse
+    # what goes past serve.rate_limits (60 clicks a minute), and what they let through must still move
+    # nothing: one client is one vote. The X-Forwarded-For it makes up is not believed (no trusted proxy
+    # is configured), so it stays one client.
+    with person(stack.serve_url, 20) as farmer:
+        farmed = [s for s in (click_where_shown(farmer, target, {"X-Forwarded-For": f"203.0.113.{n}"})
+                              for n in range(100)) if s]
+    assert len(farmed) >= 40
+    assert {api.get(f"/v1/sessions/{s}").json()["client"] for s in farmed[:5]} == {"127.0.0.20"}
     assert api.post("/v1/improvement/run", params={"settle_s": 0}).json()["sessions"] >= len(farmed)
     assert top10(anon) == before
     # The same clicks from three more people, each from an address of its own: the Serve proxy passes the
