@@ -34,7 +34,7 @@ import ray
 from es_ray import metrics, retries
 from es_ray.config import Settings
 from es_ray.data.pipeline import embed
-from es_ray.improve.loop import learning_from, rederive
+from es_ray.improve.loop import improvement_lock, learning_from, rederive
 from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER
@@ -196,13 +196,21 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
     return state.blue, green
 
 
-def rederive_adjustments(settings: Settings, manifest, conn, green: Target, progress) -> dict[str, int]:
+def rederive_adjustments(settings: Settings, manifest, conn, green: Target, progress, improved_before) -> dict[str, int]:
     """Click memories and users' adjustments derived again on the green collection, with the new
     model's query vectors (vectors of two models are never mixed)."""
 
     encoder = TritonEncoder.of(manifest.triton_grpc_url, QUERY_ENCODER, green, settings)
     return rederive(conn, Collection(green.collection, green.dim), encoder.embed_queries, learning_from(settings),
-                    settings.improve.batch_sessions, progress)
+                    settings.improve.batch_sessions, progress, improved_before)
+
+
+def hand_users_to_passes(conn, green: Target):
+    """Green holds every item now (dual writes keep it so): from here on the improvement passes teach
+    it users' sessions themselves; returns the moment before which the replay teaches them."""
+    with conn.transaction():
+        locks.transaction_lock(conn, improvement_lock(Collection(green.collection, green.dim)))
+        return blue_green.hand_users_to_passes(conn, green.collection)
 
 
 def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
@@ -337,9 +345,11 @@ def build_index(settings: Settings, conn, green: Target, progress: Callable[[dic
 
 def carry_adjustments(settings: Settings, manifest, conn, green: Target,
                       progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """What clicks taught, on green: re-derived with the new model (`reindex.adjustments: rederive`) or dropped."""
+    """What clicks taught, on green: re-derived with the new model (`reindex.adjustments: rederive`) or
+    dropped. Either way the sessions improved from now on reach green through the improvement passes."""
+    handed_over = hand_users_to_passes(conn, green)
     if settings.reindex.adjustments == "rederive":
-        return {"mode": "rederive", **rederive_adjustments(settings, manifest, conn, green, progress)}
+        return {"mode": "rederive", **rederive_adjustments(settings, manifest, conn, green, progress, handed_over)}
     dropped = clickstream.count_improved(conn)
     log.warning("reindex.adjustments_dropped", sessions=dropped, collection=green.collection)
     return {"mode": "drop", "sessions_not_replayed": dropped}
@@ -350,7 +360,9 @@ def request_switch(driver, force: bool, owner: str, green: str) -> dict[str, Any
     part of the answer: the reindex itself is done."""
 
     try:
-        return ray.get(driver.switch.remote(force=force, lock_owner=owner, expected_green=green))
+        # The lock owner names this run of the task: a retried call does not switch a second time.
+        return ray.get(driver.switch.remote(force=force, lock_owner=owner, expected_green=green,
+                                            idempotency_key=f"{owner}:{green}"))
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None) or err
         if isinstance(cause, SwitchRefused):
