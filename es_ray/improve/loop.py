@@ -11,7 +11,9 @@ One pass (`improve_once`) runs in one transaction:
    click model's P(relevant), so what one query's users teach reaches similar queries nobody clicked,
 4. a user's sessions: adjust that user's own copies of the vectors (adjuster.py; anchored at the
    global ones), so one user's clicks never change what others see,
-5. mark the sessions improved.
+5. the same on every other live collection it is given (`Follower`: green, until it is switched to),
+   through that collection's own model,
+6. mark the sessions improved.
 A crash anywhere rolls the whole pass back, so a session is applied once or not at all, across restarts.
 """
 
@@ -20,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import psycopg
@@ -30,7 +32,7 @@ from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, Examples, Vect
 from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
 from es_ray.logs import get_logger
 from es_ray.periodic import Periodic
-from es_ray.store import clickstream, evidence, locks
+from es_ray.store import blue_green, clickstream, evidence, locks
 from es_ray.store.clickstream import LoggedSession
 from es_ray.store.collections import Collection
 from es_ray.train.config import load_finetune_config
@@ -93,13 +95,23 @@ class Learning:
     exclude_sources: tuple[str, ...] = ()   # sessions recorded by these are never learned from
 
 
+@dataclass
+class Follower:
+    """Another live collection a pass teaches too (green, building or waiting for its switch), with its
+    own model's query encoder: vectors of two models never mix."""
+
+    collection: Collection
+    embed_queries: Callable
+
+
 def improvement_lock(collection: Collection) -> str:
     """One improvement pass (or undo) per collection at a time."""
     return f"es-ray-improve-{collection.name}"
 
 
 def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning,
-                 batch_sessions: int = 256, settle_s: float = 5.0) -> dict[str, Any]:
+                 batch_sessions: int = 256, settle_s: float = 5.0,
+                 followers: Sequence[Follower] = ()) -> dict[str, Any]:
     """One pass; returns counts. `embed_queries(texts) -> (n, dim)` is the blue query encoder."""
     started = time.monotonic()
     with conn.transaction():
@@ -115,11 +127,26 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
         remembered_items = refresh_memories(conn, collection, shown, embed_queries, learning)
         personal = apply_user_sessions(conn, collection, [s for s in sessions if s.user_id is not None],
                                        embed_queries, learning.adjuster)
+        for follower in followers:
+            follow(conn, follower, shown, [s for s in sessions if s.user_id is not None], learning)
         clickstream.mark_improved(conn, [s.session_id for s in sessions])
     result = {"sessions": len(sessions), "anonymous": len(anonymous), "items_remembered": remembered_items,
               "vectors_personal": personal, "seconds": round(time.monotonic() - started, 3)}
     log.info("improve.pass", collection=collection.name, **result)
     return result
+
+
+def follow(conn: psycopg.Connection, follower: Follower, items: list[str], user_sessions: list[LoggedSession],
+           learning: Learning) -> None:
+    """The pass's sessions on another live collection. Click memories at once (they are recomputed from
+    the evidence, and a reindex derives them again for what it copies later); users' sessions only once
+    the reindex handed them over (blue_green.hand_users_to_passes): before, its replay teaches them,
+    and applying them here too would count them twice. Holds that collection's improvement lock, as
+    the replay does."""
+    locks.transaction_lock(conn, improvement_lock(follower.collection))
+    refresh_memories(conn, follower.collection, items, follower.embed_queries, learning)
+    if blue_green.users_learned_since(conn, follower.collection.name) is not None:
+        apply_user_sessions(conn, follower.collection, user_sessions, follower.embed_queries, learning.adjuster)
 
 
 def refresh_memories(conn: psycopg.Connection, collection: Collection, items: list[str], embed_queries,
@@ -150,7 +177,7 @@ def refresh_memories(conn: psycopg.Connection, collection: Collection, items: li
         if object_id in memories:
             stacked = remembered(stacked, memories[object_id], learning.memory.weight, learning.memory.evidence_half)
         updates += [(object_id, p, v) for p, v in zip(parts, stacked)]
-    collection.save_global(conn, updates)
+    collection.save_global(conn, updates, model_vectors.versions)  # not onto an item rewritten since
     return sum(1 for o in model_vectors if o in memories)
 
 
@@ -176,31 +203,36 @@ def apply_user_sessions(conn: psycopg.Connection, collection: Collection, sessio
         anchors = collection.chunk_vectors(conn, items, None)
         anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
         new = adjuster.adjust(current, anchor, examples)
-        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)])
+        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)], seen.versions)
         adjusted += len(keys)
     return adjusted
 
 
 def rederive(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning, batch: int,
-             progress=lambda _: None) -> dict[str, int]:
+             progress=lambda _: None, improved_before=None) -> dict[str, int]:
     """Everything learned from clicks, derived again on a new model's collection with its own query
     vectors (vectors of two models never mix): click memories from the evidence, then the users'
-    sessions replayed."""
+    sessions improved before `improved_before` replayed (the passes teach the later ones). Each batch
+    holds the collection's improvement lock: a pass teaching it meanwhile never interleaves."""
     totals = {"items_remembered": 0, "user_sessions": 0, "vectors_personal": 0}
     after = None
     while items := evidence.clicked_items(conn, after, batch):
         with conn.transaction():
+            locks.transaction_lock(conn, improvement_lock(collection))
             totals["items_remembered"] += refresh_memories(conn, collection, items, embed_queries, learning)
         after = items[-1]
         progress({"stage": "re-deriving click memories", **totals})
     cursor = None
     while True:
-        sessions, cursor = clickstream.improved_user_sessions(conn, cursor, batch, learning.exclude_sources)
-        if not sessions:
-            return totals
         with conn.transaction():
+            # Read under the lock too: a user forgotten meanwhile (improve/forgetting.py) is not replayed.
+            locks.transaction_lock(conn, improvement_lock(collection))
+            sessions, cursor = clickstream.improved_user_sessions(conn, cursor, batch, learning.exclude_sources,
+                                                                  improved_before)
             totals["vectors_personal"] += apply_user_sessions(conn, collection, sessions, embed_queries,
                                                               learning.adjuster)
+        if not sessions:
+            return totals
         totals["user_sessions"] += len(sessions)
         progress({"stage": "re-deriving users' adjustments", **totals})
 

@@ -163,6 +163,12 @@ def mark_irrelevant(conn: psycopg.Connection, session_id: str) -> None:
             raise UnknownSession(f"no session {session_id!r}")
 
 
+def forget_user_sessions(conn: psycopg.Connection, user_id: str) -> int:
+    """Deletes a user's sessions with their results and events (a forgotten user's sessions teach no
+    replay and no fine-tune again); returns how many."""
+    return conn.execute("DELETE FROM sessions WHERE user_id = %s", (user_id,)).rowcount
+
+
 # --- the click log, read by the learners ------------------------------------------------------------
 
 # Every reader below takes `exclude_sources` (learning.exclude_sources): sessions of those sources are
@@ -194,20 +200,25 @@ def claim_unimproved(conn: psycopg.Connection, limit: int, settle_s: float, excl
 
 
 def mark_improved(conn: psycopg.Connection, session_ids: list[str]) -> None:
-    conn.execute("UPDATE sessions SET improved_at = now() WHERE session_id = ANY(%s)", (session_ids,))
+    # The moment of marking, not the transaction's start: compared with when a green collection was
+    # handed to the passes (blue_green.hand_users_to_passes) by a pass holding that collection's lock.
+    conn.execute("UPDATE sessions SET improved_at = clock_timestamp() WHERE session_id = ANY(%s)", (session_ids,))
 
 
 def improved_user_sessions(conn: psycopg.Connection, after: tuple | None, limit: int,
-                           exclude_sources: Sequence[str] = ()) -> tuple[list[LoggedSession], tuple | None]:
-    """Users' sessions already learned from, in (created_at, id) order from `after` (for deriving their
-    adjustments again on a new model's collection). Returns them and the next `after`."""
+                           exclude_sources: Sequence[str] = (), improved_before: datetime | None = None
+                           ) -> tuple[list[LoggedSession], tuple | None]:
+    """Users' sessions already learned from (before `improved_before`, if given), in (created_at, id)
+    order from `after` (for deriving their adjustments again on a new model's collection). Returns them
+    and the next `after`."""
     rows = conn.execute(
         f"""SELECT {LOG_COLUMNS} FROM sessions
             WHERE improved_at IS NOT NULL AND user_id IS NOT NULL AND {KEPT}
+              AND (%(before)s::timestamptz IS NULL OR improved_at < %(before)s)
               AND (%(at)s::timestamptz IS NULL OR (created_at, session_id) > (%(at)s, %(id)s))
             ORDER BY created_at, session_id LIMIT %(limit)s""",
         {"at": after[0] if after else None, "id": after[1] if after else None, "limit": limit,
-         "exclude": list(exclude_sources)}).fetchall()
+         "exclude": list(exclude_sources), "before": improved_before}).fetchall()
     return _with_results(conn, rows), ((rows[-1][3], rows[-1][0]) if rows else after)
 
 
