@@ -1,4 +1,4 @@
-"""The `es-ray` command: up, status, down, backup, restore, key, demo, cycle, prune.
+"""The `es-ray` command: up, status, down, backup, restore, key, demo, cycle, prune, abandon-green.
 
 Each command imports what it runs inside its function: `es-ray --help` and `es-ray key` stay quick, and
 nothing imports Ray before the command has set the stack's environment (Ray's token mode is read when
@@ -276,6 +276,27 @@ def prune(state_dir: Optional[Path] = StateDir,
         display.note(f"pruned {totals['by_age']} session(s) by age (retention.max_age_days) and "
                      f"{totals['by_count']} by count (retention.max_sessions)"
                      + ("" if pruned.finished else "; more remain (run again)"))
+
+
+@app.command("abandon-green")
+def abandon_green(state_dir: Optional[Path] = StateDir,
+                  collection: Optional[str] = typer.Option(None, help="Only if green is this collection")) -> None:
+    """Give up the green collection a failed reindex left behind: dual writes stop, it is dropped."""
+    from es_ray.client import EsRayClient, EsRayError
+    from es_ray.stack.manifest import StackManifest
+
+    manifest = StackManifest.load(load_settings(state_dir).state_path)
+    if manifest is None:
+        typer.echo("error: no stack in this state dir (es-ray up first)", err=True)
+        raise typer.Exit(2)
+    with EsRayClient.for_stack(manifest) as client:
+        try:
+            result = client.abandon_green(collection)
+        except EsRayError as err:
+            typer.echo(f"not abandoned: {err}", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(f"abandoned green collection {result['abandoned']} (v{result['model_version']})"
+               + (": it was already abandoned" if result.get("already") else ""))
 
 
 if __name__ == "__main__":

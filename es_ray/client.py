@@ -241,11 +241,25 @@ class EsRayClient:
         """Blue, green and previous collections, locks, tasks, switches, models."""
         return self._call("GET", "/v1/lifecycle")
 
-    def switch(self, force: bool = False) -> dict[str, Any]:
-        return self._call("POST", "/v1/lifecycle/switch", schemas.SwitchRequest(force=force), timeout=300)
+    def switch(self, force: bool = False, idempotency_key: str | None = None) -> dict[str, Any]:
+        """`idempotency_key`: sending the same key again returns the first call's switch (safe to retry)."""
+        return self._keyed("/v1/lifecycle/switch", schemas.SwitchRequest(force=force), idempotency_key)
 
-    def rollback(self) -> dict[str, Any]:
-        return self._call("POST", "/v1/lifecycle/rollback", timeout=300)
+    def rollback(self, idempotency_key: str | None = None) -> dict[str, Any]:
+        return self._keyed("/v1/lifecycle/rollback", None, idempotency_key)
+
+    def abandon_green(self, collection: str | None = None) -> dict[str, Any]:
+        """Gives up the green collection (a failed reindex): dual writes off, collection dropped."""
+        return self._call("POST", "/v1/lifecycle/abandon-green", schemas.AbandonRequest(collection=collection),
+                          timeout=300)
+
+    def _keyed(self, path: str, request: BaseModel | None, idempotency_key: str | None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        response = self.http.post(path, json=None if request is None else _body(request), headers=headers,
+                                  timeout=300)
+        if response.status_code >= 400:
+            raise EsRayError.of(response)
+        return response.json()
 
     def cleanup(self, now: bool = False) -> dict[str, Any]:
         return self._call("POST", "/v1/lifecycle/cleanup", schemas.CleanupRequest(now=now), timeout=300)

@@ -5,8 +5,8 @@ status the document does not list, any body that breaks its documented schema, a
 is not refused. Bounded: a fixed seed and at most 30 generated examples per operation (plus the
 schema's boundary values).
 
-Operations that start real work (fine-tune, reindex, switch, rollback, improvement) or delete by id get
-invalid data only; items the run upserts are deleted afterwards.
+Operations that start real work (fine-tune, reindex, switch, rollback, abandoning green, improvement)
+or delete by id get invalid data only; items the run upserts are deleted afterwards.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ pytestmark = pytest.mark.hostile
 
 REJECTED = [400, 401, 403, 404, 405, 409, 413, 422]
 NEGATIVE_ONLY = ["POST /v1/tasks/fine-tune", "POST /v1/tasks/reindex", "POST /v1/lifecycle/switch",
-                 "POST /v1/lifecycle/cleanup", "POST /v1/improvement/run", "DELETE /v1/items"]
+                 "POST /v1/lifecycle/cleanup", "POST /v1/lifecycle/abandon-green", "POST /v1/improvement/run",
+                 "DELETE /v1/items"]
 NOT_CALLED = ["POST /v1/lifecycle/rollback", "POST /v1/improvement/undo"]  # no input to make invalid
 
 CONFIG = schemathesis.Config.from_dict({

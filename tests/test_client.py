@@ -29,7 +29,8 @@ ROUTES = {("get", "/healthz"): "health", ("post", "/v1/search"): "search", ("put
           ("post", "/v1/tasks/fine-tune"): "start_fine_tune", ("post", "/v1/tasks/reindex"): "start_reindex",
           ("get", "/v1/tasks/{task_id}"): "task", ("get", "/v1/tasks"): "tasks",
           ("get", "/v1/lifecycle"): "lifecycle", ("post", "/v1/lifecycle/switch"): "switch",
-          ("post", "/v1/lifecycle/rollback"): "rollback", ("post", "/v1/lifecycle/cleanup"): "cleanup"}
+          ("post", "/v1/lifecycle/rollback"): "rollback", ("post", "/v1/lifecycle/cleanup"): "cleanup",
+          ("post", "/v1/lifecycle/abandon-green"): "abandon_green"}
 
 
 @pytest.fixture(scope="module")

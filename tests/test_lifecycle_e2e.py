@@ -238,6 +238,10 @@ def test_a_driver_killed_mid_switch_finishes_it_once(api, stack, settings, varia
     assert len(drivers) == 1, drivers
     psutil.Process(drivers[0].pid).send_signal(signal.SIGKILL)  # the driver actor dies mid-switch
     caller.join(timeout=120)
+    # Ray retried the call on the restarted driver: it answers with the switch the first call recorded
+    # (the route's idempotency key), not a second switch nor a refusal.
+    assert answers and answers[0].status_code == 200, answers and answers[0].text
+    assert answers[0].json()["switch_id"] == started[0].switch_id
 
     deadline = time.monotonic() + 180
     while True:                                                  # Ray restarts it; it finishes the switch

@@ -14,7 +14,9 @@ One pass (`improve_once`) runs in one transaction:
 4. a user's sessions, filtered or not: adjust that user's own copies of the vectors (adjuster.py;
    anchored at the global ones), so one user's clicks never change what others see, and count their
    labels in the user evidence (store/user_evidence.py), from which a reindex re-derives them,
-5. mark the sessions improved (retention, store/retention.py, may prune them from then on).
+5. the same on every other live collection it is given (`Follower`: green, until it is switched to),
+   through that collection's own model,
+6. mark the sessions improved (retention, store/retention.py, may prune them from then on).
 A pass takes at most `batch_sessions` sessions and `max_pass_results` shown results, so its memory is
 bounded however long the backlog and however many results a session showed.
 A crash anywhere rolls the whole pass back, so a session is applied once or not at all, across restarts.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import psycopg
@@ -35,7 +37,7 @@ from es_ray.improve.adjuster import CLICKED, IRRELEVANT, SKIPPED, Examples, Vect
 from es_ray.improve.memory import clicked_pair_weights, item_memories, remembered
 from es_ray.logs import get_logger
 from es_ray.periodic import Periodic
-from es_ray.store import clickstream, evidence, locks, user_evidence
+from es_ray.store import blue_green, clickstream, evidence, locks, user_evidence
 from es_ray.store.clickstream import LoggedSession
 from es_ray.store.collections import Collection
 from es_ray.train.config import load_finetune_config
@@ -113,14 +115,23 @@ class Learning:
     guards: LearningSettings = field(default_factory=LearningSettings)   # min_clients and the per-client caps
 
 
+@dataclass
+class Follower:
+    """Another live collection a pass teaches too (green, building or waiting for its switch), with its
+    own model's query encoder: vectors of two models never mix."""
+
+    collection: Collection
+    embed_queries: Callable
+
+
 def improvement_lock(collection: Collection) -> str:
     """One improvement pass (or undo) per collection at a time."""
     return f"es-ray-improve-{collection.name}"
 
 
 def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning,
-                 batch_sessions: int = 256, settle_s: float = 5.0, max_pass_results: int | None = None
-                 ) -> dict[str, Any]:
+                 batch_sessions: int = 256, settle_s: float = 5.0, max_pass_results: int | None = None,
+                 followers: Sequence[Follower] = ()) -> dict[str, Any]:
     """One pass; returns counts. `embed_queries(texts) -> (n, dim)` is the blue query encoder."""
     started = time.monotonic()
     with conn.transaction():
@@ -138,6 +149,8 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
         remembered_items = refresh_memories(conn, collection, shown, embed_queries, learning)
         users_sessions = [s for s in sessions if s.user_id is not None]
         personal = apply_user_sessions(conn, collection, users_sessions, embed_queries, learning.adjuster)
+        for follower in followers:
+            follow(conn, follower, shown, users_sessions, learning)
         user_evidence.record(conn, [taught(s) for s in users_sessions])
         clickstream.mark_improved(conn, [s.session_id for s in sessions])
     result = {"sessions": len(sessions), "anonymous": len(anonymous),
@@ -145,6 +158,19 @@ def improve_once(conn: psycopg.Connection, collection: Collection, embed_queries
               "vectors_personal": personal, "seconds": round(time.monotonic() - started, 3)}
     log.info("improve.pass", collection=collection.name, **result)
     return result
+
+
+def follow(conn: psycopg.Connection, follower: Follower, items: list[str], user_sessions: list[LoggedSession],
+           learning: Learning) -> None:
+    """The pass's sessions on another live collection. Click memories at once (they are recomputed from
+    the evidence, and a reindex derives them again for what it copies later); users' sessions only once
+    the reindex handed them over (blue_green.hand_users_to_passes): before, its replay teaches them,
+    and applying them here too would count them twice. Holds that collection's improvement lock, as
+    the replay does."""
+    locks.transaction_lock(conn, improvement_lock(follower.collection))
+    refresh_memories(conn, follower.collection, items, follower.embed_queries, learning)
+    if blue_green.users_learned_since(conn, follower.collection.name) is not None:
+        apply_user_sessions(conn, follower.collection, user_sessions, follower.embed_queries, learning.adjuster)
 
 
 def refresh_memories(conn: psycopg.Connection, collection: Collection, items: list[str], embed_queries,
@@ -177,7 +203,7 @@ def refresh_memories(conn: psycopg.Connection, collection: Collection, items: li
         if object_id in memories:
             stacked = remembered(stacked, memories[object_id], learning.memory.weight, learning.memory.evidence_half)
         updates += [(object_id, p, v) for p, v in zip(parts, stacked)]
-    collection.save_global(conn, updates)
+    collection.save_global(conn, updates, model_vectors.versions)  # not onto an item rewritten since
     return sum(1 for o in model_vectors if o in memories)
 
 
@@ -203,7 +229,7 @@ def apply_user_sessions(conn: psycopg.Connection, collection: Collection, sessio
         anchors = collection.chunk_vectors(conn, items, None)
         anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
         new = adjuster.adjust(current, anchor, examples)
-        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)])
+        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)], seen.versions)
         adjusted += len(keys)
     return adjusted
 
@@ -264,30 +290,38 @@ def apply_user_evidence(conn: psycopg.Connection, collection: Collection, groups
         anchors = collection.chunk_vectors(conn, items, None)
         anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
         new = adjuster.adjust(current, anchor, examples)
-        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)])
+        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)], seen.versions)
         adjusted += len(keys)
     return adjusted
 
 
 def rederive(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning, batch: int,
-             progress=lambda _: None) -> dict[str, int]:
+             progress=lambda _: None, evidence_reader: psycopg.Connection | None = None) -> dict[str, int]:
     """Everything learned from clicks, derived again on a new model's collection with its own query
     vectors (vectors of two models never mix): click memories from the click evidence, then the users'
-    adjustments from the user evidence, `batch` (user, query) groups at a time. Neither reads the
-    sessions, so pruning them (store/retention.py) changes nothing here."""
+    adjustments from the user evidence, `batch` (user, query) groups at a time, read through
+    `evidence_reader` (a connection whose snapshot holds the evidence counted before the passes took
+    over teaching this collection users' sessions: reindex.handed_over_evidence; default `conn`).
+    Neither reads the sessions, so pruning them (store/retention.py) changes nothing here. Each batch
+    holds the collection's improvement lock: a pass teaching it meanwhile never interleaves."""
     totals = {"items_remembered": 0, "user_sessions": 0, "vectors_personal": 0}
     after = None
     while items := evidence.clicked_items(conn, after, batch):
         with conn.transaction():
+            locks.transaction_lock(conn, improvement_lock(collection))
             totals["items_remembered"] += refresh_memories(conn, collection, items, embed_queries, learning)
         after = items[-1]
         progress({"stage": "re-deriving click memories", **totals})
     cursor = None
     while True:
-        groups, cursor = user_evidence.page(conn, cursor, batch, learning.exclude_sources)
+        groups, cursor = user_evidence.page(evidence_reader or conn, cursor, batch, learning.exclude_sources)
         if not groups:
             return totals
         with conn.transaction():
+            locks.transaction_lock(conn, improvement_lock(collection))
+            # A user forgotten since the snapshot (improve/forgetting.py) is not replayed.
+            kept = user_evidence.remembered_users(conn, sorted({g.user_id for g in groups}))
+            groups = [g for g in groups if g.user_id in kept]
             totals["vectors_personal"] += apply_user_evidence(conn, collection, groups, embed_queries,
                                                               learning.adjuster)
         totals["user_sessions"] += sum(g.sessions for g in groups)

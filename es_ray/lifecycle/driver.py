@@ -16,7 +16,7 @@ import ray
 from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.inference import deploy, registry
-from es_ray.improve.loop import ImprovementLoop, improve_once, learning_from
+from es_ray.improve.loop import Follower, ImprovementLoop, improve_once, learning_from
 from es_ray.inference.encoder import resolve_model_dir
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import QUERY_ENCODER
@@ -44,6 +44,7 @@ class LifecycleDriver:
                                               self.manifest.triton_url, triton.control_headers(state_dir))
         db.migrate(self.manifest.postgres_dsn)
         self._improvement: ImprovementLoop | None = None
+        self._encoders: dict[int, TritonEncoder] = {}  # query encoders by model version (blue's, green's)
         # After a restart, put the blue model back into Triton if Triton lost it, and finish (or
         # abort) a switch the previous incarnation recorded but did not complete.
         if self.blue() is not None:
@@ -129,14 +130,17 @@ class LifecycleDriver:
         return blue.__dict__
 
     def improve_pass(self, settle_s: float | None = None) -> dict[str, Any]:
-        """One improvement pass over settled sessions, on the blue collection."""
+        """One improvement pass over settled sessions, on the blue collection and on green (while it is
+        built and until it is switched to): what is learned meanwhile reaches green too."""
         with self._conn() as conn:
-            blue = blue_green.get_blue(conn)
-            encoder = self._query_encoder(blue)
-            result = improve_once(conn, Collection(blue.collection, blue.dim), encoder.embed_queries,
+            state = blue_green.get_state(conn)
+            blue = state.blue
+            followers = [Follower(Collection(green.collection, green.dim), self._query_encoder(green).embed_queries)
+                         for green in [state.green] if green is not None]
+            result = improve_once(conn, Collection(blue.collection, blue.dim), self._query_encoder(blue).embed_queries,
                                   learning_from(self.settings), self.settings.improve.batch_sessions,
                                   self.settings.improve.settle_s if settle_s is None else settle_s,
-                                  self.settings.improve.max_pass_results)
+                                  self.settings.improve.max_pass_results, followers)
         if result.get("sessions"):
             metrics.count("es_ray_improvement_steps")
             metrics.count("es_ray_improvement_sessions", result["sessions"])
@@ -166,12 +170,12 @@ class LifecycleDriver:
             log.info("retention.pruned", **pruned.as_dict())
         return pruned.as_dict()
 
-    def _query_encoder(self, blue):
-        key = blue.model_version
-        if getattr(self, "_encoder_version", None) != key:
-            self._encoder = TritonEncoder.of(self.manifest.triton_grpc_url, QUERY_ENCODER, blue, self.settings)
-            self._encoder_version = key
-        return self._encoder
+    def _query_encoder(self, target):
+        """One query encoder per live version (blue's and green's), made once."""
+        if target.model_version not in self._encoders:
+            self._encoders[target.model_version] = TritonEncoder.of(self.manifest.triton_grpc_url, QUERY_ENCODER,
+                                                                    target, self.settings)
+        return self._encoders[target.model_version]
 
     # --- tasks: fine-tune and reindex, each a Ray job ------------------------------------------------
 
@@ -248,14 +252,21 @@ class LifecycleDriver:
                 raise switching.SwitchRefused(f"version {version} is already blue: nothing to reindex")
         return self._submit(tasks.REINDEX, {"to": version, "switch": switch, "hnsw": hnsw}, "es_ray.lifecycle.reindex")
 
+    # Ray retries these calls when the driver died during one (max_task_retries=-1), with the same
+    # arguments: the idempotency key makes the retry answer with the first call's switch.
     def switch(self, force: bool = False, lock_owner: str | None = None,
-               expected_green: str | None = None) -> dict[str, Any]:
+               expected_green: str | None = None, idempotency_key: str | None = None) -> dict[str, Any]:
         with self._conn() as conn:
-            return switching.switch(conn, self.settings, self.deployer, force, lock_owner, expected_green)
+            return switching.switch(conn, self.settings, self.deployer, force, lock_owner, expected_green,
+                                    idempotency_key)
 
-    def rollback(self) -> dict[str, Any]:
+    def rollback(self, idempotency_key: str | None = None) -> dict[str, Any]:
         with self._conn() as conn:
-            return switching.rollback(conn, self.settings, self.deployer)
+            return switching.rollback(conn, self.settings, self.deployer, idempotency_key)
+
+    def abandon_green(self, expected_green: str | None = None) -> dict[str, Any]:
+        with self._conn() as conn:
+            return switching.abandon_green(conn, self.settings, self.deployer, expected_green)
 
     def resume_switches(self) -> list[dict[str, Any]]:
         with self._conn() as conn:

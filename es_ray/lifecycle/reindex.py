@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import numpy as np
@@ -34,7 +35,7 @@ import ray
 from es_ray import metrics, retries
 from es_ray.config import Settings
 from es_ray.data.pipeline import embed
-from es_ray.improve.loop import learning_from, rederive
+from es_ray.improve.loop import improvement_lock, learning_from, rederive
 from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER
@@ -196,13 +197,33 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
     return state.blue, green
 
 
-def rederive_adjustments(settings: Settings, manifest, conn, green: Target, progress) -> dict[str, int]:
+def rederive_adjustments(settings: Settings, manifest, conn, green: Target, progress, evidence_reader
+                         ) -> dict[str, int]:
     """Click memories and users' adjustments derived again on the green collection, with the new
     model's query vectors (vectors of two models are never mixed)."""
 
     encoder = TritonEncoder.of(manifest.triton_grpc_url, QUERY_ENCODER, green, settings)
     return rederive(conn, Collection(green.collection, green.dim), encoder.embed_queries, learning_from(settings),
-                    settings.improve.batch_sessions, progress)
+                    settings.improve.batch_sessions, progress, evidence_reader)
+
+
+@contextmanager
+def handed_over_evidence(manifest, conn, green: Target):
+    """Green holds every item now (dual writes keep it so): from here on the improvement passes teach it
+    users' sessions themselves. Yields a read-only connection whose snapshot holds exactly the user
+    evidence counted before that moment, which the replay teaches: green's improvement lock is held from
+    the hand-over until the snapshot is taken, so no pass commits in between and each session reaches
+    green once, by the replay or by a pass."""
+    key = improvement_lock(Collection(green.collection, green.dim))
+    with db.connect(manifest.postgres_dsn) as reader:
+        locks.session_lock(conn, key)
+        try:
+            blue_green.hand_users_to_passes(conn, green.collection)
+            reader.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            reader.execute("SELECT 1")   # a snapshot is taken by the first statement, not by BEGIN
+        finally:
+            locks.session_unlock(conn, key)
+        yield reader
 
 
 def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
@@ -337,9 +358,12 @@ def build_index(settings: Settings, conn, green: Target, progress: Callable[[dic
 
 def carry_adjustments(settings: Settings, manifest, conn, green: Target,
                       progress: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    """What clicks taught, on green: re-derived with the new model (`reindex.adjustments: rederive`) or dropped."""
-    if settings.reindex.adjustments == "rederive":
-        return {"mode": "rederive", **rederive_adjustments(settings, manifest, conn, green, progress)}
+    """What clicks taught, on green: re-derived with the new model (`reindex.adjustments: rederive`) or
+    dropped. Either way the sessions improved from now on reach green through the improvement passes."""
+    with handed_over_evidence(manifest, conn, green) as evidence_reader:
+        if settings.reindex.adjustments == "rederive":
+            return {"mode": "rederive",
+                    **rederive_adjustments(settings, manifest, conn, green, progress, evidence_reader)}
     dropped = clickstream.count_improved(conn)
     log.warning("reindex.adjustments_dropped", sessions=dropped, collection=green.collection)
     return {"mode": "drop", "sessions_not_replayed": dropped}
@@ -350,7 +374,9 @@ def request_switch(driver, force: bool, owner: str, green: str) -> dict[str, Any
     part of the answer: the reindex itself is done."""
 
     try:
-        return ray.get(driver.switch.remote(force=force, lock_owner=owner, expected_green=green))
+        # The lock owner names this run of the task: a retried call does not switch a second time.
+        return ray.get(driver.switch.remote(force=force, lock_owner=owner, expected_green=green,
+                                            idempotency_key=f"{owner}:{green}"))
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None) or err
         if isinstance(cause, SwitchRefused):

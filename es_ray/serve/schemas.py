@@ -325,6 +325,11 @@ class CleanupRequest(Strict):
     now: bool = Field(False, description="Drop the previous collection without waiting for its grace period.")
 
 
+class AbandonRequest(Strict):
+    collection: str | None = Field(None, max_length=64, pattern=r"^[a-z][a-z0-9_]*$",
+                                   description="Abandon green only if it is this collection (default: whichever it is).")
+
+
 class TokenRequest(Strict):
     ttl_s: float | None = Field(None, gt=0, le=30 * 86_400, description="Seconds the token is valid "
                                 "(default auth.user_token_ttl_s).")

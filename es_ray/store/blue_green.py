@@ -8,6 +8,7 @@ commit to an old set of collections after a switch or after green appears.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -93,9 +94,25 @@ def get_model(conn: psycopg.Connection, version: int) -> ModelRecord | None:
 
 
 def save_collection(conn: psycopg.Connection, name: str, model_version: int, state: str) -> None:
+    """Records a collection's state; one that starts `building` (again) has taught nobody's sessions yet."""
     conn.execute(
         """INSERT INTO collections (name, model_version, state) VALUES (%s, %s, %s)
-           ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state""", (name, model_version, state))
+           ON CONFLICT (name) DO UPDATE SET state = EXCLUDED.state,
+               users_learned_since = CASE WHEN EXCLUDED.state = 'building' THEN NULL
+                                          ELSE collections.users_learned_since END""", (name, model_version, state))
+
+
+def hand_users_to_passes(conn: psycopg.Connection, name: str) -> datetime:
+    """From now on the improvement passes teach users' sessions to this green collection themselves; the
+    reindex replays what was counted before (lifecycle/reindex.py handed_over_evidence, which holds the
+    collection's improvement lock meanwhile). The first moment is kept if a resumed reindex sets it again."""
+    return conn.execute("""UPDATE collections SET users_learned_since = COALESCE(users_learned_since, clock_timestamp())
+                           WHERE name = %s RETURNING users_learned_since""", (name,)).fetchone()[0]
+
+
+def users_learned_since(conn: psycopg.Connection, name: str) -> datetime | None:
+    row = conn.execute("SELECT users_learned_since FROM collections WHERE name = %s", (name,)).fetchone()
+    return row[0] if row else None
 
 
 def get_blue(conn: psycopg.Connection) -> Blue | None:
@@ -165,9 +182,16 @@ SWITCH_COLUMNS = ("switch_id, kind, from_version, from_collection, to_version, t
                   "started_at, finished_at")
 
 
-def begin_switch(conn: psycopg.Connection, kind: str, frm: Target, to: Target, forced: bool) -> Switch:
-    """Records the intent before anything changes (kind: switch | rollback)."""
-    switch_id = uuid.uuid4().hex
+def switch_id_for(kind: str, idempotency_key: str) -> str:
+    """The switch id a call with this idempotency key records: a retried call finds the first one's row."""
+    return hashlib.sha256(f"{kind}\n{idempotency_key}".encode()).hexdigest()[:32]
+
+
+def begin_switch(conn: psycopg.Connection, kind: str, frm: Target, to: Target, forced: bool,
+                 switch_id: str | None = None) -> Switch:
+    """Records the intent before anything changes (kind: switch | rollback); `switch_id` from
+    `switch_id_for` when the call carries an idempotency key."""
+    switch_id = switch_id or uuid.uuid4().hex
     conn.execute("""INSERT INTO switches (switch_id, kind, from_version, from_collection, to_version, to_collection,
                                            forced) VALUES (%s, %s, %s, %s, %s, %s, %s)""",
                  (switch_id, kind, frm.model_version, frm.collection, to.model_version, to.collection, forced))
@@ -176,6 +200,11 @@ def begin_switch(conn: psycopg.Connection, kind: str, frm: Target, to: Target, f
 
 def get_switch(conn: psycopg.Connection, switch_id: str) -> Switch:
     return Switch(*conn.execute(f"SELECT {SWITCH_COLUMNS} FROM switches WHERE switch_id = %s", (switch_id,)).fetchone())
+
+
+def find_switch(conn: psycopg.Connection, switch_id: str) -> Switch | None:
+    row = conn.execute(f"SELECT {SWITCH_COLUMNS} FROM switches WHERE switch_id = %s", (switch_id,)).fetchone()
+    return Switch(*row) if row else None
 
 
 def unfinished_switches(conn: psycopg.Connection) -> list[Switch]:
@@ -232,6 +261,15 @@ def clear_previous(conn: psycopg.Connection, collection: str) -> bool:
         return conn.execute("""UPDATE blue SET previous_version = NULL, previous_collection = NULL,
                                    previous_until = NULL WHERE previous_collection = %s""",
                             (collection,)).rowcount == 1
+
+
+def unreferenced_ready(conn: psycopg.Connection) -> list[str]:
+    """Ready collections neither blue, green nor previous points to: a switch's displaced previous blue
+    whose driver died between the swap and the drop (dropped by the next cleanup)."""
+    return [r[0] for r in conn.execute("""
+        SELECT c.name FROM collections c, blue b
+        WHERE c.state = 'ready' AND c.name <> b.collection AND c.name IS DISTINCT FROM b.green_collection
+          AND c.name IS DISTINCT FROM b.previous_collection ORDER BY c.name""")]
 
 
 def set_blue(conn: psycopg.Connection, model_version: int, collection: str) -> None:

@@ -171,6 +171,12 @@ def mark_irrelevant(conn: psycopg.Connection, session_id: str) -> None:
             raise UnknownSession(f"no session {session_id!r}")
 
 
+def forget_user_sessions(conn: psycopg.Connection, user_id: str) -> int:
+    """Deletes a user's sessions with their results and events (a forgotten user's sessions teach no
+    replay and no fine-tune again); returns how many."""
+    return conn.execute("DELETE FROM sessions WHERE user_id = %s", (user_id,)).rowcount
+
+
 # --- the click log, read by the learners ------------------------------------------------------------
 
 # Every reader below takes `exclude_sources` (learning.exclude_sources): sessions of those sources are
@@ -227,8 +233,8 @@ def mark_improved(conn: psycopg.Connection, session_ids: list[str]) -> None:
 
 def improved_user_sessions(conn: psycopg.Connection, after: tuple | None, limit: int,
                            exclude_sources: Sequence[str] = ()) -> tuple[list[LoggedSession], tuple | None]:
-    """Users' sessions already learned from, in (created_at, id) order from `after` (for deriving their
-    adjustments again on a new model's collection). Returns them and the next `after`."""
+    """Users' sessions already learned from, in (created_at, id) order from `after`. Returns them and
+    the next `after`."""
     rows = conn.execute(
         f"""SELECT {LOG_COLUMNS} FROM sessions
             WHERE improved_at IS NOT NULL AND user_id IS NOT NULL AND {KEPT}

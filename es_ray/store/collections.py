@@ -46,6 +46,16 @@ class StoredItem:
     source: dict[str, Any] = field(default_factory=dict)
 
 
+class ChunkVectors(dict):
+    """object id -> [(part no, vector)], and `versions`: each item's version when its vectors were read.
+    A writer of adjusted vectors hands the versions back, so a read-modify-write never lands on an item
+    rewritten in between (store the adjusted old text's vectors over the new text's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: dict[str, int] = {}
+
+
 def collection_name(model_version: int) -> str:
     return f"v{int(model_version)}"
 
@@ -306,19 +316,21 @@ class Collection:
 
     # -- improvement ----------------------------------------------------------------------------
     def chunk_vectors(self, conn: psycopg.Connection, object_ids: list[str], user_id: str | None = None,
-                      model: bool = False) -> dict[str, list[tuple[int, np.ndarray]]]:
+                      model: bool = False) -> ChunkVectors:
         """Chunk vectors of items as a user sees them (the user's adjusted ones where present), or
-        with `model` the model's own vectors from before any adjustment."""
+        with `model` the model's own vectors from before any adjustment; with the items' versions."""
         seen = sql.SQL("COALESCE(p.original, p.vector)" if model else "COALESCE(u.vector, p.vector)")
         rows = conn.execute(sql.SQL("""
-            SELECT p.object_id, p.part_no, {seen}
-            FROM {parts} p
+            SELECT p.object_id, p.part_no, {seen}, i.version
+            FROM {parts} p JOIN {items} i ON i.object_id = p.object_id
             LEFT JOIN {user_parts} u ON u.user_id = %(user)s AND u.object_id = p.object_id AND u.part_no = p.part_no
             WHERE NOT p.is_average AND p.object_id = ANY(%(ids)s) ORDER BY p.object_id, p.part_no
-        """).format(parts=self.parts, user_parts=self.user_parts, seen=seen), {"user": user_id, "ids": list(object_ids)})
-        out: dict[str, list[tuple[int, np.ndarray]]] = {}
-        for object_id, part_no, vec in rows:
+        """).format(parts=self.parts, items=self.items, user_parts=self.user_parts, seen=seen),
+            {"user": user_id, "ids": list(object_ids)})
+        out = ChunkVectors()
+        for object_id, part_no, vec, version in rows:
             out.setdefault(object_id, []).append((part_no, vec.to_numpy()))
+            out.versions[object_id] = version
         return out
 
     def adjusted(self, conn: psycopg.Connection, object_ids: list[str]) -> set[str]:
@@ -326,8 +338,11 @@ class Collection:
         return {r[0] for r in conn.execute(sql.SQL("SELECT DISTINCT object_id FROM {} WHERE object_id = ANY(%s) "
                                                    "AND original IS NOT NULL").format(self.parts), (list(object_ids),))}
 
-    def save_global(self, conn: psycopg.Connection, updates: list[tuple[str, int, np.ndarray]]) -> None:
-        """New vectors for chunks; the model's vector is kept in `original` the first time."""
+    def save_global(self, conn: psycopg.Connection, updates: list[tuple[str, int, np.ndarray]],
+                    read_versions: dict[str, int] | None = None) -> None:
+        """New vectors for chunks; the model's vector is kept in `original` the first time. With
+        `read_versions` (ChunkVectors.versions) only items still at the version read are written."""
+        updates = self._unchanged_since_read(conn, updates, read_versions)
         if updates:
             conn.execute(sql.SQL("""
                 UPDATE {parts} p SET original = COALESCE(p.original, p.vector), vector = u.vector
@@ -336,7 +351,10 @@ class Collection:
             """).format(parts=self.parts), ([u[0] for u in updates], [u[1] for u in updates],
                                             [np.asarray(u[2], dtype=np.float32) for u in updates]))
 
-    def save_user(self, conn: psycopg.Connection, user_id: str, updates: list[tuple[str, int, np.ndarray]]) -> None:
+    def save_user(self, conn: psycopg.Connection, user_id: str, updates: list[tuple[str, int, np.ndarray]],
+                  read_versions: dict[str, int] | None = None) -> None:
+        """A user's own copies of chunk vectors; `read_versions` as in save_global."""
+        updates = self._unchanged_since_read(conn, updates, read_versions)
         if updates:
             conn.execute(sql.SQL("""
                 INSERT INTO {user_parts} (user_id, object_id, part_no, vector)
@@ -347,6 +365,21 @@ class Collection:
             """).format(user_parts=self.user_parts, items=self.items),
                 (user_id, [u[0] for u in updates], [u[1] for u in updates],
                  [np.asarray(u[2], dtype=np.float32) for u in updates]))
+
+    def _unchanged_since_read(self, conn: psycopg.Connection, updates: list[tuple[str, int, np.ndarray]],
+                              read_versions: dict[str, int] | None) -> list[tuple[str, int, np.ndarray]]:
+        """The updates whose item is still at the version they were computed from, share-locked until
+        the transaction ends so no upsert or delete changes it before the write commits. SKIP LOCKED: an
+        item a writer holds right now is being rewritten, so its update is dropped rather than waited
+        for (waiting, item by item in one transaction, could deadlock with that writer)."""
+        if read_versions is None or not updates:
+            return updates
+        rows = conn.execute(sql.SQL("""
+            SELECT object_id, version FROM {items} WHERE object_id = ANY(%s) AND NOT deleted
+            ORDER BY object_id FOR SHARE SKIP LOCKED
+        """).format(items=self.items), (sorted({u[0] for u in updates}),)).fetchall()
+        current = {object_id for object_id, version in rows if read_versions.get(object_id) == version}
+        return [u for u in updates if u[0] in current]
 
     def forget_user(self, conn: psycopg.Connection, user_id: str) -> int:
         return conn.execute(sql.SQL("DELETE FROM {} WHERE user_id = %s").format(self.user_parts), (user_id,)).rowcount

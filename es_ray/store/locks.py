@@ -74,3 +74,12 @@ def try_transaction_lock(conn: psycopg.Connection, key: str) -> bool:
 def transaction_lock(conn: psycopg.Connection, key: str) -> None:
     """The same lock, waiting for it."""
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
+
+
+def session_lock(conn: psycopg.Connection, key: str) -> None:
+    """The same lock held by the connection's session, across transactions, until `session_unlock`."""
+    conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+
+
+def session_unlock(conn: psycopg.Connection, key: str) -> None:
+    conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))

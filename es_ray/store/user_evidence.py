@@ -111,3 +111,9 @@ def page(conn: psycopg.Connection, after: tuple | None, limit: int, exclude_sour
 def forget(conn: psycopg.Connection, user_id: str) -> int:
     """Forgets what a user taught (their labels go with their queries); returns how many queries."""
     return conn.execute("DELETE FROM user_queries WHERE user_id = %s", (user_id,)).rowcount
+
+
+def remembered_users(conn: psycopg.Connection, user_ids: Sequence[str]) -> set[str]:
+    """Those of `user_ids` with counted evidence now (a user forgotten meanwhile has none)."""
+    return {r[0] for r in conn.execute("SELECT DISTINCT user_id FROM user_queries WHERE user_id = ANY(%s)",
+                                       (list(user_ids),))}

@@ -6,25 +6,24 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 
+from es_ray.improve import forgetting
 from es_ray.serve import auth, schemas
 from es_ray.serve.auth import Caller
 from es_ray.serve.errors import path_id
 from es_ray.serve.replica import Replica, replica
 from es_ray.serve.routes import ADMIN
-from es_ray.store.collections import Collection
 
 router = APIRouter()
 
 
 @router.delete("/v1/users/{user_id}/personalisation",
-               summary="Forget everything learned from a user's clicks (that user's token or an API key)")
+               summary="Forget everything learned from a user's clicks, in every collection, and their sessions "
+                       "(that user's token or an API key)")
 def forget_user(user_id: str, who: Caller = Depends(auth.someone), state: Replica = Depends(replica)) -> dict[str, Any]:
     path_id(user_id, "user_id")
     auth.require_user(who, user_id, f"the personalisation of user {user_id!r}")
-    blue = state.blue()
     with state.pool.connection() as conn:
-        deleted = Collection(blue.collection, blue.dim).forget_user(conn, user_id)
-    return {"user_id": user_id, "deleted_vectors": deleted}
+        return forgetting.forget_user(conn, user_id)
 
 
 @router.post("/v1/users/{user_id}/token", response_model=schemas.UserToken, dependencies=ADMIN,
