@@ -1,7 +1,8 @@
-"""Load and faults: search at 8 concurrent clients with click and upsert traffic beside it, then
-Postgres restarted, tritonserver killed and the Serve replica killed under that load.
+"""Load, faults and an attacker: search at 8 concurrent clients with click and upsert traffic beside it,
+then Postgres restarted, tritonserver killed and the Serve replica killed under that load; then an
+attacker beside normal traffic (es_ray/bench/attack.py: bench/results/load-attack.json).
 
-    python -m es_ray.bench.load [--seconds 180] [--clients 8]     (loopback only; `make load`)
+    python -m es_ray.bench.load [--seconds 180] [--clients 8] [--only faults|attack]   (loopback; `make load`)
 
 Every request is recorded (status, seconds, Retry-After). Reported: requests tried and failed, latency,
 the RSS of every process of the stack at the start and the end of the steady phase, and per fault:
@@ -29,6 +30,7 @@ import psutil
 import psycopg
 from pydantic import BaseModel
 
+from es_ray.bench.attack import attack_phase
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, percentiles, write_result
 from es_ray.client import EsRayClient
 from es_ray.serve import schemas
@@ -302,11 +304,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent search clients")
     parser.add_argument("--state-dir", default=DEFAULT_STATE)
     parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument("--only", choices=["faults", "attack"], help="one phase (default: both)")
+    parser.add_argument("--attack-seconds", type=float, default=60, help="normal traffic alone, then this long again "
+                                                                          "beside the attacker")
+    parser.add_argument("--attack-rate", type=float, default=50, help="the attacker's requests per second")
     args = parser.parse_args(argv)
 
     settings, manifest = bench_stack(args.state_dir)
-    state = settings.state_path
     api = EsRayClient.for_stack(manifest, timeout=120)
+    if args.only != "attack":
+        steady_and_faults(args, settings, manifest, api)
+    if args.only != "faults":
+        result = attack_phase(api, manifest.serve_url, args.attack_seconds, args.attack_rate, args.clients)
+        command = "python -m es_ray.bench.load --only attack" + (
+            f" --attack-seconds {args.attack_seconds:g}" if args.attack_seconds != 60 else "")
+        write_result("load", "attack", {"benchmark": "load-attack", **result}, command)
+    api.close()
+
+
+def steady_and_faults(args, settings, manifest: StackManifest, api: EsRayClient) -> None:
+    """The steady load (memory sampled every 30 s), then the faults under load."""
+    state = settings.state_path
     warm = [{"id": f"load-0-{k}", "text": f"{QUERIES[k % len(QUERIES)]} seed text", "payload": {"source": "load-test"}}
             for k in range(50)]
     api.upsert_items(warm)
@@ -341,7 +359,6 @@ def main(argv: list[str] | None = None) -> None:
         "rss_mb": {"start": rss_start, "end": rss_end, "total_start": round(total_start, 1),
                    "total_end": round(total_end, 1), "total_every_30s": totals},
         "faults": faults, "clicks": clicks}, command)
-    api.close()
 
 
 if __name__ == "__main__":

@@ -94,6 +94,15 @@ TABLES.append(("load", "Load and faults (loopback; clicks lost must be 0)", _loa
     ("upserts (failed)", lambda r: f"{r['window']['upsert']['requests']} ({r['window']['upsert']['failed']})"),
     ("recovered s", lambda r: r["recovered"]), ("stack RSS MB start -> end", lambda r: r["rss"]),
     ("clicks acked / lost", lambda r: f"{r['clicks']['acknowledged']} / {r['clicks']['lost']}")]))
+TABLES.append(("load-attack", "An attacker beside normal traffic (loopback; top-10 changed must be 0)",
+               lambda r: [r], [
+    ("attacker req/s (sent)", lambda r: f"{r['attack_rate']:g} ({r['attack_rate_sent']})"),
+    ("seconds", lambda r: r["attack_seconds"]),
+    ("attacker answered", lambda r: " ".join(f"{k}:{v}" for k, v in r["attack_statuses"].items())),
+    ("normal searches alone / beside it", lambda r: f"{r['normal_without']['requests']} / {r['normal_with']['requests']}"),
+    ("normal errors under attack", lambda r: r["normal_errors_under_attack"]),
+    ("normal p99 ms without / with", lambda r: f"{r['p99_ms_without']} / {r['p99_ms_with']}"),
+    ("top-10 changed (of queries)", lambda r: f"{r['top10_changed']} ({r['queries_compared']})")]))
 def _quality_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Baseline, then per noise level: memories alone, naive, debiased (tower and whole system), skylines."""
     def row(label, noise, tower, system=None, p=""):
