@@ -26,7 +26,7 @@ from es_ray.stack import ray_head
 from es_ray.stack.jobs import REPO_ROOT
 from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection, collection_name
-from tests.helpers import click_as_people, register_variant
+from tests.helpers import click_as_people, person, register_variant
 
 pytestmark = pytest.mark.lifecycle
 
@@ -395,14 +395,18 @@ def test_es_ray_cycle_runs_every_step_once(api, stack, settings, lifecycle_items
     """`es-ray cycle`: fine-tune -> gate -> deploy -> reindex -> switch -> cleanup, as one Ray job."""
     rng = random.Random(9)
     examination = [0.8, 0.55, 0.45, 0.38, 0.3, 0.26, 0.24, 0.2, 0.2, 0.19]
-    for _ in range(4):                                          # clicks: the fine-tune's training data
-        for topic, query in enumerate(PROBES):
-            body = api.post("/v1/search", json={"query": query, "limit": 10}).json()
-            clicked = [r["id"] for rank, r in enumerate(body["results"]) if r["id"].startswith("lc-")
-                       and rng.random() < examination[rank] * (0.9 if int(r["id"][3:]) % len(TOPICS) == topic else 0.1)]
-            if clicked and body["session_id"]:
-                events = [{"event_id": f"{body['session_id']}-{i}", "item_id": i, "type": "click"} for i in clicked]
-                assert api.post(f"/v1/sessions/{body['session_id']}/events", json={"events": events}).status_code == 200
+    # Clicks, the fine-tune's training data, from 8 people of their own addresses: a pair teaches the
+    # fine-tune once learning.min_clients distinct clients clicked it.
+    for n in range(40, 48):
+        with person(stack.serve_url, n) as someone:
+            for topic, query in enumerate(PROBES):
+                body = someone.post("/v1/search", json={"query": query, "limit": 10}).json()
+                clicked = [r["id"] for rank, r in enumerate(body["results"]) if r["id"].startswith("lc-") and
+                           rng.random() < examination[rank] * (0.9 if int(r["id"][3:]) % len(TOPICS) == topic else 0.1)]
+                if clicked and body["session_id"]:
+                    events = [{"event_id": f"e-{i}", "item_id": i, "type": "click"} for i in clicked]
+                    assert someone.post(f"/v1/sessions/{body['session_id']}/events",
+                                        json={"events": events}).status_code == 200
     before = api.get("/v1/lifecycle").json()
     # Every click one example (no click model): this test is about the cycle's steps, and the shared
     # stack's click log (other tests' sessions, on items deleted since) must not decide its data.

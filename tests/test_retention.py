@@ -126,7 +126,8 @@ def test_pruned_sessions_leave_their_lessons_and_a_rederive_gives_the_same_user_
     for n in range(6):   # ann's and bob's sessions, an irrelevant one, and anonymous ones
         record(conn, "ann", "glacier melt", ITEMS[n:n + 5], clicked=[ITEMS[n + 3]], age_days=200)
         record(conn, "bob", f"sea level {n % 2}", ITEMS[6:12], clicked=[ITEMS[8], ITEMS[10]], age_days=200)
-        record(conn, None, "glacier melt", ITEMS[0:6], clicked=[ITEMS[4]], age_days=200)
+        record(conn, None, "glacier melt", ITEMS[0:6], clicked=[ITEMS[4]], age_days=200,   # six people
+               provenance=Provenance("served", None, f"127.0.0.{20 + n}"))
     record(conn, "bob", "ice sheets", ITEMS[0:4], irrelevant=True, age_days=200)
     while improve_once(conn, blue, embed_queries, learning, batch_sessions=5, settle_s=0)["sessions"]:
         pass

@@ -103,6 +103,14 @@ TABLES.append(("load-attack", "An attacker beside normal traffic (loopback; top-
     ("normal errors under attack", lambda r: r["normal_errors_under_attack"]),
     ("normal p99 ms without / with", lambda r: f"{r['p99_ms_without']} / {r['p99_ms_with']}"),
     ("top-10 changed (of queries)", lambda r: f"{r['top10_changed']} ({r['queries_compared']})")]))
+TABLES.append(("guards", "What the learning guards cost honest users (test queries, blue model + click memories, "
+                          "means over click seeds)", lambda r: [{**r, **row} for row in r["rows"]], [
+    ("dataset", lambda r: r["dataset"]), ("sessions per train query", lambda r: r["sessions_per_query"]),
+    ("baseline nDCG@10", lambda r: r["baseline"]["ndcg@10"]),
+    ("no guards", lambda r: r["unguarded"]["ndcg@10"]), ("guards", lambda r: r["guarded"]["ndcg@10"]),
+    ("guards - none (95% CI)", lambda r: f"{r['paired']['mean_difference']:+.4f} {r['paired']['bootstrap_95']}"),
+    ("p", lambda r: r["paired"]["p_randomisation"]),
+    ("min_clients", lambda r: r["guards"]["min_clients"]), ("click seeds", lambda r: r["click_seeds"])]))
 def _quality_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Baseline, then per noise level: memories alone, naive, debiased (tower and whole system), skylines."""
     def row(label, noise, tower, system=None, p=""):
