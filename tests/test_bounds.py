@@ -189,8 +189,13 @@ def test_a_slow_search_is_cancelled_at_its_statement_timeout(scratch_database):
 
 # --- end to end, on the real stack -------------------------------------------------------------------
 
-def test_seventy_in_lists_are_a_422_naming_the_limit(anon):
+def test_seventy_in_lists_are_refused_before_parsing_and_five_are_a_422_naming_the_limit(anon):
+    # 840 KB of filter: refused by its size before a byte of it is parsed (parsing it is what would cost).
     response = anon.post("/v1/search", json={"query": "anything", "filter": SEVENTY_LISTS})
+    assert response.status_code == 413, response.text
+    assert "serve.max_search_body_bytes" in response.json()["error"]
+    five = {"and": [{"tag": {"in": [f"{k}-{v}" for v in range(1000)]}} for k in range(5)]}   # 5,000 values
+    response = anon.post("/v1/search", json={"query": "anything", "filter": five})
     assert response.status_code == 422, response.text
     assert "serve.filter_limits.max_values" in response.json()["error"]
 

@@ -126,11 +126,16 @@ def test_huge_ids_and_texts_are_refused(api, settings):
 
 
 def test_bodies_over_the_size_limit_get_a_clear_413(api, anon, settings):
+    search_limit = settings.serve.max_search_body_bytes   # the public search's own, smaller limit
+    response = anon.post("/v1/search", content=json.dumps({"query": "x", "pad": "y" * search_limit}).encode(),
+                         headers={"content-type": "application/json"})
+    assert response.status_code == 413, response.text[:300]
+    assert f"the limit is {search_limit} (serve.max_search_body_bytes)" in response.json()["error"]
     limit = settings.serve.max_body_bytes
     body = json.dumps({"query": "x", "pad": "y" * (limit + 10)}).encode()
-    response = anon.post("/v1/search", content=body, headers={"content-type": "application/json"})
+    response = api.put("/v1/items", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 413, response.text[:300]
-    assert f"the limit is {limit}" in response.json()["error"]
+    assert f"the limit is {limit} (serve.max_body_bytes)" in response.json()["error"]
 
     def chunks():  # no Content-Length: the limit is counted as the body arrives
         for start in range(0, len(body), 1 << 20):

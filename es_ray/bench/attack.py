@@ -22,7 +22,8 @@ import itertools
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,54 +90,61 @@ class People:
 
 @dataclass
 class Attacker:
-    """One client at a fixed request rate, cycling through the attacks of the module's docstring."""
+    """One client (one address) sending at a fixed request rate whatever the answers' latency (requests
+    start on a schedule, up to `in_flight` at once; those the service has not let start by the end are dropped), cycling through the attacks of the module's docstring."""
 
     url: str
     queries: list[str]
     rate: float = 50.0
     target: str = "d-1"                                  # the item fabricated sessions and events click
+    in_flight: int = 64
     statuses: Counter = field(default_factory=Counter)   # "<attack> <status>" -> count
+    sent: int = 0                                        # requests started before the stop
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> "Attacker":
+        self._farmed: deque[tuple[str, str]] = deque(maxlen=1000)   # (session id, 10th result) to click
+        self._lock = threading.Lock()
+        self._n = itertools.count()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
-        self._thread.join(timeout=120)
+        self._thread.join(timeout=180)
 
     def _run(self) -> None:
-        attacks = itertools.cycle([self._fabricated_session, self._farm_search, self._giant_filter, self._bad_token,
-                                   self._unsigned_session])
-        self._farm: tuple[str, str] | None = None   # (session id, 10th result) of the farm's last search
-        self._n = 0
-        with httpx.Client(base_url=self.url, timeout=60,
-                          transport=httpx.HTTPTransport(local_address=ATTACKER_ADDRESS)) as client:
+        attacks = [self._fabricated_session, self._farm_search, self._farm_click, self._giant_filter,
+                   self._bad_token, self._unsigned_session]
+        transport = httpx.HTTPTransport(local_address=ATTACKER_ADDRESS,
+                                        limits=httpx.Limits(max_connections=self.in_flight))
+        pool = ThreadPoolExecutor(self.in_flight)
+        with httpx.Client(base_url=self.url, timeout=60, transport=transport) as client:
             next_at = time.monotonic()
-            while not self.stop.is_set():
-                attack = next(attacks)
-                try:
-                    status = attack(client)
-                except httpx.TransportError:
-                    status = 0
-                self.statuses[f"{attack.__name__.lstrip('_')} {status}"] += 1
-                if self._farm is not None:   # the farm's click goes out as the next request
-                    try:
-                        status = self._farm_click(client)
-                    except httpx.TransportError:
-                        status = 0
-                    self.statuses[f"farm_click {status}"] += 1
+            for k in itertools.count():
+                if self.stop.is_set():
+                    break
+                pool.submit(self._send, attacks[k % len(attacks)], client)
                 next_at += 1 / self.rate
                 self.stop.wait(max(0.0, next_at - time.monotonic()))
+            # What the service has not started by the end stays unsent: the phase is the window, not a backlog.
+            pool.shutdown(wait=True, cancel_futures=True)
 
-    def requests(self) -> int:
-        return sum(self.statuses.values())
+    def _send(self, attack, client: httpx.Client) -> None:
+        if self.stop.is_set():
+            return
+        with self._lock:
+            self.sent += 1
+        try:
+            status = attack(client)
+        except httpx.TransportError:
+            status = 0
+        with self._lock:
+            self.statuses[f"{attack.__name__.lstrip('_')} {status}"] += 1
 
     def _query(self) -> str:
-        self._n += 1
-        return self.queries[self._n % len(self.queries)]
+        return self.queries[next(self._n) % len(self.queries)]
 
     def _fabricated_session(self, client: httpx.Client) -> int:
         session = {"session_id": f"fab-{uuid.uuid4().hex}", "query": self._query(),
@@ -146,12 +154,15 @@ class Attacker:
     def _farm_search(self, client: httpx.Client) -> int:
         answer = client.post("/v1/search", json={"query": self._query(), "limit": 10})
         if answer.status_code == 200 and len(answer.json()["results"]) == 10 and answer.json()["session_id"]:
-            self._farm = (answer.json()["session_id"], answer.json()["results"][9]["id"])
+            self._farmed.append((answer.json()["session_id"], answer.json()["results"][9]["id"]))
         return answer.status_code
 
     def _farm_click(self, client: httpx.Client) -> int:
-        session, item = self._farm
-        self._farm = None
+        """A click on the 10th result of a farmed search (a search first where none is waiting)."""
+        try:
+            session, item = self._farmed.popleft()
+        except IndexError:
+            return self._farm_search(client)
         event = {"events": [{"event_id": "e-1", "item_id": item, "type": "click"}]}
         return client.post(f"/v1/sessions/{session}/events", json=event).status_code
 
@@ -160,7 +171,7 @@ class Attacker:
         return client.post("/v1/search", json={"query": self._query(), "filter": giant}).status_code
 
     def _bad_token(self, client: httpx.Client) -> int:
-        token = "u1.YQ.1.é" if self._n % 2 else "u1.YQ.9999999999.forged"
+        token = "u1.YQ.1.é" if next(self._n) % 2 else "u1.YQ.9999999999.forged"
         return client.post("/v1/search", json={"query": self._query(), "user_id": "u1"},
                            headers={"X-User-Token": token.encode()}).status_code
 
@@ -183,9 +194,8 @@ def attack_phase(api: EsRayClient, url: str, seconds: float, rate: float, people
     with People(url, queries, people) as calm:
         time.sleep(seconds)
     with People(url, queries, people) as busy, Attacker(url, queries, rate, items[-1]["id"]) as attacker:
-        started = time.monotonic()
         time.sleep(seconds)
-        sent_rate = attacker.requests() / (time.monotonic() - started)
+    sent_rate = attacker.sent / seconds   # below `rate` where the service answers slower than the attacker sends
     improvement = api.run_improvement(settle_s=0)
     after = top10(api, queries)
     without, under = calm.summary(), busy.summary()
