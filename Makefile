@@ -60,12 +60,15 @@ bench: venv
 # ../shared/data has it. Hours on 2 cores (3 click seeds x 2 methods x 2 noise levels per collection).
 quality: venv
 	$(BIN)/python -m es_ray.bench.quality $(if $(DATA),--data $(DATA))
+	$(BIN)/python -m es_ray.bench.guards $(if $(DATA),--data $(DATA))
 	@if [ -z "$(DATA)" ] && [ -d ../shared/data/cranfield ]; then \
 		$(BIN)/python -m es_ray.bench.quality --data ../shared/data/cranfield; \
+		$(BIN)/python -m es_ray.bench.guards --data ../shared/data/cranfield; \
 	else echo "quality: ../shared/data/cranfield is absent (or DATA is set): Cranfield not measured"; fi
 
 # 8 search clients with clicks and upserts for LOAD_SECONDS, then Postgres restarted, Triton killed and
-# the Serve replica killed under that load (loopback only); bench/results/load-synthetic.json.
+# the Serve replica killed under that load (loopback only); bench/results/load-synthetic.json. Then an
+# attacker from 127.0.0.2 beside anonymous people (es_ray/bench/attack.py); bench/results/load-attack.json.
 LOAD_SECONDS ?= 180
 load: venv
 	$(BIN)/python -m es_ray.bench.load --seconds $(LOAD_SECONDS)
