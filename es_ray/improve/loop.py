@@ -218,20 +218,25 @@ def apply_user_sessions(conn: psycopg.Connection, collection: Collection, sessio
     by_user: dict[str, list[LoggedSession]] = defaultdict(list)
     for s in useful:
         by_user[s.user_id].append(s)
-    adjusted = 0
-    for user_id, group in by_user.items():
-        items = sorted({item for s in group for item, _ in labelled(s)})
-        seen = collection.chunk_vectors(conn, items, user_id)
-        keys, current, examples = adjustment_examples(group, query_vectors, seen)
-        if not keys:
-            continue
-        # Anchored at the global vectors: a user's copies stay close to what everyone sees.
-        anchors = collection.chunk_vectors(conn, items, None)
-        anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
-        new = adjuster.adjust(current, anchor, examples)
-        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)], seen.versions)
-        adjusted += len(keys)
-    return adjusted
+    return sum(adjust_user(conn, collection, user_id, sorted({item for s in group for item, _ in labelled(s)}),
+                           lambda seen, group=group: adjustment_examples(group, query_vectors, seen), adjuster)
+               for user_id, group in by_user.items())
+
+
+def adjust_user(conn: psycopg.Connection, collection: Collection, user_id: str, items: list[str], examples_from,
+                adjuster: VectorAdjuster) -> int:
+    """Adjusts one user's own copies of `items`' vectors by the examples `examples_from(their chunk vectors
+    as the user sees them)` gives ((keys, vectors, Examples)); returns how many vectors."""
+    seen = collection.chunk_vectors(conn, items, user_id)
+    keys, current, examples = examples_from(seen)
+    if not keys:
+        return 0
+    # Anchored at the global vectors: a user's copies stay close to what everyone sees.
+    anchors = collection.chunk_vectors(conn, items, None)
+    anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
+    new = adjuster.adjust(current, anchor, examples)
+    collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)], seen.versions)
+    return len(keys)
 
 
 def evidence_examples(groups: list[user_evidence.UserQuery], query_vectors: dict[str, np.ndarray],
@@ -280,19 +285,10 @@ def apply_user_evidence(conn: psycopg.Connection, collection: Collection, groups
     by_user: dict[str, list[user_evidence.UserQuery]] = defaultdict(list)
     for group in groups:
         by_user[group.user_id].append(group)
-    adjusted = 0
-    for user_id, user_groups in by_user.items():
-        items = sorted({ln.object_id for g in user_groups for ln in g.lessons})
-        seen = collection.chunk_vectors(conn, items, user_id)
-        keys, current, examples = evidence_examples(user_groups, query_vectors, seen)
-        if not keys:
-            continue
-        anchors = collection.chunk_vectors(conn, items, None)
-        anchor = np.stack([dict(anchors[o])[p] for o, p in keys])
-        new = adjuster.adjust(current, anchor, examples)
-        collection.save_user(conn, user_id, [(o, p, v) for (o, p), v in zip(keys, new)], seen.versions)
-        adjusted += len(keys)
-    return adjusted
+    return sum(adjust_user(conn, collection, user_id, sorted({ln.object_id for g in user_groups for ln in g.lessons}),
+                           lambda seen, user_groups=user_groups: evidence_examples(user_groups, query_vectors, seen),
+                           adjuster)
+               for user_id, user_groups in by_user.items())
 
 
 def rederive(conn: psycopg.Connection, collection: Collection, embed_queries, learning: Learning, batch: int,
