@@ -36,6 +36,8 @@ LONG_ID = "x" * 10_000
     ("DELETE", "/v1/items", {"ids": []}, 422, "ids: List should have at least 1 item"),
     ("DELETE", "/v1/items", {"ids": [LONG_ID]}, 422, "id is 10000 characters long"),
     ("DELETE", "/v1/items", {"id": "a"}, 422, "ids: Field required"),
+    ("POST", "/v1/lifecycle/abandon-green", {"collection": "c; drop"}, 422, "collection: String should match pattern"),
+    ("POST", "/v1/lifecycle/abandon-green", {"green": "c2"}, 422, "green: Extra inputs are not permitted"),
 ])
 def test_bad_request_is_a_clear_4xx(api, method, path, body, status, fragment):
     kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
