@@ -1,9 +1,9 @@
 """The embedding model: a Hugging Face encoder with mean pooling and L2 normalisation.
 
-`SentenceEncoder` is the one torch module that is traced to TorchScript and served by Triton, so the
-vectors computed locally (tests, benchmarks, training) and the ones Triton serves come from the same
-code. Tokenisation stays outside the module: Triton receives token ids, which lets the same
-TorchScript file run on Triton's python backend here and its libtorch backend in production.
+`SentenceEncoder` is the one torch module that is exported (ONNX, or TorchScript by tracing) and served
+by Triton, so the vectors computed locally (tests, benchmarks, training) and the ones Triton serves come
+from the same code. Tokenisation stays outside the module: Triton receives token ids, which lets the
+same file run on Triton's python backend here and its onnxruntime or libtorch backend in production.
 """
 
 from __future__ import annotations
@@ -95,3 +95,27 @@ def trace(encoder: SentenceEncoder) -> torch.jit.ScriptModule:
     with torch.no_grad():
         traced = torch.jit.trace(encoder, (example_ids, example_mask), check_trace=False)
     return traced
+
+
+# Tensor names of the served model, the same for every runtime: libtorch binds TorchScript inputs by the
+# <name>__<index> convention, and Triton's onnxruntime backend binds ONNX inputs by the graph's names.
+INPUT_NAMES = ("input_ids__0", "attention_mask__1")
+OUTPUT_NAME = "embedding__0"
+
+
+def export_onnx(encoder: SentenceEncoder, path: str | os.PathLike) -> Path:
+    """The encoder (transformer, mean pooling, L2 norm) as one ONNX file, with torch's maintained
+    exporter (`torch.onnx.export`, dynamo); batch and sequence length stay dynamic."""
+    from torch.export import Dim
+
+    example_ids = torch.randint(100, 1000, (2, 16), dtype=torch.long)
+    example_mask = torch.ones_like(example_ids)
+    example_mask[1, 10:] = 0
+    batch, sequence = Dim("batch"), Dim("sequence")
+    shapes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+    with torch.no_grad():
+        program = torch.onnx.export(encoder, (example_ids, example_mask), dynamo=True, dynamic_shapes=shapes,
+                                    input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                                    external_data=False, verbose=False)
+    program.save(str(path))
+    return Path(path)
