@@ -88,7 +88,7 @@ class TritonSettings(BaseModel):
     http_port: int = 0
     grpc_port: int = 0
     metrics_port: int = 0
-    backend: str = Field("python", pattern="^(python|pytorch)$")
+    backend: str = Field("python", pattern="^(python|pytorch|onnxruntime)$")
     max_batch_size: int = 64
     max_queue_delay_us: int = 2000
     instances: int = 1
@@ -108,6 +108,11 @@ class ModelSettings(BaseModel):
     max_chunks: int = Field(16, ge=1)
     torch_threads: int = 0
     query_pad_multiple: int = Field(16, ge=1)
+    runtime: Literal["onnx", "torchscript"] = "onnx"
+
+
+# The file each runtime serves and the production Triton backends that can run it.
+RUNTIME_BACKENDS = {"onnx": {"python", "onnxruntime"}, "torchscript": {"python", "pytorch"}}
 
 
 class ServeSettings(BaseModel):
@@ -305,6 +310,13 @@ class Settings(BaseSettings):
                                    file_secret_settings):
         # Precedence: explicit arguments, then the environment, then the YAML file.
         return init_settings, env_settings, _YamlSource(settings_cls)
+
+    @model_validator(mode="after")
+    def _backend_runs_runtime(self) -> "Settings":
+        if self.triton.backend not in RUNTIME_BACKENDS[self.model.runtime]:
+            raise ValueError(f"triton.backend {self.triton.backend!r} cannot serve model.runtime "
+                             f"{self.model.runtime!r}; it takes one of {sorted(RUNTIME_BACKENDS[self.model.runtime])}")
+        return self
 
     @property
     def state_path(self) -> Path:

@@ -1,12 +1,14 @@
-"""The versioned Triton model repository: <repo>/<encoder>_v<N>/config.pbtxt and <N>/model.pt.
+"""The versioned Triton model repository: <repo>/<encoder>_v<N>/config.pbtxt and <N>/model.onnx or model.pt.
 
 Query and item encoders are separate Triton models (they can be scaled and batched differently), and
 each registry version N of them is a Triton model of its own (`query_encoder_v3`, version 3), so
 loading a new version or unloading an old one never touches the serving one. (Versions of one Triton
 model share its load: Triton reloads every version of a model when one is added, and the python
 backend can crash tritonserver when that reload replaces instances that are serving requests.)
-A version's two model directories hold the same TorchScript file (a hard link, so the weights are on
-disk once), or two files where a fine-tune trained the query tower alone.
+A version's two model directories hold the same model file (a hard link, so the weights are on disk
+once), or two files where a fine-tune trained the query tower alone. The file is the one model.runtime
+names: model.onnx (ONNX Runtime: the python backend here, the onnxruntime backend in production) or
+model.pt (TorchScript: the python backend here, libtorch in production). config.pbtxt says which.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ import sysconfig
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from es_ray.config import TritonSettings
+from es_ray.inference.encoder import export_onnx, trace
 
 QUERY_ENCODER = "query_encoder"
 ITEM_ENCODER = "item_encoder"
 ENCODERS = (QUERY_ENCODER, ITEM_ENCODER)
 SERVED_NAME = re.compile(r"^(?P<encoder>[a-z_]+)_v(?P<version>[0-9]+)$")
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}  # model.runtime -> the file Triton loads
 
 
 def served_name(encoder: str, version: int | str) -> str:
@@ -42,9 +47,16 @@ def deployed_versions(repo: Path) -> dict[str, int]:
     found = {}
     for model_dir in repo.iterdir() if repo.exists() else []:
         match = SERVED_NAME.match(model_dir.name)
-        if match and match["encoder"] in ENCODERS and (model_dir / match["version"] / "model.pt").exists():
+        if match and match["encoder"] in ENCODERS and model_file(model_dir / match["version"]) is not None:
             found[model_dir.name] = int(match["version"])
     return found
+
+
+def model_file(directory: Path) -> Path | None:
+    """The model file a version directory holds, whichever runtime wrote it; None while there is none."""
+    return next((directory / f for f in MODEL_FILES.values() if (directory / f).exists()), None)
+
+
 TEMPLATE = Path(__file__).parent / "templates" / "triton_model.py"
 
 
@@ -53,17 +65,20 @@ def _python_path() -> str:
     return os.pathsep.join(dict.fromkeys(paths))
 
 
-def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: int = 0) -> str:
-    """config.pbtxt for one encoder. `python` runs model.py (embedded); `pytorch` is libtorch (production)."""
+def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: int = 0,
+                 runtime: str = "torchscript") -> str:
+    """config.pbtxt for one encoder. `python` runs model.py (embedded) on the runtime's file; `pytorch`
+    (libtorch) and `onnxruntime` are a production Triton's own backends for model.pt and model.onnx."""
     if settings.backend == "python":
         backend = 'backend: "python"'
         instance_kind = "KIND_CPU"
         parameters = (
             f'parameters: {{ key: "python_path" value: {{ string_value: "{_python_path()}" }} }}\n'
             f'parameters: {{ key: "torch_threads" value: {{ string_value: "{torch_threads}" }} }}\n'
+            f'parameters: {{ key: "model_filename" value: {{ string_value: "{MODEL_FILES[runtime]}" }} }}\n'
         )
     else:
-        backend = 'backend: "pytorch"\ndefault_model_filename: "model.pt"'
+        backend = f'backend: "{settings.backend}"\ndefault_model_filename: "{MODEL_FILES[runtime]}"'
         instance_kind = "KIND_AUTO"
         parameters = ""
     return f"""name: "{name}"
@@ -82,16 +97,24 @@ instance_group [ {{ kind: {instance_kind} count: {settings.instances} }} ]
 {parameters}"""
 
 
-def write_version(repo: Path, version: int, towers: dict[str, torch.jit.ScriptModule], dim: int,
-                  settings: TritonSettings, torch_threads: int = 0) -> list[str]:
-    """Writes both encoders' entries for `version` from {model name: TorchScript module}; a module
-    shared by both is saved once and hard-linked. Returns the Triton model names written."""
+def save_model(module: nn.Module, path: Path, runtime: str) -> None:
+    """The encoder as `runtime`'s file: exported to ONNX, or traced to TorchScript (a TorchScript module as is)."""
+    if runtime == "onnx":
+        export_onnx(module, path)
+    else:
+        torch.jit.save(module if isinstance(module, torch.jit.ScriptModule) else trace(module), str(path))
+
+
+def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: int,
+                  settings: TritonSettings, torch_threads: int = 0, runtime: str = "torchscript") -> list[str]:
+    """Writes both encoders' entries for `version` from {model name: encoder module} as `runtime`'s file;
+    a module shared by both is saved once and hard-linked. Returns the Triton model names written."""
     saved: dict[int, Path] = {}
     for name in ENCODERS:
         directory = version_dir(repo, name, version)
         directory.mkdir(parents=True, exist_ok=True)
-        target = directory / "model.pt"
-        tmp = directory / "model.pt.tmp"
+        target = directory / MODEL_FILES[runtime]
+        tmp = directory / f"{MODEL_FILES[runtime]}.tmp"
         tmp.unlink(missing_ok=True)
         module = towers[name]
         if id(module) in saved:
@@ -100,12 +123,12 @@ def write_version(repo: Path, version: int, towers: dict[str, torch.jit.ScriptMo
             except OSError:
                 shutil.copy(saved[id(module)], tmp)
         else:
-            torch.jit.save(module, str(tmp))
+            save_model(module, tmp, runtime)
         tmp.replace(target)
         saved.setdefault(id(module), target)
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
-                          config_pbtxt(served_name(name, version), dim, settings, torch_threads))
+                          config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime))
     return [served_name(name, version) for name in ENCODERS]
 
 
@@ -119,7 +142,7 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 
 def has_version(repo: Path, version: int) -> bool:
-    return all((version_dir(repo, name, version) / "model.pt").exists() for name in ENCODERS)
+    return all(model_file(version_dir(repo, name, version)) is not None for name in ENCODERS)
 
 
 def remove_version(repo: Path, version: int) -> None:

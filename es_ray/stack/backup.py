@@ -193,7 +193,7 @@ def drop_incomplete_triton_versions(repo: Path) -> list[int]:
     versions = {int(m["version"]) for d in (repo.iterdir() if repo.exists() else [])
                 if (m := triton_repo.SERVED_NAME.match(d.name))}
     incomplete = sorted(v for v in versions if not all(
-        (triton_repo.version_dir(repo, name, v) / "model.pt").exists()
+        triton_repo.model_file(triton_repo.version_dir(repo, name, v)) is not None
         and (triton_repo.version_dir(repo, name, v) / "model.py").exists()
         and (repo / triton_repo.served_name(name, v) / "config.pbtxt").exists() for name in triton_repo.ENCODERS))
     for version in incomplete:

@@ -1,7 +1,8 @@
-"""Triton python-backend model that serves a TorchScript sentence encoder.
+"""Triton python-backend model that serves a sentence encoder from an ONNX or a TorchScript file.
 
-Generated into every version directory of the es-ray model repository next to model.pt. The same
-model.pt is served by Triton's libtorch backend in production (config.pbtxt switches the backend).
+Generated into every version directory of the es-ray model repository next to the model file that
+config.pbtxt's `model_filename` names: model.onnx runs in ONNX Runtime, model.pt in torch. A production
+Triton serves the same files with its own onnxruntime or libtorch backend (config.pbtxt switches).
 Inputs are token ids and attention mask (INT64, [batch, seq]); the output is the L2-normalised
 embedding (FP32, [batch, dim]).
 """
@@ -22,28 +23,50 @@ class TritonPythonModel:
             if path and path not in sys.path:
                 sys.path.insert(0, path)
         import numpy as np
+
+        self.np = np
+        threads = int(params.get("torch_threads", "0"))  # 0: the runtime's default (every core)
+        path = os.path.join(args["model_repository"], args["model_version"], params.get("model_filename", "model.pt"))
+        if path.endswith(".onnx"):
+            self.run = self._onnx(path, threads)
+        else:
+            self.run = self._torchscript(path, threads, args)
+
+    def _onnx(self, path, threads):
+        # torch is never imported here: a stub that runs ONNX Runtime alone is hundreds of MB smaller.
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        return lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))))[0]
+
+    def _torchscript(self, path, threads, args):
         import torch
 
-        self.np, self.torch = np, torch
-        threads = int(params.get("torch_threads", "0"))
         if threads > 0:
             torch.set_num_threads(threads)
         use_gpu = args.get("model_instance_kind") == "GPU" and torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{args['model_instance_device_id']}" if use_gpu else "cpu")
-        path = os.path.join(args["model_repository"], args["model_version"], "model.pt")
-        self.model = torch.jit.load(path, map_location=self.device).eval()
+        device = torch.device(f"cuda:{args['model_instance_device_id']}" if use_gpu else "cpu")
+        model = torch.jit.load(path, map_location=device).eval()
+
+        def run(ids, mask):
+            with torch.inference_mode():
+                return model(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)).float().cpu().numpy()
+        return run
 
     def execute(self, requests):
-        np, torch = self.np, self.torch
+        np = self.np
         ids = [pb_utils.get_input_tensor_by_name(r, "input_ids__0").as_numpy() for r in requests]
         masks = [pb_utils.get_input_tensor_by_name(r, "attention_mask__1").as_numpy() for r in requests]
         # Dynamic batching hands over several requests: pad them to one length and run the model once.
         width = max(a.shape[1] for a in ids)
         padded_ids = np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in ids])
         padded_mask = np.concatenate([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in masks])
-        with torch.inference_mode():
-            out = self.model(torch.from_numpy(padded_ids).to(self.device),
-                             torch.from_numpy(padded_mask).to(self.device)).float().cpu().numpy()
+        out = self.run(padded_ids.astype(np.int64, copy=False), padded_mask.astype(np.int64, copy=False))
         responses, start = [], 0
         for a in ids:
             rows = out[start:start + a.shape[0]]

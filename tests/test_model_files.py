@@ -1,0 +1,66 @@
+"""The files Triton serves: an encoder exported to ONNX or TorchScript embeds as the torch module does."""
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+
+from es_ray.config import TritonSettings, load_settings
+from es_ray.inference import triton_repo
+from es_ray.inference.encoder import INPUT_NAMES, load_encoder
+from tests.tiny_model import tiny_encoder_dir
+
+
+def _inputs(batch: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, 1000, (batch, width), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[-1, width // 2:] = 0  # a padded row: the mean must skip padding
+    return ids, mask
+
+
+def test_onnx_file_embeds_as_torch_at_any_batch_and_length(tmp_path):
+    encoder = load_encoder(tiny_encoder_dir(tmp_path / "tiny"))
+    repo = tmp_path / "repo"
+    triton_repo.write_version(repo, 1, {"query_encoder": encoder, "item_encoder": encoder}, 32, TritonSettings(),
+                              runtime="onnx")
+    files = [triton_repo.version_dir(repo, name, 1) / "model.onnx" for name in triton_repo.ENCODERS]
+    assert files[0].stat().st_ino == files[1].stat().st_ino       # one file on disk, hard-linked
+    assert triton_repo.has_version(repo, 1) and not (files[0].parent / "model.pt").exists()
+    assert 'string_value: "model.onnx"' in (repo / "query_encoder_v1" / "config.pbtxt").read_text()
+    session = onnxruntime.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
+    for batch, width in ((1, 16), (5, 48), (3, 7)):  # shapes other than the export's example (2 x 16)
+        ids, mask = _inputs(batch, width, seed=width)
+        served = session.run(None, dict(zip(INPUT_NAMES, (ids.numpy(), mask.numpy()))))[0]
+        with torch.inference_mode():
+            local = encoder(ids, mask).numpy()
+        assert served.shape == local.shape == (batch, 32)
+        np.testing.assert_allclose(served, local, atol=1e-5)
+
+
+def test_torchscript_file_is_traced_from_the_encoder(tmp_path):
+    encoder = load_encoder(tiny_encoder_dir(tmp_path / "tiny"))
+    repo = tmp_path / "repo"
+    triton_repo.write_version(repo, 3, {"query_encoder": encoder, "item_encoder": encoder}, 32, TritonSettings(),
+                              runtime="torchscript")
+    path = triton_repo.version_dir(repo, "item_encoder", 3) / "model.pt"
+    assert triton_repo.deployed_versions(repo) == {"query_encoder_v3": 3, "item_encoder_v3": 3}
+    ids, mask = _inputs(4, 24, seed=0)
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.jit.load(str(path))(ids, mask), encoder(ids, mask))
+
+
+def test_production_backend_config_names_the_runtime_file():
+    onnx_cfg = triton_repo.config_pbtxt("query_encoder", 384, TritonSettings(backend="onnxruntime"), runtime="onnx")
+    assert 'backend: "onnxruntime"' in onnx_cfg and 'default_model_filename: "model.onnx"' in onnx_cfg
+    assert "python_path" not in onnx_cfg
+    python_cfg = triton_repo.config_pbtxt("query_encoder", 384, TritonSettings(backend="python"), runtime="torchscript")
+    assert 'key: "model_filename" value: { string_value: "model.pt" }' in python_cfg
+
+
+@pytest.mark.parametrize("backend,runtime", [("pytorch", "onnx"), ("onnxruntime", "torchscript")])
+def test_a_backend_that_cannot_run_the_runtime_is_refused(monkeypatch, backend, runtime):
+    monkeypatch.setenv("ES_RAY_TRITON__BACKEND", backend)
+    monkeypatch.setenv("ES_RAY_MODEL__RUNTIME", runtime)
+    with pytest.raises(ValueError, match="cannot serve model.runtime"):
+        load_settings()
