@@ -93,15 +93,17 @@ def test_mlflow_paths_under_the_old_state_dir_move_to_the_new_one(tmp_path):
 def test_a_half_written_triton_version_is_left_out(tmp_path):
     from es_ray.inference import triton_repo
 
-    for version in (1, 2):
+    for version, model_file in ((1, "model.pt"), (2, "model.onnx"), (3, "model.onnx")):  # either runtime's file
         for name in triton_repo.ENCODERS:
             directory = triton_repo.version_dir(tmp_path, name, version)
             directory.mkdir(parents=True)
-            (directory / "model.pt").write_bytes(b"weights")
+            (directory / model_file).write_bytes(b"weights")
             (directory / "model.py").write_text("code")
             (directory.parent / "config.pbtxt").write_text("config")
     (triton_repo.version_dir(tmp_path, triton_repo.ITEM_ENCODER, 2) / "model.py").unlink()  # being copied
-    assert backup.drop_incomplete_triton_versions(tmp_path) == [2]
+    (triton_repo.version_dir(tmp_path, triton_repo.QUERY_ENCODER, 3) / "model.onnx").rename(  # being exported
+        triton_repo.version_dir(tmp_path, triton_repo.QUERY_ENCODER, 3) / "model.onnx.tmp")
+    assert backup.drop_incomplete_triton_versions(tmp_path) == [2, 3]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["item_encoder_v1", "query_encoder_v1"]
 
 
@@ -238,8 +240,8 @@ def test_a_backup_under_writes_restores_items_sessions_models_and_blue(stack, ap
         source_repo, restored_repo = triton.model_repository(settings.state_path), triton.model_repository(restored)
         assert triton_repo.has_version(restored_repo, blue.model_version)
         for name in triton_repo.ENCODERS:
-            model = triton_repo.version_dir(source_repo, name, blue.model_version) / "model.pt"
-            copy = triton_repo.version_dir(restored_repo, name, blue.model_version) / "model.pt"
+            model = triton_repo.model_file(triton_repo.version_dir(source_repo, name, blue.model_version))
+            copy = triton_repo.version_dir(restored_repo, name, blue.model_version) / model.name
             assert _sha256(copy) == _sha256(model)
     finally:
         postgres.stop(restored)
