@@ -1,0 +1,213 @@
+"""Runtimes benchmark: the same MiniLM in eager torch, TorchScript, ONNX Runtime and ONNX Runtime int8.
+
+    python -m es_ray.bench.runtimes --data ../shared/data/scifact [--ndcg torch,onnx,onnx-int8]
+
+What Triton can run decides how close a search or a reindex gets to the model's own speed, so each
+runtime runs the same SciFact inputs, one after the other in one run, with 2 threads:
+- ingest: batches of upsert.batch_size texts, chunked at model.max_length, rows sorted by length and
+  sent triton.max_batch_size at a time (what the upsert job does);
+- reindex: batches of reindex.batch_size texts, reindex.rows_per_request rows at a time;
+- one query: test queries one by one, padded to a multiple of model.query_pad_multiple tokens.
+Tokenising and chunking is the same for every runtime and done before the clocks start.
+torchscript is `encoder.trace` (what the python backend serves with model.runtime torchscript), onnx is
+`encoder.export_onnx` run by ONNX Runtime with every graph optimisation, onnx-int8 its dynamic int8
+quantisation (onnxruntime.quantization). Each runtime's vectors are compared with eager torch's (cosine).
+With --ndcg, each named runtime embeds the whole collection (minutes each on 2 cores; cached per
+runtime under ~/.cache/es-ray) and the test queries: nDCG@10, exact ranking, as search ranks (best chunk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from es_ray.bench.common import percentiles, write_result
+from es_ray.bench.corpus_vectors import collection_vectors
+from es_ray.config import load_settings
+from es_ray.data import beir
+from es_ray.data.corpus import read_corpus, read_qrels, read_queries
+from es_ray.inference.chunking import split
+from es_ray.inference.encoder import (INPUT_NAMES, default_model_dir, export_onnx, load_encoder, load_tokenizer,
+                                      trace)
+from es_ray.train.evaluation import evaluate
+
+Encode = Callable[[np.ndarray, np.ndarray], np.ndarray]
+RUNTIMES = ("torch", "torchscript", "onnx", "onnx-int8")
+
+
+def onnx_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
+    """What the python backend builds from model.onnx: every graph optimisation, `threads` intra-op threads."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def encoders(model_dir: Path, folder: Path, threads: int) -> dict[str, Encode]:
+    """runtime name -> (ids, mask) -> vectors."""
+    torch.set_num_threads(threads)
+    eager = load_encoder(model_dir)
+    traced = trace(eager)
+    fp32, int8 = folder / "model.onnx", folder / "model-int8.onnx"
+    export_onnx(eager, fp32)
+    # Weights to int8, activations quantised on the fly: no calibration data needed.
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
+
+    def torch_call(module) -> Encode:
+        def call(ids, mask):
+            with torch.inference_mode():
+                return module(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        return call
+
+    def onnx_call(session: onnxruntime.InferenceSession) -> Encode:
+        return lambda ids, mask: session.run(None, dict(zip(INPUT_NAMES, (ids, mask))))[0]
+
+    return {"torch": torch_call(eager), "torchscript": torch_call(traced),
+            "onnx": onnx_call(onnx_session(fp32, threads)), "onnx-int8": onnx_call(onnx_session(int8, threads))}
+
+
+def batches(tokenizer, texts: list[str], batch_texts: int, rows: int, settings) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The requests a pipeline sends for `texts`: chunked per batch of texts, longest rows first, `rows` a request,
+    each as wide as its longest row."""
+    model = settings.model
+    out = []
+    for start in range(0, len(texts), batch_texts):
+        chunks = split(tokenizer, texts[start:start + batch_texts], model.max_length, model.chunk_overlap,
+                       model.max_chunks)
+        order = np.argsort(-chunks.attention_mask.sum(axis=1), kind="stable")
+        for row in range(0, len(order), rows):
+            picked = order[row:row + rows]
+            mask = chunks.attention_mask[picked]
+            width = int(mask.sum(axis=1).max())
+            out.append((np.ascontiguousarray(chunks.input_ids[picked][:, :width]), np.ascontiguousarray(mask[:, :width])))
+    return out
+
+
+def query_inputs(tokenizer, queries: list[str], settings) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One request per query, padded as the search path pads it (es_ray/inference/triton_client.py)."""
+    encoded = [tokenizer([q], max_length=settings.model.max_length, truncation=True, padding=True,
+                         pad_to_multiple_of=settings.model.query_pad_multiple, return_tensors="np") for q in queries]
+    return [(e["input_ids"].astype(np.int64), e["attention_mask"].astype(np.int64)) for e in encoded]
+
+
+def run_all(encode: Encode, requests: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, np.ndarray]:
+    encode(*requests[0])  # warm-up: the first call allocates
+    started = time.perf_counter()
+    vectors = [encode(ids, mask) for ids, mask in requests]
+    return time.perf_counter() - started, np.concatenate(vectors)
+
+
+def query_latencies(encode: Encode, requests: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list[float], np.ndarray]:
+    encode(*requests[0])
+    seconds, vectors = [], []
+    for ids, mask in requests:
+        started = time.perf_counter()
+        vectors.append(encode(ids, mask))
+        seconds.append(time.perf_counter() - started)
+    return seconds, np.concatenate(vectors)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_ndcg(data: Path, model_dir: Path, runtime: str, encode: Encode, settings, tokenizer) -> float:
+    """nDCG@10 of SciFact's judged test queries over the whole collection, every vector from `runtime`."""
+    model = settings.model
+    items = collection_vectors(data, model_dir, model.max_length, model.chunk_overlap, model.max_chunks,
+                               encode=None if runtime == "torch" else encode,
+                               runtime="" if runtime == "torch" else runtime)
+    queries, qrels = read_queries(data / "queries.jsonl"), read_qrels(data / "qrels" / "test.tsv")
+    ids = sorted(q for q, docs in qrels.items() if q in queries and any(g > 0 for g in docs.values()))
+    _, vectors = query_latencies(encode, query_inputs(tokenizer, [queries[q] for q in ids], settings))
+    return round(evaluate(items.rank(vectors, ids, k=100), qrels)["ndcg@10"], 4)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=None, help="BEIR directory (default ../shared/data/scifact)")
+    parser.add_argument("--docs", type=int, default=256, help="documents timed per batch shape")
+    parser.add_argument("--queries", type=int, default=100, help="single queries timed")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ndcg", default="", help=f"comma-separated runtimes ({', '.join(RUNTIMES)}) whose "
+                                                   "test nDCG@10 is measured over the whole collection")
+    parser.add_argument("--scratch", default="", help="write /tmp/esr-bench-scratch/... instead of bench/results")
+    args = parser.parse_args(argv)
+    ndcg_runtimes = [r for r in args.ndcg.split(",") if r]
+    if unknown := set(ndcg_runtimes) - set(RUNTIMES):
+        parser.error(f"unknown runtimes {sorted(unknown)}; known: {', '.join(RUNTIMES)}")
+
+    settings = load_settings()
+    data = beir.locate(args.data, settings.state_path)
+    model_dir = Path(settings.model.source) if settings.model.source else default_model_dir()
+    tokenizer = load_tokenizer(model_dir)
+    corpus = list(read_corpus(data / "corpus.jsonl"))
+    random.Random(1).shuffle(corpus)  # the sample the ingest benchmark takes
+    texts = [item["text"] for item in corpus[:args.docs]]
+    queries = read_queries(data / "queries.jsonl")
+    test_ids = sorted(read_qrels(data / "qrels" / "test.tsv"))[:args.queries]
+    shapes = {
+        "ingest": batches(tokenizer, texts, settings.upsert.batch_size, settings.triton.max_batch_size, settings),
+        "reindex": batches(tokenizer, texts, settings.reindex.batch_size, settings.reindex.rows_per_request, settings),
+    }
+    query_requests = query_inputs(tokenizer, [queries[q] for q in test_ids if q in queries], settings)
+
+    with tempfile.TemporaryDirectory(prefix="esr-runtimes-") as folder:
+        started = time.perf_counter()
+        runtimes = encoders(model_dir, Path(folder), args.threads)
+        prepare_s = time.perf_counter() - started
+        onnx_mb = {name: round((Path(folder) / f).stat().st_size / 2**20, 1)
+                   for name, f in (("onnx", "model.onnx"), ("onnx-int8", "model-int8.onnx"))}
+        rows, reference = [], {}
+        for name, encode in runtimes.items():
+            row: dict = {"runtime": name}
+            for shape, requests in shapes.items():
+                seconds, vectors = run_all(encode, requests)
+                row[f"{shape}_docs_per_s"] = round(len(texts) / seconds, 2)
+                reference.setdefault(shape, vectors)
+                row.setdefault("cosine_docs_min", 1.0)
+                row["cosine_docs_min"] = round(min(row["cosine_docs_min"], float(cosines(vectors, reference[shape]).min())), 5)
+            latencies, vectors = query_latencies(encode, query_requests)
+            reference.setdefault("query", vectors)
+            row["query"] = percentiles(latencies)
+            row["cosine_queries_min"] = round(float(cosines(vectors, reference["query"]).min()), 5)
+            row["file_mb"] = onnx_mb.get(name, "")
+            print(row, flush=True)
+            rows.append(row)
+        torchscript = next(r for r in rows if r["runtime"] == "torchscript")
+        for row in rows:  # speed against what Triton serves today, measured in this run
+            row["ingest_vs_torchscript"] = round(row["ingest_docs_per_s"] / torchscript["ingest_docs_per_s"], 2)
+            row["reindex_vs_torchscript"] = round(row["reindex_docs_per_s"] / torchscript["reindex_docs_per_s"], 2)
+            row["query_vs_torchscript"] = round(torchscript["query"]["p50_ms"] / row["query"]["p50_ms"], 2)
+        for name in ndcg_runtimes:
+            started = time.perf_counter()
+            row = next(r for r in rows if r["runtime"] == name)
+            row["test_ndcg@10"] = test_ndcg(data, model_dir, name, runtimes[name], settings, tokenizer)
+            print(name, "nDCG@10", row["test_ndcg@10"], f"{time.perf_counter() - started:.0f} s", flush=True)
+
+    result = {
+        "benchmark": "runtimes", "docs": len(texts), "queries": len(query_requests), "threads": args.threads,
+        "max_length": settings.model.max_length, "ingest_batch": settings.upsert.batch_size,
+        "ingest_rows": settings.triton.max_batch_size, "reindex_batch": settings.reindex.batch_size,
+        "reindex_rows": settings.reindex.rows_per_request, "query_pad_multiple": settings.model.query_pad_multiple,
+        "chunks": {shape: int(sum(len(ids) for ids, _ in requests)) for shape, requests in shapes.items()},
+        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "exporter": "torch.onnx.export(dynamo=True)", "prepare_s": round(prepare_s, 1), "runtimes": rows,
+    }
+    command = "python -m es_ray.bench.runtimes" + (f" --data {args.data}" if args.data else "") + (
+        f" --ndcg {args.ndcg}" if args.ndcg else "")
+    print(write_result("runtimes", data.name, result, command, scratch=args.scratch))
+
+
+if __name__ == "__main__":
+    main()
