@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "exporter": "torch.onnx.export(dynamo=True)", "prepare_s": round(prepare_s, 1), "runtimes": rows,
     }
-    command = "python -m es_ray.bench.runtimes" + (f" --data {args.data}" if args.data else "") + (
-        f" --ndcg {args.ndcg}" if args.ndcg else "")
+    command = (f"python -m es_ray.bench.runtimes --docs {args.docs} --queries {args.queries} --threads {args.threads}"
+               + (f" --data {args.data}" if args.data else "") + (f" --ndcg {args.ndcg}" if args.ndcg else ""))
     print(write_result("runtimes", data.name, result, command, scratch=args.scratch))
 
 
