@@ -64,3 +64,26 @@ def test_a_backend_that_cannot_run_the_runtime_is_refused(monkeypatch, backend, 
     monkeypatch.setenv("ES_RAY_MODEL__RUNTIME", runtime)
     with pytest.raises(ValueError, match="cannot serve model.runtime"):
         load_settings()
+
+
+def test_a_child_process_exports_both_towers_of_a_version(tmp_path):
+    import shutil
+
+    from es_ray.inference import export
+    from es_ray.inference.encoder import QUERY_TOWER_DIR
+
+    model_dir = tiny_encoder_dir(tmp_path / "tiny", seed=0)
+    shutil.copytree(tiny_encoder_dir(tmp_path / "query", seed=1), model_dir / QUERY_TOWER_DIR)  # a query-tower fine-tune
+    repo = tmp_path / "repo"
+    export.write_version(repo, 2, model_dir, 32, TritonSettings(), 1, "onnx")
+    ids, mask = _inputs(2, 12, seed=3)
+    for name, tower_dir in (("query_encoder", model_dir / QUERY_TOWER_DIR), ("item_encoder", model_dir)):
+        session = onnxruntime.InferenceSession(str(triton_repo.version_dir(repo, name, 2) / "model.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        with torch.inference_mode():
+            local = load_encoder(tower_dir)(ids, mask).numpy()
+        served = session.run(None, dict(zip(INPUT_NAMES, (ids.numpy(), mask.numpy()))))[0]
+        np.testing.assert_allclose(served, local, atol=1e-5)
+    with pytest.raises(RuntimeError, match="exporting version 3"):
+        export.write_version(repo, 3, tmp_path / "missing", 32, TritonSettings(), 1, "onnx")
+    assert not triton_repo.has_version(repo, 3)

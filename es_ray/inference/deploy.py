@@ -1,5 +1,5 @@
-"""Deploying a model version to Triton: export (ONNX or TorchScript, model.runtime), write the repository
-entry, load it.
+"""Deploying a model version to Triton: export (ONNX or TorchScript, model.runtime; in a child process,
+es_ray/inference/export.py), write the repository entry, load it.
 
 Loads and unloads carry `control_headers`: the embedded Triton answers its model-repository API only to
 requests with the lifecycle driver's key (es_ray/stack/triton.py).
@@ -16,8 +16,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from es_ray.config import Settings
-from es_ray.inference import triton_repo
-from es_ray.inference.encoder import load_encoder, query_tower_dir
+from es_ray.inference import export, triton_repo
 from es_ray.logs import get_logger
 
 log = get_logger(__name__)
@@ -32,13 +31,8 @@ def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, m
     """Makes both encoders of `version` ready in Triton; versions already loaded keep serving."""
     if not triton_repo.has_version(repo, version):
         started = time.monotonic()
-        item_tower = load_encoder(model_dir)
-        query_dir = query_tower_dir(model_dir)
-        query_tower = item_tower if query_dir == Path(model_dir) else load_encoder(query_dir)
-        triton_repo.write_version(repo, version, {triton_repo.QUERY_ENCODER: query_tower,
-                                                  triton_repo.ITEM_ENCODER: item_tower},
-                                  model_dim(model_dir), settings.triton, settings.model.torch_threads,
-                                  settings.model.runtime)
+        export.write_version(repo, version, Path(model_dir), model_dim(model_dir), settings.triton,
+                             settings.model.torch_threads, settings.model.runtime)
         log.info("deploy.exported", version=version, runtime=settings.model.runtime,
                  seconds=round(time.monotonic() - started, 2))
     client = triton_http.InferenceServerClient(triton_http_url, network_timeout=300)
