@@ -43,6 +43,7 @@ test: venv browser
 
 # Benchmarks start their own stack under /tmp; results go to bench/results/*.json and BENCHMARKS.md.
 bench: venv
+	$(BIN)/python -m es_ray.bench.runtimes --ndcg torch,onnx,onnx-int8 $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.ingest $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.clicks
