@@ -23,7 +23,6 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnxruntime
@@ -31,7 +30,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from es_ray.bench.common import percentiles, write_result
-from es_ray.bench.corpus_vectors import collection_vectors
+from es_ray.bench.corpus_vectors import Encode, collection_vectors
 from es_ray.config import load_settings
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
@@ -40,7 +39,6 @@ from es_ray.inference.encoder import (INPUT_NAMES, default_model_dir, export_onn
                                       trace)
 from es_ray.train.evaluation import evaluate
 
-Encode = Callable[[np.ndarray, np.ndarray], np.ndarray]
 RUNTIMES = ("torch", "torchscript", "onnx", "onnx-int8")
 
 
@@ -121,7 +119,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def test_ndcg(data: Path, model_dir: Path, runtime: str, encode: Encode, settings, tokenizer) -> float:
+def ndcg_at_10(data: Path, model_dir: Path, runtime: str, encode: Encode, settings, tokenizer) -> float:
     """nDCG@10 of SciFact's judged test queries over the whole collection, every vector from `runtime`."""
     model = settings.model
     items = collection_vectors(data, model_dir, model.max_length, model.chunk_overlap, model.max_chunks,
@@ -200,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in ndcg_runtimes:
             started = time.perf_counter()
             row = rows[name]
-            row["test_ndcg@10"] = test_ndcg(data, model_dir, name, runtimes[name], settings, tokenizer)
+            row["test_ndcg@10"] = ndcg_at_10(data, model_dir, name, runtimes[name], settings, tokenizer)
             print(name, "nDCG@10", row["test_ndcg@10"], f"{time.perf_counter() - started:.0f} s", flush=True)
 
     result = {
