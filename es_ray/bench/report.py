@@ -103,6 +103,29 @@ TABLES.append(("load-attack", "An attacker beside normal traffic (loopback; top-
     ("normal errors under attack", lambda r: r["normal_errors_under_attack"]),
     ("normal p99 ms without / with", lambda r: f"{r['p99_ms_without']} / {r['p99_ms_with']}"),
     ("top-10 changed (of queries)", lambda r: f"{r['top10_changed']} ({r['queries_compared']})")]))
+TABLES.append(("load-deploy", "New model versions deployed and undeployed under load (loopback; failures must be 0)",
+               lambda r: [r], [
+    ("cycles (failed)", lambda r: f"{r['deploy_cycles']} ({len(r['deploy_cycles_failed'])})"),
+    ("search clients", lambda r: r["search_clients"]), ("seconds", lambda r: r["seconds"]),
+    ("searches (failed)", lambda r: f"{r['search']['requests']} ({r['deploy_failed_searches']})"),
+    ("upserts (failed)", lambda r: f"{r['upsert']['requests']} ({r['deploy_failed_upserts']})"),
+    ("search p50 / p99 ms", lambda r: f"{r['search']['latency'].get('p50_ms', '-')} / "
+                                      f"{r['search']['latency'].get('p99_ms', '-')}"),
+    ("deploy s p50 (max)", lambda r: f"{r['deploy_s'].get('p50', '-')} ({r['deploy_s'].get('max', '-')})"),
+    ("tritonserver aborts", lambda r: r["triton_aborts"]),
+    ("lock_exception lines", lambda r: r["triton_lock_exceptions"])]))
+TABLES.append(("priority", "Search while a fine-tune runs, batch work at nice 0 and at ray.batch_nice (loopback)",
+               lambda r: [r], [
+    ("search clients", lambda r: r["search_clients"]), ("batch_nice", lambda r: r["batch_nice"]),
+    ("fine-tunes per level", lambda r: len(r["runs"]) // 2),
+    ("p50 ms alone / nice 0 / batch_nice", lambda r: f"{r['p50_ms_baseline']} / {r['p50_ms_nice_0']} / "
+                                                     f"{r['p50_ms_nice_' + str(r['batch_nice'])]}"),
+    ("p99 ms alone / nice 0 / batch_nice", lambda r: f"{r['p99_ms_baseline']} / {r['p99_ms_nice_0']} / "
+                                                     f"{r['p99_ms_nice_' + str(r['batch_nice'])]}"),
+    ("p99 batch_nice / nice 0", lambda r: r["p99_nice_to_not"]),
+    ("fine-tune s nice 0 / batch_nice", lambda r: " / ".join(
+        str(sum(x["seconds"] for x in r["runs"] if x["nice"] == n)) for n in (0, r["batch_nice"]))),
+    ("Train worker nice seen", lambda r: " ".join(str(x["worker_nice_seen"]) for x in r["runs"]))]))
 TABLES.append(("guards", "What the learning guards cost honest users (test queries, blue model + click memories, "
                           "means over click seeds)", lambda r: [{**r, **row} for row in r["rows"]], [
     ("dataset", lambda r: r["dataset"]), ("sessions per train query", lambda r: r["sessions_per_query"]),
