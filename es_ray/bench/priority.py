@@ -1,10 +1,15 @@
 """Serving before batch work: search latency while a fine-tune runs, with and without its lower priority.
 
-    python -m es_ray.bench.priority [--clients 2] [--rounds 2] [--docs 400]     (loopback)
+    python -m es_ray.bench.priority [--clients 2] [--rounds 1] [--docs 400]     (loopback)
 
 SciFact documents are loaded into the benchmark stack; `clients` search clients (no pause, no clicks) run
-throughout. First they run alone (`baseline_s`), then beside fine-tunes, alternately at niceness 0 and
-at `ray.batch_nice` (configs/stack.yaml), `rounds` of each. A fine-tune here is es-ray's own
+throughout. In each of three settings they run alone (`baseline_s`), then beside `rounds` fine-tunes:
+- `ray_default`: every Ray worker at Ray's own default niceness, 15 (Serve proxy and replica included:
+  es-ray before serving came first), batch work not lowered further;
+- `all_at_0`: Ray workers at 0 (es_ray/stack/ray_head.py), batch work at 0 too;
+- `serving_first`: Ray workers at 0, batch work at `ray.batch_nice` (configs/stack.yaml): es-ray now.
+The stack is restarted between the first and the others (Ray reads a worker's niceness when it starts
+it). A fine-tune here is es-ray's own
 (es_ray/train/finetune.py: Ray Tune over Ray Train trials, MLflow) on synthetic position-biased sessions
 over SciFact test queries, started from a Ray task that lowers itself first as a task job does
 (es_ray/lifecycle/task_job.py); a real fine-tune job would need simulated users to click through the
@@ -16,6 +21,7 @@ one run.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import threading
 import time
@@ -27,9 +33,10 @@ import psutil
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, write_result
 from es_ray.bench.load import Load
 from es_ray.client import EsRayClient
-from es_ray.config import Settings
+from es_ray.config import Settings, load_settings
 from es_ray.data import beir
-from es_ray.stack import ray_head
+from es_ray.stack import control, ray_head
+from es_ray.stack.credentials import local_api_key
 from es_ray.store import blue_green, db
 from es_ray.store.clickstream import LoggedSession
 from es_ray.store.collections import Collection
@@ -75,11 +82,15 @@ def _fine_tune_as_batch(settings: dict, nice: int, overrides: dict, batch, items
     return {"seconds": round(time.monotonic() - started, 1), "trials": len(result["trials"])}
 
 
-class TrainWorkerNice:
-    """The nice values of this stack's Ray Train worker processes, sampled every 0.5 s while it runs."""
+ROLES = {"train_worker": "ray::RayTrainWorker", "replica": "ray::ServeReplica", "proxy": "ray::ProxyActor"}
+
+
+class NiceSeen:
+    """The nice values of this stack's Ray Train workers, Serve replicas and proxy (by process title),
+    sampled every 0.5 s while it runs."""
 
     def __init__(self, state_dir: Path):
-        self.marker, self.seen = str(ray_head.temp_dir(state_dir)), set()
+        self.marker, self.seen = str(ray_head.temp_dir(state_dir)), {role: set() for role in ROLES}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -87,19 +98,25 @@ class TrainWorkerNice:
         while not self.stop.wait(0.5):
             for process in psutil.process_iter(["cmdline", "environ"]):
                 try:
-                    if ((process.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
-                            and (process.info["environ"] or {}).get("RAY_TMPDIR") == self.marker):
-                        self.seen.add(process.nice())
+                    title = (process.info["cmdline"] or [""])[0]
+                    if (process.info["environ"] or {}).get("RAY_TMPDIR") != self.marker:
+                        continue
+                    for role, prefix in ROLES.items():
+                        if title.startswith(prefix):
+                            self.seen[role].add(process.nice())
                 except psutil.Error:
                     continue
 
-    def __enter__(self) -> "TrainWorkerNice":
+    def __enter__(self) -> "NiceSeen":
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
+
+    def report(self) -> dict[str, list[int]]:
+        return {role: sorted(values) for role, values in self.seen.items()}
 
 
 def window(load: Load, since: float, until: float) -> dict:
@@ -108,69 +125,92 @@ def window(load: Load, since: float, until: float) -> dict:
             **search["latency"]}
 
 
-def main(argv: list[str] | None = None) -> None:
+SETTINGS = {  # name: (RAY_worker_niceness, the fine-tune's niceness; None: ray.batch_nice)
+    "ray_default": ("15", 0), "all_at_0": ("0", 0), "serving_first": ("0", None)}
+
+
+def measure(args, name: str, batch_nice: int, prepared: dict) -> dict:
+    """Searches alone, then beside `args.rounds` fine-tunes lowered to `batch_nice`, on the running stack."""
     import ray
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=None, help="BEIR directory (default ../shared/data/scifact)")
-    parser.add_argument("--docs", type=int, default=400)
-    parser.add_argument("--queries", type=int, default=150, help="test queries the synthetic sessions are about")
-    parser.add_argument("--clients", type=int, default=2, help="concurrent search clients")
-    parser.add_argument("--rounds", type=int, default=2, help="fine-tunes at each niceness, alternating")
-    parser.add_argument("--baseline-s", type=float, default=30, help="searches alone before the fine-tunes")
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
-    args = parser.parse_args(argv)
+    settings, manifest = prepared["settings"], prepared["manifest"]
+    api_key = local_api_key(manifest.state_dir)
+    ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning",
+             log_to_driver=False)
+    job = ray.remote(num_cpus=0, max_calls=1)(_fine_tune_as_batch)  # max_calls=1: its worker ends with it
+    out = {"batch_nice": batch_nice, "runs": []}
+    with Load(manifest.serve_url, search_clients=args.clients, click_clients=0, api_key=api_key) as load:
+        with NiceSeen(Path(manifest.state_dir)) as seen:
+            started = time.monotonic()
+            time.sleep(args.baseline_s)
+            out["baseline"] = window(load, started + 5, time.monotonic())  # the first seconds warm up
+            out["baseline_nice_seen"] = seen.report()
+        for _ in range(args.rounds):
+            with NiceSeen(Path(manifest.state_dir)) as seen:
+                since = time.monotonic()
+                run = ray.get(job.remote(prepared["scratch"], batch_nice, FINETUNE, *prepared["finetune_args"]))
+                until = time.monotonic()
+            out["runs"].append({**run, "nice_seen": seen.report(), "search": window(load, since, until)})
+            print(name, out["runs"][-1], flush=True)  # noqa: T201 - the benchmark's progress
+    ray.shutdown()
+    for key in ("p50_ms", "p99_ms"):
+        out[key] = round(sum(r["search"][key] for r in out["runs"]) / len(out["runs"]), 2)
+    out["p99_to_alone"] = round(out["p99_ms"] / out["baseline"]["p99_ms"], 2)
+    return out
 
+
+def prepare(args) -> dict:
+    """The stack (started with this process's environment), SciFact documents loaded, the fine-tune's inputs."""
     settings, manifest = bench_stack(args.state_dir)
     data = beir.locate(args.data, settings.state_path)
     docs, queries, qrels = beir.sample(data, args.docs, args.queries)
-    api = EsRayClient.for_stack(manifest, timeout=300)
-    api.upsert_items(docs)
+    with EsRayClient.for_stack(manifest, timeout=300) as api:
+        api.upsert_items(docs)   # the same ids again after a restart: replaced, not added
     batch = synthetic_sessions(queries, qrels, [d["id"] for d in docs])
     with db.connect(manifest.postgres_dsn) as conn:
         blue = blue_green.get_blue(conn)
         collection = Collection(blue.collection, blue.dim)
         items = ItemVectors.from_chunks(collection.chunk_vectors(conn, [d["id"] for d in docs], model=True))
-    texts = {d["id"]: d["text"] for d in docs}
     parent = ParentModel(blue.model_version, Path(blue.source_dir), blue.dim, blue.max_length)
     # the fine-tunes' MLflow store and Tune results go to a folder of their own, not the stack's registry
     scratch = settings.model_copy(update={"state_dir": settings.state_path / "priority-bench"})
+    return {"settings": settings, "manifest": manifest, "data": data.name, "docs": len(docs),
+            "sessions": len(batch.sessions), "scratch": scratch.model_dump(mode="json"),
+            "finetune_args": (batch, items, {d["id"]: d["text"] for d in docs}, parent)}
 
-    ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning",
-             log_to_driver=False)
-    job = ray.remote(num_cpus=0, max_calls=1)(_fine_tune_as_batch)  # max_calls=1: its worker ends with it
-    nice = settings.ray.batch_nice
-    result = {"benchmark": "priority", "docs": len(docs), "sessions": len(batch.sessions),
-              "search_clients": args.clients, "batch_nice": nice, "finetune_overrides": FINETUNE, "runs": []}
-    with Load(manifest.serve_url, search_clients=args.clients, click_clients=0, api_key=api.api_key) as load:
-        started = time.monotonic()
-        time.sleep(args.baseline_s)
-        result["baseline"] = window(load, started + 5, time.monotonic())  # the first seconds warm up
-        for level in [0, nice] * args.rounds:
-            with TrainWorkerNice(Path(manifest.state_dir)) as workers:
-                since = time.monotonic()
-                run = ray.get(job.remote(scratch.model_dump(mode="json"), level, FINETUNE, batch, items, texts,
-                                         parent))
-                until = time.monotonic()
-            result["runs"].append({"nice": level, "worker_nice_seen": sorted(workers.seen), **run,
-                                   "search": window(load, since, until)})
-            print(result["runs"][-1], flush=True)  # noqa: T201 - the benchmark's progress
-    ray.shutdown()
-    api.close()
 
-    def pooled(level: int, key: str) -> float:
-        values = [r["search"][key] for r in result["runs"] if r["nice"] == level]
-        return round(sum(values) / len(values), 2)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=None, help="BEIR directory (default ../shared/data/scifact)")
+    parser.add_argument("--docs", type=int, default=400)
+    parser.add_argument("--queries", type=int, default=150, help="test queries the synthetic sessions are about")
+    parser.add_argument("--clients", type=int, default=2, help="concurrent search clients")
+    parser.add_argument("--rounds", type=int, default=1, help="fine-tunes in each setting")
+    parser.add_argument("--baseline-s", type=float, default=20, help="searches alone in each setting")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
+    args = parser.parse_args(argv)
 
-    for key in ("p50_ms", "p99_ms"):
-        result[f"{key}_nice_0"], result[f"{key}_nice_{nice}"] = pooled(0, key), pooled(nice, key)
-        result[f"{key}_baseline"] = result["baseline"][key]
-    # how much a fine-tune slows search down, at niceness 0 and at batch_nice (1.0: not at all)
-    result["p99_ratio_nice_0"] = round(result["p99_ms_nice_0"] / result["p99_ms_baseline"], 2)
-    result[f"p99_ratio_nice_{nice}"] = round(result[f"p99_ms_nice_{nice}"] / result["p99_ms_baseline"], 2)
-    result["p99_nice_to_not"] = round(result[f"p99_ms_nice_{nice}"] / result["p99_ms_nice_0"], 2)
+    result = {"benchmark": "priority", "search_clients": args.clients, "finetune_overrides": FINETUNE}
+    worker_nice = None
+    for name, (ray_nice, batch_nice) in SETTINGS.items():
+        if ray_nice != worker_nice:  # Ray sets a worker's niceness as it starts it: a new stack
+            control.down(load_settings(args.state_dir))
+            os.environ["RAY_worker_niceness"] = worker_nice = ray_nice
+            prepared = prepare(args)
+            result.update({k: prepared[k] for k in ("docs", "sessions")})
+        batch_nice = prepared["settings"].ray.batch_nice if batch_nice is None else batch_nice
+        result[name] = {"ray_worker_niceness": int(ray_nice), **measure(args, name, batch_nice, prepared)}
+    os.environ.pop("RAY_worker_niceness")
+    result["batch_nice"] = result["serving_first"]["batch_nice"]
+    for name in SETTINGS:
+        result[f"p99_ms_{name}"] = result[name]["p99_ms"]
+    # the change as measured in this run: es-ray now against es-ray before, and against the same stack unlowered
+    result["p99_serving_first_to_ray_default"] = round(result["serving_first"]["p99_ms"]
+                                                       / result["ray_default"]["p99_ms"], 2)
+    result["p99_serving_first_to_all_at_0"] = round(result["serving_first"]["p99_ms"]
+                                                    / result["all_at_0"]["p99_ms"], 2)
     command = f"python -m es_ray.bench.priority --clients {args.clients} --rounds {args.rounds}"
-    print(write_result("priority", data.name, result, command))  # noqa: T201
+    print(write_result("priority", prepared["data"], result, command))  # noqa: T201
 
 
 if __name__ == "__main__":
