@@ -114,18 +114,17 @@ TABLES.append(("load-deploy", "New model versions deployed and undeployed under 
     ("deploy s p50 (max)", lambda r: f"{r['deploy_s'].get('p50', '-')} ({r['deploy_s'].get('max', '-')})"),
     ("tritonserver aborts", lambda r: r["triton_aborts"]),
     ("lock_exception lines", lambda r: r["triton_lock_exceptions"])]))
-TABLES.append(("priority", "Search while a fine-tune runs, batch work at nice 0 and at ray.batch_nice (loopback)",
-               lambda r: [r], [
-    ("search clients", lambda r: r["search_clients"]), ("batch_nice", lambda r: r["batch_nice"]),
-    ("fine-tunes per level", lambda r: len(r["runs"]) // 2),
-    ("p50 ms alone / nice 0 / batch_nice", lambda r: f"{r['p50_ms_baseline']} / {r['p50_ms_nice_0']} / "
-                                                     f"{r['p50_ms_nice_' + str(r['batch_nice'])]}"),
-    ("p99 ms alone / nice 0 / batch_nice", lambda r: f"{r['p99_ms_baseline']} / {r['p99_ms_nice_0']} / "
-                                                     f"{r['p99_ms_nice_' + str(r['batch_nice'])]}"),
-    ("p99 batch_nice / nice 0", lambda r: r["p99_nice_to_not"]),
-    ("fine-tune s nice 0 / batch_nice", lambda r: " / ".join(
-        str(sum(x["seconds"] for x in r["runs"] if x["nice"] == n)) for n in (0, r["batch_nice"]))),
-    ("Train worker nice seen", lambda r: " ".join(str(x["worker_nice_seen"]) for x in r["runs"]))]))
+TABLES.append(("priority", "Search while a fine-tune runs (loopback): Ray's default worker niceness (15 for all), "
+                            "everything at 0, serving first (batch work at ray.batch_nice)",
+               lambda r: [{**r, "name": n, "s": r[n]} for n in ("ray_default", "all_at_0", "serving_first")], [
+    ("setting", lambda r: r["name"]), ("Ray workers nice", lambda r: r["s"]["ray_worker_niceness"]),
+    ("batch nice", lambda r: r["s"]["batch_nice"]), ("search clients", lambda r: r["search_clients"]),
+    ("p50 / p99 ms alone", lambda r: f"{r['s']['baseline']['p50_ms']} / {r['s']['baseline']['p99_ms']}"),
+    ("p50 / p99 ms beside a fine-tune", lambda r: f"{r['s']['p50_ms']} / {r['s']['p99_ms']}"),
+    ("p99 beside / alone", lambda r: r["s"]["p99_to_alone"]),
+    ("fine-tune s", lambda r: " ".join(str(x["seconds"]) for x in r["s"]["runs"])),
+    ("nice seen: train worker, replica, proxy", lambda r: " ".join(
+        f"{x['nice_seen']['train_worker']} {x['nice_seen']['replica']} {x['nice_seen']['proxy']}" for x in r["s"]["runs"]))]))
 TABLES.append(("guards", "What the learning guards cost honest users (test queries, blue model + click memories, "
                           "means over click seeds)", lambda r: [{**r, **row} for row in r["rows"]], [
     ("dataset", lambda r: r["dataset"]), ("sessions per train query", lambda r: r["sessions_per_query"]),
