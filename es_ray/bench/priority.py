@@ -9,13 +9,12 @@ throughout. In each of three settings they run alone (`baseline_s`), then beside
 - `all_at_0`: Ray workers at 0 (es_ray/stack/ray_head.py), batch work at 0 too;
 - `serving_first`: Ray workers at 0, batch work at `ray.batch_nice` (configs/stack.yaml): es-ray now.
 The stack is restarted between the first and the others (Ray reads a worker's niceness when it starts
-it). A fine-tune here is es-ray's own
-(es_ray/train/finetune.py: Ray Tune over Ray Train trials, MLflow) on synthetic position-biased sessions
-over SciFact test queries, started from a Ray task that lowers itself first as a task job does
+it). A fine-tune here is es-ray's own (es_ray/train/finetune.py: Ray Tune over Ray Train trials,
+MLflow) on synthetic position-biased sessions over SciFact test queries, started from a Ray task that lowers itself first as a task job does
 (es_ray/lifecycle/task_job.py); a real fine-tune job would need simulated users to click through the
 API for a long time first. Reported per window: search p50/p99, requests, failures, the fine-tune's
-wall time, and the nice value its Ray Train workers were seen at; the ratios compare the windows of
-one run.
+wall time, and the nice values its Ray Train workers, the Serve replica and proxy were seen at; the
+ratios compare the windows of one run.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from es_ray.train.config import load_finetune_config
 from es_ray.train.finetune import ParentModel
 from es_ray.train.item_vectors import ItemVectors
 
-# Small but real: two trials at once on one CPU each, as configs/finetune.yaml runs them, for ~a minute.
+# Small but real: two trials at once on one CPU each, as configs/finetune.yaml runs them (~2 minutes on 2 cores).
 FINETUNE = {"data": {"min_heldout_queries": 5}, "debias": {"propensity": "config"},
             "train": {"max_steps": 40, "eval_every_steps": 20},
             "tune": {"num_samples": 2, "max_concurrent_trials": 2, "grace_period": 1}}
