@@ -48,6 +48,7 @@ bench: venv
 	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.clicks
 	$(BIN)/python -m es_ray.bench.load
+	$(BIN)/python -m es_ray.bench.priority
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench
 	$(BIN)/python -m es_ray.bench.improve $(if $(DATA),--data $(DATA))
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-improve
@@ -68,11 +69,14 @@ quality: venv
 	else echo "quality: ../shared/data/cranfield is absent (or DATA is set): Cranfield not measured"; fi
 
 # 8 search clients with clicks and upserts for LOAD_SECONDS, then Postgres restarted, Triton killed and
-# the Serve replica killed under that load (loopback only); bench/results/load-synthetic.json. Then an
-# attacker from 127.0.0.2 beside anonymous people (es_ray/bench/attack.py); bench/results/load-attack.json.
+# the Serve replica killed under that load (loopback only); bench/results/load-synthetic.json. Then
+# DEPLOY_CYCLES new model versions deployed and undeployed through the lifecycle driver under that load;
+# bench/results/load-deploy.json. Then an attacker from 127.0.0.2 beside anonymous people
+# (es_ray/bench/attack.py); bench/results/load-attack.json.
 LOAD_SECONDS ?= 180
+DEPLOY_CYCLES ?= 30
 load: venv
-	$(BIN)/python -m es_ray.bench.load --seconds $(LOAD_SECONDS)
+	$(BIN)/python -m es_ray.bench.load --seconds $(LOAD_SECONDS) --deploy-cycles $(DEPLOY_CYCLES)
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench
 
 up: venv

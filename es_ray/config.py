@@ -30,6 +30,7 @@ class RaySettings(BaseModel):
     client_server_port: int = 0
     metrics_export_port: int = 0
     namespace: str = "es-ray"
+    batch_nice: int = Field(10, ge=0, le=19)
 
 
 class PostgresSettings(BaseModel):

@@ -2,14 +2,18 @@
 Train and MLflow end to end (on the session's Ray cluster, with an MLflow store of its own)."""
 
 import random
+import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from es_ray.config import load_settings
 from es_ray.inference import registry
 from es_ray.inference.encoder import load_encoder, load_tokenizer
+from es_ray.stack import ray_head
 from es_ray.store.clickstream import LoggedSession
 from es_ray.train.clicklog import SessionBatch
 from es_ray.train.config import load_finetune_config
@@ -56,7 +60,38 @@ def ray_cluster(stack, settings):
     ray.shutdown()
 
 
-def test_tiny_finetune_runs_through_tune_and_mlflow(ray_cluster, tmp_path):
+class TrainWorkerNiceness:
+    """Samples, while a fine-tune runs, the nice value of every thread of each Ray Train worker process
+    of this stack (its title starts with ray::RayTrainWorker, its RAY_TMPDIR is the stack's); keeps each
+    worker's last sample."""
+
+    def __init__(self, state_dir: str):
+        self.marker = str(ray_head.temp_dir(Path(state_dir)))
+        self.last: dict[int, list[int]] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(0.2):
+            for process in psutil.process_iter(["pid", "cmdline", "environ"]):
+                if ((process.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker")
+                        and (process.info["environ"] or {}).get("RAY_TMPDIR") == self.marker):
+                    try:
+                        self.last[process.pid] = [int((t / "stat").read_text().rsplit(")", 1)[1].split()[16])
+                                                  for t in Path(f"/proc/{process.pid}/task").iterdir()]
+                    except (OSError, IndexError):
+                        continue  # the worker ended meanwhile
+
+    def __enter__(self) -> "TrainWorkerNiceness":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def test_tiny_finetune_runs_through_tune_and_mlflow(ray_cluster, stack, tmp_path):
     settings = load_settings(tmp_path / "state")       # an MLflow store of its own
     parent_dir = tiny_encoder_dir(tmp_path / "tiny")
     items, log = synthetic_log(random.Random(5))
@@ -72,8 +107,14 @@ def test_tiny_finetune_runs_through_tune_and_mlflow(ray_cluster, tmp_path):
         "trial": {"epochs": 1, "batch_size": 16},
         "gate": {"margin": 1.0}})                      # no model can beat blue by 1.0: the gate must refuse
     progress = []
-    result = fine_tune(settings, config, SessionBatch(log), item_vectors, items, ParentModel(1, parent_dir, 32, 128),
-                       progress.append)
+    with TrainWorkerNiceness(stack.state_dir) as workers:
+        result = fine_tune(settings, config, SessionBatch(log), item_vectors, items, ParentModel(1, parent_dir, 32, 128),
+                           progress.append)
+
+    # serving before batch work: each trial's training worker ran at ray.batch_nice, every one of its threads
+    assert settings.ray.batch_nice > 0 and workers.last, "no Ray Train worker was seen"
+    assert {pid: set(nice) for pid, nice in workers.last.items()} == {pid: {settings.ray.batch_nice}
+                                                                      for pid in workers.last}
 
     assert len(result["trials"]) == 3 and all(t["status"] in {"completed", "stopped"} for t in result["trials"])
     assert result["tune_wall_s"] > 0 and result["ideal_wall_s"] > 0

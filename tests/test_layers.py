@@ -18,7 +18,7 @@ LAYERS = {
     "stack": 3, "serve": 3, "lifecycle": 3,
     "train": 2, "improve": 2, "data": 2,
     "inference": 1, "store": 1,
-    "config": 0, "logs": 0, "metrics": 0, "periodic": 0, "retries": 0, "console": 0,
+    "config": 0, "logs": 0, "metrics": 0, "periodic": 0, "retries": 0, "console": 0, "priority": 0,
 }
 
 # A job's entry point belongs to the processes layer although it lives with the code it runs.

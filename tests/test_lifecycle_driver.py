@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 import ray
 
 from es_ray.lifecycle.handle import DRIVER_NAME
@@ -29,3 +30,29 @@ def test_killed_driver_comes_back_with_its_state(stack, settings, api):
         time.sleep(1)
     assert api.get("/healthz").status_code == 200
     assert api.post("/v1/search", json={"query": "still serving"}).status_code == 200
+
+
+def test_a_deployed_copy_is_undeployed_and_a_live_version_is_not(stack, settings, api):
+    """`make load`'s deploy cycles (es_ray/bench/load.py): a new version deployed beside blue, then undeployed
+    through the driver; blue itself is refused, and search answers throughout."""
+    from es_ray.bench.load import copy_of_blue
+    from es_ray.lifecycle.switching import SwitchRefused
+    from es_ray.store import blue_green, db
+
+    ray.init(address=stack.ray_address, namespace=settings.ray.namespace, logging_level="warning",
+             log_to_driver=False)
+    try:
+        driver = ray.get_actor(DRIVER_NAME, namespace=settings.ray.namespace)
+        blue = ray.get(driver.blue.remote())["model_version"]
+        version = copy_of_blue(settings, blue, 0)
+        assert ray.get(driver.deploy_version.remote(version))["version"] == version
+        assert api.post("/v1/search", json={"query": "a search beside a new version"}).status_code == 200
+        assert ray.get(driver.undeploy_version.remote(version)) == {"undeployed": version}
+        with pytest.raises(SwitchRefused, match="is live"):
+            ray.get(driver.undeploy_version.remote(blue))
+    finally:
+        ray.shutdown()
+    with db.connect(stack.postgres_dsn) as conn:
+        assert blue_green.get_model(conn, version).state == "retired"
+        assert blue_green.get_model(conn, blue).state != "retired"
+    assert api.post("/v1/search", json={"query": "still serving blue"}).status_code == 200

@@ -1,14 +1,20 @@
-"""Load, faults and an attacker: search at 8 concurrent clients with click and upsert traffic beside it,
-then Postgres restarted, tritonserver killed and the Serve replica killed under that load; then an
+"""Load, faults, model deploys and an attacker: search at 8 concurrent clients with click and upsert traffic
+beside it, then Postgres restarted, tritonserver killed and the Serve replica killed under that load;
+then new model versions deployed and undeployed under load (bench/results/load-deploy.json); then an
 attacker beside normal traffic (es_ray/bench/attack.py: bench/results/load-attack.json).
 
-    python -m es_ray.bench.load [--seconds 180] [--clients 8] [--only faults|attack]   (loopback; `make load`)
+    python -m es_ray.bench.load [--seconds 180] [--clients 8] [--only faults|deploy|attack]  (loopback; `make load`)
 
 Every request is recorded (status, seconds, Retry-After). Reported: requests tried and failed, latency,
 the RSS of every process of the stack at the start and the end of the steady phase, and per fault:
 refused (must be 503 with Retry-After, or no answer while the replica is gone), time to recover, and
 clicks lost (acknowledged but not stored: must be 0; unacknowledged ones are sent again with the same
 event id and must be stored exactly once). tests/test_faults.py runs the same faults with a lighter load.
+The deploy phase: `--deploy-cycles` times, a copy of the blue model registered as a new version in MLflow
+is deployed through the lifecycle driver (deploy_version: Triton loads it beside the versions serving)
+and undeployed again, while the search clients and an upsert client run. Counted: failed searches and
+upserts (must be 0) and, in Triton's logs, the tritonserver processes that died (the supervisor's
+child_exited events) and the python backend's lock_exception aborts (upstream server#8882).
 """
 
 from __future__ import annotations
@@ -26,13 +32,17 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+import numpy as np
 import psutil
 import psycopg
+import ray
 from pydantic import BaseModel
 
 from es_ray.bench.attack import attack_phase
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, percentiles, write_result
 from es_ray.client import EsRayClient
+from es_ray.inference import registry
+from es_ray.lifecycle.handle import get_driver
 from es_ray.serve import schemas
 from es_ray.stack import postgres, triton
 from es_ray.stack.manifest import StackManifest
@@ -304,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=8, help="concurrent search clients")
     parser.add_argument("--state-dir", default=DEFAULT_STATE)
     parser.add_argument("--no-faults", action="store_true")
-    parser.add_argument("--only", choices=["faults", "attack"], help="one phase (default: both)")
+    parser.add_argument("--only", choices=["faults", "deploy", "attack"], help="one phase (default: all)")
+    parser.add_argument("--deploy-cycles", type=int, default=30, help="deploy + undeploy cycles of new versions")
     parser.add_argument("--attack-seconds", type=float, default=60, help="normal traffic alone, then this long again "
                                                                           "beside the attacker")
     parser.add_argument("--attack-rate", type=float, default=50, help="the attacker's requests per second")
@@ -312,14 +323,100 @@ def main(argv: list[str] | None = None) -> None:
 
     settings, manifest = bench_stack(args.state_dir)
     api = EsRayClient.for_stack(manifest, timeout=120)
-    if args.only != "attack":
+    if args.only in (None, "faults"):
         steady_and_faults(args, settings, manifest, api)
-    if args.only != "faults":
+    if args.only in (None, "deploy"):
+        result = deploy_phase(settings, manifest, api, args.deploy_cycles, args.clients)
+        command = "python -m es_ray.bench.load --only deploy" + (
+            f" --deploy-cycles {args.deploy_cycles}" if args.deploy_cycles != 30 else "")
+        write_result("load", "deploy", {"benchmark": "load-deploy", **result}, command)
+    if args.only in (None, "attack"):
         result = attack_phase(api, manifest.serve_url, args.attack_seconds, args.attack_rate, args.clients)
         command = "python -m es_ray.bench.load --only attack" + (
             f" --attack-seconds {args.attack_seconds:g}" if args.attack_seconds != 60 else "")
         write_result("load", "attack", {"benchmark": "load-attack", **result}, command)
     api.close()
+
+
+# --- deploys under load ---------------------------------------------------------------------------------
+
+ABORT_MARKERS = ("lock_exception", "Signal (6)", "Signal (11)")   # what an aborting tritonserver prints
+
+
+def triton_log_sizes(state_dir: Path) -> dict[Path, int]:
+    """Every Triton log of the stack (its server's and its supervisor's) and its size now."""
+    return {path: path.stat().st_size for path in (state_dir / "triton").rglob("*.log")}
+
+
+def triton_log_since(sizes: dict[Path, int], state_dir: Path) -> list[str]:
+    """The lines written to the Triton logs after `sizes` was taken."""
+    lines = []
+    for path in sorted((state_dir / "triton").rglob("*.log")):
+        with open(path, "rb") as log_file:
+            log_file.seek(sizes.get(path, 0))
+            lines += log_file.read().decode(errors="replace").splitlines()
+    return lines
+
+
+def copy_of_blue(settings, blue_version: int, cycle: int) -> int:
+    """Registers blue's model files again as a new MLflow version (the same artifacts: nothing copied)."""
+    client = registry.client(registry.tracking_uri(settings))
+    blue = client.get_model_version(settings.mlflow.registered_model, str(blue_version))
+    version = client.create_model_version(settings.mlflow.registered_model, source=blue.source, run_id=blue.run_id,
+                                          description=f"load benchmark: deploy cycle {cycle}, a copy of v{blue_version}",
+                                          tags={"es_ray.role": "load-deploy-copy"})
+    return int(version.version)
+
+
+def deploy_phase(settings, manifest: StackManifest, api: EsRayClient, cycles: int, clients: int) -> dict:
+    """`cycles` deploys and undeploys of new versions through the lifecycle driver under search and upsert
+    load; failed requests and Triton's deaths and aborts counted."""
+    state = settings.state_path
+    api.upsert_items([{"id": f"load-0-{k}", "text": f"{QUERIES[k % len(QUERIES)]} seed text",
+                       "payload": {"source": "load-test"}} for k in range(50)])
+    ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning",
+             log_to_driver=False)
+    driver = get_driver(settings.ray.namespace)
+    blue = ray.get(driver.blue.remote())["model_version"]
+    sizes = triton_log_sizes(state)
+    timings, errors = [], []
+    with Load(manifest.serve_url, search_clients=clients, click_clients=0, upsert_clients=1,
+              api_key=api.api_key) as load:
+        time.sleep(5)
+        started = time.monotonic()
+        for cycle in range(cycles):
+            version = copy_of_blue(settings, blue, cycle)
+            try:
+                t0 = time.monotonic()
+                ray.get(driver.deploy_version.remote(version))
+                t1 = time.monotonic()
+                ray.get(driver.undeploy_version.remote(version))
+                timings.append({"version": version, "deploy_s": round(t1 - t0, 1),
+                                "undeploy_s": round(time.monotonic() - t1, 1)})
+            except Exception as err:  # noqa: BLE001 - a failed cycle is a finding: recorded, the next one tried
+                errors.append({"version": version, "error": f"{type(err).__name__}: {err}"[:500]})
+            print({"cycle": cycle, **(timings[-1] if timings and timings[-1]["version"] == version
+                                      else errors[-1])}, flush=True)  # noqa: T201 - the phase's progress
+        ended = time.monotonic()
+        time.sleep(5)  # requests sent during the last undeploy finish
+    ray.shutdown()
+    window = load.summary(started, ended)
+    lines = triton_log_since(sizes, state)
+    exits = [line for line in lines if "supervisor.child_exited" in line]
+    aborts = [line for line in lines if any(marker in line for marker in ABORT_MARKERS)]
+    return {"deploy_cycles": len(timings), "deploy_cycles_failed": errors, "search_clients": clients,
+            "seconds": round(ended - started, 1),
+            "deploy_failed_searches": window["search"]["failed"], "deploy_failed_upserts": window["upsert"]["failed"],
+            # a tritonserver that died is one the supervisor saw exit; its own last words say why
+            "triton_aborts": len(exits), "triton_lock_exceptions": sum("lock_exception" in line for line in aborts),
+            "triton_abort_lines": aborts[:20], "triton_exit_lines": exits[:20],
+            "search": window["search"], "upsert": window["upsert"],
+            "deploy_s": percentiles_s([t["deploy_s"] for t in timings]),
+            "undeploy_s": percentiles_s([t["undeploy_s"] for t in timings]), "cycles": timings}
+
+
+def percentiles_s(values: list[float]) -> dict[str, float]:
+    return {"p50": round(float(np.percentile(values, 50)), 1), "max": round(max(values), 1)} if values else {}
 
 
 def steady_and_faults(args, settings, manifest: StackManifest, api: EsRayClient) -> None:

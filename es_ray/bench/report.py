@@ -103,6 +103,28 @@ TABLES.append(("load-attack", "An attacker beside normal traffic (loopback; top-
     ("normal errors under attack", lambda r: r["normal_errors_under_attack"]),
     ("normal p99 ms without / with", lambda r: f"{r['p99_ms_without']} / {r['p99_ms_with']}"),
     ("top-10 changed (of queries)", lambda r: f"{r['top10_changed']} ({r['queries_compared']})")]))
+TABLES.append(("load-deploy", "New model versions deployed and undeployed under load (loopback; failures must be 0)",
+               lambda r: [r], [
+    ("cycles (failed)", lambda r: f"{r['deploy_cycles']} ({len(r['deploy_cycles_failed'])})"),
+    ("search clients", lambda r: r["search_clients"]), ("seconds", lambda r: r["seconds"]),
+    ("searches (failed)", lambda r: f"{r['search']['requests']} ({r['deploy_failed_searches']})"),
+    ("upserts (failed)", lambda r: f"{r['upsert']['requests']} ({r['deploy_failed_upserts']})"),
+    ("search p50 / p99 ms", lambda r: f"{r['search']['latency'].get('p50_ms', '-')} / "
+                                      f"{r['search']['latency'].get('p99_ms', '-')}"),
+    ("deploy s p50 (max)", lambda r: f"{r['deploy_s'].get('p50', '-')} ({r['deploy_s'].get('max', '-')})"),
+    ("tritonserver aborts", lambda r: r["triton_aborts"]),
+    ("lock_exception lines", lambda r: r["triton_lock_exceptions"])]))
+TABLES.append(("priority", "Search while a fine-tune runs (loopback): Ray's default worker niceness (15 for all), "
+                            "everything at 0, serving first (batch work at ray.batch_nice)",
+               lambda r: [{**r, "name": n, "s": r[n]} for n in ("ray_default", "all_at_0", "serving_first")], [
+    ("setting", lambda r: r["name"]), ("Ray workers nice", lambda r: r["s"]["ray_worker_niceness"]),
+    ("batch nice", lambda r: r["s"]["batch_nice"]), ("search clients", lambda r: r["search_clients"]),
+    ("p50 / p99 ms alone", lambda r: f"{r['s']['baseline']['p50_ms']} / {r['s']['baseline']['p99_ms']}"),
+    ("p50 / p99 ms beside a fine-tune", lambda r: f"{r['s']['p50_ms']} / {r['s']['p99_ms']}"),
+    ("p99 beside / alone", lambda r: r["s"]["p99_to_alone"]),
+    ("fine-tune s", lambda r: " ".join(str(x["seconds"]) for x in r["s"]["runs"])),
+    ("nice seen: train worker, replica, proxy", lambda r: " ".join(
+        f"{x['nice_seen']['train_worker']} {x['nice_seen']['replica']} {x['nice_seen']['proxy']}" for x in r["s"]["runs"]))]))
 TABLES.append(("guards", "What the learning guards cost honest users (test queries, blue model + click memories, "
                           "means over click seeds)", lambda r: [{**r, **row} for row in r["rows"]], [
     ("dataset", lambda r: r["dataset"]), ("sessions per train query", lambda r: r["sessions_per_query"]),

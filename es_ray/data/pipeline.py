@@ -23,6 +23,7 @@ from es_ray.inference.triton_repo import ITEM_ENCODER
 from es_ray.data import dual_write
 from es_ray.data.dual_write import write_items
 from es_ray.logs import get_logger
+from es_ray.priority import run_as_batch
 from es_ray.store import db
 from es_ray.store.collections import EmbeddedItem
 from es_ray.store.blue_green import Target
@@ -104,6 +105,7 @@ class EmbedStage:
 
     def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str):
         self.settings = Settings.model_validate(settings)
+        run_as_batch(self.settings.ray.batch_nice)
         self.encoders = Encoders(self.settings, grpc_url)
         self.conn = db.connect(dsn)
 
@@ -128,6 +130,7 @@ class WriteStage:
 
     def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str):
         self.encoders = Encoders(Settings.model_validate(settings), grpc_url)  # for a collection added meanwhile
+        run_as_batch(self.encoders.settings.ray.batch_nice)
         self.conn = db.connect(dsn)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:

@@ -28,6 +28,7 @@ from es_ray.console import Display
 from es_ray.data.pipeline import parse_jsonl, upsert_dataset
 from es_ray.lifecycle.handle import get_driver
 from es_ray.logs import get_logger, to_file
+from es_ray.priority import run_as_batch
 from es_ray.stack.manifest import StackManifest
 from es_ray.store.blue_green import Blue
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.encoders:
         settings.upsert.encoders = args.encoders
     manifest = StackManifest.model_validate(stack["manifest"])
+    run_as_batch(settings.ray.batch_nice)
     blue = Blue(**ray.get(get_driver(args.namespace).blue.remote()))
     # Ray Data's own progress bars would only fill the log file; ours is the line the follower reads.
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -243,6 +243,18 @@ class LifecycleDriver:
         self.deployer.deploy(version, Path(model.source_dir))
         return model.__dict__
 
+    def undeploy_version(self, version: int) -> dict[str, Any]:
+        """Unloads a version that blue, green and previous do not use and removes its repository files
+        (a switch's cleanup retires the versions it replaced; this is for one deployed and never used, as
+        in `make load`'s deploy cycles). Idempotent."""
+        with self._conn() as conn:
+            state = blue_green.get_state(conn)
+            if state is not None and version in {t.model_version for t in state.write_targets()}:
+                raise switching.SwitchRefused(f"version {version} is live (blue, green or previous): not undeployed")
+            self.deployer.undeploy(version)
+            blue_green.set_model_state(conn, version, "retired")
+        return {"undeployed": version}
+
     def start_reindex(self, version: int, switch: str | None = None, hnsw: str | None = None) -> dict[str, Any]:
         """Creates a reindex task and submits its Ray job (es_ray.lifecycle.reindex)."""
         with self._conn() as conn:

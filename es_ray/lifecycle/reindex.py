@@ -40,6 +40,7 @@ from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER
 from es_ray.logs import get_logger
+from es_ray.priority import run_as_batch
 from es_ray.lifecycle.switching import SwitchRefused, drop_green
 from es_ray.lifecycle.task_job import TaskJob, run_as_task
 from es_ray.store import blue_green, clickstream, db, locks, reindex_ranges, tasks
@@ -64,6 +65,7 @@ class ReindexWorker:
     def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str, source: dict[str, Any],
                  green: dict[str, Any], task_id: str, copy_vectors: bool = False):
         self.settings = Settings.model_validate(settings)
+        run_as_batch(self.settings.ray.batch_nice)
         self.source, self.green = Target(**source), Target(**green)
         self.copy_vectors = copy_vectors
         # Small requests with a patient deadline: the writes and searches served meanwhile share Triton's

@@ -18,6 +18,7 @@ from es_ray.config import Settings
 from es_ray.lifecycle.handle import job_context
 from es_ray.lifecycle.heartbeat import Heartbeat
 from es_ray.logs import get_logger
+from es_ray.priority import run_as_batch
 from es_ray.stack import jobs
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import db, locks, tasks
@@ -48,6 +49,7 @@ def run_as_task(kind: str, namespace: str, task_id: str | None, params: dict[str
     """Runs `work` as the task `task_id` (or a new task of `kind` with `params`), holding `lock` (a
     `store.locks` name) for the whole job when given. Returns the job's exit code."""
     driver, settings, manifest = job_context(namespace)
+    run_as_batch(settings.ray.batch_nice)  # the job's own work (data, scoring, the Tune driver) yields to serving
     with db.connect(manifest.postgres_dsn) as conn:
         try:
             task = (tasks.start(conn, task_id, None) if task_id else

@@ -76,6 +76,11 @@ def environment(state_dir: Path) -> dict[str, str]:
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray starts every worker at nice 15, and es-ray's serving runs in Ray workers too (the Serve proxy and
+    # replicas, the lifecycle driver): they would share one priority with a fine-tune's trials (measured:
+    # bench/results/priority-*.json). Workers start at 0 here; batch work lowers itself to ray.batch_nice
+    # (es_ray/priority.py). An environment that sets RAY_worker_niceness keeps its own.
+    env.setdefault("RAY_worker_niceness", "0")
     # Serve's HTTP proxy is uvicorn, which by default believes X-Forwarded-For from 127.0.0.1 and hands the
     # replica that address as the peer: any local client could then name itself anyone (and vote as many
     # clients). Trust no one there; es-ray reads the header itself, from clients.trusted_proxies only

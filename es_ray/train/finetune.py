@@ -157,7 +157,8 @@ def fine_tune(settings: Settings, config: FinetuneConfig, batch: SessionBatch, i
         outcome = run_search(config, ray.put(data), storage, f"fine-tune-{run.info.run_id[:8]}",
                              mlflow={"tracking_uri": registry.tracking_uri(settings), "experiment_id": experiment_id,
                                      "parent_run_id": run.info.run_id},
-                             progress=lambda p: progress({"stage": "tuning", **p}))
+                             progress=lambda p: progress({"stage": "tuning", **p}),
+                             batch_nice=settings.ray.batch_nice)
         _close_trial_runs(mlflow_client, run.info.run_id, {t.trial_id: t.status for t in outcome.trials})
         best = outcome.best(config.tune.metric)
         if best is None:

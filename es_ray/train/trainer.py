@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from es_ray import retries
+from es_ray.priority import run_as_batch
 from es_ray.inference.encoder import QUERY_TOWER_DIR, SentenceEncoder, load_encoder, load_tokenizer
 from es_ray.train.item_vectors import ItemVectors
 from es_ray.train.losses import CollectionSoftmaxLoss
@@ -230,6 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    run_as_batch(config.get("batch_nice", 0))  # the forward and backward passes: the fine-tune's CPU
     data: TrainingData = ray.get(config["data"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from es_ray.logs import get_logger
+from es_ray.priority import run_as_batch
 from es_ray.train.config import FinetuneConfig
 from es_ray.train.trainer import train_loop_per_worker
 
@@ -43,11 +44,12 @@ def _trial(config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    trial_id = tune.get_context().get_trial_id()
     static = config["static"]
+    run_as_batch(static["batch_nice"])
+    trial_id = tune.get_context().get_trial_id()
     mlflow = {**static["mlflow"], "trial_id": trial_id} if static.get("mlflow") else None
     loop_config = {**{k: v for k, v in config.items() if k != "static"}, **static["train"], "data": static["data"],
-                   "mlflow": mlflow}
+                   "mlflow": mlflow, "batch_nice": static["batch_nice"]}
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -134,8 +136,9 @@ class ProgressCallback(Callback):
 
 def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: str,
                mlflow: dict[str, str] | None = None,
-               progress: Callable[[dict[str, Any]], None] | None = None) -> SearchOutcome:
-    """Runs the Tune search; returns every trial's checkpointed report, checkpoint and time."""
+               progress: Callable[[dict[str, Any]], None] | None = None, batch_nice: int = 0) -> SearchOutcome:
+    """Runs the Tune search; returns every trial's checkpointed report, checkpoint and time. Trials and
+    their training workers run at niceness `batch_nice` (es_ray/priority.py)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -145,7 +148,7 @@ def run_search(config: FinetuneConfig, data_ref, storage_path: Path, run_name: s
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=reports_per_trial,
                                grace_period=config.tune.grace_period, reduction_factor=config.tune.reduction_factor)
                  if config.tune.scheduler == "asha" else FIFOScheduler())
-    static = {"data": data_ref, "mlflow": mlflow, "cpus_per_trial": config.tune.cpus_per_trial,
+    static = {"data": data_ref, "mlflow": mlflow, "cpus_per_trial": config.tune.cpus_per_trial, "batch_nice": batch_nice,
               "storage_path": str(storage_path), "run_name": run_name,
               "train": {"tuned_metric": metric, **config.train.model_dump()}}
     callbacks, key = [], f"reporter-{time.monotonic_ns()}"
