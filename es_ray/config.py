@@ -134,6 +134,8 @@ class ServeSettings(BaseModel):
     health_cache_s: float = Field(2.0, ge=0)
     rate_limits: RateLimitSettings = RateLimitSettings()
     max_results_per_session: int = Field(100, ge=1)
+    session_wait_for_flush: bool = False
+    replica_env: dict[str, str] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 class UpsertSettings(BaseModel):
