@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ from es_ray.inference.encoder import load_tokenizer
 from es_ray.inference.triton_repo import QUERY_ENCODER, version_dir
 from es_ray.stack import jobs, triton
 from es_ray.stack.manifest import StackManifest
-from es_ray.store import db, blue_green
+from es_ray.store import blue_green, clickstream, db
 from es_ray.store.collections import Collection
 
 PLAIN_TOP10 = ("SELECT object_id, vector <=> %s AS distance FROM parts_{c} WHERE NOT is_average "
@@ -136,6 +137,12 @@ def main(argv: list[str] | None = None) -> None:
             conn.execute(sql, (vector, vector)).fetchall()
             pg_s.append(time.perf_counter() - started)
     parts = {"embed": percentiles(embed_s)["p50_ms"], "pgvector": percentiles(pg_s)["p50_ms"]}
+    # Where the overhead may go, measured here too (not parts of the ratio): the session record of a search,
+    # committed with and without waiting for its WAL flush, and the HTTP + Serve + FastAPI floor (GET
+    # /healthz answers from its cache: no dependency is asked).
+    diagnostics = {"session_write_flush_ms": session_write_ms(pool, blue, True),
+                   "session_write_no_flush_ms": session_write_ms(pool, blue, False),
+                   "healthz_p50_ms": healthz_p50(manifest)}
 
     http_level(manifest, queries, 1, 20)  # warm-up
     levels = []
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     fastest = fastest_forward(model_path, blue.source_dir, blue.max_length, settings.model.query_pad_multiple,
                               queries, eight["triton_batch"])
     result = {"benchmark": "search", "docs": docs, "p50_ms": one["p50_ms"], "p99_ms": one["p99_ms"], "clients": 1,
-              "parts_p50_ms": parts, "ratio": one["ratio"], "levels": levels,
+              "parts_p50_ms": parts, "diagnostics_p50_ms": diagnostics, "ratio": one["ratio"], "levels": levels,
               "overhead_ms": round(one["p50_ms"] - parts["embed"] - parts["pgvector"], 2),
               "fastest_forward": fastest,
               "embed_to_fastest": round(parts["embed"] / fastest["query_ms"], 2),
@@ -170,6 +177,32 @@ def main(argv: list[str] | None = None) -> None:
     recall.update({"benchmark": "recall", "docs": docs, "queries": len(queries)})
     out = write_result("recall", data.name, recall, f"python -m es_ray.bench.search --docs {args.docs}")
     print(json.dumps(recall, indent=2), f"\nwritten to {out}")  # noqa: T201
+
+
+def session_write_ms(pool, blue, wait_for_flush: bool, n: int = 100) -> float:
+    """p50 ms of recording one search's session (10 shown results) on a pooled connection."""
+    with pool.connection() as conn:
+        ids = [r[0] for r in conn.execute(f"SELECT object_id FROM items_{blue.collection} LIMIT 10")]
+        took = []
+        for _ in range(n):
+            started = time.perf_counter()
+            clickstream.record_session(conn, f"bench-{uuid.uuid4().hex}", None, "bench session write",
+                                       blue.model_version, list(enumerate(ids, start=1)),
+                                       clickstream.Provenance("served", "bench", "bench"),
+                                       wait_for_flush=wait_for_flush)
+            took.append(time.perf_counter() - started)
+    return percentiles(took)["p50_ms"]
+
+
+def healthz_p50(manifest: StackManifest, n: int = 200) -> float:
+    with EsRayClient.for_stack(manifest, timeout=60) as client:
+        client.send("GET", "/healthz")
+        took = []
+        for _ in range(n):
+            started = time.perf_counter()
+            client.send("GET", "/healthz")
+            took.append(time.perf_counter() - started)
+    return percentiles(took)["p50_ms"]
 
 
 def batcher_counts(encoder: TritonEncoder) -> tuple[int, int]:
