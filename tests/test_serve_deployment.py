@@ -11,9 +11,6 @@ def test_the_deployment_takes_its_options_from_stack_yaml(monkeypatch, tmp_path)
     api = search_api(deployment.app_args(settings))
     assert (api.num_replicas, api.max_ongoing_requests) == (settings.serve.replicas, settings.serve.max_ongoing_requests)
     assert api.ray_actor_options["num_cpus"] == settings.serve.num_cpus
-    # Serve's own performance switches reach the replicas' processes through their runtime environment.
-    assert api.ray_actor_options["runtime_env"]["env_vars"] == settings.serve.replica_env
-    assert settings.serve.replica_env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
     assert (settings.serve.replicas, settings.serve.max_ongoing_requests, settings.serve.num_cpus) == (1, 5, 0)
     monkeypatch.setenv("ES_RAY_SERVE__REPLICAS", "3")
     monkeypatch.setenv("ES_RAY_SERVE__NUM_CPUS", "0.5")

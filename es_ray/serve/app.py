@@ -51,8 +51,7 @@ def search_api(args: dict[str, Any]) -> serve.Deployment:
     args = {**deployment.DEFAULT_ARGS, **args}
     return SearchAPI.options(num_replicas=int(args["replicas"]),
                              max_ongoing_requests=int(args["max_ongoing_requests"]),
-                             ray_actor_options={"num_cpus": float(args["num_cpus"]),
-                                                "runtime_env": {"env_vars": dict(args["replica_env"])}})
+                             ray_actor_options={"num_cpus": float(args["num_cpus"])})
 
 
 def build_app(args: dict[str, Any] | None = None):

@@ -24,8 +24,7 @@ from es_ray.config import ServeSettings, Settings
 _DEFAULTS = ServeSettings()
 DEFAULT_ARGS: dict[str, Any] = {"namespace": "es-ray", "replicas": _DEFAULTS.replicas,
                                 "max_ongoing_requests": _DEFAULTS.max_ongoing_requests,
-                                "num_cpus": _DEFAULTS.num_cpus, "replica_env": _DEFAULTS.replica_env,
-                                "settings_version": ""}
+                                "num_cpus": _DEFAULTS.num_cpus, "settings_version": ""}
 
 
 def settings_version(settings: Settings) -> str:
@@ -36,5 +35,4 @@ def app_args(settings: Settings) -> dict[str, Any]:
     """build_app's args for this stack."""
     return {"namespace": settings.ray.namespace, "replicas": settings.serve.replicas,
             "max_ongoing_requests": settings.serve.max_ongoing_requests, "num_cpus": settings.serve.num_cpus,
-            "replica_env": settings.serve.replica_env,
             "settings_version": settings_version(settings)}
