@@ -104,14 +104,6 @@ def test_every_session_records_who_recorded_it(conn):
         clickstream.record_session(conn, "odd", None, "q", None, [(1, "a")], Provenance("made-up"))
 
 
-def test_a_session_committed_without_waiting_for_the_flush_is_the_same_session_and_only_it_skips_the_wait(conn):
-    clickstream.record_session(conn, "quick", None, "q", 1, [(1, "a"), (2, "b")], SERVED, swapped_rank=1,
-                               wait_for_flush=False)
-    stored = clickstream.get_session(conn, "quick")
-    assert (stored.query, stored.results, stored.swapped_rank, stored.source) == ("q", [(1, "a"), (2, "b")], 1, "served")
-    assert conn.execute("SHOW synchronous_commit").fetchone()[0] == "on"  # SET LOCAL: that transaction only
-
-
 def test_the_learners_readers_leave_out_excluded_sources(conn):
     for provenance in (SERVED, INGESTED, UNVERIFIED):
         for user in (None, "ann"):

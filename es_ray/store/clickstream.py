@@ -89,16 +89,10 @@ def normalise_query(query: str) -> str:
 
 def record_session(conn: psycopg.Connection, session_id: str, user_id: str | None, query: str,
                    model_version: int | None, results: list[tuple[int, str]], provenance: Provenance,
-                   swapped_rank: int | None = None, filtered: bool = False, wait_for_flush: bool = True) -> bool:
+                   swapped_rank: int | None = None, filtered: bool = False) -> bool:
     """Stores a session; True if new. The same id with the same content again is a no-op (whoever sends it:
-    the first recording's provenance stays). `filtered`: its search had a payload filter.
-
-    `wait_for_flush=False` commits without waiting for the WAL to reach the disk (synchronous_commit off,
-    for this transaction only): a Postgres or machine crash can then lose the sessions of its last
-    fraction of a second (at most 3 x wal_writer_delay), never half of one, and nothing else."""
+    the first recording's provenance stays). `filtered`: its search had a payload filter."""
     with conn.transaction():
-        if not wait_for_flush:
-            conn.execute("SET LOCAL synchronous_commit = off")
         inserted = conn.execute(
             """INSERT INTO sessions (session_id, user_id, query, model_version, swapped_rank, source, key_name, client,
                                      filtered)

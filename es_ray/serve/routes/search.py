@@ -80,7 +80,6 @@ def _record_session(conn, request: schemas.SearchRequest, who: Caller, state: Re
     clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
                                [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)],
                                clickstream.Provenance("served", who.key_name, client), swap,
-                               filtered=bool(request.filter),  # a filter can show any item for any query
-                               wait_for_flush=state.settings.serve.session_wait_for_flush)
+                               filtered=bool(request.filter))  # a filter can show any item for any query
     metrics.count("es_ray_sessions", source="search")
     return hits, session_id
