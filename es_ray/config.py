@@ -115,7 +115,7 @@ class ServeSettings(BaseModel):
     port: int = 8000
     app_name: str = "es-ray"
     replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(5, ge=1)
+    max_ongoing_requests: int = Field(16, ge=1)
     num_cpus: float = Field(0.0, ge=0)
     max_limit: int = 100
     max_offset: int = 10000
@@ -134,8 +134,6 @@ class ServeSettings(BaseModel):
     health_cache_s: float = Field(2.0, ge=0)
     rate_limits: RateLimitSettings = RateLimitSettings()
     max_results_per_session: int = Field(100, ge=1)
-    session_wait_for_flush: bool = False
-    replica_env: dict[str, str] = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 class UpsertSettings(BaseModel):
