@@ -1,8 +1,8 @@
 """POST /v1/search: embed the query, one SQL query over the blue collection, record the session.
 
-The route is async and hands its blocking work (tokenise + Triton, the search and the session record on
-one pooled connection) to the thread pool in one hop: a sync route costs a hop per sync dependency and
-another for the body, each a wake-up of another thread on a busy machine (docs/PERFORMANCE.md).
+The route is async and hands its blocking work (tokenise + Triton, the search, the session record) to the
+thread pool as one call, and the search and its session share one pooled connection: one checkout (and
+its liveness round trip) instead of two. Where a search's time goes: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
