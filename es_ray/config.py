@@ -121,7 +121,7 @@ class ServeSettings(BaseModel):
     port: int = 8000
     app_name: str = "es-ray"
     replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(5, ge=1)
+    max_ongoing_requests: int = Field(16, ge=1)
     num_cpus: float = Field(0.0, ge=0)
     max_limit: int = 100
     max_offset: int = 10000

@@ -11,7 +11,7 @@ def test_the_deployment_takes_its_options_from_stack_yaml(monkeypatch, tmp_path)
     api = search_api(deployment.app_args(settings))
     assert (api.num_replicas, api.max_ongoing_requests) == (settings.serve.replicas, settings.serve.max_ongoing_requests)
     assert api.ray_actor_options["num_cpus"] == settings.serve.num_cpus
-    assert (settings.serve.replicas, settings.serve.max_ongoing_requests, settings.serve.num_cpus) == (1, 5, 0)
+    assert (settings.serve.replicas, settings.serve.max_ongoing_requests, settings.serve.num_cpus) == (1, 16, 0)
     monkeypatch.setenv("ES_RAY_SERVE__REPLICAS", "3")
     monkeypatch.setenv("ES_RAY_SERVE__NUM_CPUS", "0.5")
     scaled = search_api(deployment.app_args(load_settings(tmp_path / "state")))

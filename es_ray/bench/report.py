@@ -25,6 +25,17 @@ TABLES: list[tuple[str, str, Callable[[dict], list[dict]], list[Column]]] = [
         ("p50 ms", lambda r: r["p50_ms"]), ("p99 ms", lambda r: r["p99_ms"]), ("req/s", lambda r: r["requests_per_s"]),
         ("embed p50 ms", lambda r: r["embed"]), ("pgvector p50 ms", lambda r: r["pgvector"]),
         ("ratio (target <= 1.3)", lambda r: r["ratio"])]),
+    ("search", "Search against the model's own speed (same run; issue 17's targets)",
+     lambda r: [r] if "overhead_ms" in r else [], [
+        ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]),
+        ("overhead ms at 1 client (target <= 5)", lambda r: r["overhead_ms"]),
+        ("embed / fastest forward (target <= 1.5)", lambda r: r["embed_to_fastest"]),
+        ("fastest forward ms (1 query)", lambda r: r["fastest_forward"]["query_ms"]),
+        ("req/s at 8 clients", lambda r: r["throughput_8"]),
+        ("Triton batch", lambda r: r["levels"][1]["triton_batch"]),
+        ("fastest queries/s at that batch", lambda r: r["fastest_throughput"]),
+        ("throughput ratio (target >= 0.6)", lambda r: r["throughput_ratio"]),
+        ("p99 / p50 at 8 clients (target <= 3)", lambda r: r["p99_to_p50_8"])]),
     ("ingest", "Ingest throughput (upsert job vs raw torch forward, same run)", lambda r: [r], [
         ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("chunks", lambda r: r["chunks"]),
         ("batch", lambda r: r["batch_size"]), ("max_length", lambda r: r["max_length"]),

@@ -1,21 +1,35 @@
-"""Search benchmark: HTTP latency at 1 and 8 clients beside its two parts, and HNSW recall@10.
+"""Search benchmark: HTTP latency at 1 and 8 clients beside its two parts and the model's own speed,
+and HNSW recall@10.
 
-    python -m es_ray.bench.search --data ../shared/data/scifact
+    python -m es_ray.bench.search --data ../shared/data/scifact [--flamegraph docs]
 
 Runs against the benchmark stack (loads --docs documents through the upsert job if the collection
 holds fewer). In the same run it times the parts alone: the Triton query-embedding call (tokenise +
 gRPC) and the plain pgvector HNSW top-10 query, and reports ratio = end-to-end p50 / (sum of part
-p50s). Recall compares the HNSW top-10 (at the configured ef_search) with exact search over the same
-stored vectors, for every test query.
+p50s) and overhead_ms = end-to-end p50 - the part p50s (what the serving path itself costs: HTTP,
+Ray Serve, FastAPI, auth, the session record). Beside them, the fastest forward pass of the blue query
+encoder in this process (fastest_query_forward_ms): embed_to_fastest = served embedding p50 / one
+query's forward pass, and throughput_ratio = 8-client requests/s / the forward pass's queries/s at the
+batch size Triton's dynamic batcher formed during the 8-client level (its statistics: inferences /
+executions). Recall compares the HNSW top-10 (at the configured ef_search) with exact search over the
+same stored vectors, for every test query.
+
+--flamegraph DIR: afterwards, one more 8-client level (not in the results) with py-spy recording the
+Serve replica and the Serve proxy: DIR/flamegraph-search-replica.svg and DIR/flamegraph-search-proxy.svg.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +40,11 @@ from es_ray.client import EsRayClient
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.inference.triton_client import TritonEncoder
-from es_ray.inference.triton_repo import QUERY_ENCODER
-from es_ray.stack import jobs
+from es_ray.inference.encoder import load_tokenizer
+from es_ray.inference.triton_repo import QUERY_ENCODER, version_dir
+from es_ray.stack import jobs, triton
 from es_ray.stack.manifest import StackManifest
-from es_ray.store import db, blue_green
+from es_ray.store import blue_green, clickstream, db
 from es_ray.store.collections import Collection
 
 PLAIN_TOP10 = ("SELECT object_id, vector <=> %s AS distance FROM parts_{c} WHERE NOT is_average "
@@ -91,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=int, default=1000, help="documents in the collection (loaded if fewer)")
     parser.add_argument("--requests", type=int, default=200, help="requests per level per client (1 client)")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
+    parser.add_argument("--flamegraph", type=Path, default=None,
+                        help="folder for py-spy flame graphs of the replica and proxy under 8 clients")
     args = parser.parse_args(argv)
 
     settings, manifest = bench_stack(args.state_dir)
@@ -120,24 +137,210 @@ def main(argv: list[str] | None = None) -> None:
             conn.execute(sql, (vector, vector)).fetchall()
             pg_s.append(time.perf_counter() - started)
     parts = {"embed": percentiles(embed_s)["p50_ms"], "pgvector": percentiles(pg_s)["p50_ms"]}
+    # Where the overhead may go, measured here too (not parts of the ratio): the session record of a search
+    # (INSERT + COPY + commit), and the HTTP + Serve + FastAPI floor (GET /healthz answers from its cache:
+    # no dependency is asked, no body is read).
+    diagnostics = {"session_write": session_write_ms(pool, blue), "healthz": healthz_p50(manifest)}
 
     http_level(manifest, queries, 1, 20)  # warm-up
     levels = []
     for clients in (1, 8):
+        before, cpu = batcher_counts(encoder), cpu_seconds()
         level = http_level(manifest, queries, clients, max(args.requests // clients, 25))
+        level["cpu_ms_per_request"] = cpu_per_request(cpu, cpu_seconds(), level["n"])
         level["ratio"] = round(level["p50_ms"] / (parts["embed"] + parts["pgvector"]), 2)
+        level["triton_batch"] = formed_batch(before, batcher_counts(encoder))
         levels.append(level)
-    one = levels[0]
+    one, eight = levels
+    model_path = version_dir(triton.model_repository(settings.state_path), QUERY_ENCODER, blue.model_version) / "model.pt"
+    fastest = fastest_forward(model_path, blue.source_dir, blue.max_length, settings.model.query_pad_multiple,
+                              queries, eight["triton_batch"])
     result = {"benchmark": "search", "docs": docs, "p50_ms": one["p50_ms"], "p99_ms": one["p99_ms"], "clients": 1,
-              "parts_p50_ms": parts, "ratio": one["ratio"], "levels": levels,
-              "note": "ratio = HTTP p50 / (embed p50 + pgvector p50); at 8 clients on 2 cores requests queue"}
+              "parts_p50_ms": parts, "diagnostics_p50_ms": diagnostics, "ratio": one["ratio"], "levels": levels,
+              "overhead_ms": round(one["p50_ms"] - parts["embed"] - parts["pgvector"], 2),
+              "fastest_forward": fastest,
+              "embed_to_fastest": round(parts["embed"] / fastest["query_ms"], 2),
+              "throughput_8": eight["requests_per_s"], "fastest_throughput": fastest["queries_per_s"],
+              "throughput_ratio": round(eight["requests_per_s"] / fastest["queries_per_s"], 2),
+              "p99_to_p50_8": round(eight["p99_ms"] / eight["p50_ms"], 2),
+              "note": "ratio = HTTP p50 / (embed p50 + pgvector p50); overhead_ms = HTTP p50 - embed p50 - "
+                      "pgvector p50 (1 client); embed_to_fastest = embed p50 / one query's TorchScript forward "
+                      "pass in-process at 1 thread; throughput_ratio = 8-client requests/s / the fastest "
+                      "forward pass's queries/s at the batch Triton formed (fastest of 1 thread and all cores)"}
     out = write_result("search", data.name, result, f"python -m es_ray.bench.search --docs {args.docs}")
     print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report
+    if args.flamegraph:
+        flame_graphs(manifest, queries, args.flamegraph, settings.serve.app_name)
 
     recall = measure_recall(manifest, blue, vectors_for_all(encoder, queries), settings.postgres.hnsw_ef_search)
     recall.update({"benchmark": "recall", "docs": docs, "queries": len(queries)})
     out = write_result("recall", data.name, recall, f"python -m es_ray.bench.search --docs {args.docs}")
     print(json.dumps(recall, indent=2), f"\nwritten to {out}")  # noqa: T201
+
+
+def session_write_ms(pool, blue, n: int = 100) -> float:
+    """p50 ms of recording one search's session (10 shown results) on a pooled connection."""
+    with pool.connection() as conn:
+        ids = [r[0] for r in conn.execute(f"SELECT object_id FROM items_{blue.collection} LIMIT 10")]
+        took = []
+        for _ in range(n):
+            started = time.perf_counter()
+            clickstream.record_session(conn, f"bench-{uuid.uuid4().hex}", None, "bench session write",
+                                       blue.model_version, list(enumerate(ids, start=1)),
+                                       clickstream.Provenance("served", "bench", "bench"))
+            took.append(time.perf_counter() - started)
+    return percentiles(took)["p50_ms"]
+
+
+def healthz_p50(manifest: StackManifest, n: int = 200) -> float:
+    with EsRayClient.for_stack(manifest, timeout=60) as client:
+        client.send("GET", "/healthz")
+        took = []
+        for _ in range(n):
+            started = time.perf_counter()
+            client.send("GET", "/healthz")
+            took.append(time.perf_counter() - started)
+    return percentiles(took)["p50_ms"]
+
+
+# Process title or name -> what it is, for the CPU each part of the machine spends on a request.
+ROLES = [("ServeReplica", "serve replica"), ("ProxyActor", "serve proxy"), ("ServeController", "serve controller"),
+         ("triton_python_backend_stub", "triton stub"), ("tritonserver", "tritonserver"), ("postgres", "postgres"),
+         ("raylet", "raylet"), ("gcs_server", "gcs"), ("ray::", "other ray workers")]
+
+
+def _role(pid: int, command: str) -> str:
+    if pid == os.getpid():
+        return "benchmark clients"
+    return next((role for marker, role in ROLES if marker in command), "other")
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    """pid -> (role, user + system CPU seconds) of every process on the machine."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter(["pid", "name", "cmdline", "cpu_times"]):
+        times = proc.info["cpu_times"]
+        if times is None:
+            continue
+        command = " ".join(proc.info["cmdline"] or [proc.info["name"] or ""])
+        found[proc.info["pid"]] = (_role(proc.info["pid"], command), times.user + times.system)
+    return found
+
+
+def cpu_per_request(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], n: int) -> dict:
+    """CPU ms per request by role between two readings (the machine runs nothing else: the shared lock)."""
+    by_role: dict[str, float] = {}
+    for pid, (role, seconds) in after.items():
+        by_role[role] = by_role.get(role, 0.0) + seconds - before.get(pid, (role, 0.0))[1]
+    ranked = sorted(((round(1000 * s / n, 2), r) for r, s in by_role.items() if s > 0), reverse=True)
+    return {"total": round(sum(ms for ms, _ in ranked), 2), **{role: ms for ms, role in ranked}}
+
+
+def batcher_counts(encoder: TritonEncoder) -> tuple[int, int]:
+    """(inference_count, execution_count) of the encoder's Triton model: requests' rows and forward passes."""
+    stats = encoder.client.get_inference_statistics(encoder.model_name, encoder.model_version, as_json=True)
+    model = stats["model_stats"][0]
+    return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+
+
+def formed_batch(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Mean rows per forward pass that Triton's dynamic batcher formed between two readings."""
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    return round(inferences / executions, 2) if executions else 1.0
+
+
+def fastest_query_forward_ms(model_path: Path, ids: np.ndarray, mask: np.ndarray, threads: int = 1,
+                             repeats: int = 30) -> float:
+    """p50 ms of one forward pass of the query encoder over (ids, mask), in this process: the model's own
+    speed, with no serving around it. TorchScript (the file Triton serves) at `threads` torch threads;
+    the runtime to compare against is this one function (ONNX Runtime, once it is served, goes here)."""
+    import torch
+
+    model = _torchscript(model_path)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        with torch.inference_mode():
+            for _ in range(3):
+                model(ids_t, mask_t)  # warm-up: TorchScript optimises on its first calls
+            took = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                model(ids_t, mask_t)
+                took.append(time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(previous)
+    return float(np.median(took) * 1000)
+
+
+_loaded: dict[Path, object] = {}
+
+
+def _torchscript(path: Path):
+    import torch
+
+    if path not in _loaded:
+        _loaded[path] = torch.jit.load(str(path)).eval()
+    return _loaded[path]
+
+
+def fastest_forward(model_path: Path, tokenizer_dir: str, max_length: int, pad_multiple: int, queries: list[str],
+                    batch: float) -> dict:
+    """One query's forward pass (p50 over many queries, 1 thread) and the queries/s of forward passes at
+    the batch size Triton formed, at 1 thread and at every core (the faster counts), each tokenised as the
+    served path tokenises (padded to a multiple of pad_multiple)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+
+    def encoded(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        out = tokenizer(texts, max_length=max_length, truncation=True, padding=True,
+                        pad_to_multiple_of=pad_multiple, return_tensors="np")
+        return out["input_ids"].astype(np.int64), out["attention_mask"].astype(np.int64)
+
+    single = [fastest_query_forward_ms(model_path, *encoded([q]), threads=1, repeats=5) for q in queries[:60]]
+    size = max(1, round(batch))
+    batches = [queries[i:i + size] for i in range(0, min(len(queries), 20 * size), size)]
+    batches = [b for b in batches if len(b) == size]
+    per_threads = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        ms = float(np.median([fastest_query_forward_ms(model_path, *encoded(b), threads=threads, repeats=5)
+                              for b in batches]))
+        per_threads[threads] = round(size * 1000 / ms, 1)
+    return {"runtime": "torchscript", "query_ms": round(float(np.median(single)), 2), "batch": size,
+            "queries_per_s_by_threads": per_threads, "queries_per_s": max(per_threads.values())}
+
+
+def serve_pids(app_name: str) -> dict[str, int]:
+    """Process ids of the Serve replica of the search API and of the Serve proxy, by their process titles
+    (the benchmark runs alone on its machine, under the shared lock)."""
+    found = {}
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if f"ServeReplica:{app_name}:SearchAPI" in args:
+            found["replica"] = int(pid)
+        elif "ProxyActor" in args:
+            found["proxy"] = int(pid)
+    return found
+
+
+def flame_graphs(manifest: StackManifest, queries: list[str], folder: Path, app_name: str) -> None:
+    """An 8-client level with py-spy sampling the replica and the proxy (--nonblocking: the processes are
+    not paused to be read, so the load is served as it is without the profiler)."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    folder.mkdir(parents=True, exist_ok=True)
+    recorders = [subprocess.Popen([str(py_spy), "record", "--pid", str(pid), "--format", "flamegraph", "--nonblocking",
+                                   "--rate", "200", "-o", str(folder / f"flamegraph-search-{role}.svg")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for role, pid in serve_pids(app_name).items()]
+    time.sleep(1)
+    level = http_level(manifest, queries, 8, 60)
+    for recorder in recorders:
+        recorder.send_signal(signal.SIGINT)
+        recorder.wait(timeout=60)
+    print("profiled level:", json.dumps(level), "flame graphs in", folder)  # noqa: T201
 
 
 def vectors_for_all(encoder: TritonEncoder, queries: list[str]) -> np.ndarray:

@@ -1,10 +1,16 @@
-"""POST /v1/search: embed the query, one SQL query over the blue collection, record the session."""
+"""POST /v1/search: embed the query, one SQL query over the blue collection, record the session.
+
+The route is async and hands its blocking work (tokenise + Triton, the search, the session record) to the
+thread pool as one call, and the search and its session share one pooled connection: one checkout (and
+its liveness round trip) instead of two. Where a search's time goes: docs/PERFORMANCE.md.
+"""
 
 from __future__ import annotations
 
 import time
 
 from fastapi import APIRouter, Depends
+from starlette.concurrency import run_in_threadpool
 
 from es_ray import metrics
 from es_ray.inference.triton_client import TritonUnavailable
@@ -14,6 +20,7 @@ from es_ray.serve.auth import Caller
 from es_ray.serve.errors import ServiceUnavailable
 from es_ray.serve.replica import Replica, replica
 from es_ray.store import clickstream, db
+from es_ray.store.blue_green import Blue
 from es_ray.store.collections import Collection
 from es_ray.store.search import search as search_collection
 
@@ -27,41 +34,52 @@ router = APIRouter()
                          "(serve.swap_share): these randomised swaps let es-ray learn how much attention each "
                          "rank gets. The session records the order shown. Searches with session=false or a "
                          "user_id are never swapped.")
-def search(request: schemas.SearchRequest, who: Caller = Depends(auth.searcher),
-           state: Replica = Depends(replica), client: str = Depends(clients.client_identity)
-           ) -> schemas.SearchResponse:
+async def search(request: schemas.SearchRequest, who: Caller = Depends(auth.searcher),
+                 state: Replica = Depends(replica), client: str = Depends(clients.client_identity)
+                 ) -> schemas.SearchResponse:
     if request.user_id is not None:
         auth.require_user(who, request.user_id, f"personalised search for user {request.user_id!r}")
-    blue = state.blue()
+    return await run_in_threadpool(_search, request, who, state, client, state.blue())
+
+
+def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client: str,
+            blue: Blue) -> schemas.SearchResponse:
     started, status = time.monotonic(), "unavailable"
+    session_id, searched = None, None
     try:
         vector = state.encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]
         with state.pool.connection() as conn:
             hits = search_collection(conn, Collection(blue.collection, blue.dim), vector, request.limit,
                                      request.offset, request.filter, request.user_id,
                                      timeout_ms=state.settings.postgres.search_timeout_ms)
-        status = "ok"
+            status, searched = "ok", time.monotonic()  # the latency metric is embed + pgvector
+            if request.session and hits:
+                hits, session_id = _record_session(conn, request, who, state, client, blue, hits)
     except TritonUnavailable as err:
         raise ServiceUnavailable(f"embedding service unavailable: {err}") from err
     except db.OperationalError as err:
         raise ServiceUnavailable(f"database unavailable: {err}") from err
     finally:
         metrics.count("es_ray_search_requests", model=blue.model_version, status=status)
-        metrics.observe("es_ray_search_latency_ms", (time.monotonic() - started) * 1000, model=blue.model_version)
-    session_id = None
-    if request.session and hits:
-        swap = None
-        if request.user_id is None and request.offset == 0:  # a user's own ranking is never explored
-            swap = exploration.choose_swap(len(hits), state.settings.serve.swap_share,
-                                           state.settings.serve.swap_max_rank, state.random)
-            hits = exploration.swapped(hits, swap)
-        session_id = auth.authenticator().new_session_id()  # signed: clicks on it need no credential
-        with state.pool.connection() as conn:
-            clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
-                                       [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)],
-                                       clickstream.Provenance("served", who.key_name, client), swap,
-                                       filtered=bool(request.filter))  # a filter can show any item for any query
-        metrics.count("es_ray_sessions", source="search")
+        metrics.observe("es_ray_search_latency_ms", ((searched or time.monotonic()) - started) * 1000,
+                        model=blue.model_version)
     return schemas.SearchResponse(model=f"v{blue.model_version}", session_id=session_id,
                                   results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
                                            for h in hits])
+
+
+def _record_session(conn, request: schemas.SearchRequest, who: Caller, state: Replica, client: str, blue: Blue,
+                    hits: list) -> tuple[list, str]:
+    """The shown list (with its exploration swap, if any) recorded as a session on the search's connection."""
+    swap = None
+    if request.user_id is None and request.offset == 0:  # a user's own ranking is never explored
+        swap = exploration.choose_swap(len(hits), state.settings.serve.swap_share,
+                                       state.settings.serve.swap_max_rank, state.random)
+        hits = exploration.swapped(hits, swap)
+    session_id = auth.authenticator().new_session_id()  # signed: clicks on it need no credential
+    clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
+                               [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)],
+                               clickstream.Provenance("served", who.key_name, client), swap,
+                               filtered=bool(request.filter))  # a filter can show any item for any query
+    metrics.count("es_ray_sessions", source="search")
+    return hits, session_id
