@@ -62,7 +62,7 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
         metrics_port = _port(manifest.triton_metrics_url, settings.triton.metrics_port)
         pid = triton.running_pid(state)
         if pid is None:
-            pid = triton.start(state, http_port, grpc_port, metrics_port)
+            pid = triton.start(state, settings, http_port, grpc_port, metrics_port)
         manifest.triton_url, manifest.triton_grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
         manifest.triton_metrics_url, manifest.triton_pid = f"127.0.0.1:{metrics_port}", pid
     manifest.save()  # after each start: a failure further on leaves what `down` needs to stop it

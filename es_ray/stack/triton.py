@@ -14,6 +14,7 @@ page making a browser post to 127.0.0.1, a server-side request forgery), not a l
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import psutil
 
+from es_ray.config import Settings
 from es_ray.logs import get_logger
 from es_ray.stack import credentials
-from es_ray.stack.supervisor import kill_group
+from es_ray.stack.supervisor import kill_group, remove_shm
 
 log = get_logger(__name__)
 
@@ -36,6 +38,29 @@ RESTRICTED_APIS = "model-repository,shared-memory,trace,logging"  # what changes
 
 def model_repository(state_dir: Path) -> Path:
     return state_dir / "triton" / "models"
+
+
+def shm_prefix(state_dir: Path) -> str:
+    """The names of this stack's python-backend shared memory regions in /dev/shm start with this (the
+    backend adds a UUID per stub): the supervisor removes only its own leftovers after a crash."""
+    return f"esray_{hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:12]}_"
+
+
+def shm_byte_size(settings: Settings) -> int:
+    """Each stub's shared memory, large enough that it never grows (configs/stack.yaml, triton.shm_batches):
+    a batch is max_batch_size x max_length x 2 int64 inputs, plus at most as many bytes of output."""
+    batch = settings.triton.max_batch_size * settings.model.max_length * 2 * 8 * 2
+    mib = 1024 * 1024
+    return -(-batch * settings.triton.shm_batches // mib) * mib  # whole MiB, at least one batch
+
+
+def backend_config(state_dir: Path, settings: Settings) -> list[str]:
+    """The python backend's options (its source, python_be.cc, reads them from --backend-config): a region
+    that never grows (growth by the same size, should a batch ever exceed it) and this stack's prefix."""
+    size = shm_byte_size(settings)
+    return [f"--backend-config=python,shm-default-byte-size={size}",
+            f"--backend-config=python,shm-growth-byte-size={size}",
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix(state_dir)}"]
 
 
 def _install_server(state_dir: Path) -> Path:
@@ -63,7 +88,8 @@ def _environment(server_dir: Path) -> dict[str, str]:
     return env
 
 
-def start(state_dir: Path, http_port: int, grpc_port: int, metrics_port: int, timeout_s: float = 60) -> int:
+def start(state_dir: Path, settings: Settings, http_port: int, grpc_port: int, metrics_port: int,
+          timeout_s: float = 60) -> int:
     """Starts tritonserver detached from this process and waits until it is live; returns its pid."""
     server_dir = _install_server(state_dir)
     repo = model_repository(state_dir)
@@ -86,10 +112,12 @@ def start(state_dir: Path, http_port: int, grpc_port: int, metrics_port: int, ti
         "--exit-on-error=false",
         "--strict-readiness=false",
         "--log-verbose=0",
+        *backend_config(state_dir, settings),
     ]
     # Under the supervisor (es_ray/stack/supervisor.py), which restarts a tritonserver that dies.
     supervisor = [sys.executable, "-m", "es_ray.stack.supervisor", "--name", "triton",
-                  "--child-pid-file", str(_server_pid_file(state_dir)), "--", *command]
+                  "--child-pid-file", str(_server_pid_file(state_dir)),
+                  "--shm-prefix", shm_prefix(state_dir), "--", *command]
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(supervisor, stdout=log_file, stderr=subprocess.STDOUT, env=_environment(server_dir),
                                    start_new_session=True, cwd=state_dir)
@@ -167,6 +195,7 @@ def stop(state_dir: Path, timeout_s: float = 30) -> None:
         leftover.kill()
     if server is not None:  # stubs of an earlier tritonserver that died: its process group (supervisor.py)
         kill_group(server)
+    remove_shm(shm_prefix(state_dir))  # a supervisor killed before its child leaves them behind
     _supervisor_pid_file(state_dir).unlink(missing_ok=True)
     _server_pid_file(state_dir).unlink(missing_ok=True)
     log.info("triton.stopped", pids=[p.pid for p in processes])
