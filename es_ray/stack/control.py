@@ -159,9 +159,7 @@ def down(settings: Settings) -> list[str]:
     elif manifest.ray_address:
         _remove_from_external_ray(settings, manifest)
         stopped.append("serve app and lifecycle driver")
-    if manifest.triton_pid and triton.running_pid(state):
-        triton.stop(state)
-        stopped.append("triton")
+    stopped.extend(triton.stop_all(state))  # the stack's server and every model version's (lifecycle/version_servers.py)
     if manifest.postgres_started and postgres.is_running(state):
         postgres.stop(state)
         stopped.append("postgres")
