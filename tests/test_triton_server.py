@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 
 from es_ray.config import load_settings
@@ -66,8 +67,11 @@ def test_a_killed_version_server_comes_back_with_its_models_while_another_keeps_
         model_dirs = {1: tiny_encoder_dir(tmp_path / "tiny-1", seed=1), 2: tiny_encoder_dir(tmp_path / "tiny-2", seed=2)}
         address = {version: servers.deploy(version, model_dirs[version]) for version in (1, 2)}
         assert address[1]["grpc"] != address[2]["grpc"]
-        assert servers.deploy(1, model_dirs[1]) == address[1]  # deployed already: the same server, untouched
         killed = triton.server_pid(tmp_path, 1)
+        stubs = sorted(p.pid for p in psutil.Process(killed).children())
+        assert len(stubs) == 2, stubs  # one python-backend stub per encoder
+        assert servers.deploy(1, model_dirs[1]) == address[1]  # deployed already: the same server ...
+        assert sorted(p.pid for p in psutil.Process(killed).children()) == stubs  # ... and nothing reloaded
         old_regions = set(SHM_DIR.glob(f"{triton.shm_prefix(tmp_path, 1)}*"))
         assert len(old_regions) == 2 and not old_regions & set(SHM_DIR.glob(f"{triton.shm_prefix(tmp_path, 2)}*"))
         other = TritonEncoder(address[2]["grpc"], "query_encoder", 2, str(model_dirs[2]), 64)

@@ -32,8 +32,11 @@ def served_models(version: int) -> tuple[str, ...]:
 class VersionServers:
     """Starts, checks and stops the per-version servers of one state dir, one change at a time."""
 
-    def __init__(self, settings: Settings, state_dir: Path, ready_timeout_s: float = 180):
+    def __init__(self, settings: Settings, state_dir: Path, on_address=None, ready_timeout_s: float = 180):
+        """`on_address(version, grpc_url or None)` is told where a version answers once it is ready, and
+        None once its server is stopped (the lifecycle driver records it for the clients)."""
         self.settings, self.state_dir, self.ready_timeout_s = settings, Path(state_dir), ready_timeout_s
+        self.on_address = on_address or (lambda version, grpc_url: None)
         self.repo = triton.model_repository(self.state_dir)
         self._lock = threading.Lock()
 
@@ -47,12 +50,14 @@ class VersionServers:
     def _serve(self, version: int) -> dict[str, str]:
         address = triton.start_version(self.state_dir, self.settings, version, served_models(version))
         deploy.wait_ready(address["http"], version, self.ready_timeout_s)
+        self.on_address(version, address["grpc"])
         log.info("version_server.ready", version=version, **address)
         return address
 
     def undeploy(self, version: int) -> None:
         """Stops the version's server (Triton finishes the requests in flight first) and removes its files."""
         with self._lock:
+            self.on_address(version, None)
             triton.stop_version(self.state_dir, version)
             triton_repo.remove_version(self.repo, version)
 
