@@ -85,9 +85,7 @@ class RateLimitSettings(BaseModel):
 
 class TritonSettings(BaseModel):
     url: str = ""
-    http_port: int = 0
     grpc_port: int = 0
-    metrics_port: int = 0
     backend: str = Field("python", pattern="^(python|pytorch)$")
     max_batch_size: int = 64
     max_queue_delay_us: int = 2000
