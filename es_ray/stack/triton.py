@@ -1,8 +1,10 @@
 """Embedded Triton Inference Server: the `tritonserver` binary shipped inside the nvidia-pytriton wheel.
 
-Runs in explicit model-control mode over <state dir>/triton/models, so models load and unload only
-when the lifecycle driver asks. The wheel bundles just the python backend; its stub process needs the
-interpreter's lib dir and the wheel's bundled libs on LD_LIBRARY_PATH (see DESIGN.md).
+Runs in explicit model-control mode over <state dir>/triton/models, so a server loads only the models
+on its command line and those the lifecycle driver asks for. The embedded stack runs one server per
+model version (start_version; es_ray/lifecycle/version_servers.py says why), each supervised, with its
+files under <state dir>/triton/servers/v<N>. The wheel bundles just the python backend; its stub process
+needs the interpreter's lib dir and the wheel's bundled libs on LD_LIBRARY_PATH (see DESIGN.md).
 
 Triton listens on loopback only, and its model-repository API (load, unload, index: a load can carry a
 model.py, which Triton runs) answers only requests with the driver's key in a header (the restricted-API
