@@ -67,8 +67,8 @@ def wait_ready(triton_http_url: str, version: int, timeout_s: float = 120) -> No
                 try:
                     if client.is_model_ready(model, str(version)):
                         break
-                except InferenceServerException:
-                    pass  # the server is still starting
+                except Exception:  # noqa: BLE001 - a (re)starting server: connection refused, or still loading
+                    pass
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Triton model {model} not ready after {timeout_s}s")
                 time.sleep(0.3)
