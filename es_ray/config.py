@@ -86,14 +86,15 @@ class RateLimitSettings(BaseModel):
 
 class TritonSettings(BaseModel):
     url: str = ""
-    http_port: int = 0
     grpc_port: int = 0
-    metrics_port: int = 0
     backend: str = Field("python", pattern="^(python|pytorch|onnxruntime)$")
     max_batch_size: int = 64
     max_queue_delay_us: int = 2000
     instances: int = 1
     timeout_s: float = 30.0
+    max_queue_size: int = Field(64, ge=1)
+    queue_timeout_s: float = Field(20.0, gt=0)
+    shm_batches: int = Field(16, ge=1)
     reconcile_interval_s: float = 2.0
 
 
@@ -107,7 +108,7 @@ class ModelSettings(BaseModel):
     max_length: int = Field(256, ge=16, le=512)
     chunk_overlap: int = Field(32, ge=0)
     max_chunks: int = Field(16, ge=1)
-    torch_threads: int = 0
+    torch_threads: int = Field(1, ge=0)
     query_pad_multiple: int = Field(16, ge=1)
     runtime: Literal["onnx", "torchscript"] = "onnx"
 

@@ -22,7 +22,7 @@ import tritonclient.http
 from es_ray.store.reindex_ranges import totals as range_totals
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, served_name
-from es_ray.stack import ray_head
+from es_ray.stack import ray_head, triton
 from es_ray.stack.jobs import REPO_ROOT
 from es_ray.store import db, blue_green
 from es_ray.store.collections import Collection, collection_name
@@ -90,7 +90,7 @@ def targets(stack) -> blue_green.State:
 def model_of(stack, version: int) -> blue_green.Target:
     with db.connect(stack.postgres_dsn) as conn:
         m = blue_green.get_model(conn, version)
-    return blue_green.Target(m.version, f"v{m.version}", m.dim, m.source_dir, m.max_length)
+    return blue_green.Target(m.version, f"v{m.version}", m.dim, m.source_dir, m.max_length, m.triton_grpc_url)
 
 
 def assert_embedded_by(stack, settings, target: blue_green.Target, ids: list[str], texts: dict[str, str]):
@@ -383,11 +383,11 @@ def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, 
     assert api.post("/v1/search", json={"query": "honey bees"}).json()["model"] == f"v{new_version}"
     dropped = [m for m in after["models"] if m["version"] == state.previous.model_version][0]
     assert dropped["state"] == "retired"
-    triton = tritonclient.http.InferenceServerClient(stack.triton_url)
     old_model = served_name(ITEM_ENCODER, state.previous.model_version)
-    assert not triton.is_model_ready(old_model, str(state.previous.model_version))      # unloaded
+    assert triton.running_pid(settings.state_path, state.previous.model_version) is None  # its server stopped
     assert not (Path(settings.state_path) / "triton" / "models" / old_model).exists()   # and its files gone
-    assert triton.is_model_ready(served_name(ITEM_ENCODER, new_version), str(new_version))
+    new_server = tritonclient.http.InferenceServerClient(triton.version_address(settings.state_path, new_version)["http"])
+    assert new_server.is_model_ready(served_name(ITEM_ENCODER, new_version), str(new_version))
     assert json.loads(json.dumps(after))                         # the whole answer is JSON
 
 

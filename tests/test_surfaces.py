@@ -115,7 +115,8 @@ def test_nothing_of_the_stack_listens_beyond_loopback_without_authentication(sta
     sockets = _listening(processes)
     ports = {port for _, port, _, _ in sockets}
     gcs_port = int(stack.ray_address.rsplit(":", 1)[1])
-    assert gcs_port in ports and int(stack.triton_url.rsplit(":", 1)[1]) in ports, sockets  # the listing sees them
+    blue_triton = triton.version_address(settings.state_path, triton.versions_running(settings.state_path)[0])
+    assert gcs_port in ports and int(blue_triton["http"].rsplit(":", 1)[1]) in ports, sockets  # the listing sees them
     # Beyond loopback, only what is seen to refuse a caller without Ray's token (a Serve replica's gRPC
     # server for calls between deployments: Ray binds it to every interface), and es-ray's own HTTP API
     # where serve.host puts it there (public search by design; API keys and user tokens guard the rest).
@@ -199,7 +200,8 @@ def test_user_tokens_still_work_with_the_secret_read_by_the_replicas(api, anon):
 def test_triton_model_control_wants_the_drivers_key(stack, settings, api, probe_items):
     blue = api.get("/v1/lifecycle").json()["blue"]
     model, version = served_name(QUERY_ENCODER, blue["model_version"]), str(blue["model_version"])
-    url = f"http://{stack.triton_url}"
+    address = triton.version_address(settings.state_path, blue["model_version"])  # blue's own tritonserver
+    url = f"http://{address['http']}"
     headers = triton.control_headers(settings.state_path)
     assert headers, "the embedded Triton has no control key"
 
@@ -211,14 +213,14 @@ def test_triton_model_control_wants_the_drivers_key(stack, settings, api, probe_
         wrong = httpx.post(f"{url}{path}", json={}, headers={triton.CONTROL_HEADER: "not-the-key"}, timeout=30)
         assert wrong.status_code in (401, 403), (path, wrong.status_code, wrong.text)
     # Over gRPC too.
-    grpc_client = tritonclient.grpc.InferenceServerClient(stack.triton_grpc_url)
+    grpc_client = tritonclient.grpc.InferenceServerClient(address["grpc"])
     with pytest.raises(InferenceServerException):
         grpc_client.unload_model(model)
     with pytest.raises(InferenceServerException):
         grpc_client.load_model(model)
     grpc_client.close()
 
-    http_client = tritonclient.http.InferenceServerClient(stack.triton_url)
+    http_client = tritonclient.http.InferenceServerClient(address["http"])
     assert http_client.is_model_ready(model, version)   # nothing of the above unloaded it
     http_client.load_model(model, headers=headers)       # the driver's key: accepted (already loaded: a no-op)
     assert http_client.is_model_ready(model, version)

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from es_ray.inference.encoder import load_encoder
-from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_client import TritonEncoder, grpc_address
 from es_ray.store import db, blue_green
 
 
@@ -15,7 +15,7 @@ def test_served_embedding_equals_local_model(stack, settings):
              "Transcription factors regulate gene expression in eukaryotic cells. " * 30,  # truncated at max_length
              "Ünïcödé тексты и 中文 also embed."]
     for name in ("query_encoder", "item_encoder"):
-        client = TritonEncoder(stack.triton_grpc_url, name, blue.model_version, blue.source_dir, blue.max_length)
+        client = TritonEncoder(grpc_address(blue, stack.triton_grpc_url), name, blue.model_version, blue.source_dir, blue.max_length)
         served = client.embed_queries(texts)
         with client.tokenizer() as tokenizer:
             encoded = tokenizer(texts, max_length=blue.max_length, truncation=True, padding=True,

@@ -72,6 +72,35 @@ def test_triton_config_for_both_backends():
         assert name in python_cfg and name in torch_cfg
 
 
+def test_triton_config_bounds_the_queue_and_pins_torch_threads():
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    settings = TritonSettings(backend="python", max_queue_size=7, queue_timeout_s=2.5)
+    config = text_format.Parse(config_pbtxt("query_encoder_v1", 384, settings, torch_threads=1),
+                               model_config_pb2.ModelConfig())  # Triton's own schema: a typo fails here
+    policy = config.dynamic_batching.default_queue_policy
+    assert policy.max_queue_size == 7 and policy.default_timeout_microseconds == 2_500_000
+    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+    assert config.parameters["torch_threads"].string_value == "1"
+    production = text_format.Parse(config_pbtxt("query_encoder_v1", 384, TritonSettings(backend="pytorch")),
+                                   model_config_pb2.ModelConfig())
+    assert production.dynamic_batching.default_queue_policy.max_queue_size == TritonSettings().max_queue_size
+
+
+def test_python_backend_shared_memory_is_sized_from_the_largest_batch(tmp_path):
+    from es_ray.stack import triton
+
+    settings = load_settings()
+    size = triton.shm_byte_size(settings)
+    batch = settings.triton.max_batch_size * settings.model.max_length * 2 * 8 * 2
+    assert size % (1024 * 1024) == 0 and size >= batch * settings.triton.shm_batches
+    options = triton.backend_config(tmp_path, settings)
+    assert f"--backend-config=python,shm-default-byte-size={size}" in options
+    prefixes = {triton.shm_prefix(tmp_path / "a"), triton.shm_prefix(tmp_path / "b")}
+    assert len(prefixes) == 2 and all(p.startswith("esray_") and "/" not in p for p in prefixes)
+
+
 def test_metrics_match_hand_computed_values():
     qrels = {"q1": {"d1": 1}, "q2": {"d9": 1}}
     run = {"q1": {"d1": 0.9, "d2": 0.5}, "q2": {"d3": 0.9, "d9": 0.8}}

@@ -41,6 +41,7 @@ def test_down_then_up_keeps_everything(stack, settings, api):
     result = es_ray("down", "--state-dir", str(settings.state_path))
     assert result.returncode == 0, result.stderr
     assert not ray_head.is_running(settings.state_path) and triton.running_pid(settings.state_path) is None
+    assert triton.versions_running(settings.state_path) == []  # every version's tritonserver too
     assert control.status(settings)["postgres"]["up"] is False
 
     result = es_ray("up", "--state-dir", str(settings.state_path))

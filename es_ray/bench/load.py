@@ -46,6 +46,7 @@ from es_ray.lifecycle.handle import get_driver
 from es_ray.serve import schemas
 from es_ray.stack import postgres, triton
 from es_ray.stack.manifest import StackManifest
+from es_ray.store import blue_green
 
 QUERIES = ["protein folding", "immune response", "gene expression in cancer", "vitamin deficiency",
            "antibiotic resistance", "sleep and memory", "insulin signalling", "viral replication"]
@@ -215,15 +216,23 @@ def restart_postgres(load: Load, state_dir: Path, down_s: float = 3.0) -> dict:
     return {"fault_at": stopped, "recovered_s_after_restart": round(recovery, 1)}
 
 
+def serving_triton_pid(state_dir: Path) -> int | None:
+    """The tritonserver that answers blue's searches: blue's own in the embedded stack (one per version)."""
+    manifest = StackManifest.load(state_dir)
+    with psycopg.connect(manifest.postgres_dsn, autocommit=True) as conn:
+        blue = blue_green.get_blue(conn)
+    return triton.server_pid(state_dir, None if manifest.triton_url else blue.model_version)
+
+
 def kill_triton(load: Load, state_dir: Path) -> dict:
-    before = triton.server_pid(state_dir)
+    before = serving_triton_pid(state_dir)
     if not before:
         raise AssertionError("tritonserver is not running")
     os.kill(before, signal.SIGKILL)
     killed = time.monotonic()
     wait_for(lambda: any(o.status == 503 and o.at > killed for o in load.searches), 30, "503 while Triton is down")
     recovery = wait_for(lambda: load.recovered(killed + 1), 180, "search after the Triton restart")
-    after = triton.server_pid(state_dir)
+    after = serving_triton_pid(state_dir)
     if not after or after == before:
         raise AssertionError("the supervisor did not start a new tritonserver")
     wait_for(lambda: not _group(before), 10, "the killed tritonserver's backend stubs gone")

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
@@ -26,15 +27,21 @@ def model_dim(model_dir: Path) -> int:
     return int(json.loads((Path(model_dir) / "config.json").read_text())["hidden_size"])
 
 
-def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, model_dir: Path,
-           control_headers: dict[str, str] | None = None) -> None:
-    """Makes both encoders of `version` ready in Triton; versions already loaded keep serving."""
+def write(settings: Settings, repo: Path, version: int, model_dir: Path) -> None:
+    """Exports both encoders of `version` into the repository (model.runtime's files), unless they are there already."""
     if not triton_repo.has_version(repo, version):
         started = time.monotonic()
         export.write_version(repo, version, Path(model_dir), model_dim(model_dir), settings.triton,
                              settings.model.torch_threads, settings.model.runtime)
         log.info("deploy.exported", version=version, runtime=settings.model.runtime,
                  seconds=round(time.monotonic() - started, 2))
+
+
+def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, model_dir: Path,
+           control_headers: dict[str, str] | None = None) -> None:
+    """Makes both encoders of `version` ready in Triton; versions already loaded keep serving (a model
+    that is ready is never loaded again: a load replaces its python-backend stubs)."""
+    write(settings, repo, version, model_dir)
     client = triton_http.InferenceServerClient(triton_http_url, network_timeout=300)
     for name in triton_repo.ENCODERS:
         model = triton_repo.served_name(name, version)
@@ -43,6 +50,35 @@ def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, m
             client.load_model(model, headers=control_headers)
             log.info("deploy.loaded", model=model, version=version, seconds=round(time.monotonic() - started, 2))
     client.close()
+
+
+def wait_ready(triton_http_url: str, version: int, timeout_s: float = 120) -> None:
+    """Waits until both encoders of `version` are ready and each has answered a test inference (one
+    two-token row): only then is the version handed to clients."""
+    client = triton_http.InferenceServerClient(triton_http_url, network_timeout=60)
+    deadline = time.monotonic() + timeout_s
+    try:
+        for name in triton_repo.ENCODERS:
+            model = triton_repo.served_name(name, version)
+            while True:
+                try:
+                    if client.is_model_ready(model, str(version)):
+                        break
+                except Exception:  # noqa: BLE001 - a (re)starting server: connection refused, or still loading
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Triton model {model} not ready after {timeout_s}s")
+                time.sleep(0.3)
+            row = np.array([[101, 102]], dtype=np.int64)  # [CLS] [SEP]: any vocabulary has two such ids
+            inputs = [triton_http.InferInput("input_ids__0", list(row.shape), "INT64"),
+                      triton_http.InferInput("attention_mask__1", list(row.shape), "INT64")]
+            inputs[0].set_data_from_numpy(row)
+            inputs[1].set_data_from_numpy(np.ones_like(row))
+            vector = client.infer(model, inputs, model_version=str(version)).as_numpy("embedding__0")
+            if vector is None or not np.isfinite(vector).all():
+                raise RuntimeError(f"Triton model {model} answered its test inference with {vector!r}")
+    finally:
+        client.close()
 
 
 def undeploy(repo: Path, triton_http_url: str, version: int, control_headers: dict[str, str] | None = None) -> None:

@@ -31,6 +31,12 @@ def channel_args() -> list[tuple[str, int]]:
             ("grpc.max_reconnect_backoff_ms", 2000)]
 
 
+def grpc_address(target, stack_url: str) -> str:
+    """Where a lifecycle target's encoders are served: its version's own tritonserver (the embedded stack,
+    recorded in `models` by the lifecycle driver), else the stack's Triton (an external triton.url)."""
+    return getattr(target, "triton_grpc_url", None) or stack_url
+
+
 class TritonUnavailable(RuntimeError):
     """Triton did not answer or failed the request."""
 
@@ -60,7 +66,7 @@ class TritonEncoder:
         """The encoder `model_name` (QUERY_ENCODER or ITEM_ENCODER) of a lifecycle target (anything with
         model_version, source_dir and max_length: blue, green), with the stack's Triton settings unless
         the caller asks for other batch sizes or deadlines."""
-        return cls(url, model_name, target.model_version, target.source_dir, target.max_length,
+        return cls(grpc_address(target, url), model_name, target.model_version, target.source_dir, target.max_length,
                    max_batch_size or settings.triton.max_batch_size, timeout_s or settings.triton.timeout_s,
                    settings.model.query_pad_multiple)
 

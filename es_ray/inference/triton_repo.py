@@ -92,7 +92,14 @@ input [
 output [
   {{ name: "embedding__0" data_type: TYPE_FP32 dims: [ {dim} ] }}
 ]
-dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_us} }}
+dynamic_batching {{
+  max_queue_delay_microseconds: {settings.max_queue_delay_us}
+  default_queue_policy {{
+    max_queue_size: {settings.max_queue_size}
+    default_timeout_microseconds: {int(settings.queue_timeout_s * 1_000_000)}
+    timeout_action: REJECT
+  }}
+}}
 instance_group [ {{ kind: {instance_kind} count: {settings.instances} }} ]
 {parameters}"""
 

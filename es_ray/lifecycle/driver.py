@@ -22,6 +22,7 @@ from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.lifecycle import switching
 from es_ray.lifecycle.handle import DRIVER_NAME, UnknownModel
+from es_ray.lifecycle.version_servers import VersionServers
 from es_ray.logs import get_logger
 from es_ray.periodic import Periodic
 from es_ray.stack.manifest import StackManifest
@@ -40,8 +41,11 @@ class LifecycleDriver:
         self.settings = Settings.model_validate(settings)
         self.manifest = StackManifest.model_validate(manifest)
         state_dir = Path(self.manifest.state_dir)
-        self.deployer = deploy.TritonDeployer(self.settings, triton.model_repository(state_dir),
-                                              self.manifest.triton_url, triton.control_headers(state_dir))
+        if self.settings.triton.url:  # an external Triton: every version is loaded into that one server
+            self.deployer = deploy.TritonDeployer(self.settings, triton.model_repository(state_dir),
+                                                  self.manifest.triton_url, triton.control_headers(state_dir))
+        else:  # embedded: each version in a tritonserver of its own, its address recorded for the clients
+            self.deployer = VersionServers(self.settings, state_dir, self._record_address)
         db.migrate(self.manifest.postgres_dsn)
         self._improvement: ImprovementLoop | None = None
         self._encoders: dict[int, TritonEncoder] = {}  # query encoders by model version (blue's, green's)
@@ -55,9 +59,16 @@ class LifecycleDriver:
                                              "triton-keeper")
         self._retention = Periodic(self.prune_sessions, self.settings.retention.interval_s, "retention")
 
+    def _record_address(self, version: int, grpc_url: str | None) -> None:
+        with self._conn() as conn:
+            blue_green.set_triton_address(conn, version, grpc_url)
+
     def _reconcile_triton(self) -> None:
-        """A restarted Triton (explicit model control) comes back empty: load the live versions again (blue,
-        green, previous; blue first). Holds the Triton lock, so it never loads a version a deploy is writing."""
+        """The live versions (blue, green, previous; blue first) must be served: an external Triton that
+        restarted (explicit model control) comes back empty and gets them loaded again; in the embedded
+        stack a crashed server comes back with its models by itself, and this starts the servers of live
+        versions that are not running (after `es-ray down` and up). Holds the deployer's lock, so it never
+        loads a version a deploy is writing."""
         try:
             with self._conn() as conn:
                 state = blue_green.get_state(conn)
@@ -241,7 +252,8 @@ class LifecycleDriver:
                                               deploy.model_dim(local_dir), self.settings.model.max_length)
                 blue_green.save_model(conn, model)
         self.deployer.deploy(version, Path(model.source_dir))
-        return model.__dict__
+        with self._conn() as conn:
+            return blue_green.get_model(conn, version).__dict__  # with the address it is served at
 
     def undeploy_version(self, version: int) -> dict[str, Any]:
         """Unloads a version that blue, green and previous do not use and removes its repository files

@@ -195,7 +195,7 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
         reindex_ranges.forget(conn, name)
         blue_green.save_collection(conn, name, version, "building")
     blue_green.set_green(conn, version, name)
-    green = Target(version, name, model.dim, model.source_dir, model.max_length)
+    green = Target(version, name, model.dim, model.source_dir, model.max_length, model.triton_grpc_url)
     return state.blue, green
 
 

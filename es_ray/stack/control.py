@@ -57,14 +57,11 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
         manifest.triton_grpc_url = settings.triton.url.rsplit(":", 1)[0] + f":{settings.triton.grpc_port or 8001}"
         manifest.triton_pid = 0
     else:
-        http_port = _port(manifest.triton_url, settings.triton.http_port)
-        grpc_port = _port(manifest.triton_grpc_url, settings.triton.grpc_port)
-        metrics_port = _port(manifest.triton_metrics_url, settings.triton.metrics_port)
-        pid = triton.running_pid(state)
-        if pid is None:
-            pid = triton.start(state, http_port, grpc_port, metrics_port)
-        manifest.triton_url, manifest.triton_grpc_url = f"127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
-        manifest.triton_metrics_url, manifest.triton_pid = f"127.0.0.1:{metrics_port}", pid
+        # Embedded: the lifecycle driver starts one tritonserver per model version
+        # (es_ray/lifecycle/version_servers.py); each version's address is in Postgres (models).
+        triton.stop(state)  # the one shared server an older es-ray started here, if it still runs
+        manifest.triton_url = manifest.triton_grpc_url = manifest.triton_metrics_url = ""
+        manifest.triton_pid = 0
     manifest.save()  # after each start: a failure further on leaves what `down` needs to stop it
 
     # MLflow: a sqlite file under the state dir unless a tracking server is configured.
@@ -159,9 +156,7 @@ def down(settings: Settings) -> list[str]:
     elif manifest.ray_address:
         _remove_from_external_ray(settings, manifest)
         stopped.append("serve app and lifecycle driver")
-    if manifest.triton_pid and triton.running_pid(state):
-        triton.stop(state)
-        stopped.append("triton")
+    stopped.extend(triton.stop_all(state))  # the stack's server and every model version's (lifecycle/version_servers.py)
     if manifest.postgres_started and postgres.is_running(state):
         postgres.stop(state)
         stopped.append("postgres")
@@ -195,8 +190,14 @@ def status(settings: Settings) -> dict[str, Any]:
     report["ray"] = {"address": manifest.ray_address, "dashboard": manifest.ray_dashboard_url,
                      "metrics": manifest.ray_metrics_url, "up": ray_head.dashboard_up(manifest.ray_dashboard_url, state)}
     report["postgres"] = {"dsn": redacted_dsn(manifest.postgres_dsn), "up": _postgres_up(manifest.postgres_dsn)}
-    report["triton"] = {"http": manifest.triton_url, "grpc": manifest.triton_grpc_url,
-                        "up": _http_ok(f"http://{manifest.triton_url}/v2/health/live")}
+    if manifest.triton_url:
+        report["triton"] = {"http": manifest.triton_url, "grpc": manifest.triton_grpc_url,
+                            "up": _http_ok(f"http://{manifest.triton_url}/v2/health/live")}
+    else:  # one server per model version
+        servers = {f"v{version}": triton.version_address(state, version) for version in triton.versions_running(state)}
+        for address in servers.values():
+            address["up"] = _http_ok(f"http://{address['http']}/v2/health/live")
+        report["triton"] = {"servers": servers, "up": bool(servers) and all(a["up"] for a in servers.values())}
     report["mlflow"] = {"tracking_uri": manifest.mlflow_uri, "up": _mlflow_up(manifest.mlflow_uri)}
     report["serve"] = {"url": manifest.serve_url, "healthy": _http_ok(f"{manifest.serve_url}/healthz")}
     if report["postgres"]["up"]:

@@ -25,6 +25,7 @@ class ModelRecord:
     dim: int
     max_length: int
     state: str = "registered"   # registered | deployed | retired; fine-tuned: candidate | rejected
+    triton_grpc_url: str | None = None  # the version's own tritonserver (embedded stack); None: the stack's
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Target:
     dim: int
     source_dir: str
     max_length: int
+    triton_grpc_url: str | None = None  # where its encoders are served; None: the stack's Triton
 
 
 Blue = Target  # what serves traffic
@@ -64,18 +66,18 @@ def get_state(conn: psycopg.Connection, lock: bool = False) -> State | None:
     if lock:
         conn.execute("SELECT epoch FROM blue FOR SHARE")
     row = conn.execute("""
-        SELECT mb.version, b.collection, mb.dim, mb.source_dir, mb.max_length,
-               mg.version, b.green_collection, mg.dim, mg.source_dir, mg.max_length,
-               mp.version, b.previous_collection, mp.dim, mp.source_dir, mp.max_length,
+        SELECT mb.version, b.collection, mb.dim, mb.source_dir, mb.max_length, mb.triton_grpc_url,
+               mg.version, b.green_collection, mg.dim, mg.source_dir, mg.max_length, mg.triton_grpc_url,
+               mp.version, b.previous_collection, mp.dim, mp.source_dir, mp.max_length, mp.triton_grpc_url,
                b.previous_until, b.epoch
         FROM blue b JOIN models mb ON mb.version = b.model_version
         LEFT JOIN models mg ON mg.version = b.green_version
         LEFT JOIN models mp ON mp.version = b.previous_version""").fetchone()
     if row is None:
         return None
-    green = Target(*row[5:10]) if row[5] is not None else None
-    previous = Target(*row[10:15]) if row[10] is not None else None
-    return State(Target(*row[0:5]), green, previous, row[15], row[16])
+    green = Target(*row[6:12]) if row[6] is not None else None
+    previous = Target(*row[12:18]) if row[12] is not None else None
+    return State(Target(*row[0:6]), green, previous, row[18], row[19])
 
 
 def save_model(conn: psycopg.Connection, model: ModelRecord) -> None:
@@ -88,9 +90,14 @@ def save_model(conn: psycopg.Connection, model: ModelRecord) -> None:
 
 
 def get_model(conn: psycopg.Connection, version: int) -> ModelRecord | None:
-    row = conn.execute("SELECT version, mlflow_uri, source_dir, dim, max_length, state FROM models WHERE version = %s",
-                       (version,)).fetchone()
+    row = conn.execute("""SELECT version, mlflow_uri, source_dir, dim, max_length, state, triton_grpc_url
+                          FROM models WHERE version = %s""", (version,)).fetchone()
     return ModelRecord(*row) if row else None
+
+
+def set_triton_address(conn: psycopg.Connection, version: int, grpc_url: str | None) -> None:
+    """Records where the version's encoders answer (its own tritonserver), or None once it is stopped."""
+    conn.execute("UPDATE models SET triton_grpc_url = %s WHERE version = %s", (grpc_url, version))
 
 
 def save_collection(conn: psycopg.Connection, name: str, model_version: int, state: str) -> None:
