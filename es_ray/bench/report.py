@@ -151,6 +151,12 @@ TABLES.append(("quality", "Learning from clicks, offline harness (test queries n
     ("train nDCG@10 (system)", lambda r: _get(r["system"] or r["tower"], "train_ndcg@10")),
     ("debiased - naive: tower / system", lambda r: r["p"]),
     ("seeds clicks x train", lambda r: f"{r['seeds']['clicks']} x {r['seeds']['train']}")]))
+TABLES.append(("idle", "Idle stack (every process of the state dir's stack, sampled over the window)", lambda r: [r], [
+    ("stack", lambda r: r["stack"]), ("window s", lambda r: r["seconds"]), ("processes", lambda r: r["processes"]),
+    ("cores busy (target <= 0.10)", lambda r: r["core_fraction"]),
+    ("memory GiB PSS (target <= 3)", lambda r: r["memory_gib"]), ("RSS GiB", lambda r: r["rss_gib"]),
+    ("top CPU", lambda r: ", ".join(f"{p['name']} {p['core_fraction']}" for p in r["top_cpu"][:3])),
+    ("left after down", lambda r: len(r["after_down"]["processes"]) if "after_down" in r else "-")]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 
