@@ -8,7 +8,7 @@ STATE  ?= .es-ray
 # 10000,50000,100000 (the full benchmark) takes about two hours there; minutes on a GPU.
 REINDEX_SIZES ?= 2500,5000,10000
 
-.PHONY: venv browser demo test bench quality load up down status clean
+.PHONY: venv browser demo test bench quality load idle up down status clean
 
 # The venv is (re)built when pyproject.toml changes. torch comes first, pinned to the CPU wheel,
 # so no dependency can pull a CUDA build.
@@ -46,6 +46,7 @@ bench: venv
 	$(BIN)/python -m es_ray.bench.ingest $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.clicks
+	$(BIN)/python -m es_ray.bench.idle --start --state-dir /tmp/esr-bench-idle
 	$(BIN)/python -m es_ray.bench.load
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench
 	$(BIN)/python -m es_ray.bench.improve $(if $(DATA),--data $(DATA))
@@ -73,6 +74,11 @@ LOAD_SECONDS ?= 180
 load: venv
 	$(BIN)/python -m es_ray.bench.load --seconds $(LOAD_SECONDS)
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench
+
+# The stack of STATE (after `make demo`) idle for 60 s: CPU share, memory (PSS), the top processes;
+# bench/results/idle-<cores>cores.json. `make bench` measures a stack of its own instead.
+idle: venv
+	$(BIN)/python -m es_ray.bench.idle --state-dir $(STATE)
 
 up: venv
 	$(BIN)/es-ray up --state-dir $(STATE)

@@ -95,7 +95,7 @@ class TritonSettings(BaseModel):
     instances: int = 1
     timeout_s: float = 30.0
     reconcile_interval_s: float = 2.0
-    reconcile_max_interval_s: float = 16.0
+    reconcile_max_interval_s: float = 8.0
 
 
 class MlflowSettings(BaseModel):
