@@ -37,23 +37,22 @@ class BlueWatcher:
         threading.Thread(target=self._run, name="blue-watcher", daemon=True).start()
 
     def _run(self) -> None:
-        wait = self.retry_s
         while not self._stopped.is_set():
             try:
                 with db.connect(self.dsn) as conn:
                     conn.execute(f"LISTEN {blue_green.BLUE_CHANNEL}")
                     self._read(conn)          # what changed while nobody listened
-                    wait = self.retry_s
                     while not self._stopped.is_set():
                         # Returns at the first notification (or after refresh_s); the ones of one burst
                         # that arrive meanwhile are taken by the next call at once: one read each burst.
                         for _ in conn.notifies(timeout=self.refresh_s, stop_after=1):
                             pass
                         self._read(conn)
-            except psycopg.Error as err:      # keep the last known pointer while Postgres is away
-                log.warning("blue.watch_failed", error=str(err), retry_s=wait)
-                self._stopped.wait(wait)
-                wait = min(wait * 2, self.refresh_s)
+            except Exception as err:  # noqa: BLE001 - keep the last known pointer while Postgres is away
+                # Again every retry_s (a connection attempt is cheap): the pointer is read again within
+                # about retry_s of Postgres being back.
+                log.warning("blue.watch_failed", error=str(err), retry_s=self.retry_s)
+                self._stopped.wait(self.retry_s)
 
     def _read(self, conn: psycopg.Connection) -> None:
         self.current = blue_green.get_blue(conn)
