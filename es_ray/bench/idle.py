@@ -138,12 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     elif not stack_processes(state):
         raise SystemExit(f"no process of a stack of {state} runs: `es-ray up --state-dir {state}` (or --start)")
     time.sleep(args.settle_s)
+    from es_ray.config import load_settings
+
     result = {"benchmark": "idle", "state_dir": str(state), "settle_s": args.settle_s, **setup,
-              "env": {k: v for k, v in os.environ.items() if k.startswith("RAY_") and "TOKEN" not in k},
+              "ray_env": load_settings(state).ray.env,  # what `es-ray up` gave `ray start` (configs/stack.yaml)
               **sample(state, args.seconds, args.every_s)}
     result["listening"] = listening([p for p in stack_processes(state)])
     if args.start:
-        from es_ray.config import load_settings
         from es_ray.stack import control
 
         ports = stack_ports(state)
