@@ -62,7 +62,7 @@ ROLES: list[tuple[str, str]] = [
     ("ray.util.client.server", "Ray Client proxy (ray:// connections)"),
     ("ray::ServeController", "Serve controller: reconciles deployments, health-checks replicas and proxies"),
     ("ray::ProxyActor", "Serve HTTP proxy (uvicorn): routes requests to replicas"),
-    ("ray::ServeReplica", "Serve replica: es-ray's HTTP API (search, clicks, items), polls the blue pointer"),
+    ("ray::ServeReplica", "Serve replica: es-ray's HTTP API (search, clicks, items), follows the blue pointer"),
     ("ray::LifecycleDriver", "lifecycle driver: Triton reconcile, task watch, cleanup, retention, improvement loop"),
     ("ray::DashboardAgent", "Ray dashboard agent: this node's metrics (psutil scans of every worker), job agent, "
                             "the Prometheus endpoint"),
