@@ -8,7 +8,7 @@ STATE  ?= .es-ray
 # 10000,50000,100000 (the full benchmark) takes about two hours there; minutes on a GPU.
 REINDEX_SIZES ?= 2500,5000,10000
 
-.PHONY: venv browser demo test bench quality load up down status clean
+.PHONY: venv browser demo test bench quality load idle up down status clean
 
 # The venv is (re)built when pyproject.toml changes. torch comes first, pinned to the CPU wheel,
 # so no dependency can pull a CUDA build.
@@ -47,6 +47,7 @@ bench: venv
 	$(BIN)/python -m es_ray.bench.ingest $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.clicks
+	$(BIN)/python -m es_ray.bench.idle --start --state-dir /tmp/esr-bench-idle
 	$(BIN)/python -m es_ray.bench.load
 	$(BIN)/python -m es_ray.bench.priority
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench
@@ -78,6 +79,11 @@ DEPLOY_CYCLES ?= 30
 load: venv
 	$(BIN)/python -m es_ray.bench.load --seconds $(LOAD_SECONDS) --deploy-cycles $(DEPLOY_CYCLES)
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench
+
+# The stack of STATE (after `make demo`) idle for 60 s: CPU share, memory (PSS), the top processes;
+# bench/results/idle-<cores>cores.json. `make bench` measures a stack of its own instead.
+idle: venv
+	$(BIN)/python -m es_ray.bench.idle --state-dir $(STATE)
 
 up: venv
 	$(BIN)/es-ray up --state-dir $(STATE)

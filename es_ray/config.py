@@ -31,6 +31,7 @@ class RaySettings(BaseModel):
     metrics_export_port: int = 0
     namespace: str = "es-ray"
     batch_nice: int = Field(10, ge=0, le=19)
+    env: dict[str, str] = {}
 
 
 class PostgresSettings(BaseModel):
@@ -96,6 +97,7 @@ class TritonSettings(BaseModel):
     queue_timeout_s: float = Field(20.0, gt=0)
     shm_batches: int = Field(16, ge=1)
     reconcile_interval_s: float = 2.0
+    reconcile_max_interval_s: float = 8.0
 
 
 class MlflowSettings(BaseModel):
@@ -134,7 +136,7 @@ class ServeSettings(BaseModel):
     max_body_bytes: int = 16 * 1024 * 1024
     max_search_body_bytes: int = Field(256 * 1024, ge=1024)
     large_upsert_items: int = 256
-    blue_refresh_s: float = 1.0
+    blue_refresh_s: float = Field(30.0, gt=0)
     swap_share: float = Field(0.25, ge=0, le=1)
     swap_max_rank: int = Field(10, ge=2)
     filter_limits: FilterLimits = FilterLimits()
@@ -169,6 +171,7 @@ class MemorySettings(BaseModel):
 class ImproveSettings(BaseModel):
     enabled: bool = True
     interval_s: float = 10.0
+    max_interval_s: float = 80.0
     settle_s: float = 5.0
     batch_sessions: int = Field(256, ge=1)
     max_pass_results: int = Field(25_600, ge=1)
@@ -192,6 +195,7 @@ class TasksSettings(BaseModel):
     heartbeat_s: float = 10.0
     lease_s: float = 120.0
     check_interval_s: float = 15.0
+    check_max_interval_s: float = 120.0
 
 
 class ReindexSettings(BaseModel):

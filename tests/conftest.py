@@ -12,11 +12,14 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from es_ray.client import EsRayClient
 from es_ray.data import beir
 from es_ray.stack.manifest import free_port
+from es_ray.stack.processes import stack_ports
+from tests.helpers import leftovers
 
 
 def pytest_collection_modifyitems(config, items):
@@ -99,6 +102,7 @@ def stack(settings):
     """The running stack's manifest (addresses of every component)."""
     from es_ray.stack import control
 
+    before = {p.pid for p in psutil.process_iter()}
     try:
         manifest = control.up(settings)
     except BaseException:
@@ -106,6 +110,8 @@ def stack(settings):
         raise
     yield manifest
     control.down(settings)
+    left = leftovers(settings.state_path, before, stack_ports(settings.state_path))
+    assert not any(left.values()), f"the test session's stack left behind: {left}"
 
 
 @pytest.fixture()

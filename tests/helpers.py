@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import psutil
+
 from es_ray.bench.variants import register_variant  # noqa: F401 - shared with the lifecycle tests
+from es_ray.stack.processes import listening_on, stack_processes
 
 
 def search(api, query: str, **kwargs) -> dict:
@@ -34,3 +40,34 @@ def click_as_people(url: str, query: str, target: str, people: int, limit: int =
             assert target in ids(shown), (target, ids(shown))
             event = {"events": [{"event_id": "e-1", "item_id": target, "type": "click"}]}
             assert client.post(f"/v1/sessions/{shown['session_id']}/events", json=event).json()["accepted"] == 1
+
+
+def leftovers(state_dir: Path, before: set[int], ports: set[int], wait_s: float = 10) -> dict[str, list]:
+    """What a stack left after `down`: its processes (es_ray/stack/processes.py), zombies among this
+    process's children that were not there before, and listeners on its ports. Processes that are
+    stopping get wait_s to go."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = {
+            "processes": [f"{p.pid} {' '.join(_cmdline(p))[:120]}" for p in stack_processes(state_dir)],
+            "zombie_children": [p.pid for p in psutil.Process().children()
+                                if p.pid not in before and _status(p) == psutil.STATUS_ZOMBIE],
+            "listening": listening_on(ports),
+        }
+        if not any(found.values()) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _status(process: psutil.Process) -> str:
+    try:
+        return process.status()
+    except psutil.Error:
+        return "gone"

@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 from es_ray.inference import registry
 from es_ray.stack import control, ray_head, triton
-from tests.helpers import ids, search
+from es_ray.stack.processes import stack_ports
+from tests.helpers import ids, leftovers, search
 
 
 def es_ray(*args: str) -> subprocess.CompletedProcess:
@@ -38,11 +40,15 @@ def test_down_then_up_keeps_everything(stack, settings, api):
     blue_before = control.status(settings)["blue"]
     versions_before = registered_versions(settings)
 
+    ports, pids_before = stack_ports(settings.state_path), {p.pid for p in psutil.process_iter()}
     result = es_ray("down", "--state-dir", str(settings.state_path))
     assert result.returncode == 0, result.stderr
     assert not ray_head.is_running(settings.state_path) and triton.running_pid(settings.state_path) is None
     assert triton.versions_running(settings.state_path) == []  # every version's tritonserver too
     assert control.status(settings)["postgres"]["up"] is False
+    # Nothing of the stack is left in the process table (Ray Client's proxy, Triton's stubs, Postgres's
+    # backends included) and nothing listens on its ports.
+    assert leftovers(settings.state_path, pids_before, ports) == {"processes": [], "zombie_children": [], "listening": []}
 
     result = es_ray("up", "--state-dir", str(settings.state_path))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -193,6 +193,12 @@ TABLES.append(("runtimes", "Model runtimes (same SciFact inputs, one run, median
                                                           f" / {r['query_vs_torchscript']}"),
     ("min cosine to torch: docs / queries", lambda r: f"{r['cosine_docs_min']} / {r['cosine_queries_min']}"),
     ("test nDCG@10", lambda r: r.get("test_ndcg@10", "-"))]))
+TABLES.append(("idle", "Idle stack (every process of the state dir's stack, sampled over the window)", lambda r: [r], [
+    ("stack", lambda r: r["stack"]), ("window s", lambda r: r["seconds"]), ("processes", lambda r: r["processes"]),
+    ("cores busy (target <= 0.10)", lambda r: r["core_fraction"]),
+    ("memory GiB PSS (target <= 3)", lambda r: r["memory_gib"]), ("RSS GiB", lambda r: r["rss_gib"]),
+    ("top CPU", lambda r: ", ".join(f"{p['name']} {p['core_fraction']}" for p in r["top_cpu"][:3])),
+    ("left after down", lambda r: len(r["after_down"]["processes"]) if "after_down" in r else "-")]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 

@@ -335,15 +335,19 @@ def undo(conn: psycopg.Connection, collection: Collection) -> dict[str, int]:
 
 class ImprovementLoop(Periodic):
     """Every `interval_s`: improvement passes (`run_pass`, `improve_once` on blue) until the backlog of
-    settled sessions is empty. A failed pass rolled back; the next interval tries again."""
+    settled sessions is empty. A failed pass rolled back; the next interval tries again. While no session
+    comes, the interval doubles up to `max_interval_s` (periodic.py)."""
 
-    def __init__(self, run_pass, interval_s: float):
+    def __init__(self, run_pass, interval_s: float, max_interval_s: float | None = None):
         self.run_pass = run_pass
-        super().__init__(self._drain, interval_s, "improvement-loop")
+        super().__init__(self._drain, interval_s, "improvement-loop", max_interval_s)
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """True when a pass learned from sessions (more may come soon)."""
+        learned = False
         while self.run_pass().get("sessions", 0) > 0:
-            pass
+            learned = True
+        return learned
 
 
 def learning_from(settings) -> Learning:

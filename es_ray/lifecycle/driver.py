@@ -54,37 +54,47 @@ class LifecycleDriver:
         if self.blue() is not None:
             self.ensure_serving()
             self.resume_switches()
-        self._housekeeper = Periodic(self._housekeeping, self.settings.tasks.check_interval_s, "housekeeper")
+        # Each loop's interval, and how far it backs off while idle, is explained in configs/stack.yaml.
+        self._tasks_active = 0
+        self._housekeeper = Periodic(self._housekeeping, self.settings.tasks.check_interval_s, "housekeeper",
+                                     self.settings.tasks.check_max_interval_s)
         self._triton_keeper = Periodic(self._reconcile_triton, self.settings.triton.reconcile_interval_s,
-                                             "triton-keeper")
+                                       "triton-keeper", self.settings.triton.reconcile_max_interval_s)
         self._retention = Periodic(self.prune_sessions, self.settings.retention.interval_s, "retention")
 
     def _record_address(self, version: int, grpc_url: str | None) -> None:
         with self._conn() as conn:
             blue_green.set_triton_address(conn, version, grpc_url)
 
-    def _reconcile_triton(self) -> None:
+    def _reconcile_triton(self) -> bool:
         """The live versions (blue, green, previous; blue first) must be served: an external Triton that
         restarted (explicit model control) comes back empty and gets them loaded again; in the embedded
         stack a crashed server comes back with its models by itself, and this starts the servers of live
         versions that are not running (after `es-ray down` and up). Holds the deployer's lock, so it never
-        loads a version a deploy is writing."""
+        loads a version a deploy is writing. True (look again soon) when it
+        loaded or started something or could not look."""
         try:
             with self._conn() as conn:
                 state = blue_green.get_state(conn)
             if state is None:
-                return
+                return False
             live = [t.model_version for t in (state.blue, state.green, state.previous) if t is not None]
-            self.deployer.reload_missing(list(dict.fromkeys(live)))
+            return bool(self.deployer.reload_missing(list(dict.fromkeys(live))))
         except Exception as err:  # noqa: BLE001 - Triton is down or restarting: try again next interval
             log.debug("triton.reconcile_failed", error=str(err))
+            return True
 
-    def _housekeeping(self) -> None:
+    def _housekeeping(self) -> bool:
         for step in (self.check_tasks, self.cleanup, self._export_blue):
             try:
                 step()
             except Exception:  # noqa: BLE001 - try again at the next interval
                 log.exception("housekeeping.failed", step=step.__name__)
+        return self._tasks_active > 0  # an active task's job may die: watch it at the short interval
+
+    def wake_housekeeping(self) -> None:
+        """A task started (here or as a Ray job of its own): watch tasks at the short interval again."""
+        self._housekeeper.wake()
 
     def _conn(self):
         return db.connect(self.manifest.postgres_dsn)
@@ -137,7 +147,8 @@ class LifecycleDriver:
         log.info("lifecycle.serving", model_version=blue.model_version, collection=blue.collection,
                  seconds=round(time.monotonic() - started, 2))
         if self.settings.improve.enabled and self._improvement is None:
-            self._improvement = ImprovementLoop(self.improve_pass, self.settings.improve.interval_s)
+            self._improvement = ImprovementLoop(self.improve_pass, self.settings.improve.interval_s,
+                                                self.settings.improve.max_interval_s)
         return blue.__dict__
 
     def improve_pass(self, settle_s: float | None = None) -> dict[str, Any]:
@@ -203,6 +214,7 @@ class LifecycleDriver:
                             submission_id=job_id)
             except Exception as err:  # noqa: BLE001 - the task must not stay pending forever
                 tasks.fail(conn, task.task_id, f"could not submit the Ray job: {err}")
+            self.wake_housekeeping()
             return tasks.get(conn, task.task_id).__dict__
 
     def start_fine_tune(self, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +227,9 @@ class LifecycleDriver:
         lease = self.settings.tasks.lease_s
         with self._conn() as conn:
             stale = {t.task_id for t in tasks.stale(conn, lease)}
-            for task in tasks.active(conn):
+            active = tasks.active(conn)
+            self._tasks_active = len(active)
+            for task in active:
                 reason = self._job_ended(task.job_id)
                 if reason is None and task.task_id in stale:
                     reason = f"no heartbeat from its job for more than {lease:.0f}s: the job is presumed dead"

@@ -57,6 +57,7 @@ def run_as_task(kind: str, namespace: str, task_id: str | None, params: dict[str
                                  status="running"))
         except tasks.TaskConflict as err:
             return _refuse(str(err))
+        _wake_housekeeping(driver)
         owner = f"{kind}:{task.task_id}"  # the driver releases it if the job dies (check_tasks)
         if lock:
             try:
@@ -105,3 +106,12 @@ def failure_reason(err: BaseException) -> str:
 def _refuse(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)  # noqa: T201 - the job's answer to its submitter
     return 2
+
+
+def _wake_housekeeping(driver) -> None:
+    """The driver's housekeeping backs off while no task is active: it watches this one from now on.
+    Fire and forget: a driver restarting meanwhile finds the task at its next look anyway."""
+    try:
+        driver.wake_housekeeping.remote()
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.warning("task.wake_failed", error=str(err))

@@ -1,36 +1,63 @@
-"""A replica's view of the blue pointer, kept fresh by polling Postgres in the background."""
+"""A replica's view of the blue pointer, re-read when Postgres says it changed.
+
+Every change of the `blue` row notifies the channel `es_ray_blue` (a trigger, migration 0007), so a
+switch reaches every replica as soon as it commits, while an idle replica reads nothing. The watcher
+LISTENs on a connection of its own and re-reads the pointer on each notification, and at least every
+`refresh_s` anyway (a notification cannot be lost on a live connection, but the read is the proof). A
+lost connection (Postgres restarted) is opened again, the pointer re-read at once, since notifications
+sent meanwhile were missed; until then the last known pointer keeps serving.
+"""
 
 from __future__ import annotations
 
+import threading
+
+import psycopg
+
 from es_ray.logs import get_logger
-from es_ray.periodic import Periodic
-from es_ray.store import blue_green
+from es_ray.store import blue_green, db
 from es_ray.store.blue_green import Blue
 
 log = get_logger(__name__)
 
 
 class BlueWatcher:
-    """Keeps the replica's view of the blue pointer fresh by polling Postgres in the background.
+    """Keeps the replica's view of the blue pointer fresh.
 
     A request takes one snapshot at its start and uses it to the end, so a switch never mixes two
     models or collections inside one response.
     """
 
-    def __init__(self, pool, refresh_s: float):
-        self.pool, self.refresh_s = pool, refresh_s
-        self.current: Blue | None = self._read()
-        self._refresh = Periodic(self._poll, refresh_s, "blue-watcher")
+    def __init__(self, pool, dsn: str, refresh_s: float, retry_s: float = 1.0):
+        self.dsn, self.refresh_s, self.retry_s = dsn, refresh_s, retry_s
+        with pool.connection() as conn:
+            self.current: Blue | None = blue_green.get_blue(conn)
+        self.reads = 0                        # how often it re-read the pointer (tests, logs)
+        self._stopped = threading.Event()
+        threading.Thread(target=self._run, name="blue-watcher", daemon=True).start()
 
-    def _read(self) -> Blue | None:
-        with self.pool.connection() as conn:
-            return blue_green.get_blue(conn)
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                with db.connect(self.dsn) as conn:
+                    conn.execute(f"LISTEN {blue_green.BLUE_CHANNEL}")
+                    self._read(conn)          # what changed while nobody listened
+                    while not self._stopped.is_set():
+                        # Returns at the first notification (or after refresh_s); the ones of one burst
+                        # that arrive meanwhile are taken by the next call at once: one read each burst.
+                        for _ in conn.notifies(timeout=self.refresh_s, stop_after=1):
+                            pass
+                        self._read(conn)
+            except Exception as err:  # noqa: BLE001 - keep the last known pointer while Postgres is away
+                # Again every retry_s (a connection attempt is cheap): the pointer is read again within
+                # about retry_s of Postgres being back.
+                log.warning("blue.watch_failed", error=str(err), retry_s=self.retry_s)
+                self._stopped.wait(self.retry_s)
 
-    def _poll(self) -> None:
-        try:
-            self.current = self._read()
-        except Exception as err:  # noqa: BLE001 - keep the last known pointer while Postgres is away
-            log.warning("blue.refresh_failed", error=str(err))
+    def _read(self, conn: psycopg.Connection) -> None:
+        self.current = blue_green.get_blue(conn)
+        self.reads += 1
 
     def stop(self) -> None:
-        self._refresh.stop()
+        """Ends the watch after its current wait (at most refresh_s); the thread is a daemon."""
+        self._stopped.set()

@@ -44,7 +44,7 @@ class Replica:
                                  self.settings.postgres.hnsw_ef_search, self.settings.postgres.pool_timeout_s)
         self.health = HealthCache(self.settings.serve.health_cache_s)
         self._check_connection_budget()
-        self.blue_watcher = BlueWatcher(self.pool, self.settings.serve.blue_refresh_s)
+        self.blue_watcher = BlueWatcher(self.pool, self.manifest.postgres_dsn, self.settings.serve.blue_refresh_s)
         self._encoders: dict[tuple[str, int], TritonEncoder] = {}
         self._lock = threading.Lock()
         self.random = random.Random()

@@ -87,7 +87,7 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
             manifest.ray_started = True
             manifest.save()
             ray_head.start(state, gcs_port, dashboard_port, client_port, agent_port, metrics_port,
-                           settings.ray.num_cpus, settings.ray.node_ip_address)
+                           settings.ray.num_cpus, settings.ray.node_ip_address, settings.ray.env)
             manifest.ray_metrics_url = f"http://{settings.ray.node_ip_address}:{metrics_port}/metrics"
         manifest.ray_address, manifest.ray_started = f"{settings.ray.node_ip_address}:{gcs_port}", True
         manifest.ray_dashboard_url = f"http://127.0.0.1:{dashboard_port}"

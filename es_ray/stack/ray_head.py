@@ -90,7 +90,9 @@ def environment(state_dir: Path) -> dict[str, str]:
 
 
 def start(state_dir: Path, gcs_port: int, dashboard_port: int, client_server_port: int, agent_port: int,
-          metrics_port: int, num_cpus: int = 0, node_ip_address: str = "127.0.0.1") -> None:
+          metrics_port: int, num_cpus: int = 0, node_ip_address: str = "127.0.0.1",
+          ray_env: dict[str, str] | None = None) -> None:
+    """`ray_env`: Ray's own settings (configs/stack.yaml `ray.env`), inherited by every Ray process."""
     temp = temp_dir(state_dir)
     temp.mkdir(parents=True, exist_ok=True)
     credentials.ensure_ray_token(state_dir)
@@ -102,7 +104,7 @@ def start(state_dir: Path, gcs_port: int, dashboard_port: int, client_server_por
                f"--temp-dir={temp}", "--disable-usage-stats"]
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
-    env = environment(state_dir)
+    env = {**environment(state_dir), **(ray_env or {})}
     if single_machine(node_ip_address):
         # `ray start` replaces a loopback node address by the machine's own, and its servers then listen
         # on every interface. Ray's single-machine mode (its default on macOS and Windows, the variable

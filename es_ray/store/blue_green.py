@@ -122,6 +122,9 @@ def users_learned_since(conn: psycopg.Connection, name: str) -> datetime | None:
     return row[0] if row else None
 
 
+BLUE_CHANNEL = "es_ray_blue"  # notified at every change of the blue row (migration 0007_blue_notify.sql)
+
+
 def get_blue(conn: psycopg.Connection) -> Blue | None:
     state = get_state(conn)
     return state.blue if state else None
