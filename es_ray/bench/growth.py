@@ -110,7 +110,8 @@ def recall_at_10(vectors: np.ndarray, queries: np.ndarray, found: list[list[str]
     return hits / (10 * len(queries))
 
 
-def measure_size(dsn: str, settings, n: int, base: np.ndarray, queries: np.ndarray, noise: float) -> dict:
+def measure_size(dsn: str, settings, n: int, base: np.ndarray, queries: np.ndarray, noise: float,
+                 ef_values: list[int]) -> dict:
     vectors = noisy_vectors(base, n, noise)
     collection = Collection(f"growth_{n}", vectors.shape[1])
     pg = settings.postgres
@@ -120,20 +121,27 @@ def measure_size(dsn: str, settings, n: int, base: np.ndarray, queries: np.ndarr
         started = time.perf_counter()
         collection.create_index(conn, pg.hnsw_m, pg.hnsw_ef_construction, work_mem=pg.maintenance_work_mem)
         build_s = time.perf_counter() - started
-    pool = db.open_pool(dsn, 1, pg.hnsw_ef_search)  # configured as a Serve replica's connections
     result = {"vectors": n, "copy_s": round(load_s, 1), "hnsw_build_s": round(build_s, 1)}
-    try:
-        with pool.connection() as conn:
-            for label, filter_, admitted in (("unfiltered", None, np.arange(n)),
-                                             ("filtered", FILTER, np.arange(FILTER["shard"], n, SHARDS))):
-                seconds, found = timed_searches(conn, collection, queries, filter_)
-                result[label] = {**percentiles(seconds),
-                                 "recall_at_10": round(recall_at_10(vectors, queries, found, admitted), 4)}
-    finally:
-        pool.close()
+    # The configured ef_search first (the headline), then the others: what raising it would buy and cost.
+    for ef in [pg.hnsw_ef_search] + [e for e in ef_values if e != pg.hnsw_ef_search]:
+        pool = db.open_pool(dsn, 1, ef)  # configured as a Serve replica's connections
+        measured = {}
+        try:
+            with pool.connection() as conn:
+                for label, filter_, admitted in (("unfiltered", None, np.arange(n)),
+                                                 ("filtered", FILTER, np.arange(FILTER["shard"], n, SHARDS))):
+                    seconds, found = timed_searches(conn, collection, queries, filter_)
+                    measured[label] = {**percentiles(seconds),
+                                       "recall_at_10": round(recall_at_10(vectors, queries, found, admitted), 4)}
+        finally:
+            pool.close()
+        if ef == pg.hnsw_ef_search:
+            result.update(measured)
+        else:
+            result.setdefault("other_ef_search", {})[str(ef)] = measured
     with db.connect(dsn) as conn:
-        result["table_mb"] = round(conn.execute("SELECT pg_total_relation_size(%s) / 1e6",
-                                                (f"parts_{collection.name}",)).fetchone()[0], 1)
+        result["table_mb"] = round(float(conn.execute("SELECT pg_total_relation_size(%s) / 1e6",
+                                                (f"parts_{collection.name}",)).fetchone()[0]), 1)
         collection.drop(conn)
     print(json.dumps(result))  # noqa: T201 - progress: one line per size
     return result
@@ -145,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="10000,100000", help="stored vectors per run, comma separated")
     parser.add_argument("--noise", type=float, default=0.5,
                         help="relative norm of the noise added to each copy (0.5: cosine about 0.9 to its chunk)")
+    parser.add_argument("--ef-search", default="",
+                        help="other hnsw.ef_search values measured beside the configured one, comma separated")
     parser.add_argument("--state-dir", type=Path, default=STATE)
     args = parser.parse_args(argv)
 
@@ -159,7 +169,9 @@ def main(argv: list[str] | None = None) -> None:
         db.migrate(dsn)
         with db.connect(dsn) as conn:
             shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
-        sizes = [measure_size(dsn, settings, int(s), base, queries, args.noise) for s in args.sizes.split(",")]
+        ef_values = [int(e) for e in args.ef_search.split(",") if e]
+        sizes = [measure_size(dsn, settings, int(s), base, queries, args.noise, ef_values)
+                 for s in args.sizes.split(",")]
     finally:
         postgres.stop(args.state_dir)
     p50 = [s["unfiltered"]["p50_ms"] for s in sizes]
@@ -173,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                                       for s in sizes),
               "note": "targets: p50 at the largest size <= 1.5 x p50 at the smallest; recall@10 >= 0.95 "
                       "(filtered included) at the configured ef_search"}
-    out = write_result("growth", data.name, result, f"python -m es_ray.bench.growth --sizes {args.sizes}")
+    out = write_result("growth", data.name, result, f"python -m es_ray.bench.growth --sizes {args.sizes}"
+                       + (f" --ef-search {args.ef_search}" if args.ef_search else ""))
     print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report
 
 
