@@ -41,7 +41,7 @@ from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.encoder import load_tokenizer
-from es_ray.inference.triton_repo import QUERY_ENCODER, version_dir
+from es_ray.inference.triton_repo import QUERY_ENCODER, model_file, version_dir
 from es_ray.stack import jobs, triton
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import blue_green, clickstream, db
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         level["triton_batch"] = formed_batch(before, batcher_counts(encoder))
         levels.append(level)
     one, eight = levels
-    model_path = version_dir(triton.model_repository(settings.state_path), QUERY_ENCODER, blue.model_version) / "model.pt"
+    model_path = model_file(version_dir(triton.model_repository(settings.state_path), QUERY_ENCODER, blue.model_version))
     fastest = fastest_forward(model_path, blue.source_dir, blue.max_length, settings.model.query_pad_multiple,
                               queries, eight["triton_batch"])
     result = {"benchmark": "search", "docs": docs, "p50_ms": one["p50_ms"], "p99_ms": one["p99_ms"], "clients": 1,
@@ -254,37 +254,46 @@ def formed_batch(before: tuple[int, int], after: tuple[int, int]) -> float:
 def fastest_query_forward_ms(model_path: Path, ids: np.ndarray, mask: np.ndarray, threads: int = 1,
                              repeats: int = 30) -> float:
     """p50 ms of one forward pass of the query encoder over (ids, mask), in this process: the model's own
-    speed, with no serving around it. TorchScript (the file Triton serves) at `threads` torch threads;
-    the runtime to compare against is this one function (ONNX Runtime, once it is served, goes here)."""
-    import torch
-
-    model = _torchscript(model_path)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-        with torch.inference_mode():
-            for _ in range(3):
-                model(ids_t, mask_t)  # warm-up: TorchScript optimises on its first calls
-            took = []
-            for _ in range(repeats):
-                started = time.perf_counter()
-                model(ids_t, mask_t)
-                took.append(time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(previous)
+    speed, with no serving around it, in the runtime Triton serves the file with (model.onnx in ONNX
+    Runtime, built as the python backend builds it; model.pt in TorchScript) at `threads` threads."""
+    run = _forward(model_path, threads)
+    for _ in range(3):
+        run(ids, mask)  # warm-up: both runtimes optimise on their first calls
+    took = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run(ids, mask)
+        took.append(time.perf_counter() - started)
     return float(np.median(took) * 1000)
 
 
-_loaded: dict[Path, object] = {}
+_loaded: dict[tuple[Path, int], object] = {}
 
 
-def _torchscript(path: Path):
-    import torch
+def _forward(path: Path, threads: int):
+    """(ids, mask) -> vectors for the served model file, loaded once per thread count."""
+    if (path, threads) not in _loaded:
+        if path.suffix == ".onnx":
+            from es_ray.bench.runtimes import onnx_session
 
-    if path not in _loaded:
-        _loaded[path] = torch.jit.load(str(path)).eval()
-    return _loaded[path]
+            session = onnx_session(path, threads)
+            names = [i.name for i in session.get_inputs()]
+            _loaded[path, threads] = lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))))[0]
+        else:
+            import torch
+
+            model = torch.jit.load(str(path)).eval()
+
+            def run(ids, mask):
+                previous = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    with torch.inference_mode():
+                        return model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+                finally:
+                    torch.set_num_threads(previous)
+            _loaded[path, threads] = run
+    return _loaded[path, threads]
 
 
 def fastest_forward(model_path: Path, tokenizer_dir: str, max_length: int, pad_multiple: int, queries: list[str],
@@ -308,7 +317,8 @@ def fastest_forward(model_path: Path, tokenizer_dir: str, max_length: int, pad_m
         ms = float(np.median([fastest_query_forward_ms(model_path, *encoded(b), threads=threads, repeats=5)
                               for b in batches]))
         per_threads[threads] = round(size * 1000 / ms, 1)
-    return {"runtime": "torchscript", "query_ms": round(float(np.median(single)), 2), "batch": size,
+    return {"runtime": "onnx" if model_path.suffix == ".onnx" else "torchscript",
+            "query_ms": round(float(np.median(single)), 2), "batch": size,
             "queries_per_s_by_threads": per_threads, "queries_per_s": max(per_threads.values())}
 
 
