@@ -50,7 +50,7 @@ def leftovers(state_dir: Path, before: set[int], ports: set[int], wait_s: float 
     while True:
         found = {
             "processes": [f"{p.pid} {' '.join(_cmdline(p))[:120]}" for p in stack_processes(state_dir)],
-            "zombie_children": [p.pid for p in psutil.Process().children()
+            "zombie_children": [f"{p.pid} {_name(p)}" for p in psutil.Process().children()
                                 if p.pid not in before and _status(p) == psutil.STATUS_ZOMBIE],
             "listening": listening_on(ports),
         }
@@ -64,6 +64,13 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return process.cmdline()
     except psutil.Error:
         return []
+
+
+def _name(process: psutil.Process) -> str:
+    try:
+        return process.name()
+    except psutil.Error:
+        return "?"
 
 
 def _status(process: psutil.Process) -> str:

@@ -199,6 +199,17 @@ TABLES.append(("idle", "Idle stack (every process of the state dir's stack, samp
     ("memory GiB PSS (target <= 3)", lambda r: r["memory_gib"]), ("RSS GiB", lambda r: r["rss_gib"]),
     ("top CPU", lambda r: ", ".join(f"{p['name']} {p['core_fraction']}" for p in r["top_cpu"][:3])),
     ("left after down", lambda r: len(r["after_down"]["processes"]) if "after_down" in r else "-")]))
+TABLES.append(("growth", "Search as the collection grows (SciFact item vectors plus noise, one per item; pgvector HNSW)",
+               lambda r: [{**r, **size} for size in r["sizes"]], [
+    ("vectors", lambda r: r["vectors"]), ("HNSW build s", lambda r: r["hnsw_build_s"]),
+    ("ef_search", lambda r: r["ef_search"]),
+    ("p50 / p99 ms", lambda r: f"{r['unfiltered']['p50_ms']} / {r['unfiltered']['p99_ms']}"),
+    ("recall@10 (target >= 0.95)", lambda r: r["unfiltered"]["recall_at_10"]),
+    ("filtered 10 %: p50 ms / recall@10", lambda r: f"{r['filtered']['p50_ms']} / {r['filtered']['recall_at_10']}"),
+    ("other ef_search: p50 ms / recall@10 / filtered recall@10", lambda r: "; ".join(
+        f"{ef}: {m['unfiltered']['p50_ms']} / {m['unfiltered']['recall_at_10']} / {m['filtered']['recall_at_10']}"
+        for ef, m in r.get("other_ef_search", {}).items()) or "-"),
+    ("p50 largest / smallest (target <= 1.5)", lambda r: r["p50_largest_to_smallest"])]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 
