@@ -5,6 +5,7 @@ The route walk reads the live OpenAPI document, so a route added later without a
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
@@ -150,12 +151,12 @@ def test_tokens_expire_and_bind_one_user(configured):
 
 def test_keyed_search_and_clickstream_when_configured(configured):
     with pytest.raises(HTTPException) as refused:
-        auth.searcher(auth.Caller())
+        asyncio.run(auth.searcher(auth.Caller()))
     assert refused.value.status_code == 401
     with pytest.raises(HTTPException):
-        auth.clickstream_writer(auth.Caller())
-    assert auth.searcher(auth.Caller(user_id="alice")).user_id == "alice"
-    assert auth.clickstream_writer(auth.Caller(admin=True, key_name="ops")).admin
+        asyncio.run(auth.clickstream_writer(auth.Caller()))
+    assert asyncio.run(auth.searcher(auth.Caller(user_id="alice"))).user_id == "alice"
+    assert asyncio.run(auth.clickstream_writer(auth.Caller(admin=True, key_name="ops"))).admin
     with pytest.raises(HTTPException) as wrong_key:
-        auth.caller(key="esr_wrong", token=None)
+        asyncio.run(auth.caller(key="esr_wrong", token=None))
     assert wrong_key.value.status_code == 401

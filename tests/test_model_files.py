@@ -7,7 +7,7 @@ import torch
 
 from es_ray.config import TritonSettings, load_settings
 from es_ray.inference import triton_repo
-from es_ray.inference.encoder import INPUT_NAMES, load_encoder
+from es_ray.inference.encoder import INPUT_NAMES, OUTPUT_NAME, load_encoder
 from tests.tiny_model import tiny_encoder_dir
 
 
@@ -29,6 +29,9 @@ def test_onnx_file_embeds_as_torch_at_any_batch_and_length(tmp_path):
     assert triton_repo.has_version(repo, 1) and not (files[0].parent / "model.pt").exists()
     assert 'string_value: "model.onnx"' in (repo / "query_encoder_v1" / "config.pbtxt").read_text()
     session = onnxruntime.InferenceSession(str(files[0]), providers=["CPUExecutionProvider"])
+    # Triton's onnxruntime backend matches tensors by name with config.pbtxt's (the python backend does not)
+    assert [i.name for i in session.get_inputs()] == list(INPUT_NAMES)
+    assert [o.name for o in session.get_outputs()] == [OUTPUT_NAME]
     for batch, width in ((1, 16), (5, 48), (3, 7)):  # shapes other than the export's example (2 x 16)
         ids, mask = _inputs(batch, width, seed=width)
         served = session.run(None, dict(zip(INPUT_NAMES, (ids.numpy(), mask.numpy()))))[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import time
@@ -25,24 +26,34 @@ from es_ray.data import beir
 from es_ray.inference.chunking import split
 from es_ray.data.corpus import read_corpus
 from es_ray.inference.encoder import load_encoder, load_tokenizer
-from es_ray.stack import jobs
+from es_ray.inference.triton_repo import ITEM_ENCODER, model_file, version_dir
+from es_ray.stack import jobs, triton
 from es_ray.store import db, blue_green
 
 
 def raw_forward(texts: list[str], model_dir: str, batch_items: int, max_rows: int, max_length: int, overlap: int,
-                max_chunks: int) -> tuple[float, int]:
-    """Seconds to tokenise, chunk and embed `texts` in plain torch, batched as the pipeline batches them."""
-    model, tokenizer = load_encoder(model_dir), load_tokenizer(model_dir)
+                max_chunks: int, model_file: Path | None = None) -> tuple[float, int]:
+    """Seconds to tokenise, chunk and embed `texts` in this process, batched as the pipeline batches them:
+    with `model_file`, the served file in its runtime on every core (the fastest forward pass of what is
+    served: bench/runtimes.served_forward); without, eager torch."""
+    tokenizer = load_tokenizer(model_dir)
+    if model_file is not None:
+        from es_ray.bench.runtimes import served_forward
+
+        forward = served_forward(model_file, os.cpu_count() or 1)
+    else:
+        eager = load_encoder(model_dir)
+        forward = lambda ids, mask: eager(torch.from_numpy(ids), torch.from_numpy(mask))  # noqa: E731
     started, chunks_total = time.perf_counter(), 0
     with torch.inference_mode():
-        for start in tqdm(range(0, len(texts), batch_items), desc="raw torch", unit="batch"):
+        for start in tqdm(range(0, len(texts), batch_items), desc="raw forward", unit="batch"):
             chunks = split(tokenizer, texts[start:start + batch_items], max_length, overlap, max_chunks)
             order = np.argsort(-chunks.attention_mask.sum(axis=1), kind="stable")
             for row in range(0, len(order), max_rows):
                 rows = order[row:row + max_rows]
                 mask = chunks.attention_mask[rows]
                 width = int(mask.sum(axis=1).max())
-                model(torch.from_numpy(chunks.input_ids[rows][:, :width]), torch.from_numpy(mask[:, :width]))
+                forward(np.ascontiguousarray(chunks.input_ids[rows][:, :width]), np.ascontiguousarray(mask[:, :width]))
             chunks_total += len(order)
     return time.perf_counter() - started, chunks_total
 
@@ -65,9 +76,10 @@ def main(argv: list[str] | None = None) -> None:
     with db.connect(manifest.postgres_dsn) as conn:
         blue = blue_green.get_blue(conn)
 
+    served = model_file(version_dir(triton.model_repository(settings.state_path), ITEM_ENCODER, blue.model_version))
     raw_s, chunks = raw_forward([i["text"] for i in items], blue.source_dir, settings.upsert.batch_size,
                                 settings.triton.max_batch_size, blue.max_length, settings.model.chunk_overlap,
-                                settings.model.max_chunks)
+                                settings.model.max_chunks, served)
     started = time.perf_counter()
     status, logs = jobs.submit_and_wait(manifest, f"python -m es_ray.data.upsert --input {path}", echo_logs=False)
     wall_s = time.perf_counter() - started
@@ -80,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         "max_length": blue.max_length, "encoders": settings.upsert.encoders,
         "docs_per_s": round(len(items) / job_s, 2), "raw_docs_per_s": round(len(items) / raw_s, 2),
         "ratio": round(raw_s / job_s, 3), "job_s": round(job_s, 1), "job_wall_s": round(wall_s, 1),
-        "raw_s": round(raw_s, 1),
+        "raw_s": round(raw_s, 1), "raw_runtime": served.suffix.lstrip(".") if served else "eager torch",
+        "raw_threads": os.cpu_count(), "served_threads": settings.model.torch_threads,
         "note": "docs_per_s is measured inside the job (read -> embedded -> written, actor start-up included); "
                 "job_wall_s adds submission and runtime-env set-up",
     }

@@ -11,7 +11,7 @@ refused (must be 503 with Retry-After, or no answer while the replica is gone), 
 clicks lost (acknowledged but not stored: must be 0; unacknowledged ones are sent again with the same
 event id and must be stored exactly once). tests/test_faults.py runs the same faults with a lighter load.
 The deploy phase: `--deploy-cycles` times, a copy of the blue model registered as a new version in MLflow
-is deployed through the lifecycle driver (deploy_version: Triton loads it beside the versions serving)
+is deployed through the lifecycle driver (deploy_version: its own tritonserver starts beside the versions serving)
 and undeployed again, while the search clients and an upsert client run. Counted: failed searches and
 upserts (must be 0) and, in Triton's logs, the tritonserver processes that died (the supervisor's
 child_exited events) and the python backend's lock_exception aborts (upstream server#8882).
@@ -44,7 +44,7 @@ from es_ray.client import EsRayClient
 from es_ray.inference import registry
 from es_ray.lifecycle.handle import get_driver
 from es_ray.serve import schemas
-from es_ray.stack import postgres, triton
+from es_ray.stack import postgres, processes, triton
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import blue_green
 
@@ -277,34 +277,8 @@ def kill_replica(load: Load, manifest: StackManifest) -> dict:
 # --- memory ---------------------------------------------------------------------------------------------
 
 def stack_processes(state_dir: Path) -> dict[str, psutil.Process]:
-    """Every process of this state dir's stack (Ray's carry the temp dir, Postgres its data dir, Triton
-    its server dir) and their children (Postgres's backends, Triton's stubs), named by role and pid."""
-    marker = str(state_dir)
-    roots = []
-    for process in psutil.process_iter(["pid", "cmdline", "environ"]):
-        try:
-            cmdline = " ".join(process.info["cmdline"] or [])
-            env = process.info["environ"] or {}
-        except psutil.Error:
-            continue
-        if marker in cmdline or env.get("RAY_TMPDIR", "").startswith(marker):
-            roots.append(process)
-    found = {}
-    for process in roots + [child for root in roots for child in _children(root)]:
-        try:
-            words = process.cmdline() or [process.name()]
-        except psutil.Error:
-            continue
-        name = words[0] if words[0].startswith(("ray::", "postgres:")) else words[0].rsplit("/", 1)[-1]
-        found[f"{' '.join(words[:3]) if name.startswith('postgres:') else name}"[:48] + f" [{process.pid}]"] = process
-    return found
-
-
-def _children(process: psutil.Process) -> list[psutil.Process]:
-    try:
-        return process.children(recursive=True)
-    except psutil.Error:
-        return []
+    """Every process of this state dir's stack (es_ray/stack/processes.py), named by role and pid."""
+    return {f"{processes.describe(p)[0][:48]} [{p.pid}]": p for p in processes.stack_processes(state_dir)}
 
 
 def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:

@@ -51,6 +51,25 @@ def onnx_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def served_forward(path: Path, threads: int) -> Encode:
+    """(ids, mask) -> vectors for a model file as Triton serves it: model.onnx in ONNX Runtime (built as the
+    python backend builds it), model.pt in TorchScript; at `threads` threads."""
+    if path.suffix == ".onnx":
+        session = onnx_session(path, threads)
+        return lambda ids, mask: session.run(None, dict(zip(INPUT_NAMES, (ids, mask))))[0]
+    model = torch.jit.load(str(path)).eval()
+
+    def call(ids, mask):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                return model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+        finally:
+            torch.set_num_threads(previous)
+    return call
+
+
 def encoders(model_dir: Path, folder: Path, threads: int) -> dict[str, Encode]:
     """runtime name -> (ids, mask) -> vectors."""
     torch.set_num_threads(threads)

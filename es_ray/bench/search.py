@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
               "throughput_ratio": round(eight["requests_per_s"] / fastest["queries_per_s"], 2),
               "p99_to_p50_8": round(eight["p99_ms"] / eight["p50_ms"], 2),
               "note": "ratio = HTTP p50 / (embed p50 + pgvector p50); overhead_ms = HTTP p50 - embed p50 - "
-                      "pgvector p50 (1 client); embed_to_fastest = embed p50 / one query's TorchScript forward "
+                      "pgvector p50 (1 client); embed_to_fastest = embed p50 / one query's forward "
                       "pass in-process at 1 thread; throughput_ratio = 8-client requests/s / the fastest "
                       "forward pass's queries/s at the batch Triton formed (fastest of 1 thread and all cores)"}
     out = write_result("search", data.name, result, f"python -m es_ray.bench.search --docs {args.docs}")
@@ -271,28 +271,11 @@ _loaded: dict[tuple[Path, int], object] = {}
 
 
 def _forward(path: Path, threads: int):
-    """(ids, mask) -> vectors for the served model file, loaded once per thread count."""
+    """The served file's forward pass (bench/runtimes.served_forward), loaded once per thread count."""
+    from es_ray.bench.runtimes import served_forward
+
     if (path, threads) not in _loaded:
-        if path.suffix == ".onnx":
-            from es_ray.bench.runtimes import onnx_session
-
-            session = onnx_session(path, threads)
-            names = [i.name for i in session.get_inputs()]
-            _loaded[path, threads] = lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))))[0]
-        else:
-            import torch
-
-            model = torch.jit.load(str(path)).eval()
-
-            def run(ids, mask):
-                previous = torch.get_num_threads()
-                torch.set_num_threads(threads)
-                try:
-                    with torch.inference_mode():
-                        return model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-                finally:
-                    torch.set_num_threads(previous)
-            _loaded[path, threads] = run
+        _loaded[path, threads] = served_forward(path, threads)
     return _loaded[path, threads]
 
 

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from es_ray.config import Settings
-from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_client import TritonEncoder, grpc_address
 from es_ray.inference.triton_repo import ITEM_ENCODER
 from es_ray.data import dual_write
 from es_ray.data.dual_write import write_items
@@ -55,10 +55,11 @@ class Encoders:
         self._lock = threading.Lock()
 
     def embed_for(self, target: Target, items: list[dict[str, Any]]) -> list[EmbeddedItem]:
+        key = (target.model_version, grpc_address(target, self.grpc_url))  # a redeployed version moves
         with self._lock:
-            if target.model_version not in self._clients:
-                self._clients[target.model_version] = item_encoder(self.settings, self.grpc_url, target)
-            client = self._clients[target.model_version]
+            if key not in self._clients:
+                self._clients[key] = item_encoder(self.settings, self.grpc_url, target)
+            client = self._clients[key]
         return embed(client, self.settings, [i["id"] for i in items], [i["text"] for i in items],
                      [i["payload"] for i in items])
 

@@ -23,10 +23,11 @@ TIMEOUT_S = 600  # an ONNX export of MiniLM takes about 10 s on 2 cores; a large
 
 
 def write_version(repo: Path, version: int, model_dir: Path, dim: int, triton: TritonSettings, torch_threads: int,
-                  runtime: str) -> None:
-    """Both encoders of `version` written into `repo` as `runtime`'s files, by a child process."""
+                  runtime: str, nice: int = 0) -> None:
+    """Both encoders of `version` written into `repo` as `runtime`'s files, by a child process running at
+    niceness `nice` (an export is batch work: it must not take the cores from the servers carrying traffic)."""
     request = {"repo": str(repo), "version": version, "model_dir": str(model_dir), "dim": dim,
-               "triton": triton.model_dump(), "torch_threads": torch_threads, "runtime": runtime}
+               "triton": triton.model_dump(), "torch_threads": torch_threads, "runtime": runtime, "nice": nice}
     env = dict(os.environ)  # the child imports this es_ray, wherever it was imported from
     package_root = str(Path(es_ray.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
@@ -51,4 +52,8 @@ def _write(request: dict) -> None:
 
 
 if __name__ == "__main__":
-    _write(json.loads(sys.argv[1]))
+    from es_ray.priority import run_as_batch
+
+    arguments = json.loads(sys.argv[1])
+    run_as_batch(arguments.get("nice", 0))
+    _write(arguments)

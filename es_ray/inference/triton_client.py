@@ -32,9 +32,14 @@ def channel_args() -> list[tuple[str, int]]:
 
 
 def grpc_address(target, stack_url: str) -> str:
-    """Where a lifecycle target's encoders are served: its version's own tritonserver (the embedded stack,
-    recorded in `models` by the lifecycle driver), else the stack's Triton (an external triton.url)."""
-    return getattr(target, "triton_grpc_url", None) or stack_url
+    """Where a lifecycle target's encoders are served: the stack's Triton where there is one (an external
+    triton.url serves every version), else its version's own tritonserver (the embedded stack, recorded in
+    `models` by the lifecycle driver once the version answered). Clients cache encoders by this address, so
+    a version whose server moved (redeployed on other ports) gets a new client."""
+    address = stack_url or getattr(target, "triton_grpc_url", None)
+    if not address:
+        raise TritonUnavailable(f"no Triton address recorded for model version {target.model_version} yet")
+    return address
 
 
 class TritonUnavailable(RuntimeError):

@@ -139,6 +139,17 @@ def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: i
     return [served_name(name, version) for name in ENCODERS]
 
 
+def refresh_version(repo: Path, version: int, dim: int, settings: TritonSettings, torch_threads: int) -> None:
+    """A version already in the repository gets this es-ray's model.py and config.pbtxt (queue bounds,
+    threads, ...) for the model file it holds; Triton reads them at its next load of the version."""
+    for name in ENCODERS:
+        directory = version_dir(repo, name, version)
+        runtime = next(r for r, f in MODEL_FILES.items() if f == model_file(directory).name)
+        shutil.copy(TEMPLATE, directory / "model.py")
+        _write_if_changed(directory.parent / "config.pbtxt",
+                          config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime))
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     """Writes the file whole (rename), and only when its text changes: a model's config is not touched
     again once Triton has loaded it."""

@@ -18,7 +18,7 @@ from es_ray.config import Settings
 from es_ray.inference import deploy, registry
 from es_ray.improve.loop import Follower, ImprovementLoop, improve_once, learning_from
 from es_ray.inference.encoder import resolve_model_dir
-from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_client import TritonEncoder, grpc_address
 from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.lifecycle import switching
 from es_ray.lifecycle.handle import DRIVER_NAME, UnknownModel
@@ -194,10 +194,10 @@ class LifecycleDriver:
 
     def _query_encoder(self, target):
         """One query encoder per live version (blue's and green's), made once."""
-        if target.model_version not in self._encoders:
-            self._encoders[target.model_version] = TritonEncoder.of(self.manifest.triton_grpc_url, QUERY_ENCODER,
-                                                                    target, self.settings)
-        return self._encoders[target.model_version]
+        key = (target.model_version, grpc_address(target, self.manifest.triton_grpc_url))  # a redeployed version moves
+        if key not in self._encoders:
+            self._encoders[key] = TritonEncoder.of(self.manifest.triton_grpc_url, QUERY_ENCODER, target, self.settings)
+        return self._encoders[key]
 
     # --- tasks: fine-tune and reindex, each a Ray job ------------------------------------------------
 
@@ -254,7 +254,7 @@ class LifecycleDriver:
     # --- deploy, reindex, switch, rollback, cleanup (es_ray.lifecycle.reindex and .switching) ---------
 
     def deploy_version(self, version: int) -> dict[str, Any]:
-        """Makes a registered version ready in Triton (traced into the repository this driver owns,
+        """Makes a registered version ready in Triton (exported into the repository this driver owns,
         loaded next to the versions serving); records it in `models` the first time. Idempotent."""
         with self._conn() as conn:
             model = blue_green.get_model(conn, version)

@@ -49,7 +49,11 @@ class VersionServers:
 
     def _serve(self, version: int) -> dict[str, str]:
         address = triton.start_version(self.state_dir, self.settings, version, served_models(version))
-        deploy.wait_ready(address["http"], version, self.ready_timeout_s)
+        try:
+            deploy.wait_ready(address["http"], version, self.ready_timeout_s)
+        except BaseException:
+            triton.stop_version(self.state_dir, version)  # never handed out: the next try starts it afresh
+            raise
         self.on_address(version, address["grpc"])
         log.info("version_server.ready", version=version, **address)
         return address

@@ -156,7 +156,7 @@ def forbidden(message: str) -> HTTPException:
     return HTTPException(status_code=403, detail=message)
 
 
-def caller(key: str | None = Security(_api_key), token: str | None = Security(_user_token)) -> Caller:
+async def caller(key: str | None = Security(_api_key), token: str | None = Security(_user_token)) -> Caller:
     """Whoever the request says it is; a credential that is present but wrong is refused outright."""
     if key is not None:
         return _key_caller(key)
@@ -168,7 +168,7 @@ def caller(key: str | None = Security(_api_key), token: str | None = Security(_u
     return Caller()
 
 
-def admin(key: str | None = Security(_api_key)) -> Caller:
+async def admin(key: str | None = Security(_api_key)) -> Caller:
     """Admin and write routes: items, tasks, lifecycle, improvement, user tokens."""
     if key is None:
         raise unauthorized(f"this route needs an API key in the {API_KEY_HEADER} header")
@@ -182,21 +182,21 @@ def _key_caller(key: str) -> Caller:
     return Caller(admin=True, key_name=name)
 
 
-def someone(who: Caller = Security(caller)) -> Caller:
+async def someone(who: Caller = Security(caller)) -> Caller:
     """Routes about one user's data: an API key or a user token is needed (which user: the route checks)."""
     if not (who.admin or who.user_id):
         raise unauthorized(f"this route needs a user token ({USER_TOKEN_HEADER}) or an API key ({API_KEY_HEADER})")
     return who
 
 
-def searcher(who: Caller = Security(caller)) -> Caller:
+async def searcher(who: Caller = Security(caller)) -> Caller:
     """POST /v1/search: public unless auth.public_search is false."""
     if not (authenticator().settings.public_search or who.admin or who.user_id):
         raise unauthorized(f"search needs an API key ({API_KEY_HEADER}) or a user token ({USER_TOKEN_HEADER})")
     return who
 
 
-def clickstream_writer(who: Caller = Security(caller)) -> Caller:
+async def clickstream_writer(who: Caller = Security(caller)) -> Caller:
     """Click events and irrelevant marks: public unless auth.public_clickstream is false (which sessions
     take them from whom: routes/sessions.py)."""
     if not (authenticator().settings.public_clickstream or who.admin or who.user_id):
@@ -205,7 +205,7 @@ def clickstream_writer(who: Caller = Security(caller)) -> Caller:
     return who
 
 
-def ingester(key: str | None = Security(_api_key)) -> Caller:
+async def ingester(key: str | None = Security(_api_key)) -> Caller:
     """POST /v1/sessions, result lists shown by another system: es-ray cannot tell them from fabricated
     ones, so only a holder of an API key may record them (and is recorded with them)."""
     if key is None:

@@ -21,6 +21,13 @@ from es_ray.store.blue_green import Blue
 log = get_logger(__name__)
 
 
+# The watch connection idles for long stretches: over TCP (an external Postgres, a load balancer or NAT
+# between) a peer that vanished without a word would leave it waiting for minutes. TCP keepalives and a
+# user timeout end it within about 30 s, and the loop connects again (libpq ignores them on a unix socket).
+DEAD_PEER_DETECTION = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+                       "tcp_user_timeout": 30000}
+
+
 class BlueWatcher:
     """Keeps the replica's view of the blue pointer fresh.
 
@@ -39,7 +46,7 @@ class BlueWatcher:
     def _run(self) -> None:
         while not self._stopped.is_set():
             try:
-                with db.connect(self.dsn) as conn:
+                with db.connect(self.dsn, **DEAD_PEER_DETECTION) as conn:
                     conn.execute(f"LISTEN {blue_green.BLUE_CHANNEL}")
                     self._read(conn)          # what changed while nobody listened
                     while not self._stopped.is_set():

@@ -49,7 +49,7 @@ def identify(peer: str | None, forwarded_for: str | None, trusted: tuple[Network
     return str(client)
 
 
-def client_identity(request: Request, state: Replica = Depends(replica)) -> str:
+async def client_identity(request: Request, state: Replica = Depends(replica)) -> str:
     """FastAPI dependency: the identity of the client that sent this request."""
     return identify(request.client.host if request.client else None, request.headers.get(FORWARDED_FOR),
                     trusted_networks(tuple(state.settings.clients.trusted_proxies)))

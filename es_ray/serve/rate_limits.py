@@ -100,7 +100,7 @@ def limiter() -> RateLimiter:
 # --- FastAPI dependencies: a route lists the limits it is charged to -----------------------------------
 
 def _per_client(name: str):
-    def charge(who: Caller = Security(auth.caller), client: str = Depends(clients.client_identity)) -> None:
+    async def charge(who: Caller = Security(auth.caller), client: str = Depends(clients.client_identity)) -> None:
         if not who.admin:
             limiter().charge(name, client_key(client))
     charge.__name__ = f"limit_{name}_per_client"
@@ -112,7 +112,7 @@ clickstream = _per_client("clickstream")
 session_reads = _per_client("session_reads")
 
 
-def session_writes(session_id: str, who: Caller = Security(auth.caller)) -> None:
+async def session_writes(session_id: str, who: Caller = Security(auth.caller)) -> None:
     """Writes into one session, whoever sends them: many clients cannot pile clicks onto one result list."""
     if not who.admin:
         limiter().charge("session_writes", session_id, per="session")

@@ -17,7 +17,7 @@ from ray import serve
 from es_ray.config import Settings
 from es_ray.data import pipeline
 from es_ray.logs import get_logger
-from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_client import TritonEncoder, grpc_address
 from es_ray.lifecycle.handle import get_driver
 from es_ray.serve import auth, schemas
 from es_ray.serve.blue_watcher import BlueWatcher
@@ -45,7 +45,7 @@ class Replica:
         self.health = HealthCache(self.settings.serve.health_cache_s)
         self._check_connection_budget()
         self.blue_watcher = BlueWatcher(self.pool, self.manifest.postgres_dsn, self.settings.serve.blue_refresh_s)
-        self._encoders: dict[tuple[str, int], TritonEncoder] = {}
+        self._encoders: dict[tuple[str, int, str], TritonEncoder] = {}
         self._lock = threading.Lock()
         self.random = random.Random()
         self.item_encoders = pipeline.Encoders(self.settings, self.manifest.triton_grpc_url)
@@ -59,7 +59,7 @@ class Replica:
             log.warning("replica.pools_near_max_connections", replicas_need=wanted, max_connections=allowed)
 
     def encoder(self, name: str, blue: Blue) -> TritonEncoder:
-        key = (name, blue.model_version)
+        key = (name, blue.model_version, grpc_address(blue, self.manifest.triton_grpc_url))
         with self._lock:
             if key not in self._encoders:
                 self._encoders[key] = TritonEncoder.of(self.manifest.triton_grpc_url, name, blue, self.settings)

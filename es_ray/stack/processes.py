@@ -11,6 +11,7 @@ session and `es-ray down` check that none is left.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -47,7 +48,7 @@ def stack_processes(state_dir: Path) -> list[psutil.Process]:
 
 # What each process does, by the first match in its command line (Ray workers set theirs to `ray::<actor>`).
 ROLES: list[tuple[str, str]] = [
-    ("triton_python_backend_stub", "Triton python-backend stub: runs one model instance (torch), fed by tritonserver "
+    ("triton_python_backend_stub", "Triton python-backend stub: runs one model instance (ONNX Runtime or torch), fed by tritonserver "
                                    "through shared memory"),
     ("tritonserver", "Triton Inference Server: HTTP/gRPC inference, dynamic batching, model control"),
     ("es_ray.stack.supervisor", "es-ray's Triton supervisor: restarts tritonserver when it dies"),
@@ -115,12 +116,15 @@ def listening_on(ports: set[int]) -> list[dict]:
 
 
 def stack_ports(state_dir: Path) -> set[int]:
-    """The TCP ports recorded in the state dir's manifest (its last `up`); none without one."""
+    """The TCP ports recorded in the state dir's manifest (its last `up`) and those kept by its model
+    versions' tritonservers (es_ray/stack/triton.py: servers/v<N>/ports.json)."""
     from es_ray.stack.manifest import StackManifest
 
+    kept = {int(port) for path in (Path(state_dir) / "triton" / "servers").glob("v*/ports.json")
+            for port in json.loads(path.read_text()).values()}
     manifest = StackManifest.load(Path(state_dir))
     if manifest is None:
-        return set()
+        return kept
     urls = [manifest.serve_url, manifest.triton_url, manifest.triton_grpc_url, manifest.triton_metrics_url,
             manifest.ray_address, manifest.ray_dashboard_url, manifest.ray_metrics_url.removesuffix("/metrics")]
-    return {int(u.rsplit(":", 1)[1]) for u in urls if u and u.rsplit(":", 1)[-1].isdigit()}
+    return kept | {int(u.rsplit(":", 1)[1]) for u in urls if u and u.rsplit(":", 1)[-1].isdigit()}

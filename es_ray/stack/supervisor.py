@@ -2,8 +2,8 @@
 
     python -m es_ray.stack.supervisor --name triton --child-pid-file F -- tritonserver ...
 
-The embedded Triton runs under it, so a crashed or killed tritonserver is back within seconds (the
-lifecycle driver then loads the deployed models into it again). SIGTERM or SIGINT stops the child
+Each model version's embedded tritonserver runs under one, so a crashed or killed server is back within
+seconds, with its models (they are on its command line: es_ray/stack/triton.py). SIGTERM or SIGINT stops the child
 and then the supervisor. Restarts back off (1 s doubling to 30 s) while the child keeps dying young.
 The child runs in a process group of its own, and whatever of that group outlives it is killed: a
 tritonserver that dies leaves its python backend stubs (hundreds of MB each) running otherwise.

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -141,8 +142,12 @@ def start(state_dir: Path, settings: Settings, http_port: int, grpc_port: int, m
                               capture_output=True, text=True, check=True)
     pid = int(launcher.stdout.strip())
     (files / "supervisor.pid").write_text(str(pid))
-    wait_live(f"127.0.0.1:{http_port}", timeout_s,
-              lambda: _alive(files / "supervisor.pid", "es_ray.stack.supervisor") is not None)
+    try:
+        wait_live(f"127.0.0.1:{http_port}", timeout_s,
+                  lambda: _alive(files / "supervisor.pid", "es_ray.stack.supervisor") is not None)
+    except BaseException:
+        stop(state_dir, version=version)  # a server that never came up must not be left restarting
+        raise
     log.info("triton.started", supervisor_pid=pid, pid=server_pid(state_dir, version), http_port=http_port,
              grpc_port=grpc_port, version=version, models=list(models))
     return pid
@@ -226,13 +231,16 @@ def start_version(state_dir: Path, settings: Settings, version: int, models: tup
     files.mkdir(parents=True, exist_ok=True)
     ports_file = files / "ports.json"
     ports = json.loads(ports_file.read_text()) if ports_file.exists() else {}
-    if not ports:
+    if running_pid(state_dir, version) is None:
+        # Kept ports are ephemeral ones: after a down/up another process may hold one, and a server that
+        # cannot bind would be restarted forever. Those taken are chosen again (clients learn the address
+        # from the deploy, keyed by it).
         chosen: set[int] = set()
         for name in ("http", "grpc", "metrics"):
-            ports[name] = free_port(avoid=chosen)
+            if not ports.get(name) or not port_is_free(ports[name]) or ports[name] in chosen:
+                ports[name] = free_port(avoid=chosen)
             chosen.add(ports[name])
         ports_file.write_text(json.dumps(ports))
-    if running_pid(state_dir, version) is None:
         start(state_dir, settings, ports["http"], ports["grpc"], ports["metrics"], timeout_s, version, models)
     return version_address(state_dir, version)
 
@@ -243,9 +251,18 @@ def version_address(state_dir: Path, version: int) -> dict[str, str]:
 
 
 def stop_version(state_dir: Path, version: int) -> None:
-    """Stops the version's server and forgets its ports."""
+    """Stops the version's server and forgets its ports; its log stays (what it did, aborts included)."""
     stop(state_dir, version=version)
-    shutil.rmtree(files_dir(state_dir, version), ignore_errors=True)
+    (files_dir(state_dir, version) / "ports.json").unlink(missing_ok=True)
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, int(port)))
+        except OSError:
+            return False
+    return True
 
 
 def versions_running(state_dir: Path) -> list[int]:

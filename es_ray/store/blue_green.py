@@ -96,8 +96,10 @@ def get_model(conn: psycopg.Connection, version: int) -> ModelRecord | None:
 
 
 def set_triton_address(conn: psycopg.Connection, version: int, grpc_url: str | None) -> None:
-    """Records where the version's encoders answer (its own tritonserver), or None once it is stopped."""
+    """Records where the version's encoders answer (its own tritonserver), or None once it is stopped.
+    Replicas hold blue with its address: they are told to read it again, as at a switch."""
     conn.execute("UPDATE models SET triton_grpc_url = %s WHERE version = %s", (grpc_url, version))
+    conn.execute("SELECT pg_notify(%s, '')", (BLUE_CHANNEL,))
 
 
 def save_collection(conn: psycopg.Connection, name: str, model_version: int, state: str) -> None:

@@ -16,8 +16,9 @@ def _configure(conn: psycopg.Connection) -> None:
     register_vector(conn)
 
 
-def connect(dsn: str) -> psycopg.Connection:
-    conn = psycopg.connect(dsn, autocommit=True)
+def connect(dsn: str, **options) -> psycopg.Connection:
+    """An autocommit connection; `options` are libpq's (keepalives, timeouts)."""
+    conn = psycopg.connect(dsn, autocommit=True, **options)
     _configure(conn)
     return conn
 
