@@ -54,7 +54,7 @@ class Replica:
         """Warns when the replicas' pools together could take every connection Postgres allows."""
         with self.pool.connection() as conn:
             allowed = int(conn.execute("SHOW max_connections").fetchone()[0])
-        wanted = self.settings.serve.replicas * self.pool_size
+        wanted = self.settings.serve.replicas * (self.pool_size + 1)  # + each one's blue watcher
         if wanted > allowed // 2:  # the driver, jobs, reindex workers and the improvement loop need theirs
             log.warning("replica.pools_near_max_connections", replicas_need=wanted, max_connections=allowed)
 
@@ -75,9 +75,10 @@ class Replica:
 
 def pool_size(settings: Settings) -> int:
     """Connections one replica keeps: enough for every request it works on at once (a request holds one
-    connection at a time, and none while it waits for Triton) and its blue watcher, so a request never
-    waits on another request of its own replica; postgres.pool_size when that is larger."""
-    needed = settings.serve.max_ongoing_requests + 1
+    connection at a time, and none while it waits for Triton), so a request never waits on another
+    request of its own replica; postgres.pool_size when that is larger. The blue watcher listens on a
+    connection of its own (serve/blue_watcher.py), outside the pool."""
+    needed = settings.serve.max_ongoing_requests
     if settings.postgres.pool_size < needed:
         log.info("replica.pool_sized_to_concurrency", pool_size=needed, configured=settings.postgres.pool_size,
                  max_ongoing_requests=settings.serve.max_ongoing_requests)
