@@ -124,7 +124,9 @@ class ServeSettings(BaseModel):
     port: int = 8000
     app_name: str = "es-ray"
     replicas: int = Field(1, ge=1)
+    ingress: Literal["direct", "proxy"] = "direct"
     max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(64, ge=1)
     num_cpus: float = Field(0.0, ge=0)
     max_limit: int = 100
     max_offset: int = 10000
@@ -143,6 +145,14 @@ class ServeSettings(BaseModel):
     health_cache_s: float = Field(2.0, ge=0)
     rate_limits: RateLimitSettings = RateLimitSettings()
     max_results_per_session: int = Field(100, ge=1)
+
+    @model_validator(mode="after")
+    def _one_direct_replica(self) -> ServeSettings:
+        if self.ingress == "direct" and self.replicas != 1:
+            raise ValueError(f"serve.ingress 'direct' has the one replica serve serve.port itself; with "
+                             f"serve.replicas {self.replicas} set serve.ingress: proxy (Serve's proxy spreads "
+                             "requests over them)")
+        return self
 
 
 class UpsertSettings(BaseModel):

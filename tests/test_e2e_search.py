@@ -19,6 +19,22 @@ def test_healthz_reports_every_component(api):
     assert body["blue"] == {"model_version": 1, "collection": "v1"}
 
 
+def test_the_replica_itself_listens_on_the_serve_port(api, stack):
+    """serve.ingress direct: the SearchAPI replica's own HTTP server answers on serve.port, with no hop
+    through Serve's proxy, which listens on the port the manifest records for it."""
+    import psutil
+
+    def listener(url: str) -> str:
+        port = int(url.rsplit(":", 1)[1])
+        pid = next(c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+        return " ".join(psutil.Process(pid).cmdline())
+
+    assert stack.serve_proxy_url and stack.serve_proxy_url != stack.serve_url
+    assert "ServeReplica" in listener(stack.serve_url)
+    assert "ProxyActor" in listener(stack.serve_proxy_url)
+    assert api.get("/healthz").status_code == 200
+
+
 def test_openapi_lists_the_routes(api):
     spec = api.get("/openapi.json").json()
     assert {"/v1/search", "/v1/items", "/healthz"} <= set(spec["paths"])

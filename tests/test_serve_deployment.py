@@ -1,6 +1,9 @@
 """How `es-ray up` deploys the API, without a stack: the options come from configs/stack.yaml
 (environment overrides included), and any settings change gives the deployment a new settings version."""
 
+import pytest
+from pydantic import ValidationError
+
 from es_ray.config import ApiKeyEntry, load_settings
 from es_ray.serve import deployment
 from es_ray.serve.app import search_api
@@ -10,9 +13,11 @@ def test_the_deployment_takes_its_options_from_stack_yaml(monkeypatch, tmp_path)
     settings = load_settings(tmp_path / "state")
     api = search_api(deployment.app_args(settings))
     assert (api.num_replicas, api.max_ongoing_requests) == (settings.serve.replicas, settings.serve.max_ongoing_requests)
+    assert api.max_queued_requests == settings.serve.max_queued_requests == 64
     assert api.ray_actor_options["num_cpus"] == settings.serve.num_cpus
     assert (settings.serve.replicas, settings.serve.max_ongoing_requests, settings.serve.num_cpus) == (1, 16, 0)
     monkeypatch.setenv("ES_RAY_SERVE__REPLICAS", "3")
+    monkeypatch.setenv("ES_RAY_SERVE__INGRESS", "proxy")  # several replicas share serve.port through the proxy
     monkeypatch.setenv("ES_RAY_SERVE__NUM_CPUS", "0.5")
     scaled = search_api(deployment.app_args(load_settings(tmp_path / "state")))
     assert scaled.num_replicas == 3 and scaled.ray_actor_options["num_cpus"] == 0.5
@@ -27,3 +32,17 @@ def test_new_keys_or_limits_change_the_settings_version(tmp_path):
     assert deployment.app_args(load_settings(tmp_path / "state"))["settings_version"] == version
     assert deployment.app_args(new_key)["settings_version"] != version
     assert deployment.app_args(new_limit)["settings_version"] != version
+
+
+def test_direct_ingress_gives_the_one_replica_serve_port_and_more_replicas_need_the_proxy(monkeypatch, tmp_path):
+    monkeypatch.setenv("ES_RAY_SERVE__PORT", "8123")
+    env = deployment.direct_ingress_env(load_settings(tmp_path / "state").serve)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # Ray's range is [min, max): serve.port and nothing else
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8123", "8124")
+    monkeypatch.setenv("ES_RAY_SERVE__INGRESS", "proxy")
+    assert deployment.direct_ingress_env(load_settings(tmp_path / "state").serve) == {}
+    monkeypatch.setenv("ES_RAY_SERVE__INGRESS", "direct")
+    monkeypatch.setenv("ES_RAY_SERVE__REPLICAS", "2")
+    with pytest.raises(ValidationError, match="serve.ingress: proxy"):
+        load_settings(tmp_path / "state")

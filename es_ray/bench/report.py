@@ -29,6 +29,7 @@ TABLES: list[tuple[str, str, Callable[[dict], list[dict]], list[Column]]] = [
      lambda r: [r] if "overhead_ms" in r else [], [
         ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]),
         ("overhead ms at 1 client (target <= 5)", lambda r: r["overhead_ms"]),
+        ("the same through Serve's proxy", lambda r: (r.get("via_proxy") or {}).get("overhead_ms", "-")),
         ("embed / fastest forward (target <= 1.5)", lambda r: r["embed_to_fastest"]),
         ("fastest forward ms (1 query)", lambda r: r["fastest_forward"]["query_ms"]),
         ("req/s at 8 clients", lambda r: r["throughput_8"]),

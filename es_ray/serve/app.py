@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from es_ray.serve import deployment, errors, rate_limits, schemas
 from es_ray.serve.limits import BodySizeLimit
@@ -51,6 +52,11 @@ def search_api(args: dict[str, Any]) -> serve.Deployment:
     args = {**deployment.DEFAULT_ARGS, **args}
     return SearchAPI.options(num_replicas=int(args["replicas"]),
                              max_ongoing_requests=int(args["max_ongoing_requests"]),
+                             max_queued_requests=int(args["max_queued_requests"]),
+                             backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+                             # no access log line per request (as serve.start's global setting, which a
+                             # deployment does not inherit): es-ray's own logs and metrics record requests
+                             logging_config={"enable_access_log": False},
                              ray_actor_options={"num_cpus": float(args["num_cpus"])})
 
 

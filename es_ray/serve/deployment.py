@@ -1,7 +1,7 @@
 """How `es-ray up` deploys the API: the deployment's options and its settings version.
 
-configs/stack.yaml's `serve:` section is the one source of what the stack deploys (replicas,
-max_ongoing_requests, num_cpus beside host, port and the limits): it is typed, and every key can be
+configs/stack.yaml's `serve:` section is the one source of what the stack deploys (replicas, ingress,
+max_ongoing_requests, max_queued_requests, num_cpus beside host, port and the limits): it is typed, and every key can be
 overridden from the environment as every other stack setting. A second Serve YAML for the same app
 would need rules for which file wins, so there is none; a cluster deployment (KubeRay) writes its
 Serve config in its own manifest and passes the same args to build_app.
@@ -24,6 +24,7 @@ from es_ray.config import ServeSettings, Settings
 _DEFAULTS = ServeSettings()
 DEFAULT_ARGS: dict[str, Any] = {"namespace": "es-ray", "replicas": _DEFAULTS.replicas,
                                 "max_ongoing_requests": _DEFAULTS.max_ongoing_requests,
+                                "max_queued_requests": _DEFAULTS.max_queued_requests,
                                 "num_cpus": _DEFAULTS.num_cpus, "settings_version": ""}
 
 
@@ -34,5 +35,21 @@ def settings_version(settings: Settings) -> str:
 def app_args(settings: Settings) -> dict[str, Any]:
     """build_app's args for this stack."""
     return {"namespace": settings.ray.namespace, "replicas": settings.serve.replicas,
-            "max_ongoing_requests": settings.serve.max_ongoing_requests, "num_cpus": settings.serve.num_cpus,
+            "max_ongoing_requests": settings.serve.max_ongoing_requests,
+            "max_queued_requests": settings.serve.max_queued_requests, "num_cpus": settings.serve.num_cpus,
             "settings_version": settings_version(settings)}
+
+
+def direct_ingress_env(serve: ServeSettings) -> dict[str, str]:
+    """Ray's environment for serve.ingress `direct` (Ray Serve's direct ingress, set when the head starts):
+    the replica's own HTTP server takes its port from a range that holds serve.port alone. A port a
+    replica gave back is free again at once (Serve's default holds it back for a load balancer to notice,
+    there is none), and a stopping replica drains 2 s instead of 30, so the replica of the next `es-ray
+    up` gets serve.port quickly."""
+    if serve.ingress != "direct":
+        return {}
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(serve.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(serve.port + 1),  # exclusive
+            "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}

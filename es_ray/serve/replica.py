@@ -8,8 +8,12 @@ The driver holds no secrets: the user-token secret is read here, from the state 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import random
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import ray
 from ray import serve
@@ -49,6 +53,14 @@ class Replica:
         self._lock = threading.Lock()
         self.random = random.Random()
         self.item_encoders = pipeline.Encoders(self.settings, self.manifest.triton_grpc_url)
+        # Threads of its own for a request's blocking work (run_blocking), as many as requests run at once.
+        self._executor = ThreadPoolExecutor(self.settings.serve.max_ongoing_requests, thread_name_prefix="request")
+
+    async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the replica's threads. Not Starlette's run_in_threadpool: anyio stops its worker
+        threads with the task that started them, and Serve runs each request as a task of its own, so that
+        started (and stopped) a thread per request (docs/PERFORMANCE.md)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
 
     def _check_connection_budget(self) -> None:
         """Warns when the replicas' pools together could take every connection Postgres allows."""

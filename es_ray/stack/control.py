@@ -86,8 +86,11 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
             metrics_port = port_or_free(settings.ray.metrics_export_port, avoid=chosen | {client_port, agent_port})
             manifest.ray_started = True
             manifest.save()
+            from es_ray.serve.deployment import direct_ingress_env
+
             ray_head.start(state, gcs_port, dashboard_port, client_port, agent_port, metrics_port,
-                           settings.ray.num_cpus, settings.ray.node_ip_address, settings.ray.env)
+                           settings.ray.num_cpus, settings.ray.node_ip_address,
+                           {**direct_ingress_env(settings.serve), **settings.ray.env})
             manifest.ray_metrics_url = f"http://{settings.ray.node_ip_address}:{metrics_port}/metrics"
         manifest.ray_address, manifest.ray_started = f"{settings.ray.node_ip_address}:{gcs_port}", True
         manifest.ray_dashboard_url = f"http://127.0.0.1:{dashboard_port}"
@@ -119,8 +122,19 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
     try:
         driver = start_driver(settings, manifest)
         ray.get(driver.ensure_serving.remote())
-        serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port},
+        # With direct ingress (an embedded head: its environment has it) the replica listens on serve.port,
+        # and Serve still starts its proxy (a replica serves HTTP only where proxies are on): on another port.
+        direct = settings.serve.ingress == "direct" and manifest.ray_started
+        proxy_port = _port(manifest.serve_proxy_url, 0) if direct else settings.serve.port
+        serve.start(http_options={"host": settings.serve.host, "port": proxy_port},
                     logging_config={"enable_access_log": False})
+        # Serve keeps the proxy's port of its first start while the head runs: the manifest records that one.
+        from ray.serve.context import _get_global_client
+
+        running_port = _get_global_client().http_config.port
+        manifest.serve_proxy_url = (f"http://{settings.serve.host}:{running_port}"
+                                    if running_port != settings.serve.port else "")
+        manifest.save()
         # The deployment's options come from configs/stack.yaml (serve/deployment.py); serve.run rolls the
         # replicas over, so they start with the driver's current settings (keys, limits).
         serve.run(build_app(deployment.app_args(settings)), name=settings.serve.app_name, route_prefix="/",

@@ -32,6 +32,7 @@ class StackManifest(BaseModel):
     triton_pid: int = 0
     mlflow_uri: str = ""
     serve_url: str = ""
+    serve_proxy_url: str = ""      # Serve's proxy where it is not serve_url (serve.ingress direct): nobody calls it
 
     @classmethod
     def path(cls, state_dir: Path) -> Path:

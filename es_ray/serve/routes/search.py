@@ -1,7 +1,7 @@
 """POST /v1/search: embed the query, one SQL query over the blue collection, record the session.
 
 The route is async and hands its blocking work (tokenise + Triton, the search, the session record) to the
-thread pool as one call, and the search and its session share one pooled connection: one checkout (and
+replica's threads as one call, and the search and its session share one pooled connection: one checkout (and
 its liveness round trip) instead of two. Where a search's time goes: docs/PERFORMANCE.md.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Depends
-from starlette.concurrency import run_in_threadpool
 
 from es_ray import metrics
 from es_ray.inference.triton_client import TritonUnavailable
@@ -39,7 +38,7 @@ async def search(request: schemas.SearchRequest, who: Caller = Depends(auth.sear
                  ) -> schemas.SearchResponse:
     if request.user_id is not None:
         auth.require_user(who, request.user_id, f"personalised search for user {request.user_id!r}")
-    return await run_in_threadpool(_search, request, who, state, client, state.blue())
+    return await state.run_blocking(_search, request, who, state, client, state.blue())
 
 
 def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client: str,
