@@ -5,7 +5,8 @@
 Records sessions through `POST /v1/sessions` with the stack's API key (sessions shown by another system,
 source `ingested`; 20 shown results each), then sends click events (with the key too) in
 batches of --batch per request from --clients concurrent clients, every batch sent twice (the second
-time they must all come back as duplicates, as a client retrying after a timeout would see).
+time they must all come back as duplicates, as a client retrying after a timeout would see); then
+--single more events, one per request.
 Target: at least 500 accepted events/s on this machine.
 """
 
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--events-per-session", type=int, default=20)
     parser.add_argument("--batch", type=int, default=20, help="events per request")
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--single", type=int, default=400, help="events sent one per request afterwards")
     parser.add_argument("--state-dir", default=DEFAULT_STATE)
     args = parser.parse_args(argv)
 
@@ -57,9 +59,18 @@ def main(argv: list[str] | None = None) -> None:
         counts[label] = {"accepted": sum(a["accepted"] for a in answers),
                          "duplicates": sum(a["duplicates"] for a in answers), "seconds": round(seconds, 2),
                          "events_per_s": round(sum(len(r[1]) for r in requests) / seconds, 1)}
+    # The same clients sending one event per request: what a browser reporting each click as it happens does.
+    singles = [(sessions[i % len(sessions)], [{"event_id": f"{run}-single-{i}", "item_id": f"doc-{i % 20}",
+                                               "type": "click"}]) for i in range(args.single)]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        answers = list(pool.map(send, singles))
+    seconds = time.perf_counter() - started
+    counts["one_per_request"] = {"accepted": sum(a["accepted"] for a in answers), "seconds": round(seconds, 2),
+                                 "events_per_s": round(len(singles) / seconds, 1)}
     result = {"benchmark": "clicks", "sessions": args.sessions, "events": sum(len(r[1]) for r in requests),
               "batch": args.batch, "clients": args.clients, "events_per_s": counts["first"]["events_per_s"],
-              "first": counts["first"], "resend": counts["resend"]}
+              "first": counts["first"], "resend": counts["resend"], "one_per_request": counts["one_per_request"]}
     out = write_result("clicks", "synthetic", result, f"python -m es_ray.bench.clicks --clients {args.clients}")
     print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report
 
