@@ -145,6 +145,19 @@ class ServeSettings(BaseModel):
     max_results_per_session: int = Field(100, ge=1)
 
 
+class SearchSettings(BaseModel):
+    """Search modes: dense (vectors), lexical (Postgres full-text search), hybrid (both fused)."""
+
+    default_mode: Literal["dense", "lexical", "hybrid"] = "dense"
+    text_search_config: str = Field("english", pattern="^[a-z_][a-z0-9_]*$")  # a Postgres regconfig name
+    lexical_payload_fields: list[str] = []
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: float = Field(60.0, gt=0)
+    dense_weight: float = Field(1.0, ge=0)
+    lexical_weight: float = Field(1.0, ge=0)
+    depth: int = Field(100, ge=1)
+
+
 class UpsertSettings(BaseModel):
     batch_size: int = 32
     encoders: int = 1
@@ -300,6 +313,7 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = MlflowSettings()
     model: ModelSettings = ModelSettings()
     serve: ServeSettings = ServeSettings()
+    search: SearchSettings = SearchSettings()
     upsert: UpsertSettings = UpsertSettings()
     improve: ImproveSettings = ImproveSettings()
     retention: RetentionSettings = RetentionSettings()
