@@ -151,10 +151,11 @@ class SearchSettings(BaseModel):
     default_mode: Literal["dense", "lexical", "hybrid"] = "dense"
     text_search_config: str = Field("english", pattern="^[a-z_][a-z0-9_]*$")  # a Postgres regconfig name
     lexical_payload_fields: list[str] = []
+    lexical_common_share: float = Field(0.05, gt=0, le=1)
     fusion: Literal["rrf", "weighted"] = "rrf"
     rrf_k: float = Field(60.0, gt=0)
     dense_weight: float = Field(1.0, ge=0)
-    lexical_weight: float = Field(1.0, ge=0)
+    lexical_weight: float = Field(0.5, ge=0)
     depth: int = Field(100, ge=1)
 
 

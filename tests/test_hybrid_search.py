@@ -37,7 +37,7 @@ def blue(stack) -> blue_green.Target:
         return blue_green.get_blue(conn)
 
 
-def test_each_mode_answers_and_its_session_records_the_lists_ranks(api, hybrid_items):
+def test_each_mode_answers_and_its_session_records_the_lists_ranks(api, settings, hybrid_items):
     _, queries, _ = hybrid_items
     query = next(iter(queries.values()))
     # Each list on its own (no session: no exploration swap), as deep as hybrid fuses them.
@@ -57,9 +57,12 @@ def test_each_mode_answers_and_its_session_records_the_lists_ranks(api, hybrid_i
             expect_lexical = lexical.index(r["id"]) + 1 if mode != "dense" and r["id"] in lexical else None
             assert (r["dense_rank"], r["lexical_rank"]) == (expect_dense, expect_lexical), (mode, r)
     hybrid = search(api, query, mode="hybrid", limit=20, session=False)
-    # Reciprocal rank fusion of those two lists (search.* defaults: k 60, weights 1).
+    # Reciprocal rank fusion of those two lists (search.* as configured).
+    s = settings.search
+    assert s.fusion == "rrf"
     expected = sorted(set(dense) | set(lexical), key=lambda i: (
-        -sum(1 / (60 + ranks.index(i) + 1) for ranks in (dense, lexical) if i in ranks), i))
+        -sum(weight / (s.rrf_k + ranks.index(i) + 1) for ranks, weight in ((dense, s.dense_weight),
+                                                                           (lexical, s.lexical_weight)) if i in ranks), i))
     assert ids(hybrid) == expected[:20]
     scores = [r["score"] for r in hybrid["results"]]
     assert scores == sorted(scores, reverse=True)

@@ -54,6 +54,7 @@ class Ranking:
     fusion: Fusion = Fusion()
     depth: int = 100
     text_search_config: str = "english"
+    common_share: float = 0.05
 
 
 def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray, limit: int, offset: int = 0,
@@ -89,11 +90,13 @@ def search_mode(conn: psycopg.Connection, collection: Collection, ranking: Ranki
                     hit.dense_rank = rank
                 return hits
             if ranking.mode == "lexical":
-                rows = lexical.ranked(conn, collection, text, limit, offset, filter_, ranking.text_search_config)
+                rows = lexical.ranked(conn, collection, text, limit, offset, filter_, ranking.text_search_config,
+                                      ranking.common_share)
                 return [SearchHit(id, score, payload, lexical_rank=rank)
                         for rank, (id, score, payload) in enumerate(rows, start=offset + 1)]
             dense = _search(conn, collection, vector, ranking.depth, 0, filter_, user_id)
-            words = lexical.ranked(conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config)
+            words = lexical.ranked(conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config,
+                                   ranking.common_share)
     except psycopg.errors.QueryCanceled as err:
         raise SearchTimeout(f"the search took longer than {timeout_ms} ms (postgres.search_timeout_ms) and was "
                             "cancelled") from err

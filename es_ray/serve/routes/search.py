@@ -77,7 +77,7 @@ def _ranking(search: SearchSettings, mode: str | None) -> Ranking:
     """The request's mode (search.default_mode when it names none) with the configured fusion."""
     return Ranking(mode or search.default_mode, Fusion(search.fusion, search.rrf_k, search.dense_weight,
                                                        search.lexical_weight),
-                   search.depth, search.text_search_config)
+                   search.depth, search.text_search_config, search.lexical_common_share)
 
 
 def _record_session(conn, request: schemas.SearchRequest, who: Caller, state: Replica, client: str, blue: Blue,
