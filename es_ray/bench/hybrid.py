@@ -6,7 +6,7 @@ Starts a stack of its own (--state-dir, default /tmp/esr-bench-hybrid-<dataset>;
 fills its blue collection with the whole corpus: the item vectors come from the corpus-vector cache
 (es_ray/bench/corpus_vectors.py: the served model with the upsert job's chunking, embedded once per corpus
 and reused by every benchmark) and are written with the store's own upsert, so the lexical index is the
-one Postgres generates on every write. Every judged test query is then searched over HTTP in each mode
+one Postgres generates on every write. Every judged test query (--split) is then searched over HTTP in each mode
 (search.* settings as configured: the defaults, chosen from the literature and never tuned on these
 queries) at limit 100: nDCG@10 and Recall@100 by pytrec_eval. Latency: one client, the modes
 interleaved query by query (so drift in the machine's load reaches all three alike), limit 10, no
@@ -80,12 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", type=Path, default=None, help="default /tmp/esr-bench-hybrid-<dataset>")
     parser.add_argument("--warmup", type=int, default=20, help="untimed searches per mode first")
     parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
+    parser.add_argument("--split", default="test", help="qrels split; another than test (train: where settings "
+                        "are chosen) writes /tmp/esr-bench-scratch/hybrid-<dataset>-<split>.json, not the report")
     args = parser.parse_args(argv)
     data = args.data.resolve()
     settings, manifest = bench_stack(args.state_dir or Path(f"/tmp/esr-bench-hybrid-{data.name}"))
     try:
         docs = load_corpus(settings, manifest, data)
-        queries, qrels = read_queries(data / "queries.jsonl"), read_qrels(data / "qrels" / "test.tsv")
+        queries, qrels = read_queries(data / "queries.jsonl"), read_qrels(data / "qrels" / f"{args.split}.tsv")
         judged = sorted(q for q, docs_ in qrels.items() if q in queries and any(g > 0 for g in docs_.values()))
         runs: dict[str, dict[str, dict[str, float]]] = {mode: {} for mode in MODES}
         latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
@@ -117,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         best = max(result["dense"]["ndcg@10"], result["lexical"]["ndcg@10"])
         result["targets"] = {"hybrid_ndcg_at_least_best": result["hybrid"]["ndcg@10"] >= best,
                              "hybrid_p50_at_most_1.2x_dense": result["hybrid_to_dense_p50"] <= 1.2}
-        path = write_result("hybrid", data.name, result, f"python -m es_ray.bench.hybrid --data {args.data}")
+        command = f"python -m es_ray.bench.hybrid --data {args.data}" + (f" --split {args.split}" if args.split != "test" else "")
+        path = write_result("hybrid", data.name, {**result, "split": args.split}, command,
+                            scratch="" if args.split == "test" else args.split)
         print(path.read_text())
     finally:
         if not args.keep:

@@ -17,8 +17,9 @@ than holding a connection and a backend for as long as the scan takes.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import psycopg
@@ -57,49 +58,64 @@ class Ranking:
     common_share: float = 0.05
 
 
-def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray, limit: int, offset: int = 0,
-           filter_: dict[str, Any] | None = None, user_id: str | None = None,
-           timeout_ms: int | None = None) -> list[SearchHit]:
-    """Items of `collection` ranked by their best chunk, page [offset, offset + limit). Every statement of
-    the search is cancelled after `timeout_ms` (SearchTimeout)."""
+@contextmanager
+def _limited(conn: psycopg.Connection, timeout_ms: int | None):
+    """A transaction whose statements Postgres cancels after `timeout_ms` (SearchTimeout)."""
     try:
         with conn.transaction():
             if timeout_ms:
                 # SET LOCAL, as a function so the value is a parameter: it ends with this transaction.
                 conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_ms)}ms",))
-            return _search(conn, collection, vector, limit, offset, filter_, user_id)
+            yield
     except psycopg.errors.QueryCanceled as err:
         raise SearchTimeout(f"the search took longer than {timeout_ms} ms (postgres.search_timeout_ms) and was "
                             "cancelled") from err
+
+
+def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray, limit: int, offset: int = 0,
+           filter_: dict[str, Any] | None = None, user_id: str | None = None,
+           timeout_ms: int | None = None) -> list[SearchHit]:
+    """Items of `collection` ranked by their best chunk, page [offset, offset + limit). Every statement of
+    the search is cancelled after `timeout_ms` (SearchTimeout)."""
+    with _limited(conn, timeout_ms):
+        return _search(conn, collection, vector, limit, offset, filter_, user_id)
+
+
+LexicalList = list[tuple[str, float, dict[str, Any]]]
+
+
+def hybrid_lexical(conn: psycopg.Connection, collection: Collection, ranking: Ranking, text: str,
+                   filter_: dict[str, Any] | None = None, timeout_ms: int | None = None) -> LexicalList:
+    """The lexical list hybrid fuses (its top `depth`): the route reads it on a second connection while
+    the query is embedded and the dense list read, and hands it to search_mode."""
+    with _limited(conn, timeout_ms):
+        return lexical.ranked(conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config,
+                              ranking.common_share)
 
 
 def search_mode(conn: psycopg.Connection, collection: Collection, ranking: Ranking, text: str,
                 vector: np.ndarray | None, limit: int, offset: int = 0, filter_: dict[str, Any] | None = None,
-                user_id: str | None = None, timeout_ms: int | None = None) -> list[SearchHit]:
+                user_id: str | None = None, timeout_ms: int | None = None,
+                words: Callable[[], LexicalList] | None = None) -> list[SearchHit]:
     """Page [offset, offset + limit) of the ranking `ranking.mode` names: dense (the vector; personalised
     with a user id), lexical (the text; the same for everybody) or hybrid (each list's top `depth` items
     fused: a fixed depth keeps each page a slice of one fixed ranking, which ends after the union of the
-    two lists). `vector` may be None in lexical mode. Each hit carries its rank in the lists computed."""
-    try:
-        with conn.transaction():
-            if timeout_ms:
-                conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_ms)}ms",))
-            if ranking.mode == "dense":
-                hits = _search(conn, collection, vector, limit, offset, filter_, user_id)
-                for rank, hit in enumerate(hits, start=offset + 1):
-                    hit.dense_rank = rank
-                return hits
-            if ranking.mode == "lexical":
-                rows = lexical.ranked(conn, collection, text, limit, offset, filter_, ranking.text_search_config,
-                                      ranking.common_share)
-                return [SearchHit(id, score, payload, lexical_rank=rank)
-                        for rank, (id, score, payload) in enumerate(rows, start=offset + 1)]
-            dense = _search(conn, collection, vector, ranking.depth, 0, filter_, user_id)
-            words = lexical.ranked(conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config,
-                                   ranking.common_share)
-    except psycopg.errors.QueryCanceled as err:
-        raise SearchTimeout(f"the search took longer than {timeout_ms} ms (postgres.search_timeout_ms) and was "
-                            "cancelled") from err
+    two lists; `words`: where its lexical list is read meanwhile, else it is read after the dense one).
+    `vector` may be None in lexical mode. Each hit carries its rank in the lists computed."""
+    with _limited(conn, timeout_ms):
+        if ranking.mode == "dense":
+            hits = _search(conn, collection, vector, limit, offset, filter_, user_id)
+            for rank, hit in enumerate(hits, start=offset + 1):
+                hit.dense_rank = rank
+            return hits
+        if ranking.mode == "lexical":
+            rows = lexical.ranked(conn, collection, text, limit, offset, filter_, ranking.text_search_config,
+                                  ranking.common_share)
+            return [SearchHit(id, score, payload, lexical_rank=rank)
+                    for rank, (id, score, payload) in enumerate(rows, start=offset + 1)]
+        dense = _search(conn, collection, vector, ranking.depth, 0, filter_, user_id)
+        words = words() if words is not None else lexical.ranked(
+            conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config, ranking.common_share)
     payloads = {h.id: h.payload for h in dense} | {id: payload for id, _, payload in words}
     fused = fuse([(h.id, h.score) for h in dense], [(id, score) for id, score, _ in words], ranking.fusion)
     return [SearchHit(f.id, f.score, payloads[f.id], f.dense_rank, f.lexical_rank)

@@ -9,6 +9,8 @@ its liveness round trip) instead of two. Where a search's time goes: docs/PERFOR
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from fastapi import APIRouter, Depends
 from starlette.concurrency import run_in_threadpool
@@ -25,7 +27,7 @@ from es_ray.store import clickstream, db
 from es_ray.store.blue_green import Blue
 from es_ray.store.collections import Collection
 from es_ray.store.fusion import Fusion
-from es_ray.store.search import Ranking, search_mode
+from es_ray.store.search import LexicalList, Ranking, hybrid_lexical, search_mode
 
 router = APIRouter()
 
@@ -51,12 +53,14 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
     session_id, searched = None, None
     try:
         ranking = _ranking(state.settings.search, request.mode)
+        collection, timeout_ms = Collection(blue.collection, blue.dim), state.settings.postgres.search_timeout_ms
+        words = _lexical_beside(state.pool, collection, ranking, request, timeout_ms) \
+            if ranking.mode == "hybrid" else None
         vector = None if ranking.mode == "lexical" else \
             state.encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]  # lexical needs no model
         with state.pool.connection() as conn:
-            hits = search_mode(conn, Collection(blue.collection, blue.dim), ranking, request.query, vector,
-                               request.limit, request.offset, request.filter, request.user_id,
-                               timeout_ms=state.settings.postgres.search_timeout_ms)
+            hits = search_mode(conn, collection, ranking, request.query, vector, request.limit, request.offset,
+                               request.filter, request.user_id, timeout_ms=timeout_ms, words=words)
             status, searched = "ok", time.monotonic()  # the latency metric is embed + pgvector
             if request.session and hits:
                 hits, session_id = _record_session(conn, request, who, state, client, blue, hits, ranking.mode)
@@ -71,6 +75,30 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
     return schemas.SearchResponse(model=f"v{blue.model_version}", session_id=session_id,
                                   results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
                                            for h in hits])
+
+
+# Hybrid's lexical lists, each read on a connection of its own beside the request's thread.
+_BESIDE = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hybrid-lexical")
+
+
+def _lexical_beside(pool, collection: Collection, ranking: Ranking, request: schemas.SearchRequest,
+                    timeout_ms: int) -> Callable[[], LexicalList] | None:
+    """Starts reading hybrid's lexical list on a second pooled connection, so Postgres ranks it while
+    Triton embeds the query and the dense list is read (two cores: the two overlap); returns where its
+    result will be. None when the pool has no connection to spare at once: then search_mode reads it
+    after the dense list on the request's own connection."""
+    try:
+        conn = pool.getconn(timeout=0.01)
+    except db.OperationalError:  # PoolTimeout
+        return None
+
+    def read() -> LexicalList:
+        try:
+            return hybrid_lexical(conn, collection, ranking, request.query, request.filter, timeout_ms)
+        finally:
+            pool.putconn(conn)
+
+    return _BESIDE.submit(read).result
 
 
 def _ranking(search: SearchSettings, mode: str | None) -> Ranking:
