@@ -86,9 +86,13 @@ def _lexical_beside(pool, collection: Collection, ranking: Ranking, request: sch
     """Starts reading hybrid's lexical list on a second pooled connection, so Postgres ranks it while
     Triton embeds the query and the dense list is read (two cores: the two overlap); returns where its
     result will be. None when the pool has no connection to spare at once: then search_mode reads it
-    after the dense list on the request's own connection."""
+    after the dense list on the request's own connection (a full pool is not waited for: under load,
+    waiting would cost more than the overlap gains)."""
+    stats = pool.get_stats()
+    if stats.get("pool_available", 0) == 0 and stats.get("pool_size", 0) >= stats.get("pool_max", 0):
+        return None
     try:
-        conn = pool.getconn(timeout=0.01)
+        conn = pool.getconn(timeout=0.01)  # a pool below its size opens one; more than 10 ms: not worth it
     except db.OperationalError:  # PoolTimeout
         return None
 
