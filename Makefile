@@ -56,6 +56,10 @@ bench: venv
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-improve
 	$(BIN)/python -m es_ray.bench.finetune $(if $(DATA),--data $(DATA))
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-finetune
+	$(BIN)/python -m es_ray.bench.hybrid --data $(if $(DATA),$(DATA),../shared/data/scifact)
+	@if [ -z "$(DATA)" ] && [ -d ../shared/data/cranfield ]; then \
+		$(BIN)/python -m es_ray.bench.hybrid --data ../shared/data/cranfield; \
+	else echo "hybrid: ../shared/data/cranfield is absent (or DATA is set): Cranfield not measured"; fi
 	$(MAKE) quality
 	$(BIN)/python -m es_ray.bench.reindex --sizes $(REINDEX_SIZES)
 	$(BIN)/es-ray down --state-dir /tmp/esr-bench-reindex

@@ -155,6 +155,20 @@ class ServeSettings(BaseModel):
         return self
 
 
+class SearchSettings(BaseModel):
+    """Search modes: dense (vectors), lexical (Postgres full-text search), hybrid (both fused)."""
+
+    default_mode: Literal["dense", "lexical", "hybrid"] = "dense"
+    text_search_config: str = Field("english", pattern="^[a-z_][a-z0-9_]*$")  # a Postgres regconfig name
+    lexical_payload_fields: list[str] = []
+    lexical_common_share: float = Field(0.05, gt=0, le=1)
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: float = Field(60.0, gt=0)
+    dense_weight: float = Field(1.0, ge=0)
+    lexical_weight: float = Field(0.5, ge=0)
+    depth: int = Field(100, ge=1)
+
+
 class UpsertSettings(BaseModel):
     batch_size: int = 32
     encoders: int = 1
@@ -310,6 +324,7 @@ class Settings(BaseSettings):
     mlflow: MlflowSettings = MlflowSettings()
     model: ModelSettings = ModelSettings()
     serve: ServeSettings = ServeSettings()
+    search: SearchSettings = SearchSettings()
     upsert: UpsertSettings = UpsertSettings()
     improve: ImproveSettings = ImproveSettings()
     retention: RetentionSettings = RetentionSettings()

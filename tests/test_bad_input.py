@@ -21,6 +21,7 @@ LONG_ID = "x" * 10_000
     ("POST", "/v1/search", {"query": "x", "filter": {"a;drop": 1}}, 422, "not a field name"),
     ("POST", "/v1/search", {"query": "x", "filter": [1]}, 422, "filter: Input should be a valid dictionary"),
     ("POST", "/v1/search", {"query": "x", "colour": "red"}, 422, "colour: Extra inputs are not permitted"),
+    ("POST", "/v1/search", {"query": "x", "mode": "fuzzy"}, 422, "mode: Input should be 'dense', 'lexical' or 'hybrid'"),
     ("PUT", "/v1/items", {}, 422, "items: Field required"),
     ("PUT", "/v1/items", {"items": []}, 422, "items: List should have at least 1 item"),
     ("PUT", "/v1/items", {"items": [{"id": "a"}]}, 422, "items.0.text: Field required"),

@@ -370,6 +370,13 @@ def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, 
     alive = sorted(i for i, (op, _) in last_op.items() if op == "upsert")
     assert alive, "the writers deleted everything"
     assert_embedded_by(stack, settings, state.blue, alive[:10], {i: last_op[i][1] for i in alive})
+    # The lexical index of the new blue (built by the reindex, kept by the dual writes): an item's id, a
+    # word of its text ('churn-012', also its parts 'churn' and '012'), finds a live item first, a deleted
+    # one no longer.
+    for item_id, (op, _) in last_op.items():
+        found = [r["id"] for r in api.post("/v1/search", json={"query": item_id, "mode": "lexical", "limit": 3,
+                                                               "session": False}).json()["results"]]
+        assert (found[:1] == [item_id]) if op == "upsert" else (item_id not in found), (item_id, op, found)
 
     # Cleanup drops the previous collection and unloads its model; blue serves on.
     cleaned = api.post("/v1/lifecycle/cleanup", json={"now": True})
@@ -378,6 +385,10 @@ def test_reindex_and_switch_under_search_load_and_concurrent_writes(api, stack, 
         time.sleep(2)                                            # cleanup waits a few seconds after a switch
         cleaned = api.post("/v1/lifecycle/cleanup", json={"now": True})
     assert cleaned.json()["dropped"]["collection"] == state.previous.collection, cleaned.text
+    with db.connect(stack.postgres_dsn) as conn:                 # its lexical index went with it
+        indexes = [conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"items_{t.collection}_lexical",)).fetchone()[0]
+                   for t in (state.blue, state.previous)]
+    assert indexes == [True, False]
     after = api.get("/v1/lifecycle").json()
     assert after["previous"] is None and after["blue"]["model_version"] == new_version
     assert api.post("/v1/search", json={"query": "honey bees"}).json()["model"] == f"v{new_version}"

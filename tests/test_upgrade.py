@@ -42,6 +42,12 @@ def old_dsn(scratch_database):
                                                vector vector(3) NOT NULL, PRIMARY KEY (object_id, part_no));
                         INSERT INTO items_v1 (object_id, payload, version) VALUES ('a', '{"lang": "en"}', 1);
                         INSERT INTO parts_v1 VALUES ('a', 0, false, '[1, 0, 0]')""")
+        # A collection of a later release, with the items' text (but no lexical index yet).
+        conn.execute("INSERT INTO collections (name, model_version, state) VALUES ('v9', 1, 'dropped')")
+        conn.execute("""CREATE TABLE items_v9 (object_id text PRIMARY KEY, payload jsonb NOT NULL DEFAULT '{}',
+                                               version bigint NOT NULL, text text);
+                        INSERT INTO items_v9 (object_id, version, text) VALUES ('z', 1, 'Zebras crossing roads'),
+                                                                              ('y', 2, NULL)""")
     return dsn
 
 
@@ -61,7 +67,9 @@ def test_a_database_of_an_earlier_release_is_migrated_and_keeps_its_data(old_dsn
                                                                                     ("s2", "unverified", None)}
         assert [s.session_id for s in clickstream.recent_sessions(conn, 10, ["unverified"])] == ["s1"]
         assert clickstream.add_events(conn, "s2", [("e1", "c", "click")]) == (1, 0)  # event ids: per session now
-        assert clickstream.get_session(conn, "s1").swapped_rank is None   # a column the old schema lacked
+        old = clickstream.get_session(conn, "s1")
+        assert old.swapped_rank is None                                   # a column the old schema lacked
+        assert (old.mode, old.list_ranks) == (None, {"a": (None, None), "b": (None, None)})  # nor these (migration 9)
         assert conn.execute("SELECT count(*) FROM click_evidence").fetchone()[0] == 0  # a table it lacked
 
         collection = Collection("v1", 3)
@@ -71,3 +79,9 @@ def test_a_database_of_an_earlier_release_is_migrated_and_keeps_its_data(old_dsn
         assert collection.count(conn) == 1
         item = collection.read_range(conn, None, None)[0]
         assert (item.id, item.payload, item.text) == ("a", {"lang": "en"}, None)   # text: not stored back then
+        # The lexical index: made for the collection with text by migration 8, for the oldest by create.
+        assert conn.execute("SELECT object_id FROM items_v9 WHERE lexical @@ plainto_tsquery('english', 'zebra')"
+                            ).fetchall() == [("z",)]
+        assert conn.execute("SELECT count(*) FROM items_v1 WHERE lexical = ''::tsvector").fetchone()[0] == 1
+        assert conn.execute("SELECT to_regclass('items_v9_lexical') IS NOT NULL AND "
+                            "to_regclass('items_v1_lexical') IS NOT NULL").fetchone()[0]

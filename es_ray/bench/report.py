@@ -212,6 +212,16 @@ TABLES.append(("growth", "Search as the collection grows (SciFact item vectors p
         f"{ef}: {m['unfiltered']['p50_ms']} / {m['unfiltered']['recall_at_10']} / {m['filtered']['recall_at_10']}"
         for ef, m in r.get("other_ef_search", {}).items()) or "-"),
     ("p50 largest / smallest (target <= 1.5)", lambda r: r["p50_largest_to_smallest"])]))
+TABLES.append(("hybrid", "Search modes (test queries, whole collection, HTTP; search.* defaults; same run)", lambda r: [r], [
+    ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("queries", lambda r: r["queries"]),
+    ("nDCG@10 dense / lexical / hybrid (target: hybrid >= the better)",
+     lambda r: f"{r['dense']['ndcg@10']} / {r['lexical']['ndcg@10']} / {r['hybrid']['ndcg@10']}"),
+    ("Recall@100 dense / lexical / hybrid",
+     lambda r: f"{r['dense']['recall@100']} / {r['lexical']['recall@100']} / {r['hybrid']['recall@100']}"),
+    ("click-learned fusion nDCG@10", lambda r: r["hybrid_learned"]["ndcg@10"] if r.get("hybrid_learned") else "not built"),
+    ("p50 ms dense / lexical / hybrid (1 client)",
+     lambda r: f"{r['p50_ms']['dense']} / {r['p50_ms']['lexical']} / {r['p50_ms']['hybrid']}"),
+    ("hybrid / dense p50 (target <= 1.2)", lambda r: r["hybrid_to_dense_p50"])]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 

@@ -29,6 +29,7 @@ from es_ray.stack.manifest import StackManifest
 from es_ray.stack import credentials, jobs, triton
 from es_ray.store import db, blue_green, locks, reindex_ranges, retention, tasks
 from es_ray.store.collections import Collection, collection_name
+from es_ray.store.lexical import LexicalIndex
 
 log = get_logger(__name__)
 
@@ -131,7 +132,8 @@ class LifecycleDriver:
                 blue_green.save_model(conn, blue_green.ModelRecord(**{**model.__dict__, "state": "deployed"}))
                 name = collection_name(version)
                 Collection(name, model.dim).create(conn, self.settings.postgres.hnsw_m,
-                                                   self.settings.postgres.hnsw_ef_construction)
+                                                   self.settings.postgres.hnsw_ef_construction,
+                                                   lexical_index=LexicalIndex.from_settings(self.settings.search))
                 blue_green.save_collection(conn, name, version, "ready")
                 blue_green.set_blue(conn, version, name)
                 log.info("lifecycle.bootstrapped", model_version=version, collection=name)
@@ -142,7 +144,7 @@ class LifecycleDriver:
                 for target in state.write_targets():
                     Collection(target.collection, target.dim).create(
                         conn, self.settings.postgres.hnsw_m, self.settings.postgres.hnsw_ef_construction,
-                        index=target != state.green)
+                        index=target != state.green, lexical_index=LexicalIndex.from_settings(self.settings.search))
             blue = blue_green.get_blue(conn)
         log.info("lifecycle.serving", model_version=blue.model_version, collection=blue.collection,
                  seconds=round(time.monotonic() - started, 2))

@@ -46,6 +46,7 @@ from es_ray.lifecycle.task_job import TaskJob, run_as_task
 from es_ray.store import blue_green, clickstream, db, locks, reindex_ranges, tasks
 from es_ray.store.blue_green import Target
 from es_ray.store.collections import Collection, EmbeddedItem, collection_name
+from es_ray.store.lexical import LexicalIndex
 
 log = get_logger("es_ray.lifecycle.reindex")
 POOL_START_TIMEOUT_S = 600  # how long the worker pool may take to start (Ray Data's wait_for_min_actors_s)
@@ -188,7 +189,8 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
         raise ValueError(f"collection {name} is the previous blue (kept for rollback): roll back instead")
     progress({"stage": "creating the green collection"})
     Collection(name, model.dim).create(conn, settings.postgres.hnsw_m, settings.postgres.hnsw_ef_construction,
-                                       index=settings.reindex.hnsw == "during")
+                                       index=settings.reindex.hnsw == "during",
+                                       lexical_index=LexicalIndex.from_settings(settings.search))
     known = blue_green.get_collection(conn, name)
     if known is None or known["state"] != "building":
         # A new reindex, not a resumed one: checkpoints of an earlier life of this collection do not count.

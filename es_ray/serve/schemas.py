@@ -141,8 +141,14 @@ class DeleteResponse(BaseModel):
     deleted: int
 
 
+SearchMode = Literal["dense", "lexical", "hybrid"]
+
+
 class SearchRequest(Strict):
     query: str = Field(description="Free text.")
+    mode: SearchMode | None = Field(None, description="dense (the model's vectors), lexical (full-text search "
+                                    "over the items' text) or hybrid (both lists fused); default "
+                                    "search.default_mode.")
     limit: int = Field(10, description="Results per page, 1 to serve.max_limit (default 100).")
     offset: int = Field(0, description="Results to skip, 0 to serve.max_offset.")
     filter: dict[str, Any] | None = Field(None, description="Payload filter, see es_ray.store.filters: "
@@ -267,6 +273,14 @@ class EventOut(BaseModel):
     created_at: datetime
 
 
+class ShownResultOut(BaseModel):
+    id: str
+    rank: int
+    dense_rank: int | None = Field(None, description="Its rank in the dense list (None: not in it, or not computed).")
+    lexical_rank: int | None = Field(None, description="Its rank in the lexical list (None: not in it, or not "
+                                                       "computed).")
+
+
 class SessionOut(BaseModel):
     session_id: str
     user_id: str | None
@@ -274,7 +288,9 @@ class SessionOut(BaseModel):
     model_version: int | None
     irrelevant: bool
     created_at: datetime
-    results: list[ShownResult]
+    mode: SearchMode | None = Field(None, description="The search mode that ranked the results (None: recorded "
+                                                      "through POST /v1/sessions, or before modes existed).")
+    results: list[ShownResultOut]
     events: list[EventOut]
     swapped_rank: int | None = Field(None, description="Search showed this rank and the next one exchanged "
                                                        "(a randomised swap that lets es-ray learn position bias).")

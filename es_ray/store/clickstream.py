@@ -50,6 +50,8 @@ class Session:
     source: SessionSource | None = None
     key_name: str | None = None
     client: str | None = None
+    mode: str | None = None            # the search mode that ranked it (None: recorded elsewhere)
+    list_ranks: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  # id -> (dense, lexical)
 
 
 @dataclass
@@ -89,35 +91,43 @@ def normalise_query(query: str) -> str:
 
 def record_session(conn: psycopg.Connection, session_id: str, user_id: str | None, query: str,
                    model_version: int | None, results: list[tuple[int, str]], provenance: Provenance,
-                   swapped_rank: int | None = None, filtered: bool = False) -> bool:
+                   swapped_rank: int | None = None, filtered: bool = False, mode: str | None = None,
+                   list_ranks: dict[str, tuple[int | None, int | None]] | None = None) -> bool:
     """Stores a session; True if new. The same id with the same content again is a no-op (whoever sends it:
-    the first recording's provenance stays). `filtered`: its search had a payload filter."""
+    the first recording's provenance stays). `filtered`: its search had a payload filter. `mode` and
+    `list_ranks` (item id -> its rank in the dense and in the lexical list, None where absent): how search
+    ranked it, what a learner of the fusion needs."""
+    list_ranks = list_ranks or {}
     with conn.transaction():
         inserted = conn.execute(
             """INSERT INTO sessions (session_id, user_id, query, model_version, swapped_rank, source, key_name, client,
-                                     filtered)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
+                                     filtered, mode)
+               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+               ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
             (session_id, user_id, query, model_version, swapped_rank, provenance.source, provenance.key_name,
-             provenance.client, filtered)).fetchone()
+             provenance.client, filtered, mode)).fetchone()
         if inserted is None:
             existing = get_session(conn, session_id, with_events=False)
             if (existing.user_id, existing.query, sorted(existing.results)) != (user_id, query, sorted(results)):
                 raise Conflict(f"session {session_id} already exists with other content")
             return False
-        with conn.cursor().copy("COPY session_results (session_id, rank, object_id) FROM STDIN") as copy:
+        with conn.cursor().copy("COPY session_results (session_id, rank, object_id, dense_rank, lexical_rank) "
+                                "FROM STDIN") as copy:
             for rank, object_id in results:
-                copy.write_row((session_id, rank, object_id))
+                copy.write_row((session_id, rank, object_id, *list_ranks.get(object_id, (None, None))))
     return True
 
 
 def get_session(conn: psycopg.Connection, session_id: str, with_events: bool = True) -> Session:
     row = conn.execute("SELECT session_id, user_id, query, model_version, irrelevant, created_at, swapped_rank, "
-                       "source, key_name, client FROM sessions WHERE session_id = %s", (session_id,)).fetchone()
+                       "source, key_name, client, mode FROM sessions WHERE session_id = %s", (session_id,)).fetchone()
     if row is None:
         raise UnknownSession(f"no session {session_id!r}")
-    session = Session(*row[:6], swapped_rank=row[6], source=row[7], key_name=row[8], client=row[9])
-    session.results = [tuple(r) for r in conn.execute(
-        "SELECT rank, object_id FROM session_results WHERE session_id = %s ORDER BY rank", (session_id,))]
+    session = Session(*row[:6], swapped_rank=row[6], source=row[7], key_name=row[8], client=row[9], mode=row[10])
+    rows = conn.execute("SELECT rank, object_id, dense_rank, lexical_rank FROM session_results WHERE session_id = %s "
+                        "ORDER BY rank", (session_id,)).fetchall()
+    session.results = [(r[0], r[1]) for r in rows]
+    session.list_ranks = {r[1]: (r[2], r[3]) for r in rows}
     if with_events:
         session.events = [{"event_id": e[0], "item_id": e[1], "type": e[2], "created_at": e[3]} for e in conn.execute(
             "SELECT event_id, object_id, type, created_at FROM events WHERE session_id = %s ORDER BY created_at, "

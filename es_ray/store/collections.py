@@ -16,6 +16,9 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
+from es_ray.store import lexical
+from es_ray.store.lexical import LexicalIndex
+
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
 
@@ -77,9 +80,11 @@ class Collection:
         self.user_parts = sql.Identifier(f"user_parts_{name}")
 
     # -- schema -------------------------------------------------------------------------------
-    def create(self, conn: psycopg.Connection, m: int = 16, ef_construction: int = 64, index: bool = True) -> None:
-        """Creates the tables (idempotent); `index=False` leaves the HNSW index to `create_index`, for a
-        bulk load that builds it once at the end."""
+    def create(self, conn: psycopg.Connection, m: int = 16, ef_construction: int = 64, index: bool = True,
+               lexical_index: LexicalIndex = LexicalIndex()) -> None:
+        """Creates the tables (idempotent) with their lexical index (store/lexical.py, maintained by
+        Postgres as rows change); `index=False` leaves the HNSW index to `create_index`, for a bulk load
+        that builds it once at the end."""
         conn.execute(sql.SQL("""
             CREATE TABLE IF NOT EXISTS {items} (
                 object_id  text PRIMARY KEY,
@@ -118,6 +123,7 @@ class Collection:
                     payload_idx=sql.Identifier(f"items_{self.name}_payload"), user_parts=self.user_parts,
                     tombstones_idx=sql.Identifier(f"items_{self.name}_tombstones"),
                     user_parts_object=sql.Identifier(f"user_parts_{self.name}_object")))
+        lexical.create(conn, self, lexical_index)
         if index:
             self.create_index(conn, m, ef_construction)
 

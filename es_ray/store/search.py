@@ -1,4 +1,6 @@
-"""The search query: a collection's items ranked by their best chunk, one page at a time.
+"""The search query: a collection's items ranked by their best chunk, one page at a time; and the three
+search modes (search_mode): that dense ranking, the lexical one (store/lexical.py), or both fused
+(store/fusion.py).
 
 The HNSW scan yields chunks as one deterministic stream (strict order); an item's rank is where its
 first chunk appears in it. A deeper page reads a longer prefix of the same stream, so the ranking of
@@ -15,15 +17,18 @@ than holding a connection and a backend for as long as the scan takes.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import psycopg
 from psycopg import sql
 
+from es_ray.store import lexical
 from es_ray.store.collections import Collection
 from es_ray.store.filters import compile_filter
+from es_ray.store.fusion import Fusion, fuse
 
 MAX_POOL = 200_000  # chunks read at most for one page (hnsw.max_scan_tuples bounds the scan too)
 
@@ -37,6 +42,34 @@ class SearchHit:
     id: str
     score: float
     payload: dict[str, Any]
+    dense_rank: int | None = None     # its rank in the dense and in the lexical list (None: not in it, or
+    lexical_rank: int | None = None   # that list was not computed), recorded with a session
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """How search_mode ranks: the mode and, for hybrid, the fusion, each list's depth and the lexical
+    index's text search configuration (search.* in configs/stack.yaml)."""
+
+    mode: str = "dense"                  # dense | lexical | hybrid
+    fusion: Fusion = Fusion()
+    depth: int = 100
+    text_search_config: str = "english"
+    common_share: float = 0.05
+
+
+@contextmanager
+def _limited(conn: psycopg.Connection, timeout_ms: int | None):
+    """A transaction whose statements Postgres cancels after `timeout_ms` (SearchTimeout)."""
+    try:
+        with conn.transaction():
+            if timeout_ms:
+                # SET LOCAL, as a function so the value is a parameter: it ends with this transaction.
+                conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_ms)}ms",))
+            yield
+    except psycopg.errors.QueryCanceled as err:
+        raise SearchTimeout(f"the search took longer than {timeout_ms} ms (postgres.search_timeout_ms) and was "
+                            "cancelled") from err
 
 
 def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray, limit: int, offset: int = 0,
@@ -44,15 +77,49 @@ def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray,
            timeout_ms: int | None = None) -> list[SearchHit]:
     """Items of `collection` ranked by their best chunk, page [offset, offset + limit). Every statement of
     the search is cancelled after `timeout_ms` (SearchTimeout)."""
-    try:
-        with conn.transaction():
-            if timeout_ms:
-                # SET LOCAL, as a function so the value is a parameter: it ends with this transaction.
-                conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_ms)}ms",))
-            return _search(conn, collection, vector, limit, offset, filter_, user_id)
-    except psycopg.errors.QueryCanceled as err:
-        raise SearchTimeout(f"the search took longer than {timeout_ms} ms (postgres.search_timeout_ms) and was "
-                            "cancelled") from err
+    with _limited(conn, timeout_ms):
+        return _search(conn, collection, vector, limit, offset, filter_, user_id)
+
+
+LexicalList = list[tuple[str, float, dict[str, Any]]]
+
+
+def hybrid_lexical(conn: psycopg.Connection, collection: Collection, ranking: Ranking, text: str,
+                   filter_: dict[str, Any] | None = None, timeout_ms: int | None = None) -> LexicalList:
+    """The lexical list hybrid fuses (its top `depth`): the route reads it on a second connection while
+    the query is embedded and the dense list read, and hands it to search_mode."""
+    with _limited(conn, timeout_ms):
+        return lexical.ranked(conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config,
+                              ranking.common_share)
+
+
+def search_mode(conn: psycopg.Connection, collection: Collection, ranking: Ranking, text: str,
+                vector: np.ndarray | None, limit: int, offset: int = 0, filter_: dict[str, Any] | None = None,
+                user_id: str | None = None, timeout_ms: int | None = None,
+                words: Callable[[], LexicalList] | None = None) -> list[SearchHit]:
+    """Page [offset, offset + limit) of the ranking `ranking.mode` names: dense (the vector; personalised
+    with a user id), lexical (the text; the same for everybody) or hybrid (each list's top `depth` items
+    fused: a fixed depth keeps each page a slice of one fixed ranking, which ends after the union of the
+    two lists; `words`: where its lexical list is read meanwhile, else it is read after the dense one).
+    `vector` may be None in lexical mode. Each hit carries its rank in the lists computed."""
+    with _limited(conn, timeout_ms):
+        if ranking.mode == "dense":
+            hits = _search(conn, collection, vector, limit, offset, filter_, user_id)
+            for rank, hit in enumerate(hits, start=offset + 1):
+                hit.dense_rank = rank
+            return hits
+        if ranking.mode == "lexical":
+            rows = lexical.ranked(conn, collection, text, limit, offset, filter_, ranking.text_search_config,
+                                  ranking.common_share)
+            return [SearchHit(id, score, payload, lexical_rank=rank)
+                    for rank, (id, score, payload) in enumerate(rows, start=offset + 1)]
+        dense = _search(conn, collection, vector, ranking.depth, 0, filter_, user_id)
+        words = words() if words is not None else lexical.ranked(
+            conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config, ranking.common_share)
+    payloads = {h.id: h.payload for h in dense} | {id: payload for id, _, payload in words}
+    fused = fuse([(h.id, h.score) for h in dense], [(id, score) for id, score, _ in words], ranking.fusion)
+    return [SearchHit(f.id, f.score, payloads[f.id], f.dense_rank, f.lexical_rank)
+            for f in fused[offset:offset + limit]]
 
 
 def _search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray, limit: int, offset: int,

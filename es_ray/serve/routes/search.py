@@ -1,4 +1,5 @@
-"""POST /v1/search: embed the query, one SQL query over the blue collection, record the session.
+"""POST /v1/search: embed the query, one SQL query over the blue collection, record the session. The
+request's mode picks the ranking (store/search.py search_mode): dense, lexical (no embedding) or hybrid.
 
 The route is async and hands its blocking work (tokenise + Triton, the search, the session record) to the
 replica's threads as one call, and the search and its session share one pooled connection: one checkout (and
@@ -8,10 +9,13 @@ its liveness round trip) instead of two. Where a search's time goes: docs/PERFOR
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from fastapi import APIRouter, Depends
 
 from es_ray import metrics
+from es_ray.config import SearchSettings
 from es_ray.inference.triton_client import TritonUnavailable
 from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.serve import auth, clients, exploration, rate_limits, schemas
@@ -21,12 +25,13 @@ from es_ray.serve.replica import Replica, replica
 from es_ray.store import clickstream, db
 from es_ray.store.blue_green import Blue
 from es_ray.store.collections import Collection
-from es_ray.store.search import search as search_collection
+from es_ray.store.fusion import Fusion
+from es_ray.store.search import LexicalList, Ranking, hybrid_lexical, search_mode
 
 router = APIRouter()
 
 
-@router.post("/v1/search", response_model=schemas.SearchResponse, summary="Semantic search over the blue collection",
+@router.post("/v1/search", response_model=schemas.SearchResponse, summary="Semantic, lexical or hybrid search over the blue collection",
              dependencies=[Depends(rate_limits.search)],
              description="Results come best first, except that a first page recorded as an anonymous session has "
                          "one adjacent pair among its top results exchanged in a small share of searches "
@@ -46,14 +51,18 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
     started, status = time.monotonic(), "unavailable"
     session_id, searched = None, None
     try:
-        vector = state.encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]
+        ranking = _ranking(state.settings.search, request.mode)
+        collection, timeout_ms = Collection(blue.collection, blue.dim), state.settings.postgres.search_timeout_ms
+        words = _lexical_beside(state.pool, collection, ranking, request, timeout_ms) \
+            if ranking.mode == "hybrid" else None
+        vector = None if ranking.mode == "lexical" else \
+            state.encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]  # lexical needs no model
         with state.pool.connection() as conn:
-            hits = search_collection(conn, Collection(blue.collection, blue.dim), vector, request.limit,
-                                     request.offset, request.filter, request.user_id,
-                                     timeout_ms=state.settings.postgres.search_timeout_ms)
+            hits = search_mode(conn, collection, ranking, request.query, vector, request.limit, request.offset,
+                               request.filter, request.user_id, timeout_ms=timeout_ms, words=words)
             status, searched = "ok", time.monotonic()  # the latency metric is embed + pgvector
             if request.session and hits:
-                hits, session_id = _record_session(conn, request, who, state, client, blue, hits)
+                hits, session_id = _record_session(conn, request, who, state, client, blue, hits, ranking.mode)
     except TritonUnavailable as err:
         raise ServiceUnavailable(f"embedding service unavailable: {err}") from err
     except db.OperationalError as err:
@@ -67,8 +76,43 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
                                            for h in hits])
 
 
+# Hybrid's lexical lists, each read on a connection of its own beside the request's thread.
+_BESIDE = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hybrid-lexical")
+
+
+def _lexical_beside(pool, collection: Collection, ranking: Ranking, request: schemas.SearchRequest,
+                    timeout_ms: int) -> Callable[[], LexicalList] | None:
+    """Starts reading hybrid's lexical list on a second pooled connection, so Postgres ranks it while
+    Triton embeds the query and the dense list is read (two cores: the two overlap); returns where its
+    result will be. None when the pool has no connection to spare at once: then search_mode reads it
+    after the dense list on the request's own connection (a full pool is not waited for: under load,
+    waiting would cost more than the overlap gains)."""
+    stats = pool.get_stats()
+    if stats.get("pool_available", 0) == 0 and stats.get("pool_size", 0) >= stats.get("pool_max", 0):
+        return None
+    try:
+        conn = pool.getconn(timeout=0.01)  # a pool below its size opens one; more than 10 ms: not worth it
+    except db.OperationalError:  # PoolTimeout
+        return None
+
+    def read() -> LexicalList:
+        try:
+            return hybrid_lexical(conn, collection, ranking, request.query, request.filter, timeout_ms)
+        finally:
+            pool.putconn(conn)
+
+    return _BESIDE.submit(read).result
+
+
+def _ranking(search: SearchSettings, mode: str | None) -> Ranking:
+    """The request's mode (search.default_mode when it names none) with the configured fusion."""
+    return Ranking(mode or search.default_mode, Fusion(search.fusion, search.rrf_k, search.dense_weight,
+                                                       search.lexical_weight),
+                   search.depth, search.text_search_config, search.lexical_common_share)
+
+
 def _record_session(conn, request: schemas.SearchRequest, who: Caller, state: Replica, client: str, blue: Blue,
-                    hits: list) -> tuple[list, str]:
+                    hits: list, mode: str) -> tuple[list, str]:
     """The shown list (with its exploration swap, if any) recorded as a session on the search's connection."""
     swap = None
     if request.user_id is None and request.offset == 0:  # a user's own ranking is never explored
@@ -79,6 +123,7 @@ def _record_session(conn, request: schemas.SearchRequest, who: Caller, state: Re
     clickstream.record_session(conn, session_id, request.user_id, request.query, blue.model_version,
                                [(request.offset + rank, h.id) for rank, h in enumerate(hits, start=1)],
                                clickstream.Provenance("served", who.key_name, client), swap,
-                               filtered=bool(request.filter))  # a filter can show any item for any query
+                               filtered=bool(request.filter),  # a filter can show any item for any query
+                               mode=mode, list_ranks={h.id: (h.dense_rank, h.lexical_rank) for h in hits})
     metrics.count("es_ray_sessions", source="search")
     return hits, session_id

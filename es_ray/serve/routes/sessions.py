@@ -53,7 +53,8 @@ def read_session(session_id: str, who: Caller = Depends(auth.someone),
         auth.require_user(who, clickstream.session_owner(conn, session_id), f"session {session_id}")
         session = clickstream.get_session(conn, session_id)
     return schemas.SessionOut(**{**session.__dict__,
-                                 "results": [{"id": i, "rank": r} for r, i in session.results]})
+                                 "results": [{"id": i, "rank": r, "dense_rank": session.list_ranks[i][0],
+                                              "lexical_rank": session.list_ranks[i][1]} for r, i in session.results]})
 
 
 @router.post("/v1/sessions/{session_id}/events", response_model=schemas.EventsResponse,

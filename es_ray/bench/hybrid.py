@@ -1,0 +1,132 @@
+"""Hybrid search benchmark: dense, lexical and hybrid ranking quality and latency, one run, one collection.
+
+    python -m es_ray.bench.hybrid --data ../shared/data/scifact
+
+Starts a stack of its own (--state-dir, default /tmp/esr-bench-hybrid-<dataset>; stopped at the end) and
+fills its blue collection with the whole corpus: the item vectors come from the corpus-vector cache
+(es_ray/bench/corpus_vectors.py: the served model with the upsert job's chunking, embedded once per corpus
+and reused by every benchmark) and are written with the store's own upsert, so the lexical index is the
+one Postgres generates on every write. Every judged test query (--split) is then searched over HTTP in each mode
+(search.* settings as configured: the defaults, chosen from the literature and never tuned on these
+queries) at limit 100: nDCG@10 and Recall@100 by pytrec_eval. Latency: one client, the modes
+interleaved query by query (so drift in the machine's load reaches all three alike), limit 10, no
+session recorded (the session write costs every mode the same), after a warm-up; p50 per mode and
+hybrid p50 / dense p50. Results: bench/results/hybrid-<dataset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from pathlib import Path
+
+from psycopg import sql
+
+from es_ray.bench.common import bench_stack, percentiles, write_result
+from es_ray.bench.corpus_vectors import collection_vectors
+from es_ray.client import EsRayClient
+from es_ray.data.corpus import read_corpus, read_qrels, read_queries
+from es_ray.inference.encoder import resolve_model_dir
+from es_ray.stack import control
+from es_ray.store import blue_green, db
+from es_ray.store.collections import Collection, EmbeddedItem
+from es_ray.train.evaluation import evaluate
+
+MODES = ("dense", "lexical", "hybrid")
+WRITE_BATCH = 500
+
+
+def load_corpus(settings, manifest, data: Path) -> int:
+    """The blue collection holds exactly the corpus (loaded from cached vectors where it does not yet)."""
+    m = settings.model
+    corpus = {item["id"]: item for item in read_corpus(data / "corpus.jsonl")}
+    with db.connect(manifest.postgres_dsn) as conn:
+        blue = blue_green.get_blue(conn)
+        collection = Collection(blue.collection, blue.dim)
+        stored = set(collection.get(conn, list(corpus)))
+        extra = set(collection.sample_ids(conn, 10**9)) - set(corpus)
+        if extra:
+            collection.delete(conn, sorted(extra))
+        missing = sorted(set(corpus) - stored)
+        if missing:
+            vectors = collection_vectors(data, resolve_model_dir(m.source), m.max_length, m.chunk_overlap, m.max_chunks)
+            index = vectors.index()
+            for start in range(0, len(missing), WRITE_BATCH):
+                batch = []
+                for object_id in missing[start:start + WRITE_BATCH]:
+                    item, n = corpus[object_id], index[object_id]
+                    text = item["text"]
+                    batch.append(EmbeddedItem(object_id, item.get("payload") or {}, vectors.chunks[vectors.owner == n],
+                                              {"text_sha256": hashlib.sha256(text.encode()).hexdigest()}, text))
+                collection.upsert(conn, batch)
+        # The row estimate lexical search reads (N of idf), as autovacuum's ANALYZE leaves it after a load.
+        conn.execute(sql.SQL("ANALYZE {}").format(collection.items))
+        return collection.count(conn)
+
+
+def search(client: EsRayClient, query: str, mode: str, limit: int) -> tuple[list[str], float]:
+    request = client.search_request(query, mode=mode, limit=limit, session=False)
+    started = time.perf_counter()
+    response = client.send("POST", "/v1/search", request)
+    elapsed = time.perf_counter() - started
+    response.raise_for_status()
+    return [r["id"] for r in response.json()["results"]], elapsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="BEIR directory (corpus, queries, qrels/test.tsv)")
+    parser.add_argument("--state-dir", type=Path, default=None, help="default /tmp/esr-bench-hybrid-<dataset>")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed searches per mode first")
+    parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
+    parser.add_argument("--split", default="test", help="qrels split; another than test (train: where settings "
+                        "are chosen) writes /tmp/esr-bench-scratch/hybrid-<dataset>-<split>.json, not the report")
+    args = parser.parse_args(argv)
+    data = args.data.resolve()
+    settings, manifest = bench_stack(args.state_dir or Path(f"/tmp/esr-bench-hybrid-{data.name}"))
+    try:
+        docs = load_corpus(settings, manifest, data)
+        queries, qrels = read_queries(data / "queries.jsonl"), read_qrels(data / "qrels" / f"{args.split}.tsv")
+        judged = sorted(q for q, docs_ in qrels.items() if q in queries and any(g > 0 for g in docs_.values()))
+        runs: dict[str, dict[str, dict[str, float]]] = {mode: {} for mode in MODES}
+        latencies: dict[str, list[float]] = {mode: [] for mode in MODES}
+        with EsRayClient.for_stack(manifest, timeout=60) as client:
+            for mode in MODES:
+                for q in judged[:args.warmup]:
+                    search(client, queries[q], mode, 10)
+            for q in judged:   # quality: the ranking's first 100, scored by position (ties cannot reorder it)
+                for mode in MODES:
+                    found, _ = search(client, queries[q], mode, 100)
+                    runs[mode][q] = {object_id: float(100 - k) for k, object_id in enumerate(found)}
+            for q in judged:   # latency: a page of 10, the modes interleaved
+                for mode in MODES:
+                    latencies[mode].append(search(client, queries[q], mode, 10)[1])
+        quality = {mode: evaluate(runs[mode], qrels) for mode in MODES}
+        p50 = {mode: percentiles(latencies[mode])["p50_ms"] for mode in MODES}
+        s = settings.search
+        result = {
+            "benchmark": "hybrid", "docs": docs, "queries": len(judged),
+            **{mode: {"ndcg@10": round(quality[mode]["ndcg@10"], 4), "recall@100": round(quality[mode]["recall@100"], 4)}
+               for mode in MODES},
+            "hybrid_learned": None,   # the click-learned fusion (issue 18, step 5) is not built yet
+            "p50_ms": p50, "latency": {mode: percentiles(latencies[mode]) for mode in MODES},
+            "hybrid_to_dense_p50": round(p50["hybrid"] / p50["dense"], 3),
+            "settings": {"fusion": s.fusion, "rrf_k": s.rrf_k, "dense_weight": s.dense_weight,
+                         "lexical_weight": s.lexical_weight, "depth": s.depth,
+                         "text_search_config": s.text_search_config},
+        }
+        best = max(result["dense"]["ndcg@10"], result["lexical"]["ndcg@10"])
+        result["targets"] = {"hybrid_ndcg_at_least_best": result["hybrid"]["ndcg@10"] >= best,
+                             "hybrid_p50_at_most_1.2x_dense": result["hybrid_to_dense_p50"] <= 1.2}
+        command = f"python -m es_ray.bench.hybrid --data {args.data}" + (f" --split {args.split}" if args.split != "test" else "")
+        path = write_result("hybrid", data.name, {**result, "split": args.split}, command,
+                            scratch="" if args.split == "test" else args.split)
+        print(path.read_text())
+    finally:
+        if not args.keep:
+            control.down(settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Search modes end to end on the real stack: dense, lexical (Postgres full-text search) and hybrid (both
+fused), over HTTP. The lexical index through a reindex + switch is checked in test_lifecycle_e2e.py."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_repo import QUERY_ENCODER
+from es_ray.store import blue_green, db
+from es_ray.store.collections import Collection
+from tests.helpers import ids, search
+
+MODES = ("dense", "lexical", "hybrid")
+INJECTION = "Robert'); DROP TABLE items_v1; SELECT pg_sleep(10);-- & !cat | dog:* <-> \"quoted\""
+SHELF_ITEMS = [{"id": f"hy-{n:02d}", "text": f"Zorblax gadget manual, chapter {n}: assembling the gadget's frame "
+                f"and {'winding the spring' if n % 2 else 'oiling the hinge'}.", "payload": {"shelf": n % 2}}
+               for n in range(12)]
+ODD_ITEM = {"id": "hy-injection", "text": f"A note that quotes {INJECTION} verbatim, a classic school prank."}
+
+
+@pytest.fixture(scope="module")
+def hybrid_items(api, loaded_collection):
+    """The loaded collection plus a dozen items of our own (filters) and one holding an injection string."""
+    response = api.put("/v1/items", json={"items": SHELF_ITEMS + [ODD_ITEM]})
+    assert response.status_code == 200 and not response.json()["failed"], response.text
+    yield loaded_collection
+    api.request("DELETE", "/v1/items", json={"ids": [i["id"] for i in SHELF_ITEMS + [ODD_ITEM]]}).raise_for_status()
+
+
+def blue(stack) -> blue_green.Target:
+    with db.connect(stack.postgres_dsn) as conn:
+        return blue_green.get_blue(conn)
+
+
+def test_each_mode_answers_and_its_session_records_the_lists_ranks(api, settings, hybrid_items):
+    _, queries, _ = hybrid_items
+    query = next(iter(queries.values()))
+    # Each list on its own (no session: no exploration swap), as deep as hybrid fuses them.
+    dense = ids(search(api, query, mode="dense", limit=100, session=False))
+    lexical = ids(search(api, query, mode="lexical", limit=100, session=False))
+    assert len(dense) == 100 and lexical, (len(dense), len(lexical))
+    assert dense != lexical
+    for mode in MODES:
+        body = search(api, query, mode=mode, limit=20)
+        # The lexical list holds only the items with one of the query's rarer terms (store/lexical.py).
+        assert body["model"] == "v1" and body["session_id"], body
+        assert len(body["results"]) == (min(20, len(lexical)) if mode == "lexical" else 20), (mode, body)
+        session = api.get(f"/v1/sessions/{body['session_id']}").json()
+        assert session["mode"] == mode
+        shown = session["results"]
+        assert [r["id"] for r in shown] == ids(body)
+        for r in shown:   # each result's rank in each list, or null where that list does not hold it
+            expect_dense = dense.index(r["id"]) + 1 if mode != "lexical" and r["id"] in dense else None
+            expect_lexical = lexical.index(r["id"]) + 1 if mode != "dense" and r["id"] in lexical else None
+            assert (r["dense_rank"], r["lexical_rank"]) == (expect_dense, expect_lexical), (mode, r)
+    hybrid = search(api, query, mode="hybrid", limit=20, session=False)
+    # Reciprocal rank fusion of those two lists (search.* as configured).
+    s = settings.search
+    assert s.fusion == "rrf"
+    expected = sorted(set(dense) | set(lexical), key=lambda i: (
+        -sum(weight / (s.rrf_k + ranks.index(i) + 1) for ranks, weight in ((dense, s.dense_weight),
+                                                                           (lexical, s.lexical_weight)) if i in ranks), i))
+    assert ids(hybrid) == expected[:20]
+    scores = [r["score"] for r in hybrid["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_the_default_mode_is_the_configured_one(api, settings, hybrid_items):
+    _, queries, _ = hybrid_items
+    query = next(iter(queries.values()))
+    default = search(api, query, limit=10, session=False)
+    named = search(api, query, mode=settings.search.default_mode, limit=10, session=False)
+    assert ids(default) == ids(named)
+
+
+def test_an_exact_term_dense_search_misses_is_found_by_lexical_search(api, stack, settings, hybrid_items):
+    """Rare words, each in exactly one document of the collection (Postgres says so): lexical search ranks
+    that document first for every one of them; dense search misses some of them in its top 10."""
+    items, _, _ = hybrid_items
+    target = blue(stack)
+    words: dict[str, Counter] = {}
+    for item in items:
+        for word in set(re.findall(r"\b[a-z]{9,}\b", item["text"].lower())):
+            words.setdefault(word, Counter())[item["id"]] += 1
+    candidates = sorted(w for w, docs in words.items() if len(docs) == 1)
+    unique = []
+    with db.connect(stack.postgres_dsn) as conn:
+        for word in candidates:
+            matching = conn.execute(f"SELECT count(*) FROM items_{target.collection} WHERE NOT deleted "
+                                    "AND lexical @@ plainto_tsquery(%s::regconfig, %s)",
+                                    (settings.search.text_search_config, word)).fetchone()[0]
+            if matching == 1:
+                unique.append(word)
+            if len(unique) == 15:
+                break
+    assert len(unique) == 15, unique
+    missed = []
+    for word in unique:
+        [holder] = words[word]
+        assert ids(search(api, word, mode="lexical", limit=10, session=False))[:1] == [holder], word
+        if holder not in ids(search(api, word, mode="dense", limit=10, session=False)):
+            missed.append(word)
+        assert holder in ids(search(api, word, mode="hybrid", limit=10, session=False)), word
+    assert missed, "dense search found every rare word's document in its top 10"
+
+
+def test_hybrid_filters_and_pages(api, hybrid_items):
+    body = search(api, "zorblax gadget spring", mode="hybrid", limit=100, filter={"shelf": 1}, session=False)
+    shown = ids(body)
+    assert {i for i in shown if i.startswith("hy-")} == {i["id"] for i in SHELF_ITEMS if i["payload"]["shelf"] == 1}
+    assert all(r["payload"].get("shelf") == 1 for r in body["results"]), body["results"]
+    _, queries, _ = hybrid_items
+    for query in list(queries.values())[:2]:
+        whole = ids(search(api, query, mode="hybrid", limit=100, session=False))
+        paged = []
+        for offset in range(0, 100, 7):
+            paged += ids(search(api, query, mode="hybrid", limit=min(7, 100 - offset), offset=offset, session=False))
+        assert paged == whole and len(set(paged)) == len(paged) == 100
+        assert search(api, query, mode="hybrid", limit=10, offset=1000, session=False)["results"] == []
+
+
+def test_the_lexical_index_follows_upserts_and_deletes(api, hybrid_items):
+    # Made-up words: no other item holds them.
+    item = {"id": "hy-follow", "text": "A field guide to zyqloxite crystals of mountain lakes."}
+    assert api.put("/v1/items", json={"items": [item]}).status_code == 200
+    try:
+        assert ids(search(api, "zyqloxite", mode="lexical", session=False)) == ["hy-follow"]
+        assert api.put("/v1/items", json={"items": [{**item, "text": "A field guide to vorpaline mosses."}]}
+                       ).status_code == 200
+        assert ids(search(api, "zyqloxite", mode="lexical", session=False)) == []
+        assert ids(search(api, "vorpaline", mode="lexical", session=False)) == ["hy-follow"]
+    finally:
+        assert api.request("DELETE", "/v1/items", json={"ids": ["hy-follow"]}).status_code == 200
+    assert ids(search(api, "vorpaline", mode="lexical", session=False)) == []
+
+
+def test_an_injection_string_is_matched_literally(api, hybrid_items):
+    # Its words, matched as words: the item holding all of them first (no session: no exploration swap).
+    assert ids(search(api, INJECTION, mode="lexical", limit=5, session=False))[:1] == ["hy-injection"]
+    assert "hy-injection" in ids(search(api, INJECTION, mode="hybrid", limit=3, session=False))
+    assert ids(search(api, "school prank", mode="lexical", session=False))[:1] == ["hy-injection"]  # table still there
+
+
+def test_a_query_of_stop_words_answers_an_empty_list(api, hybrid_items):
+    assert search(api, "the of and to", mode="lexical")["results"] == []
+    hybrid = ids(search(api, "the of and to", mode="hybrid", limit=10, session=False))  # the dense list alone
+    assert len(hybrid) == 10 and hybrid == ids(search(api, "the of and to", mode="dense", limit=10, session=False))
+
+
+def test_hybrid_search_is_personalised(api, stack, settings, hybrid_items):
+    """A user whose clicks moved an item to their query (here: written as that user's vectors) sees it
+    first in their dense list, so higher in their hybrid list than everybody else does."""
+    _, queries, _ = hybrid_items
+    query = list(queries.values())[1]
+    anonymous = ids(search(api, query, mode="hybrid", limit=100, session=False))
+    item = anonymous[30]
+    target = blue(stack)
+    vector = TritonEncoder.of(stack.triton_grpc_url, QUERY_ENCODER, target, settings).embed_queries([query])[0]
+    collection = Collection(target.collection, target.dim)
+    with db.connect(stack.postgres_dsn) as conn:
+        parts = collection.chunk_vectors(conn, [item])[item]
+        collection.save_user(conn, "hy-user", [(item, part_no, np.asarray(vector)) for part_no, _ in parts])
+    try:
+        body = search(api, query, mode="hybrid", limit=100, user_id="hy-user")
+        assert ids(body).index(item) < 30, ids(body).index(item)
+        session = api.get(f"/v1/sessions/{body['session_id']}").json()
+        assert session["user_id"] == "hy-user"
+        assert [r["dense_rank"] for r in session["results"] if r["id"] == item] == [1]
+    finally:
+        with db.connect(stack.postgres_dsn) as conn:
+            collection.forget_user(conn, "hy-user")
