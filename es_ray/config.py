@@ -146,13 +146,6 @@ class ServeSettings(BaseModel):
     rate_limits: RateLimitSettings = RateLimitSettings()
     max_results_per_session: int = Field(100, ge=1)
 
-    @model_validator(mode="after")
-    def _one_direct_replica(self) -> ServeSettings:
-        if self.ingress == "direct" and self.replicas != 1:
-            raise ValueError(f"serve.ingress 'direct' has the one replica serve serve.port itself; with "
-                             f"serve.replicas {self.replicas} set serve.ingress: proxy (Serve's proxy spreads "
-                             "requests over them)")
-        return self
 
 
 class SearchSettings(BaseModel):
@@ -162,6 +155,7 @@ class SearchSettings(BaseModel):
     text_search_config: str = Field("english", pattern="^[a-z_][a-z0-9_]*$")  # a Postgres regconfig name
     lexical_payload_fields: list[str] = []
     lexical_common_share: float = Field(0.05, gt=0, le=1)
+    max_query_terms: int = Field(64, ge=1)
     fusion: Literal["rrf", "weighted"] = "rrf"
     rrf_k: float = Field(60.0, gt=0)
     dense_weight: float = Field(1.0, ge=0)
@@ -341,6 +335,20 @@ class Settings(BaseSettings):
                                    file_secret_settings):
         # Precedence: explicit arguments, then the environment, then the YAML file.
         return init_settings, env_settings, _YamlSource(settings_cls)
+
+    @property
+    def direct_ingress(self) -> bool:
+        """serve.ingress direct takes effect: only in a Ray head that `es-ray up` starts (its environment has
+        it); an external cluster (ray.address) always serves through Serve's proxy."""
+        return self.serve.ingress == "direct" and not self.ray.address
+
+    @model_validator(mode="after")
+    def _one_direct_replica(self) -> "Settings":
+        if self.direct_ingress and self.serve.replicas != 1:
+            raise ValueError(f"serve.ingress 'direct' has the one replica serve serve.port itself; with "
+                             f"serve.replicas {self.serve.replicas} set serve.ingress: proxy (Serve's proxy "
+                             "spreads requests over them)")
+        return self
 
     @model_validator(mode="after")
     def _backend_runs_runtime(self) -> "Settings":

@@ -26,7 +26,8 @@ def test_the_replica_itself_listens_on_the_serve_port(api, stack):
 
     def listener(url: str) -> str:
         port = int(url.rsplit(":", 1)[1])
-        pid = next(c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
+        pid = next(c.pid for c in psutil.net_connections("tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
         return " ".join(psutil.Process(pid).cmdline())
 
     assert stack.serve_proxy_url and stack.serve_proxy_url != stack.serve_url

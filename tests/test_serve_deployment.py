@@ -36,13 +36,23 @@ def test_new_keys_or_limits_change_the_settings_version(tmp_path):
 
 def test_direct_ingress_gives_the_one_replica_serve_port_and_more_replicas_need_the_proxy(monkeypatch, tmp_path):
     monkeypatch.setenv("ES_RAY_SERVE__PORT", "8123")
-    env = deployment.direct_ingress_env(load_settings(tmp_path / "state").serve)
+    settings = load_settings(tmp_path / "state")
+    env = deployment.direct_ingress_env(settings)
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
     # Ray's range is [min, max): serve.port and nothing else
-    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("8123", "8124")
+    port_range = (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+    assert port_range == ("8123", "8124")
+    assert deployment.head_ingress(settings) == "direct:8123"
+    assert search_api(deployment.app_args(settings)).ray_actor_options["resources"] == {"node:__internal_head__": 0.001}
     monkeypatch.setenv("ES_RAY_SERVE__INGRESS", "proxy")
-    assert deployment.direct_ingress_env(load_settings(tmp_path / "state").serve) == {}
+    proxied = load_settings(tmp_path / "state")
+    assert deployment.direct_ingress_env(proxied) == {} and deployment.head_ingress(proxied) == "proxy"
+    assert "resources" not in search_api(deployment.app_args(proxied)).ray_actor_options
     monkeypatch.setenv("ES_RAY_SERVE__INGRESS", "direct")
     monkeypatch.setenv("ES_RAY_SERVE__REPLICAS", "2")
     with pytest.raises(ValidationError, match="serve.ingress: proxy"):
         load_settings(tmp_path / "state")
+    # An external cluster (ray.address) serves through Serve's proxy whatever serve.ingress says.
+    monkeypatch.setenv("ES_RAY_RAY__ADDRESS", "10.0.0.1:6379")
+    external = load_settings(tmp_path / "state")
+    assert not external.direct_ingress and deployment.direct_ingress_env(external) == {}

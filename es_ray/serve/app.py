@@ -24,7 +24,9 @@ app = FastAPI(
     title="es-ray",
     description="Self-improving semantic search: search, clickstream, items, personalisation, fine-tune and "
                 "reindex tasks, blue/green lifecycle and health. Errors are JSON objects "
-                "{\"error\": message, \"details\": [...]}. Admin and write routes need an API key "
+                "{\"error\": message, \"details\": [...]}, except Ray Serve's own 503 when more requests wait "
+                "than the replica queues (serve.max_queued_requests): plain text, with Retry-After. "
+                "Admin and write routes need an API key "
                 "(X-API-Key); a user's sessions and personalisation need that user's token (X-User-Token) or a key.",
     version="0.1.0",
     responses=schemas.ERROR_RESPONSES,
@@ -50,6 +52,9 @@ class SearchAPI:
 def search_api(args: dict[str, Any]) -> serve.Deployment:
     """SearchAPI with the deployment options of `args` (see deployment.app_args)."""
     args = {**deployment.DEFAULT_ARGS, **args}
+    actor_options: dict[str, Any] = {"num_cpus": float(args["num_cpus"])}
+    if args["on_head"]:
+        actor_options["resources"] = {"node:__internal_head__": 0.001}  # Ray's own label of the head node
     return SearchAPI.options(num_replicas=int(args["replicas"]),
                              max_ongoing_requests=int(args["max_ongoing_requests"]),
                              max_queued_requests=int(args["max_queued_requests"]),
@@ -57,7 +62,7 @@ def search_api(args: dict[str, Any]) -> serve.Deployment:
                              # no access log line per request (as serve.start's global setting, which a
                              # deployment does not inherit): es-ray's own logs and metrics record requests
                              logging_config={"enable_access_log": False},
-                             ray_actor_options={"num_cpus": float(args["num_cpus"])})
+                             ray_actor_options=actor_options)
 
 
 def build_app(args: dict[str, Any] | None = None):

@@ -17,6 +17,7 @@ restart explicit for such a deploy too, since a Serve config's args are part of 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 from es_ray.config import ServeSettings, Settings
@@ -25,11 +26,21 @@ _DEFAULTS = ServeSettings()
 DEFAULT_ARGS: dict[str, Any] = {"namespace": "es-ray", "replicas": _DEFAULTS.replicas,
                                 "max_ongoing_requests": _DEFAULTS.max_ongoing_requests,
                                 "max_queued_requests": _DEFAULTS.max_queued_requests,
-                                "num_cpus": _DEFAULTS.num_cpus, "settings_version": ""}
+                                "num_cpus": _DEFAULTS.num_cpus, "on_head": False, "settings_version": ""}
 
 
 def settings_version(settings: Settings) -> str:
     return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
+
+
+def deployed_version(settings: Settings) -> str:
+    """What a running app must match for `es-ray up` to leave its replicas alone: the settings and es-ray's
+    own code (a new es-ray installed beside a running stack reaches the replicas at the next `up`)."""
+    package = Path(__file__).resolve().parents[1]
+    code = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        code.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return f"{settings_version(settings)}-{code.hexdigest()[:16]}"
 
 
 def app_args(settings: Settings) -> dict[str, Any]:
@@ -37,19 +48,28 @@ def app_args(settings: Settings) -> dict[str, Any]:
     return {"namespace": settings.ray.namespace, "replicas": settings.serve.replicas,
             "max_ongoing_requests": settings.serve.max_ongoing_requests,
             "max_queued_requests": settings.serve.max_queued_requests, "num_cpus": settings.serve.num_cpus,
-            "settings_version": settings_version(settings)}
+            # direct ingress: only the head's environment has it, and serve.port is the head's
+            "on_head": settings.direct_ingress, "settings_version": settings_version(settings)}
 
 
-def direct_ingress_env(serve: ServeSettings) -> dict[str, str]:
+def direct_ingress_env(settings: Settings) -> dict[str, str]:
     """Ray's environment for serve.ingress `direct` (Ray Serve's direct ingress, set when the head starts):
     the replica's own HTTP server takes its port from a range that holds serve.port alone. A port a
     replica gave back is free again at once (Serve's default holds it back for a load balancer to notice,
     there is none), and a stopping replica drains 2 s instead of 30, so the replica of the next `es-ray
-    up` gets serve.port quickly."""
-    if serve.ingress != "direct":
+    up` gets serve.port quickly; until the old one has given it back, the new one fails to start and
+    Serve starts it again, up to 10 times instead of 3."""
+    if not settings.direct_ingress:
         return {}
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(serve.port),
-            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(serve.port + 1),  # exclusive
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(settings.serve.port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(settings.serve.port + 1),  # exclusive
             "RAY_SERVE_PORT_QUARANTINE_S": "0",
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2"}
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+            "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "10"}
+
+
+def head_ingress(settings: Settings) -> str:
+    """What the Ray head's environment fixes about the ingress, as the manifest records it: a head started
+    for one has to be started again for another (`es-ray down`, `es-ray up`)."""
+    return f"direct:{settings.serve.port}" if settings.direct_ingress else "proxy"

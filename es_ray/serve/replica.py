@@ -55,6 +55,8 @@ class Replica:
         self.item_encoders = pipeline.Encoders(self.settings, self.manifest.triton_grpc_url)
         # Threads of its own for a request's blocking work (run_blocking), as many as requests run at once.
         self._executor = ThreadPoolExecutor(self.settings.serve.max_ongoing_requests, thread_name_prefix="request")
+        # And for what a request starts beside its own work (hybrid's lexical list): one each, never queued.
+        self.beside = ThreadPoolExecutor(self.settings.serve.max_ongoing_requests, thread_name_prefix="beside")
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` on the replica's threads. Not Starlette's run_in_threadpool: anyio stops its worker
@@ -87,8 +89,9 @@ class Replica:
 
 def pool_size(settings: Settings) -> int:
     """Connections one replica keeps: enough for every request it works on at once (a request holds one
-    connection at a time, and none while it waits for Triton), so a request never waits on another
-    request of its own replica; postgres.pool_size when that is larger. The blue watcher listens on a
+    connection at a time, and none while it waits for Triton; a hybrid search takes a second one beside
+    it only when one is free at once), so a request never waits on another request of its own replica;
+    postgres.pool_size when that is larger. The blue watcher listens on a
     connection of its own (serve/blue_watcher.py), outside the pool."""
     needed = settings.serve.max_ongoing_requests
     if settings.postgres.pool_size < needed:

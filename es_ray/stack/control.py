@@ -18,6 +18,7 @@ from es_ray.config import Settings
 from es_ray.console import Display
 from es_ray.inference import registry
 from es_ray.logs import get_logger
+from es_ray.serve import deployment
 from es_ray.stack import credentials, postgres, ray_head, triton
 from es_ray.stack.manifest import StackManifest, free_port, port_or_free, redacted_dsn
 
@@ -86,12 +87,22 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
             metrics_port = port_or_free(settings.ray.metrics_export_port, avoid=chosen | {client_port, agent_port})
             manifest.ray_started = True
             manifest.save()
-            from es_ray.serve.deployment import direct_ingress_env
-
             ray_head.start(state, gcs_port, dashboard_port, client_port, agent_port, metrics_port,
                            settings.ray.num_cpus, settings.ray.node_ip_address,
-                           {**direct_ingress_env(settings.serve), **settings.ray.env})
+                           {**deployment.direct_ingress_env(settings), **settings.ray.env})
             manifest.ray_metrics_url = f"http://{settings.ray.node_ip_address}:{metrics_port}/metrics"
+            manifest.ray_head_ingress = deployment.head_ingress(settings)
+            # Serve's proxy, beside a direct-ingress replica: a port free now, kept while this head runs.
+            proxy_port = free_port(avoid=chosen | {client_port, agent_port, metrics_port, settings.serve.port})
+            manifest.serve_proxy_url = f"http://{settings.serve.host}:{proxy_port}" if settings.direct_ingress else ""
+        elif not manifest.ray_head_ingress:  # started by an es-ray that recorded none: its proxy serves as then
+            if settings.direct_ingress:
+                log.warning("stack.head_without_direct_ingress", wanted=deployment.head_ingress(settings),
+                            note="serving through Serve's proxy until `es-ray down` and `es-ray up`")
+        elif manifest.ray_head_ingress != deployment.head_ingress(settings):
+            raise RuntimeError(f"the running Ray head was started for ingress {manifest.ray_head_ingress or 'proxy'!r} "
+                               f"and the settings now ask for {deployment.head_ingress(settings)!r} (serve.ingress, "
+                               "serve.port): that is in the head's environment, so run `es-ray down`, then `es-ray up`")
         manifest.ray_address, manifest.ray_started = f"{settings.ray.node_ip_address}:{gcs_port}", True
         manifest.ray_dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     manifest.serve_url = f"http://{settings.serve.host}:{settings.serve.port}"
@@ -110,7 +121,6 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
     from ray import serve
 
     from es_ray.lifecycle.driver import start_driver
-    from es_ray.serve import deployment
     from es_ray.serve.app import build_app
 
     os.environ.update({k: v for k, v in ray_head.environment(Path(manifest.state_dir)).items()
@@ -120,12 +130,21 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
     ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning",
              log_to_driver=False)
     try:
+        # An app that runs these settings and this code already is left alone (`es-ray cycle` and the demo
+        # call `up` too); checked before the driver, which new settings would replace.
+        wanted = deployment.deployed_version(settings)
+        running = _app_running(settings.serve.app_name)
+        if running and manifest.serve_deployed != wanted and manifest.serve_proxy_url:
+            # Direct ingress: a rolling update cannot hand serve.port over (the new replica's bind fails
+            # while the old one holds it, and Serve gives up after its retries: seen in a test run).
+            raise RuntimeError("the settings or es-ray's code changed since the running replica started, and "
+                               "with serve.ingress direct it cannot be replaced in place: run `es-ray down`, "
+                               "then `es-ray up`")
         driver = start_driver(settings, manifest)
         ray.get(driver.ensure_serving.remote())
         # With direct ingress (an embedded head: its environment has it) the replica listens on serve.port,
         # and Serve still starts its proxy (a replica serves HTTP only where proxies are on): on another port.
-        direct = settings.serve.ingress == "direct" and manifest.ray_started
-        proxy_port = _port(manifest.serve_proxy_url, 0) if direct else settings.serve.port
+        proxy_port = _port(manifest.serve_proxy_url, 0) if manifest.serve_proxy_url else settings.serve.port
         serve.start(http_options={"host": settings.serve.host, "port": proxy_port},
                     logging_config={"enable_access_log": False})
         # Serve keeps the proxy's port of its first start while the head runs: the manifest records that one.
@@ -137,10 +156,23 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
         manifest.save()
         # The deployment's options come from configs/stack.yaml (serve/deployment.py); serve.run rolls the
         # replicas over, so they start with the driver's current settings (keys, limits).
-        serve.run(build_app(deployment.app_args(settings)), name=settings.serve.app_name, route_prefix="/",
-                  blocking=False)
+        if not (running and manifest.serve_deployed == wanted):
+            serve.run(build_app(deployment.app_args(settings)), name=settings.serve.app_name, route_prefix="/",
+                      blocking=False)
+            manifest.serve_deployed = wanted
+            manifest.save()
     finally:
         ray.shutdown()
+
+
+def _app_running(name: str) -> bool:
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(name)
+    except Exception:  # noqa: BLE001 - no Serve controller yet: nothing runs
+        return False
+    return app is not None and app.status == "RUNNING"
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

@@ -24,6 +24,7 @@ class StackManifest(BaseModel):
     ray_dashboard_url: str = ""    # for `ray job submit` and the dashboard
     ray_metrics_url: str = ""      # the head's Prometheus endpoint (es_ray_* and Ray's own metrics)
     ray_started: bool = False      # did this state dir start the Ray head?
+    ray_head_ingress: str = ""     # the ingress its environment was started for (serve/deployment.py head_ingress)
     postgres_dsn: str = ""
     postgres_started: bool = False
     triton_url: str = ""           # host:port of Triton's HTTP API (model control, health)
@@ -32,6 +33,7 @@ class StackManifest(BaseModel):
     triton_pid: int = 0
     mlflow_uri: str = ""
     serve_url: str = ""
+    serve_deployed: str = ""       # serve/deployment.py deployed_version of the app the last `up` deployed
     serve_proxy_url: str = ""      # Serve's proxy where it is not serve_url (serve.ingress direct): nobody calls it
 
     @classmethod

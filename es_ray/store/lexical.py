@@ -15,7 +15,8 @@ the items holding a rare term (in at most `common_share` of the items; all terms
 word in every other item says little and would make every search score most of the collection (SciFact
 train: 0.57 and about 10 ms per query against 0.56 and 25 ms scoring every item with any term). df is
 counted with the GIN index per term, N is Postgres' row estimate (pg_class.reltuples, kept by
-autovacuum's ANALYZE). Explored on the train queries only: BENCHMARKS.md, "Search modes".
+autovacuum's ANALYZE; counted instead while a new table has none). Explored on the train queries only:
+BENCHMARKS.md, "Search modes".
 
 The query is parsed by `to_tsvector` with the collection's text search configuration (the user's words,
 stemmed, stop words dropped; no operators: quotes, dashes and `or` mean nothing, so no query can be a
@@ -70,19 +71,24 @@ def create(conn: psycopg.Connection, collection: "Collection", index: LexicalInd
 
 
 def ranked(conn: psycopg.Connection, collection: "Collection", text: str, limit: int, offset: int = 0,
-           filter_: dict[str, Any] | None = None, config: str = "english", common_share: float = 0.05
-           ) -> list[tuple[str, float, dict]]:
-    """(item id, score, payload) of page [offset, offset + limit) of the lexical ranking."""
+           filter_: dict[str, Any] | None = None, config: str = "english", common_share: float = 0.05,
+           max_terms: int = 64) -> list[tuple[str, float, dict]]:
+    """(item id, score, payload) of page [offset, offset + limit) of the lexical ranking. Only the query's
+    first `max_terms` distinct terms (in lexeme order) count: each costs a count over the GIN index, and a
+    query's length alone must not decide what a search costs."""
     condition, params = compile_filter(filter_, column="i.payload", limits=None)
     # Each term a tsquery of its own: the lexeme through the 'simple' configuration, which only lowercases
     # (it is stemmed already). df over the whole collection, as BM25 counts it, whatever the filter.
     query = sql.SQL("""
-        WITH n AS (SELECT greatest(reltuples, 1) AS n FROM pg_class WHERE oid = %(table)s::regclass),
+        WITH n AS (SELECT CASE WHEN reltuples > 0 THEN reltuples  -- -1 or 0: not analysed yet, so counted
+                               ELSE greatest((SELECT count(*) FROM {items}), 1) END AS n
+                   FROM pg_class WHERE oid = %(table)s::regclass),
         terms AS (
             SELECT t.query, ln(1 + (greatest(n.n, d.df) - d.df + 0.5) / (d.df + 0.5)) AS idf,
                    d.df <= n.n * %(common_share)s AS rare
             FROM (SELECT DISTINCT plainto_tsquery('simple', lexeme) AS query
-                  FROM unnest(tsvector_to_array(to_tsvector({config}::regconfig, %(text)s))) lexeme) t, n,
+                  FROM (SELECT lexeme FROM unnest(tsvector_to_array(to_tsvector({config}::regconfig, %(text)s)))
+                        lexeme LIMIT %(max_terms)s) l) t, n,
                  LATERAL (SELECT count(*) AS df FROM {items} WHERE lexical @@ t.query) d
             WHERE d.df > 0),
         seeds AS (SELECT query FROM terms WHERE rare OR NOT EXISTS (SELECT 1 FROM terms WHERE rare)),
@@ -97,5 +103,5 @@ def ranked(conn: psycopg.Connection, collection: "Collection", text: str, limit:
         LIMIT %(limit)s OFFSET %(offset)s
     """).format(items=collection.items, config=sql.Literal(config), condition=condition)
     rows = conn.execute(query, {"text": text, "limit": limit, "offset": offset, "common_share": common_share,
-                                "table": f"items_{collection.name}", **params}).fetchall()
+                                "max_terms": max_terms, "table": f"items_{collection.name}", **params}).fetchall()
     return [(r[0], float(r[1]), r[2]) for r in rows]

@@ -56,6 +56,7 @@ class Ranking:
     depth: int = 100
     text_search_config: str = "english"
     common_share: float = 0.05
+    max_terms: int = 64
 
 
 @contextmanager
@@ -90,7 +91,7 @@ def hybrid_lexical(conn: psycopg.Connection, collection: Collection, ranking: Ra
     the query is embedded and the dense list read, and hands it to search_mode."""
     with _limited(conn, timeout_ms):
         return lexical.ranked(conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config,
-                              ranking.common_share)
+                              ranking.common_share, ranking.max_terms)
 
 
 def search_mode(conn: psycopg.Connection, collection: Collection, ranking: Ranking, text: str,
@@ -110,12 +111,13 @@ def search_mode(conn: psycopg.Connection, collection: Collection, ranking: Ranki
             return hits
         if ranking.mode == "lexical":
             rows = lexical.ranked(conn, collection, text, limit, offset, filter_, ranking.text_search_config,
-                                  ranking.common_share)
+                                  ranking.common_share, ranking.max_terms)
             return [SearchHit(id, score, payload, lexical_rank=rank)
                     for rank, (id, score, payload) in enumerate(rows, start=offset + 1)]
         dense = _search(conn, collection, vector, ranking.depth, 0, filter_, user_id)
         words = words() if words is not None else lexical.ranked(
-            conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config, ranking.common_share)
+            conn, collection, text, ranking.depth, 0, filter_, ranking.text_search_config, ranking.common_share,
+            ranking.max_terms)
     payloads = {h.id: h.payload for h in dense} | {id: payload for id, _, payload in words}
     fused = fuse([(h.id, h.score) for h in dense], [(id, score) for id, score, _ in words], ranking.fusion)
     return [SearchHit(f.id, f.score, payloads[f.id], f.dense_rank, f.lexical_rank)

@@ -9,7 +9,6 @@ its liveness round trip) instead of two. Where a search's time goes: docs/PERFOR
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from fastapi import APIRouter, Depends
@@ -53,7 +52,7 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
     try:
         ranking = _ranking(state.settings.search, request.mode)
         collection, timeout_ms = Collection(blue.collection, blue.dim), state.settings.postgres.search_timeout_ms
-        words = _lexical_beside(state.pool, collection, ranking, request, timeout_ms) \
+        words = _lexical_beside(state, collection, ranking, request, timeout_ms) \
             if ranking.mode == "hybrid" else None
         vector = None if ranking.mode == "lexical" else \
             state.encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]  # lexical needs no model
@@ -76,17 +75,14 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
                                            for h in hits])
 
 
-# Hybrid's lexical lists, each read on a connection of its own beside the request's thread.
-_BESIDE = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hybrid-lexical")
-
-
-def _lexical_beside(pool, collection: Collection, ranking: Ranking, request: schemas.SearchRequest,
+def _lexical_beside(state: Replica, collection: Collection, ranking: Ranking, request: schemas.SearchRequest,
                     timeout_ms: int) -> Callable[[], LexicalList] | None:
     """Starts reading hybrid's lexical list on a second pooled connection, so Postgres ranks it while
     Triton embeds the query and the dense list is read (two cores: the two overlap); returns where its
     result will be. None when the pool has no connection to spare at once: then search_mode reads it
     after the dense list on the request's own connection (a full pool is not waited for: under load,
     waiting would cost more than the overlap gains)."""
+    pool = state.pool
     stats = pool.get_stats()
     if stats.get("pool_available", 0) == 0 and stats.get("pool_size", 0) >= stats.get("pool_max", 0):
         return None
@@ -101,14 +97,14 @@ def _lexical_beside(pool, collection: Collection, ranking: Ranking, request: sch
         finally:
             pool.putconn(conn)
 
-    return _BESIDE.submit(read).result
+    return state.beside.submit(read).result  # on one of the replica's threads beside the request's
 
 
 def _ranking(search: SearchSettings, mode: str | None) -> Ranking:
     """The request's mode (search.default_mode when it names none) with the configured fusion."""
     return Ranking(mode or search.default_mode, Fusion(search.fusion, search.rrf_k, search.dense_weight,
                                                        search.lexical_weight),
-                   search.depth, search.text_search_config, search.lexical_common_share)
+                   search.depth, search.text_search_config, search.lexical_common_share, search.max_query_terms)
 
 
 def _record_session(conn, request: schemas.SearchRequest, who: Caller, state: Replica, client: str, blue: Blue,

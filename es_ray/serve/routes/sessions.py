@@ -60,15 +60,20 @@ def read_session(session_id: str, who: Caller = Depends(auth.someone),
 @router.post("/v1/sessions/{session_id}/events", response_model=schemas.EventsResponse,
              dependencies=CLICKSTREAM_LIMITS,
              summary="Record clicks on shown results; idempotent by event_id within the session, all or nothing")
-def add_events(session_id: str, request: schemas.EventsRequest, who: Caller = Depends(auth.clickstream_writer),
-               state: Replica = Depends(replica)) -> schemas.EventsResponse:
-    with state.pool.connection() as conn:
-        _check_writer(conn, who, session_id)
-        accepted, duplicates = clickstream.add_events(
-            conn, session_id, [(e.event_id, e.item_id, e.type) for e in request.events])
+async def add_events(session_id: str, request: schemas.EventsRequest, who: Caller = Depends(auth.clickstream_writer),
+                     state: Replica = Depends(replica)) -> schemas.EventsResponse:
+    # Async, its Postgres work on the replica's threads (Replica.run_blocking): the public write path that
+    # clients call most, as search is the public read path.
+    accepted, duplicates = await state.run_blocking(_add_events, session_id, request, who, state)
     metrics.count("es_ray_click_events", accepted, result="accepted")
     metrics.count("es_ray_click_events", duplicates, result="duplicate")
     return schemas.EventsResponse(accepted=accepted, duplicates=duplicates)
+
+
+def _add_events(session_id: str, request: schemas.EventsRequest, who: Caller, state: Replica) -> tuple[int, int]:
+    with state.pool.connection() as conn:
+        _check_writer(conn, who, session_id)
+        return clickstream.add_events(conn, session_id, [(e.event_id, e.item_id, e.type) for e in request.events])
 
 
 @router.post("/v1/sessions/{session_id}/irrelevant", summary="Mark the whole result list as irrelevant",
