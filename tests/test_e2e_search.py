@@ -19,9 +19,10 @@ def test_healthz_reports_every_component(api):
     assert body["blue"] == {"model_version": 1, "collection": "v1"}
 
 
-def test_the_replica_itself_listens_on_the_serve_port(api, stack):
+def test_the_configured_ingress_listens_on_the_serve_port(api, stack, settings):
     """serve.ingress direct: the SearchAPI replica's own HTTP server answers on serve.port, with no hop
-    through Serve's proxy, which listens on the port the manifest records for it."""
+    through Serve's proxy, which listens on the port the manifest records for it; proxy: Serve's proxy."""
+    from es_ray.stack.manifest import StackManifest
     import psutil
 
     def listener(url: str) -> str:
@@ -30,9 +31,13 @@ def test_the_replica_itself_listens_on_the_serve_port(api, stack):
                    if c.status == psutil.CONN_LISTEN and c.laddr.port == port)
         return " ".join(psutil.Process(pid).cmdline())
 
-    assert stack.serve_proxy_url and stack.serve_proxy_url != stack.serve_url
-    assert "ServeReplica" in listener(stack.serve_url)
-    assert "ProxyActor" in listener(stack.serve_proxy_url)
+    manifest = StackManifest.load(settings.state_path)
+    if settings.direct_ingress:
+        assert manifest.serve_proxy_url and manifest.serve_proxy_url != manifest.serve_url
+        assert "ServeReplica" in listener(manifest.serve_url)
+        assert "ProxyActor" in listener(manifest.serve_proxy_url)
+    else:  # serve.ingress proxy: Serve's proxy on serve.port, no other
+        assert manifest.serve_proxy_url == "" and "ProxyActor" in listener(manifest.serve_url)
     assert api.get("/healthz").status_code == 200
 
 

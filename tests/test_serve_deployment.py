@@ -17,7 +17,6 @@ def test_the_deployment_takes_its_options_from_stack_yaml(monkeypatch, tmp_path)
     assert api.ray_actor_options["num_cpus"] == settings.serve.num_cpus
     assert (settings.serve.replicas, settings.serve.max_ongoing_requests, settings.serve.num_cpus) == (1, 16, 0)
     monkeypatch.setenv("ES_RAY_SERVE__REPLICAS", "3")
-    monkeypatch.setenv("ES_RAY_SERVE__INGRESS", "proxy")  # several replicas share serve.port through the proxy
     monkeypatch.setenv("ES_RAY_SERVE__NUM_CPUS", "0.5")
     scaled = search_api(deployment.app_args(load_settings(tmp_path / "state")))
     assert scaled.num_replicas == 3 and scaled.ray_actor_options["num_cpus"] == 0.5
@@ -36,6 +35,7 @@ def test_new_keys_or_limits_change_the_settings_version(tmp_path):
 
 def test_direct_ingress_gives_the_one_replica_serve_port_and_more_replicas_need_the_proxy(monkeypatch, tmp_path):
     monkeypatch.setenv("ES_RAY_SERVE__PORT", "8123")
+    monkeypatch.setenv("ES_RAY_SERVE__INGRESS", "direct")
     settings = load_settings(tmp_path / "state")
     env = deployment.direct_ingress_env(settings)
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"

@@ -130,16 +130,6 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
     ray.init(address=manifest.ray_address, namespace=settings.ray.namespace, logging_level="warning",
              log_to_driver=False)
     try:
-        # An app that runs these settings and this code already is left alone (`es-ray cycle` and the demo
-        # call `up` too); checked before the driver, which new settings would replace.
-        wanted = deployment.deployed_version(settings)
-        running = _app_running(settings.serve.app_name)
-        if running and manifest.serve_deployed != wanted and manifest.serve_proxy_url:
-            # Direct ingress: a rolling update cannot hand serve.port over (the new replica's bind fails
-            # while the old one holds it, and Serve gives up after its retries: seen in a test run).
-            raise RuntimeError("the settings or es-ray's code changed since the running replica started, and "
-                               "with serve.ingress direct it cannot be replaced in place: run `es-ray down`, "
-                               "then `es-ray up`")
         driver = start_driver(settings, manifest)
         ray.get(driver.ensure_serving.remote())
         # With direct ingress (an embedded head: its environment has it) the replica listens on serve.port,
@@ -156,23 +146,10 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
         manifest.save()
         # The deployment's options come from configs/stack.yaml (serve/deployment.py); serve.run rolls the
         # replicas over, so they start with the driver's current settings (keys, limits).
-        if not (running and manifest.serve_deployed == wanted):
-            serve.run(build_app(deployment.app_args(settings)), name=settings.serve.app_name, route_prefix="/",
-                      blocking=False)
-            manifest.serve_deployed = wanted
-            manifest.save()
+        serve.run(build_app(deployment.app_args(settings)), name=settings.serve.app_name, route_prefix="/",
+                  blocking=False)
     finally:
         ray.shutdown()
-
-
-def _app_running(name: str) -> bool:
-    from ray import serve
-
-    try:
-        app = serve.status().applications.get(name)
-    except Exception:  # noqa: BLE001 - no Serve controller yet: nothing runs
-        return False
-    return app is not None and app.status == "RUNNING"
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

@@ -33,7 +33,6 @@ class StackManifest(BaseModel):
     triton_pid: int = 0
     mlflow_uri: str = ""
     serve_url: str = ""
-    serve_deployed: str = ""       # serve/deployment.py deployed_version of the app the last `up` deployed
     serve_proxy_url: str = ""      # Serve's proxy where it is not serve_url (serve.ingress direct): nobody calls it
 
     @classmethod
