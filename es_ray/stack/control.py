@@ -135,15 +135,9 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
         # With direct ingress (an embedded head: its environment has it) the replica listens on serve.port,
         # and Serve still starts its proxy (a replica serves HTTP only where proxies are on): on another port.
         proxy_port = _port(manifest.serve_proxy_url, 0) if manifest.serve_proxy_url else settings.serve.port
+        # The port is chosen where the head starts (up), so it is the one Serve keeps while the head runs.
         serve.start(http_options={"host": settings.serve.host, "port": proxy_port},
                     logging_config={"enable_access_log": False})
-        # Serve keeps the proxy's port of its first start while the head runs: the manifest records that one.
-        from ray.serve.context import _get_global_client
-
-        running_port = _get_global_client().http_config.port
-        manifest.serve_proxy_url = (f"http://{settings.serve.host}:{running_port}"
-                                    if running_port != settings.serve.port else "")
-        manifest.save()
         # The deployment's options come from configs/stack.yaml (serve/deployment.py); serve.run rolls the
         # replicas over, so they start with the driver's current settings (keys, limits).
         serve.run(build_app(deployment.app_args(settings)), name=settings.serve.app_name, route_prefix="/",

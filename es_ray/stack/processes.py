@@ -126,5 +126,6 @@ def stack_ports(state_dir: Path) -> set[int]:
     if manifest is None:
         return kept
     urls = [manifest.serve_url, manifest.serve_proxy_url, manifest.triton_url, manifest.triton_grpc_url,
-            manifest.triton_metrics_url, manifest.ray_address, manifest.ray_dashboard_url, manifest.ray_metrics_url.removesuffix("/metrics")]
+            manifest.triton_metrics_url, manifest.ray_address, manifest.ray_dashboard_url,
+            manifest.ray_metrics_url.removesuffix("/metrics")]
     return kept | {int(u.rsplit(":", 1)[1]) for u in urls if u and u.rsplit(":", 1)[-1].isdigit()}
