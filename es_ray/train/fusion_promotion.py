@@ -9,6 +9,7 @@ ranked teach it: another collection's dense ranks came from another model.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from dataclasses import asdict
 
 from es_ray.config import Settings
@@ -28,8 +29,10 @@ def _metric(name: str) -> str:
     return name.replace("@", "_at_")
 
 
-def learn_and_promote(settings: Settings, dsn: str, config: FinetuneConfig | None = None) -> dict:
-    """Learns the blue collection's fusion; returns what was decided (raises NotEnoughData)."""
+def learn_and_promote(settings: Settings, dsn: str, config: FinetuneConfig | None = None,
+                      since: datetime | None = None) -> dict:
+    """Learns the blue collection's fusion; returns what was decided (raises NotEnoughData). `since`: only
+    sessions recorded from then on (a benchmark's own)."""
     import mlflow
 
     config = config or load_finetune_config()
@@ -41,7 +44,8 @@ def learn_and_promote(settings: Settings, dsn: str, config: FinetuneConfig | Non
         current = fusion_weights.learned(conn).get(blue.collection) or \
             Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
         batch = read_sessions(conn, config.data.max_sessions, settings.learning)
-    sessions = [x for x in batch.sessions if x.model_version == blue.model_version]
+    sessions = [x for x in batch.sessions if x.model_version == blue.model_version
+                and (since is None or x.created_at >= since)]
     learned: FusionLearning = learn(sessions, current, grid(s.learned_lexical_weights, s.learned_rrf_ks,
                                                             current.dense_weight), config)
     registry.client(registry.tracking_uri(settings))
