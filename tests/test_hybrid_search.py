@@ -12,7 +12,7 @@ import pytest
 
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import QUERY_ENCODER
-from es_ray.store import blue_green, db, fusion_weights
+from es_ray.store import blue_green, clickstream, db, fusion_weights
 from es_ray.store.fusion import Fusion
 from es_ray.store.collections import Collection
 from tests.helpers import ids, search
@@ -213,6 +213,11 @@ def test_hybrid_search_serves_the_collections_promoted_fusion(api, stack, settin
         body = search(api, query, mode="hybrid", limit=5)
         shown = api.get(f"/v1/sessions/{body['session_id']}").json()["results"]
         assert all(r["dense_rank"] or r["lexical_rank"] for r in shown)
+        # ... and the learners read them back with the mode (what train/fusion_weights.py re-fuses).
+        with db.connect(stack.postgres_dsn) as conn:
+            logged = next(x for x in clickstream.recent_sessions(conn, 50) if x.session_id == body["session_id"])
+        assert (logged.mode, logged.model_version) == ("hybrid", target.model_version)
+        assert logged.list_ranks == {r["id"]: (r["dense_rank"], r["lexical_rank"]) for r in shown}
     finally:
         with db.connect(stack.postgres_dsn) as conn:
             fusion_weights.forget(conn, target.collection)
