@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=3, help="concurrent simulated users")
     args = parser.parse_args(argv)
     data = args.data.resolve()
+    # The simulated clicks must not also move items' vectors (the improvement loop's click memories)
+    # between the default and the learned hybrid measurements: only the fusion may differ.
+    os.environ.setdefault("ES_RAY_IMPROVE__ENABLED", "false")
     settings, manifest = bench_stack(args.state_dir or Path(f"/tmp/esr-bench-hybrid-{data.name}"))
     try:
         docs = load_corpus(settings, manifest, data)
