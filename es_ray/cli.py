@@ -1,4 +1,4 @@
-"""The `es-ray` command: up, status, down, backup, restore, key, demo, cycle, prune, abandon-green.
+"""The `es-ray` command: up, status, down, backup, restore, key, demo, cycle, prune, learn-fusion, abandon-green.
 
 Each command imports what it runs inside its function: `es-ray --help` and `es-ray key` stay quick, and
 nothing imports Ray before the command has set the stack's environment (Ray's token mode is read when
@@ -276,6 +276,34 @@ def prune(state_dir: Optional[Path] = StateDir,
         display.note(f"pruned {totals['by_age']} session(s) by age (retention.max_age_days) and "
                      f"{totals['by_count']} by count (retention.max_sessions)"
                      + ("" if pruned.finished else "; more remain (run again)"))
+
+
+@app.command("learn-fusion")
+def learn_fusion(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose) -> None:
+    """Learn the blue collection's hybrid fusion (RRF's k and the lexical weight) from hybrid sessions' clicks,
+    with the fine-tune's debiasing and held-out split; it serves only if it passes the fine-tune's quality
+    gate. Recorded in MLflow (experiment es-ray-fusion) either way."""
+    from es_ray.stack.manifest import StackManifest
+    from es_ray.train.fusion_promotion import learn_and_promote
+    from es_ray.train.fusion_weights import NotEnoughData
+
+    settings = load_settings(state_dir)
+    manifest = StackManifest.load(settings.state_path)
+    dsn = settings.postgres.dsn or (manifest.postgres_dsn if manifest else "")
+    if not dsn:
+        typer.echo(f"no database: postgres.dsn is empty and {settings.state_path} has no stack (es-ray up)", err=True)
+        raise typer.Exit(1)
+    with _terminal(settings, "learn-fusion", verbose) as display:
+        display.step("learning the fusion from hybrid sessions")
+        try:
+            result = learn_and_promote(settings, dsn)
+        except NotEnoughData as err:
+            display.note(f"not learned: {escape(str(err))}")
+            raise typer.Exit(2) from None
+        f = result["fusion"]
+        display.note(f"{'promoted' if result['promoted'] else 'kept'} for {result['collection']}: rrf k={f['k']:g}, "
+                     f"dense weight {f['dense_weight']:g}, lexical weight {f['lexical_weight']:g} "
+                     f"({escape(result['decision']['reason'])}; MLflow run {result['mlflow_run_id']})")
 
 
 @app.command("abandon-green")

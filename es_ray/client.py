@@ -131,10 +131,11 @@ class EsRayClient:
     # --- search and items ---------------------------------------------------------------------------
 
     def search(self, query: str, *, limit: int = 10, offset: int = 0, filter: dict[str, Any] | None = None,
-               user_id: str | None = None, session: bool = True) -> schemas.SearchResponse:
-        """Best results first; with `session` the shown list is recorded (send clicks to its session_id)."""
+               user_id: str | None = None, session: bool = True, mode: str | None = None) -> schemas.SearchResponse:
+        """Best results first; with `session` the shown list is recorded (send clicks to its session_id).
+        `mode`: dense, lexical or hybrid (None: the stack's search.default_mode)."""
         request = self.search_request(query, limit=limit, offset=offset, filter=filter, user_id=user_id,
-                                      session=session)
+                                      session=session, mode=mode)
         return schemas.SearchResponse.model_validate(self._call("POST", "/v1/search", request))
 
     @staticmethod

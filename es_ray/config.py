@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import yaml
 from limits import parse as parse_limit
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, NonNegativeFloat, PositiveFloat, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -161,6 +161,8 @@ class SearchSettings(BaseModel):
     dense_weight: float = Field(1.0, ge=0)
     lexical_weight: float = Field(0.5, ge=0)
     depth: int = Field(100, ge=1)
+    learned_lexical_weights: list[NonNegativeFloat] = Field([0.25, 0.5, 0.75, 1.0, 1.5], min_length=1)
+    learned_rrf_ks: list[PositiveFloat] = Field([20.0, 60.0], min_length=1)
 
 
 class UpsertSettings(BaseModel):

@@ -4,6 +4,7 @@ fused), over HTTP. The lexical index through a reindex + switch is checked in te
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
 
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 
 from es_ray.inference.triton_client import TritonEncoder
 from es_ray.inference.triton_repo import QUERY_ENCODER
-from es_ray.store import blue_green, db
+from es_ray.store import blue_green, clickstream, db, fusion_weights
+from es_ray.store.fusion import Fusion
 from es_ray.store.collections import Collection
 from tests.helpers import ids, search
 
@@ -35,6 +37,13 @@ def hybrid_items(api, loaded_collection):
 def blue(stack) -> blue_green.Target:
     with db.connect(stack.postgres_dsn) as conn:
         return blue_green.get_blue(conn)
+
+
+def rrf(dense: list[str], lexical: list[str], k: float, dense_weight: float, lexical_weight: float) -> list[str]:
+    """Reciprocal rank fusion of two id lists, written out here independently of store/fusion.py."""
+    return sorted(set(dense) | set(lexical), key=lambda i: (
+        -sum(weight / (k + ranks.index(i) + 1) for ranks, weight in ((dense, dense_weight), (lexical, lexical_weight))
+             if i in ranks), i))
 
 
 def test_each_mode_answers_and_its_session_records_the_lists_ranks(api, settings, hybrid_items):
@@ -62,10 +71,7 @@ def test_each_mode_answers_and_its_session_records_the_lists_ranks(api, settings
     # Reciprocal rank fusion of those two lists (search.* as configured).
     s = settings.search
     assert s.fusion == "rrf"
-    expected = sorted(set(dense) | set(lexical), key=lambda i: (
-        -sum(weight / (s.rrf_k + ranks.index(i) + 1) for ranks, weight in ((dense, s.dense_weight),
-                                                                           (lexical, s.lexical_weight)) if i in ranks), i))
-    assert ids(hybrid) == expected[:20]
+    assert ids(hybrid) == rrf(dense, lexical, s.rrf_k, s.dense_weight, s.lexical_weight)[:20]
     scores = [r["score"] for r in hybrid["results"]]
     assert scores == sorted(scores, reverse=True)
 
@@ -182,3 +188,47 @@ def test_hybrid_search_is_personalised(api, stack, settings, hybrid_items):
     finally:
         with db.connect(stack.postgres_dsn) as conn:
             collection.forget_user(conn, "hy-user")
+
+
+def test_hybrid_search_serves_the_collections_promoted_fusion(api, stack, settings, hybrid_items):
+    """A fusion promoted for the blue collection (what `es-ray learn-fusion` writes when the gate passes
+    it) ranks hybrid searches as soon as the replicas are notified; forgotten, the configured one again."""
+    _, queries, _ = hybrid_items
+    s = settings.search
+    promoted = Fusion("rrf", 5.0, 1.0, 4.0)   # far from the configured one
+    for query in list(queries.values())[:20]:   # a query whose two lists disagree enough to change its order
+        dense = ids(search(api, query, mode="dense", limit=100, session=False))
+        lexical = ids(search(api, query, mode="lexical", limit=100, session=False))
+        configured = rrf(dense, lexical, s.rrf_k, s.dense_weight, s.lexical_weight)[:20]
+        expected = rrf(dense, lexical, promoted.k, promoted.dense_weight, promoted.lexical_weight)[:20]
+        if expected != configured:
+            break
+    assert expected != configured, "no query of the first 20 ranks differently under the two fusions"
+    assert ids(search(api, query, mode="hybrid", limit=20, session=False)) == configured
+
+    def hybrid_until(wanted: list[str]) -> list[str]:
+        deadline = time.monotonic() + 15   # a notification reaches the replicas at commit; 15 s is generous
+        while True:
+            found = ids(search(api, query, mode="hybrid", limit=20, session=False))
+            if found == wanted or time.monotonic() > deadline:
+                return found
+            time.sleep(0.2)
+
+    target = blue(stack)
+    with db.connect(stack.postgres_dsn) as conn:
+        fusion_weights.promote(conn, target.collection, promoted, None, {"candidate": True, "reason": "test"})
+    try:
+        assert hybrid_until(expected) == expected
+        # The session of a hybrid search records the ranks it was fused from, as with the configured fusion.
+        body = search(api, query, mode="hybrid", limit=5)
+        shown = api.get(f"/v1/sessions/{body['session_id']}").json()["results"]
+        assert all(r["dense_rank"] or r["lexical_rank"] for r in shown)
+        # ... and the learners read them back with the mode (what train/fusion_weights.py re-fuses).
+        with db.connect(stack.postgres_dsn) as conn:
+            logged = next(x for x in clickstream.recent_sessions(conn, 50) if x.session_id == body["session_id"])
+        assert (logged.mode, logged.model_version) == ("hybrid", target.model_version)
+        assert logged.list_ranks == {r["id"]: (r["dense_rank"], r["lexical_rank"]) for r in shown}
+    finally:
+        with db.connect(stack.postgres_dsn) as conn:
+            fusion_weights.forget(conn, target.collection)
+    assert hybrid_until(configured) == configured

@@ -11,13 +11,23 @@ one Postgres generates on every write. Every judged test query (--split) is then
 queries) at limit 100: nDCG@10 and Recall@100 by pytrec_eval. Latency: one client, the modes
 interleaved query by query (so drift in the machine's load reaches all three alike), limit 10, no
 session recorded (the session write costs every mode the same), after a warm-up; p50 per mode and
-hybrid p50 / dense p50. Results: bench/results/hybrid-<dataset>.json.
+hybrid p50 / dense p50.
+
+The click-learned fusion (hybrid_learned): after those measurements, the simulated users of
+configs/clicks.yaml (es_ray/demo/users.py) run `sessions_per_query` (5) hybrid sessions with clicks for
+every judged train query (never a test query), the learner reads them (es_ray/train/fusion_promotion.py:
+the fine-tune's debiasing, split and gate), and every test query is searched in hybrid mode again, with
+the promoted fusion if the gate passed it (else the default's: the learned fusion is then the default).
+Results: bench/results/hybrid-<dataset>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -27,11 +37,14 @@ from es_ray.bench.common import bench_stack, percentiles, write_result
 from es_ray.bench.corpus_vectors import collection_vectors
 from es_ray.client import EsRayClient
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
+from es_ray.demo.users import ClickModel, simulate_sessions
 from es_ray.inference.encoder import resolve_model_dir
 from es_ray.stack import control
-from es_ray.store import blue_green, db
+from es_ray.store import blue_green, db, fusion_weights
 from es_ray.store.collections import Collection, EmbeddedItem
 from es_ray.train.evaluation import evaluate
+from es_ray.train.fusion_promotion import learn_and_promote
+from es_ray.train.fusion_weights import NotEnoughData
 
 MODES = ("dense", "lexical", "hybrid")
 WRITE_BATCH = 500
@@ -60,6 +73,7 @@ def load_corpus(settings, manifest, data: Path) -> int:
                     batch.append(EmbeddedItem(object_id, item.get("payload") or {}, vectors.chunks[vectors.owner == n],
                                               {"text_sha256": hashlib.sha256(text.encode()).hexdigest()}, text))
                 collection.upsert(conn, batch)
+        fusion_weights.forget(conn, blue.collection)  # the default fusion first: an earlier run may have promoted one
         # The row estimate lexical search reads (N of idf), as autovacuum's ANALYZE leaves it after a load.
         conn.execute(sql.SQL("ANALYZE {}").format(collection.items))
         return collection.count(conn)
@@ -74,6 +88,34 @@ def search(client: EsRayClient, query: str, mode: str, limit: int) -> tuple[list
     return [r["id"] for r in response.json()["results"]], elapsed
 
 
+def learn_fusion(settings, manifest, data: Path, queries: dict[str, str], qrels, judged: list[str], args) -> dict:
+    """Simulated hybrid sessions on the train queries, the learner, then hybrid on the test queries again."""
+    train_qrels = read_qrels(data / "qrels" / "train.tsv")
+    train = {q: queries[q] for q, docs in train_qrels.items()
+             if q in queries and q not in qrels and any(g > 0 for g in docs.values())}  # never a test query
+    model = dataclasses.replace(ClickModel.load(), sessions_per_query=args.sessions_per_query)
+    since = datetime.datetime.now(datetime.timezone.utc)
+    started = time.perf_counter()
+    sessions, clicks = simulate_sessions(manifest.serve_url, train, train_qrels, model, args.clients, mode="hybrid")
+    simulate_s = time.perf_counter() - started
+    out = {"train_queries": len(train), "sessions": sessions, "clicks": clicks, "simulate_s": round(simulate_s, 1)}
+    try:
+        outcome = learn_and_promote(settings, manifest.postgres_dsn, since=since)
+    except NotEnoughData as err:
+        return {**out, "quality": None, "not_learned": str(err)}
+    out.update({k: outcome[k] for k in ("promoted", "fusion", "chosen", "train_scores", "heldout", "decision",
+                                        "details", "mlflow_run_id")})
+    if outcome["promoted"]:
+        time.sleep(1.0)  # the replicas re-read the promoted fusion when Postgres notifies them (at commit)
+    run = {}
+    with EsRayClient.for_stack(manifest, timeout=60) as client:
+        for q in judged:
+            found, _ = search(client, queries[q], "hybrid", 100)
+            run[q] = {object_id: float(100 - k) for k, object_id in enumerate(found)}
+    quality = evaluate(run, qrels)
+    return {**out, "quality": {"ndcg@10": round(quality["ndcg@10"], 4), "recall@100": round(quality["recall@100"], 4)}}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="BEIR directory (corpus, queries, qrels/test.tsv)")
@@ -82,8 +124,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     parser.add_argument("--split", default="test", help="qrels split; another than test (train: where settings "
                         "are chosen) writes /tmp/esr-bench-scratch/hybrid-<dataset>-<split>.json, not the report")
+    parser.add_argument("--sessions-per-query", type=int, default=ClickModel.load().sessions_per_query,
+                        help="simulated hybrid sessions per train query for the learned fusion")
+    parser.add_argument("--clients", type=int, default=3, help="concurrent simulated users")
     args = parser.parse_args(argv)
     data = args.data.resolve()
+    # The simulated clicks must not also move items' vectors (the improvement loop's click memories)
+    # between the default and the learned hybrid measurements: only the fusion may differ.
+    os.environ.setdefault("ES_RAY_IMPROVE__ENABLED", "false")
     settings, manifest = bench_stack(args.state_dir or Path(f"/tmp/esr-bench-hybrid-{data.name}"))
     try:
         docs = load_corpus(settings, manifest, data)
@@ -102,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             for q in judged:   # latency: a page of 10, the modes interleaved
                 for mode in MODES:
                     latencies[mode].append(search(client, queries[q], mode, 10)[1])
+        learned = learn_fusion(settings, manifest, data, queries, qrels, judged, args)
         quality = {mode: evaluate(runs[mode], qrels) for mode in MODES}
         p50 = {mode: percentiles(latencies[mode])["p50_ms"] for mode in MODES}
         s = settings.search
@@ -109,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             "benchmark": "hybrid", "docs": docs, "queries": len(judged),
             **{mode: {"ndcg@10": round(quality[mode]["ndcg@10"], 4), "recall@100": round(quality[mode]["recall@100"], 4)}
                for mode in MODES},
-            "hybrid_learned": None,   # the click-learned fusion (issue 18, step 5) is not built yet
+            "hybrid_learned": learned.pop("quality"), "learned_fusion": learned,
             "p50_ms": p50, "latency": {mode: percentiles(latencies[mode]) for mode in MODES},
             "hybrid_to_dense_p50": round(p50["hybrid"] / p50["dense"], 3),
             "settings": {"fusion": s.fusion, "rrf_k": s.rrf_k, "dense_weight": s.dense_weight,
@@ -119,6 +168,10 @@ def main(argv: list[str] | None = None) -> None:
         best = max(result["dense"]["ndcg@10"], result["lexical"]["ndcg@10"])
         result["targets"] = {"hybrid_ndcg_at_least_best": result["hybrid"]["ndcg@10"] >= best,
                              "hybrid_p50_at_most_1.2x_dense": result["hybrid_to_dense_p50"] <= 1.2}
+        if result["hybrid_learned"] is not None:
+            gain = result["hybrid_learned"]["ndcg@10"] - result["hybrid"]["ndcg@10"]
+            result["targets"]["learned_ndcg_at_least_default"] = gain >= 0
+            result["targets"]["learned_ndcg_never_0.005_below_default"] = gain >= -0.005
         command = f"python -m es_ray.bench.hybrid --data {args.data}" + (f" --split {args.split}" if args.split != "test" else "")
         path = write_result("hybrid", data.name, {**result, "split": args.split}, command,
                             scratch="" if args.split == "test" else args.split)

@@ -43,9 +43,9 @@ class ClickModel:
 
 
 def simulate_session(client: EsRayClient, model: ClickModel, query: str, relevant: set[str], rng: random.Random,
-                     user_id: str | None = None) -> int:
+                     user_id: str | None = None, mode: str | None = None) -> int:
     """One search with a recorded session, then its clicks; returns the number of clicks sent."""
-    result = client.search(query, limit=len(model.examination_by_rank), user_id=user_id)
+    result = client.search(query, limit=len(model.examination_by_rank), user_id=user_id, mode=mode)
     clicked = model.clicks([r.id for r in result.results], relevant, rng)
     if clicked and result.session_id:
         client.click(result.session_id, *clicked)
@@ -53,9 +53,10 @@ def simulate_session(client: EsRayClient, model: ClickModel, query: str, relevan
 
 
 def simulate_sessions(url: str, queries: dict[str, str], qrels: dict[str, dict[str, int]], model: ClickModel,
-                      clients: int = 3) -> tuple[int, int]:
+                      clients: int = 3, mode: str | None = None) -> tuple[int, int]:
     """`sessions_per_query` searches with clicks for every query, from concurrent simulated users, each
-    session a different person from its own loopback address (demo/addresses.py); returns (sessions, clicks)."""
+    session a different person from its own loopback address (demo/addresses.py), in search `mode` (None:
+    the default); returns (sessions, clicks)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -68,7 +69,7 @@ def simulate_sessions(url: str, queries: dict[str, str], qrels: dict[str, dict[s
         n, qid, seed = task
         # Anonymous people, one connection each: as many distinct clients to the server as sessions.
         with EsRayClient(url, timeout=120, local_address=person_address(USERS, n)) as client:
-            return simulate_session(client, model, queries[qid], relevant[qid], random.Random(seed))
+            return simulate_session(client, model, queries[qid], relevant[qid], random.Random(seed), mode=mode)
 
     with ThreadPoolExecutor(clients) as pool:
         clicks = sum(tqdm(pool.map(one, plan), total=len(plan), desc="simulate", unit="session"))

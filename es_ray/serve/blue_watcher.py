@@ -6,6 +6,9 @@ LISTENs on a connection of its own and re-reads the pointer on each notification
 `refresh_s` anyway (a notification cannot be lost on a live connection, but the read is the proof). A
 lost connection (Postgres restarted) is opened again, the pointer re-read at once, since notifications
 sent meanwhile were missed; until then the last known pointer keeps serving.
+
+The collections' promoted fusions (store/fusion_weights.py) are read with the pointer: a promotion
+notifies the same channel, and a search then reads neither from Postgres.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import threading
 import psycopg
 
 from es_ray.logs import get_logger
-from es_ray.store import blue_green, db
+from es_ray.store import blue_green, db, fusion_weights
 from es_ray.store.blue_green import Blue
+from es_ray.store.fusion import Fusion
 
 log = get_logger(__name__)
 
@@ -39,6 +43,7 @@ class BlueWatcher:
         self.dsn, self.refresh_s, self.retry_s = dsn, refresh_s, retry_s
         with pool.connection() as conn:
             self.current: Blue | None = blue_green.get_blue(conn)
+            self.fusions: dict[str, Fusion] = fusion_weights.learned(conn)   # collection -> promoted fusion
         self.reads = 0                        # how often it re-read the pointer (tests, logs)
         self._stopped = threading.Event()
         threading.Thread(target=self._run, name="blue-watcher", daemon=True).start()
@@ -62,6 +67,7 @@ class BlueWatcher:
                 self._stopped.wait(self.retry_s)
 
     def _read(self, conn: psycopg.Connection) -> None:
+        self.fusions = fusion_weights.learned(conn)   # first: a new blue never meets an older collection's view
         self.current = blue_green.get_blue(conn)
         self.reads += 1
 

@@ -69,6 +69,9 @@ class LoggedSession:
     source: SessionSource | None = None             # None: not read from the store
     client: str | None = None
     filtered: bool = False                          # its search had a payload filter
+    mode: str | None = None                         # dense | lexical | hybrid; None: not recorded
+    list_ranks: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)  # id -> (dense, lexical)
+    model_version: int | None = None                # the model whose collection ranked it
 
     @property
     def learning_client(self) -> str:
@@ -191,7 +194,7 @@ def forget_user_sessions(conn: psycopg.Connection, user_id: str) -> int:
 
 # Every reader below takes `exclude_sources` (learning.exclude_sources): sessions of those sources are
 # left out, as if they had never been recorded.
-LOG_COLUMNS = "session_id, query, irrelevant, created_at, user_id, source, client, filtered"
+LOG_COLUMNS = "session_id, query, irrelevant, created_at, user_id, source, client, filtered, mode, model_version"
 KEPT = "source <> ALL(%(exclude)s::text[])"
 
 
@@ -264,11 +267,14 @@ def _with_results(conn: psycopg.Connection, rows: list[tuple]) -> list[LoggedSes
     """Sessions (rows of LOG_COLUMNS) with their shown results, by rank, and their clicks."""
     if not rows:
         return []
-    sessions = {r[0]: LoggedSession(r[0], r[1], r[2], r[3], [], set(), r[4], r[5], r[6], r[7]) for r in rows}
-    for session_id, rank, object_id in conn.execute(
-            "SELECT session_id, rank, object_id FROM session_results WHERE session_id = ANY(%s) "
-            "ORDER BY session_id, rank", (list(sessions),)):
+    sessions = {r[0]: LoggedSession(r[0], r[1], r[2], r[3], [], set(), r[4], r[5], r[6], r[7], r[8],
+                                    model_version=r[9]) for r in rows}
+    for session_id, rank, object_id, dense_rank, lexical_rank in conn.execute(
+            "SELECT session_id, rank, object_id, dense_rank, lexical_rank FROM session_results "
+            "WHERE session_id = ANY(%s) ORDER BY session_id, rank", (list(sessions),)):
         sessions[session_id].shown.append((rank, object_id))
+        if dense_rank is not None or lexical_rank is not None:  # hybrid's lists (the fusion learner reads them)
+            sessions[session_id].list_ranks[object_id] = (dense_rank, lexical_rank)
     for session_id, object_id in conn.execute(
             "SELECT session_id, object_id FROM events WHERE type = 'click' AND session_id = ANY(%s)",
             (list(sessions),)):

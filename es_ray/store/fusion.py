@@ -37,18 +37,23 @@ def fuse(dense: list[tuple[str, float]], lexical: list[tuple[str, float]], fusio
     """(id, score) lists, best first, fused into one list, best first."""
     dense_ranks = {item: rank for rank, (item, _) in enumerate(dense, start=1)}
     lexical_ranks = {item: rank for rank, (item, _) in enumerate(lexical, start=1)}
-    if fusion.method == "rrf":
-        def contribution(ranks: dict[str, int], _scores: dict[str, float], item: str, weight: float) -> float:
-            return weight / (fusion.k + ranks[item]) if item in ranks else 0.0
-    else:
-        def contribution(_ranks: dict[str, int], scores: dict[str, float], item: str, weight: float) -> float:
-            return weight * scores[item] if item in scores else 0.0
     dense_scores, lexical_scores = _normalised(dense), _normalised(lexical)
-    fused = [Fused(item, contribution(dense_ranks, dense_scores, item, fusion.dense_weight)
-                   + contribution(lexical_ranks, lexical_scores, item, fusion.lexical_weight),
-                   dense_ranks.get(item), lexical_ranks.get(item))
+
+    def score(item: str) -> float:
+        if fusion.method == "rrf":
+            return rrf_score(fusion, dense_ranks.get(item), lexical_ranks.get(item))
+        return fusion.dense_weight * dense_scores.get(item, 0.0) + fusion.lexical_weight * lexical_scores.get(item, 0.0)
+
+    fused = [Fused(item, score(item), dense_ranks.get(item), lexical_ranks.get(item))
              for item in dense_ranks.keys() | lexical_ranks.keys()]
     return sorted(fused, key=lambda f: (-f.score, f.id))
+
+
+def rrf_score(fusion: Fusion, dense_rank: int | None, lexical_rank: int | None) -> float:
+    """An item's RRF score from its 1-based rank in each list (None: not in it). The fusion learner
+    (train/fusion_weights.py) re-fuses logged results with it from the ranks their sessions recorded."""
+    return (fusion.dense_weight / (fusion.k + dense_rank) if dense_rank is not None else 0.0) \
+        + (fusion.lexical_weight / (fusion.k + lexical_rank) if lexical_rank is not None else 0.0)
 
 
 def _normalised(ranking: list[tuple[str, float]]) -> dict[str, float]:

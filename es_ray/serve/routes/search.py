@@ -50,7 +50,7 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
     started, status = time.monotonic(), "unavailable"
     session_id, searched = None, None
     try:
-        ranking = _ranking(state.settings.search, request.mode)
+        ranking = _ranking(state.settings.search, request.mode, state.blue_watcher.fusions.get(blue.collection))
         collection, timeout_ms = Collection(blue.collection, blue.dim), state.settings.postgres.search_timeout_ms
         words = _lexical_beside(state, collection, ranking, request, timeout_ms) \
             if ranking.mode == "hybrid" else None
@@ -100,11 +100,12 @@ def _lexical_beside(state: Replica, collection: Collection, ranking: Ranking, re
     return state.beside.submit(read).result  # on one of the replica's threads beside the request's
 
 
-def _ranking(search: SearchSettings, mode: str | None) -> Ranking:
-    """The request's mode (search.default_mode when it names none) with the configured fusion."""
-    return Ranking(mode or search.default_mode, Fusion(search.fusion, search.rrf_k, search.dense_weight,
-                                                       search.lexical_weight),
-                   search.depth, search.text_search_config, search.lexical_common_share, search.max_query_terms)
+def _ranking(search: SearchSettings, mode: str | None, learned: Fusion | None = None) -> Ranking:
+    """The request's mode (search.default_mode when it names none) with the collection's promoted fusion
+    (learned from clicks, store/fusion_weights.py), else the configured one."""
+    fusion = learned or Fusion(search.fusion, search.rrf_k, search.dense_weight, search.lexical_weight)
+    return Ranking(mode or search.default_mode, fusion, search.depth, search.text_search_config,
+                   search.lexical_common_share, search.max_query_terms)
 
 
 def _record_session(conn, request: schemas.SearchRequest, who: Caller, state: Replica, client: str, blue: Blue,
