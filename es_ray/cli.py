@@ -279,12 +279,15 @@ def prune(state_dir: Optional[Path] = StateDir,
 
 
 @app.command("learn-fusion")
-def learn_fusion(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose) -> None:
+def learn_fusion(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose,
+                 forget: bool = typer.Option(False, "--forget", help="Withdraw the blue collection's promoted "
+                                                                     "fusion instead: search.* serves again")) -> None:
     """Learn the blue collection's hybrid fusion (RRF's k and the lexical weight) from hybrid sessions' clicks,
     with the fine-tune's debiasing and held-out split; it serves only if it passes the fine-tune's quality
-    gate. Recorded in MLflow (experiment es-ray-fusion) either way."""
+    gate. Recorded in MLflow either way (experiment es-ray-fusion, a version of mlflow.registered_fusion).
+    A promoted fusion serves instead of search.*'s until the collection is dropped or --forget."""
     from es_ray.stack.manifest import StackManifest
-    from es_ray.train.fusion_promotion import learn_and_promote
+    from es_ray.train.fusion_promotion import FusionNotLearnable, forget_promoted, learn_and_promote
     from es_ray.train.fusion_weights import NotEnoughData
 
     settings = load_settings(state_dir)
@@ -294,12 +297,20 @@ def learn_fusion(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose) 
         typer.echo(f"no database: postgres.dsn is empty and {settings.state_path} has no stack (es-ray up)", err=True)
         raise typer.Exit(1)
     with _terminal(settings, "learn-fusion", verbose) as display:
+        if forget:
+            collection = forget_promoted(settings, dsn)
+            display.note(f"withdrawn for {collection}: search.* serves" if collection
+                         else "the blue collection has no promoted fusion: search.* serves")
+            return
         display.step("learning the fusion from hybrid sessions")
         try:
             result = learn_and_promote(settings, dsn)
-        except NotEnoughData as err:
+        except (NotEnoughData, FusionNotLearnable) as err:
             display.note(f"not learned: {escape(str(err))}")
             raise typer.Exit(2) from None
+        if result["superseded"]:
+            display.note("another learner promoted a fusion meanwhile: this one was compared with the one "
+                         "before it, so it was not promoted")
         f = result["fusion"]
         display.note(f"{'promoted' if result['promoted'] else 'kept'} for {result['collection']}: rrf k={f['k']:g}, "
                      f"dense weight {f['dense_weight']:g}, lexical weight {f['lexical_weight']:g} "

@@ -103,6 +103,7 @@ class TritonSettings(BaseModel):
 class MlflowSettings(BaseModel):
     tracking_uri: str = ""
     registered_model: str = "es-ray-embedding"
+    registered_fusion: str = "es-ray-fusion"
 
 
 class ModelSettings(BaseModel):

@@ -7,6 +7,7 @@ import random
 
 from es_ray.store.clickstream import LoggedSession
 from es_ray.store.fusion import Fusion, fuse
+from es_ray.train.clicklog import split_by_query
 from es_ray.train.config import FinetuneConfig
 from es_ray.train.fusion_weights import LoggedLists, grid, learn, replayed_run
 
@@ -90,3 +91,31 @@ def test_unshown_items_that_surely_rank_higher_push_shown_ones_down():
     # With the current weights no unshown rank surely beats a shown item: the logged order alone.
     run = replayed_run(lists, CURRENT)
     assert sorted(run, key=lambda i: -run[i]) == ["c", "a", "b"]
+
+
+def test_held_out_clicks_never_reach_the_choice_made_on_train_queries():
+    # With the examination model from the config (not estimated from every session), the held-out
+    # sessions' clicks can change only the held-out scores and the gate, never the train scores or the choice.
+    config = FinetuneConfig.model_validate({"debias": {"propensity": "config"}})
+    log = click_log("lexical")
+    heldout = {s.session_id for s in split_by_query(log, config.data.split_seed, config.data.heldout_fraction)[1]}
+    assert heldout and len(heldout) < len(log)
+    before = learn(log, CURRENT, GRID, config)
+    for s in log:
+        if s.session_id in heldout:   # the held-out users now click the opposite way
+            s.clicked = {item for _, item in s.shown[5:8]}
+    after = learn(log, CURRENT, GRID, config)
+    assert after.train_scores == before.train_scores and after.chosen == before.chosen
+    assert after.heldout != before.heldout
+
+
+def test_a_change_the_train_queries_prefer_is_refused_when_held_out_queries_do_not():
+    # Train queries' users find relevant results in the lexical list, held-out queries' users in the
+    # dense one: train picks a larger lexical weight, the gate (margin 0) refuses it on held-out.
+    config = FinetuneConfig.model_validate({"gate": {"margin": 0.0}})
+    lexical, dense = click_log("lexical"), click_log("dense", seed=4)
+    split = lambda log: split_by_query(log, config.data.split_seed, config.data.heldout_fraction)  # noqa: E731
+    log = split(lexical)[0] + split(dense)[1]
+    learned = learn(log, CURRENT, GRID, config)
+    assert learned.chosen.lexical_weight > CURRENT.lexical_weight
+    assert learned.decision.new <= learned.decision.blue and not learned.decision.candidate, learned.decision

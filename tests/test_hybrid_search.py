@@ -215,9 +215,17 @@ def test_hybrid_search_serves_the_collections_promoted_fusion(api, stack, settin
             time.sleep(0.2)
 
     target = blue(stack)
+    gate = {"candidate": True, "reason": "test"}
     with db.connect(stack.postgres_dsn) as conn:
-        fusion_weights.promote(conn, target.collection, promoted, None, {"candidate": True, "reason": "test"})
+        assert fusion_weights.promote(conn, target.collection, promoted, None, "run", 1, gate)
     try:
+        # A second learner gated against the configured fusion, or against another promoted one, promotes
+        # nothing: it was never compared with the fusion that serves now.
+        with db.connect(stack.postgres_dsn) as conn:
+            assert not fusion_weights.promote(conn, target.collection, Fusion("rrf", 60.0, 1.0, 1.0), None, "r2", 2, gate)
+            assert not fusion_weights.promote(conn, target.collection, Fusion("rrf", 60.0, 1.0, 1.0),
+                                              Fusion("rrf", 20.0, 1.0, 0.5), "r2", 2, gate)
+            assert fusion_weights.record(conn, target.collection)["mlflow_version"] == 1
         assert hybrid_until(expected) == expected
         # The session of a hybrid search records the ranks it was fused from, as with the configured fusion.
         body = search(api, query, mode="hybrid", limit=5)

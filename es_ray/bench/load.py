@@ -6,7 +6,8 @@ attacker beside normal traffic (es_ray/bench/attack.py: bench/results/load-attac
     python -m es_ray.bench.load [--seconds 180] [--clients 8] [--only faults|deploy|attack]  (loopback; `make load`)
 
 Every request is recorded (status, seconds, Retry-After). Reported: requests tried and failed, latency,
-the RSS of every process of the stack at the start and the end of the steady phase, and per fault:
+the RSS of every process of the stack at the start and the end of the steady phase and each one's growth
+after the warm-up (`--warmup-seconds`, 300: the issue's 15-minute run is `--seconds 900`), and per fault:
 refused (must be 503 with Retry-After, or no answer while the replica is gone), time to recover, and
 clicks lost (acknowledged but not stored: must be 0; unacknowledged ones are sent again with the same
 event id and must be stored exactly once). tests/test_faults.py runs the same faults with a lighter load.
@@ -291,10 +292,23 @@ def rss_mb(processes: dict[str, psutil.Process]) -> dict[str, float]:
     return sizes
 
 
+def growth_after_warmup(warm: dict[str, float | None], end: dict[str, float | None], warmup_s: float) -> dict:
+    """Each process's RSS growth from the end of the warm-up to the end of the steady load, largest first
+    (a process gone by the end, e.g. a replaced worker, is left out)."""
+    growth = {name: round(100 * (end[name] / size - 1), 1) for name, size in warm.items()
+              if size and end.get(name)}
+    largest = sorted(growth.items(), key=lambda item: -item[1])
+    return {"warmup_s": round(warmup_s), "growth_after_warmup_pct": dict(largest[:8]),
+            "max_growth_after_warmup_pct": largest[0][1] if largest else None,
+            "max_growth_process": largest[0][0] if largest else None}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=180, help="steady load before the faults")
     parser.add_argument("--clients", type=int, default=8, help="concurrent search clients")
+    parser.add_argument("--warmup-seconds", type=float, default=300,
+                        help="memory growth counts after this much of the steady load (at most a third of it)")
     parser.add_argument("--state-dir", default=DEFAULT_STATE)
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument("--only", choices=["faults", "deploy", "attack"], help="one phase (default: all)")
@@ -412,13 +426,18 @@ def steady_and_faults(args, settings, manifest: StackManifest, api: EsRayClient)
     processes = stack_processes(state)
     rss_start = rss_mb(processes)
     totals = [(0.0, round(sum(v for v in rss_start.values() if v), 1))]   # (seconds, stack RSS MB) as it runs
+    # Growth counts from the end of the warm-up (caches, pools and arenas fill in the first minutes): the
+    # issue's bound is 5 % after the first 5 minutes of a 15-minute run; a shorter run uses its first third.
+    warmup_s, rss_warm = min(args.warmup_seconds, args.seconds / 3), None
     with Load(manifest.serve_url, search_clients=args.clients, click_clients=1, upsert_clients=1,
               api_key=api.api_key) as load:
         started = time.monotonic()
         while (elapsed := time.monotonic() - started) < args.seconds:
-            time.sleep(min(30.0, args.seconds - elapsed))
+            time.sleep(min(30.0, args.seconds - elapsed, max(warmup_s - elapsed, 0) or 30.0))
             sizes = rss_mb(processes)
             totals.append((round(time.monotonic() - started), round(sum(v for v in sizes.values() if v), 1)))
+            if rss_warm is None and time.monotonic() - started >= warmup_s:
+                rss_warm = sizes
         steady_end = time.monotonic()
         rss_end = rss_mb(processes)
         steady = load.summary(started, steady_end)
@@ -438,6 +457,7 @@ def steady_and_faults(args, settings, manifest: StackManifest, api: EsRayClient)
         "benchmark": "load", "seconds": args.seconds, "search_clients": args.clients, "steady": steady,
         "rss_mb": {"start": rss_start, "end": rss_end, "total_start": round(total_start, 1),
                    "total_end": round(total_end, 1), "total_every_30s": totals},
+        **growth_after_warmup(rss_warm or rss_start, rss_end, warmup_s),
         "faults": faults, "clicks": clicks}, command)
 
 

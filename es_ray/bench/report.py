@@ -100,10 +100,13 @@ TABLES.append(("reindex", "Reindex to a new model (Ray Data job via Triton into 
     ("failed searches", lambda r: r["search_failures"])]))
 def _load_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [{**r, "phase": f"steady {r['seconds']:g} s", "window": r["steady"], "recovered": "",
-             "rss": f"{r['rss_mb']['total_start']} -> {r['rss_mb']['total_end']}"}]
+             "rss": f"{r['rss_mb']['total_start']} -> {r['rss_mb']['total_end']}",
+             "growth": f"{r['max_growth_after_warmup_pct']} % ({r['max_growth_process']}, after {r['warmup_s']} s)"
+             if r.get("max_growth_process") else "-"}]
     for name, fault in r["faults"].items():
         recovered = next((v for k, v in fault.items() if k.startswith("recovered_s")), "")
-        rows.append({**r, "phase": name.replace("_", " "), "window": fault["during"], "recovered": recovered, "rss": ""})
+        rows.append({**r, "phase": name.replace("_", " "), "window": fault["during"], "recovered": recovered, "rss": "",
+                     "growth": ""})
     return rows
 
 
@@ -117,6 +120,7 @@ TABLES.append(("load", "Load and faults (loopback; clicks lost must be 0)", _loa
     ("click requests (failed)", lambda r: f"{r['window']['click']['requests']} ({r['window']['click']['failed']})"),
     ("upserts (failed)", lambda r: f"{r['window']['upsert']['requests']} ({r['window']['upsert']['failed']})"),
     ("recovered s", lambda r: r["recovered"]), ("stack RSS MB start -> end", lambda r: r["rss"]),
+    ("largest process growth after warm-up (target <= 5 %)", lambda r: r["growth"]),
     ("clicks acked / lost", lambda r: f"{r['clicks']['acknowledged']} / {r['clicks']['lost']}")]))
 TABLES.append(("load-attack", "An attacker beside normal traffic (loopback; top-10 changed must be 0)",
                lambda r: [r], [

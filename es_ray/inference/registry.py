@@ -75,10 +75,25 @@ def register_version(settings: Settings, run_id: str, model_dir: Path, descripti
                            description, tags)
 
 
+def register_fusion(settings: Settings, run_id: str, description: str, tags: dict[str, str]) -> int:
+    """Registers the run's `fusion.json` (a click-learned hybrid fusion) as the next version of
+    mlflow.registered_fusion, as a fine-tuned encoder is registered."""
+    mlflow_client = client(tracking_uri(settings))
+    artifact_uri = mlflow_client.get_run(run_id).info.artifact_uri
+    return _create_version(mlflow_client, settings.mlflow.registered_fusion, run_id, f"{artifact_uri}/fusion.json",
+                           description, tags, what="es-ray hybrid fusion (RRF k and list weights) learned from clicks")
+
+
+def tag_version(settings: Settings, name: str, version: int, tags: dict[str, str]) -> None:
+    mlflow_client = client(tracking_uri(settings))
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, str(version), key, str(value))
+
+
 def _create_version(mlflow_client, name: str, run_id: str, source: str, description: str,
-                    tags: dict[str, str]) -> int:
+                    tags: dict[str, str], what: str = "es-ray embedding model (query and item encoder)") -> int:
     if not mlflow_client.search_registered_models(f"name = '{name}'"):
-        mlflow_client.create_registered_model(name, description="es-ray embedding model (query and item encoder)")
+        mlflow_client.create_registered_model(name, description=what)
     version = mlflow_client.create_model_version(name, source=source, run_id=run_id, description=description,
                                                  tags={k: str(v) for k, v in tags.items()})
     log.info("registry.registered", name=name, version=version.version, run_id=run_id)

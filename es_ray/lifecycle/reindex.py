@@ -43,7 +43,7 @@ from es_ray.logs import get_logger
 from es_ray.priority import run_as_batch
 from es_ray.lifecycle.switching import SwitchRefused, drop_green
 from es_ray.lifecycle.task_job import TaskJob, run_as_task
-from es_ray.store import blue_green, clickstream, db, locks, reindex_ranges, tasks
+from es_ray.store import blue_green, clickstream, db, fusion_weights, locks, reindex_ranges, tasks
 from es_ray.store.blue_green import Target
 from es_ray.store.collections import Collection, EmbeddedItem, collection_name
 from es_ray.store.lexical import LexicalIndex
@@ -193,8 +193,10 @@ def prepare_green(settings: Settings, driver, conn, version: int, progress) -> t
                                        lexical_index=LexicalIndex.from_settings(settings.search))
     known = blue_green.get_collection(conn, name)
     if known is None or known["state"] != "building":
-        # A new reindex, not a resumed one: checkpoints of an earlier life of this collection do not count.
+        # A new reindex, not a resumed one: checkpoints and a fusion learned in an earlier life of this
+        # collection (names are reused: v<version>) do not count.
         reindex_ranges.forget(conn, name)
+        fusion_weights.forget(conn, name)
         blue_green.save_collection(conn, name, version, "building")
     blue_green.set_green(conn, version, name)
     green = Target(version, name, model.dim, model.source_dir, model.max_length, model.triton_grpc_url)

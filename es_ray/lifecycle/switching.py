@@ -28,7 +28,7 @@ import psycopg
 from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.logs import get_logger
-from es_ray.store import blue_green, locks, reindex_ranges
+from es_ray.store import blue_green, fusion_weights, locks, reindex_ranges
 from es_ray.store.collections import Collection
 
 log = get_logger(__name__)
@@ -177,6 +177,7 @@ def retire(conn: psycopg.Connection, deployer: Deployer, target: blue_green.Targ
     """Drops a collection the blue row no longer points to and unloads its model (if unused)."""
     Collection(target.collection, target.dim).drop(conn)
     blue_green.save_collection(conn, target.collection, target.model_version, "dropped")
+    fusion_weights.forget(conn, target.collection)   # its row stays (names are reused): the fusion goes with it
     live = {t.model_version for t in blue_green.get_state(conn).write_targets()}
     if target.model_version not in live:
         deployer.undeploy(target.model_version)
@@ -201,6 +202,7 @@ def drop_green(conn: psycopg.Connection, name: str, reason: str, state: str = "d
         Collection(name, blue_green.get_model(conn, row["model_version"]).dim).drop(conn)
         blue_green.save_collection(conn, name, row["model_version"], state)
     reindex_ranges.forget(conn, name)
+    fusion_weights.forget(conn, name)
     log.info("lifecycle.green_dropped", collection=name, reason=reason)
 
 

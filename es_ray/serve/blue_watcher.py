@@ -67,7 +67,9 @@ class BlueWatcher:
                 self._stopped.wait(self.retry_s)
 
     def _read(self, conn: psycopg.Connection) -> None:
-        self.fusions = fusion_weights.learned(conn)   # first: a new blue never meets an older collection's view
+        # Fusions first: a request that sees a new blue sees fusions read no earlier than it; a fusion
+        # promoted between the two reads notifies again, and the next read takes it.
+        self.fusions = fusion_weights.learned(conn)
         self.current = blue_green.get_blue(conn)
         self.reads += 1
 

@@ -249,7 +249,7 @@ def _mlflow_up(uri: str) -> bool:
 def _blue_and_count(dsn: str) -> dict[str, Any]:
     import psycopg
 
-    from es_ray.store import db, blue_green
+    from es_ray.store import db, blue_green, fusion_weights
     from es_ray.store.collections import Collection
 
     try:
@@ -258,6 +258,8 @@ def _blue_and_count(dsn: str) -> dict[str, Any]:
             if blue is None:
                 return {"blue": None, "items": 0}
             return {"blue": {"model_version": blue.model_version, "collection": blue.collection},
-                    "items": Collection(blue.collection, blue.dim).count(conn)}
+                    "items": Collection(blue.collection, blue.dim).count(conn),
+                    # hybrid's promoted fusion (es-ray learn-fusion); none: search.* configures it
+                    "fusion": fusion_weights.record(conn, blue.collection) or "configured (search.*)"}
     except psycopg.Error as err:
         return {"blue": f"error: {err}"}

@@ -1,5 +1,7 @@
 """One learning of the blue collection's hybrid fusion from the click log: learn (train/fusion_weights.py),
-record it in MLflow, and promote it (store/fusion_weights.py) only when the gate says so.
+record it in MLflow (a run, and a version of the registered model mlflow.registered_fusion tagged as the
+fine-tune tags its versions: candidate or rejected, then promoted or superseded), and promote it
+(store/fusion_weights.py) only when the gate says so and nobody promoted another fusion meanwhile.
 
 Runs in-process (`es-ray learn-fusion`, the hybrid benchmark): re-fusing logged ranks over a small grid
 takes seconds, so it needs neither a Ray job nor a task. Only sessions the blue model's collection
@@ -25,6 +27,10 @@ log = get_logger(__name__)
 EXPERIMENT = "es-ray-fusion"
 
 
+class FusionNotLearnable(ValueError):
+    """The settings or the stack leave nothing to learn (a weighted fusion, no blue collection)."""
+
+
 def _metric(name: str) -> str:
     return name.replace("@", "_at_")
 
@@ -37,12 +43,15 @@ def learn_and_promote(settings: Settings, dsn: str, config: FinetuneConfig | Non
 
     config = config or load_finetune_config()
     s = settings.search
+    if s.fusion != "rrf":
+        raise FusionNotLearnable("learn-fusion learns RRF's k and weights from logged list ranks; "
+                                 f"search.fusion is {s.fusion!r}")
     with db.connect(dsn) as conn:
         blue = blue_green.get_blue(conn)
         if blue is None:
-            raise RuntimeError("no blue collection yet")
-        current = fusion_weights.learned(conn).get(blue.collection) or \
-            Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
+            raise FusionNotLearnable("no blue collection yet: load items first")
+        serving = fusion_weights.learned(conn).get(blue.collection)   # None: the configured fusion serves
+        current = serving or Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
         batch = read_sessions(conn, config.data.max_sessions, settings.learning)
     sessions = [x for x in batch.sessions if x.model_version == blue.model_version
                 and (since is None or x.created_at >= since)]
@@ -59,14 +68,38 @@ def learn_and_promote(settings: Settings, dsn: str, config: FinetuneConfig | Non
         mlflow.log_metrics({f"heldout_{name}_{_metric(m)}": v for name, scores in learned.heldout.items()
                             for m, v in scores.items() if m != "queries"})
         mlflow.log_dict({**learned.as_dict(), "sessions": batch.lineage(), "dropped": batch.dropped}, "fusion.json")
-        mlflow.set_tags({"es_ray.role": "fusion", "es_ray.collection": blue.collection,
-                         "es_ray.gate": "promoted" if learned.decision.candidate else "rejected",
-                         "es_ray.gate_reason": learned.decision.reason})
+        gate = {"es_ray.gate": "candidate" if learned.decision.candidate else "rejected",
+                "es_ray.gate_reason": learned.decision.reason}
+        mlflow.set_tags({"es_ray.role": "fusion", "es_ray.collection": blue.collection, **gate})
         run_id = run.info.run_id
+    version = registry.register_fusion(
+        settings, run_id, f"{key(learned.chosen)} for {blue.collection}",
+        {"es_ray.collection": blue.collection, "es_ray.model_version": blue.model_version, "es_ray.fusion":
+         key(learned.chosen), "es_ray.replaces": key(current), **gate})
+    promoted = False
     if learned.decision.candidate:
         with db.connect(dsn) as conn:
-            fusion_weights.promote(conn, blue.collection, learned.chosen, run_id, learned.decision.as_dict())
+            promoted = fusion_weights.promote(conn, blue.collection, learned.chosen, serving, run_id, version,
+                                              learned.decision.as_dict())
+        # Tagged after the commit: MLflow never says "promoted" of a fusion that did not serve.
+        outcome = {"es_ray.gate": "promoted" if promoted else "superseded"}
+        registry.tag_version(settings, settings.mlflow.registered_fusion, version, outcome)
+        registry.client(registry.tracking_uri(settings)).set_tag(run_id, "es_ray.gate", outcome["es_ray.gate"])
     log.info("fusion.learned", collection=blue.collection, chosen=key(learned.chosen), current=key(current),
-             promoted=learned.decision.candidate, reason=learned.decision.reason)
-    return {"collection": blue.collection, "promoted": learned.decision.candidate, "mlflow_run_id": run_id,
-            "fusion": asdict(learned.chosen if learned.decision.candidate else current), **learned.as_dict()}
+             candidate=learned.decision.candidate, promoted=promoted, reason=learned.decision.reason,
+             mlflow_version=version)
+    return {"collection": blue.collection, "promoted": promoted, "mlflow_run_id": run_id, "mlflow_version": version,
+            "superseded": learned.decision.candidate and not promoted,
+            "fusion": asdict(learned.chosen if promoted else current), **learned.as_dict()}
+
+
+def forget_promoted(settings: Settings, dsn: str) -> str | None:
+    """Withdraws the blue collection's promoted fusion (search.* serves again); returns the collection,
+    None when it had none."""
+    with db.connect(dsn) as conn:
+        blue = blue_green.get_blue(conn)
+        if blue is None or fusion_weights.record(conn, blue.collection) is None:
+            return None
+        fusion_weights.forget(conn, blue.collection)
+    log.info("fusion.forgotten", collection=blue.collection)
+    return blue.collection

@@ -44,7 +44,9 @@ class NotEnoughData(ValueError):
 
 @dataclass
 class LoggedLists:
-    """One query's logged hybrid results: item -> (dense rank, lexical rank), the latest session's."""
+    """One query's logged hybrid results: item -> (dense rank, lexical rank) in the latest session that
+    showed it. Items of different sessions may hold the same rank (the lists changed between them, e.g.
+    by an upsert); the sure-intruder count below then errs on the side of fewer intruders."""
 
     ranks: dict[str, tuple[int | None, int | None]] = field(default_factory=dict)
 
@@ -68,7 +70,8 @@ def grid(lexical_weights: list[float], ks: list[float], dense_weight: float = 1.
 
 
 def logged_lists(sessions: list[LoggedSession]) -> dict[str, LoggedLists]:
-    """Per normalised query, every result its hybrid sessions showed, with its two list ranks."""
+    """Per normalised query, every result any of its hybrid sessions showed, with its two list ranks in the
+    latest of them (a union over sessions, not one replayed page)."""
     out: dict[str, LoggedLists] = {}
     for s in sorted(sessions, key=lambda s: (s.created_at is not None, s.created_at or 0, s.session_id)):
         lists = out.setdefault(normalise_query(s.query), LoggedLists())
@@ -119,7 +122,7 @@ def learn(sessions: list[LoggedSession], current: Fusion, candidates: list[Fusio
     """`sessions`: the guarded click log (train/clicklog.read_sessions); the hybrid ones with list ranks
     teach, all of them give the propensities. Raises NotEnoughData."""
     if current.method != "rrf":
-        raise NotEnoughData("only RRF can be re-fused from logged ranks (search.fusion is weighted)")
+        raise ValueError("only RRF can be re-fused from logged ranks (search.fusion is weighted)")
     hybrid = [s for s in sessions if s.mode == "hybrid" and s.list_ranks]
     train, heldout = split_by_query(hybrid, config.data.split_seed, config.data.heldout_fraction)
     d = config.debias
