@@ -93,21 +93,25 @@ def ranked(conn: psycopg.Connection, collection: "Collection", text: str, limit:
             SELECT e.lexeme, e.share
             FROM pg_stats s, unnest(s.most_common_elems::text::text[], s.most_common_elem_freqs) AS e(lexeme, share)
             WHERE s.schemaname = current_schema() AND s.tablename = %(table)s::text AND s.attname = 'lexical'),
+        counted AS MATERIALIZED (  -- materialised: each count runs once, not once per use of df
+            SELECT plainto_tsquery('simple', w.lexeme) AS query,
+                   coalesce(c.share * n.n, (SELECT count(*) FROM {items}
+                                            WHERE lexical @@ plainto_tsquery('simple', w.lexeme))) AS df
+            FROM words w CROSS JOIN n LEFT JOIN common c ON c.lexeme = w.lexeme),
         terms AS (
             SELECT t.query, ln(1 + (greatest(n.n, t.df) - t.df + 0.5) / (t.df + 0.5)) AS idf,
                    t.df <= n.n * %(common_share)s AS rare
-            FROM n, (SELECT plainto_tsquery('simple', w.lexeme) AS query,
-                            coalesce(c.share * n.n, (SELECT count(*) FROM {items}
-                                                     WHERE lexical @@ plainto_tsquery('simple', w.lexeme))) AS df
-                     FROM words w CROSS JOIN n LEFT JOIN common c ON c.lexeme = w.lexeme) t
-            WHERE t.df > 0),
-        seeds AS (SELECT query FROM terms WHERE rare OR NOT EXISTS (SELECT 1 FROM terms WHERE rare)),
+            FROM counted t, n
+            WHERE t.df > 0 AND numnode(t.query) > 0),  -- a lexeme of signs only ('..') is no query: dropped
+        -- The terms candidates come from, as one tsquery (each term's own query OR-ed, through the text
+        -- form Postgres writes and reads back): one index scan finds each candidate once.
+        seeds AS (SELECT string_agg('(' || query::text || ')', ' | ')::tsquery AS query FROM terms
+                  WHERE rare OR NOT EXISTS (SELECT 1 FROM terms WHERE rare)),
         -- Each candidate's tsvector read once: stored out of line (TOAST), it would be fetched again by
         -- every @@ and ts_rank_cd below; `|| ''` makes an in-memory copy, which the CTE keeps.
         candidates AS MATERIALIZED (
             SELECT i.object_id, i.lexical || ''::tsvector AS lexical FROM {items} i
-            WHERE i.object_id IN (SELECT i.object_id FROM {items} i JOIN seeds s ON i.lexical @@ s.query)
-              AND NOT i.deleted AND {condition}),
+            WHERE i.lexical @@ (SELECT query FROM seeds) AND NOT i.deleted AND {condition}),
         scored AS (
             SELECT c.object_id,
                    (SELECT sum(t.idf * ts_rank_cd(c.lexical, t.query, 1)) FROM terms t WHERE c.lexical @@ t.query) AS score
