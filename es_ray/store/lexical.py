@@ -13,10 +13,20 @@ an item scores sum over the terms it holds of idf(t) x ts_rank_cd(item, t, 1) (n
 by 1 + log of the item's length, as BM25 discounts long documents): train nDCG@10 0.56. Candidates are
 the items holding a rare term (in at most `common_share` of the items; all terms where none is rare): a
 word in every other item says little and would make every search score most of the collection (SciFact
-train: 0.57 and about 10 ms per query against 0.56 and 25 ms scoring every item with any term). df is
-counted with the GIN index per term, N is Postgres' row estimate (pg_class.reltuples, kept by
-autovacuum's ANALYZE; counted instead while a new table has none). Explored on the train queries only:
-BENCHMARKS.md, "Search modes".
+train: 0.57 and about 10 ms per query against 0.56 and 25 ms scoring every item with any term). Explored
+on the train queries only: BENCHMARKS.md, "Search modes".
+
+What it reads, and why it is cheap. N is Postgres' row estimate (pg_class.reltuples); a common word's df
+is its share of rows in pg_stats.most_common_elems (ANALYZE keeps the most frequent lexemes of a tsvector
+column there; every term rarer than all of those is counted over the GIN index, which touches few rows).
+Both are kept by autovacuum's ANALYZE, so no table of our own has to follow upserts and deletes; while a
+new table has no statistics, everything is counted. Shares a load has made stale (until autovacuum's next
+ANALYZE) move common words' idf, which is small anyway, and can move a word across common_share. The
+candidates come from one index scan
+(their rare terms OR-ed into one tsquery), and each one's tsvector, stored out of line, is read once.
+Against the SQL that counted every df and fetched a candidate's tsvector for each term it tested, the
+rankings are identical on every SciFact and Cranfield query and the statement takes about half as long
+on SciFact (BENCHMARKS.md, "Search modes").
 
 The query is parsed by `to_tsvector` with the collection's text search configuration (the user's words,
 stemmed, stop words dropped; no operators: quotes, dashes and `or` mean nothing, so no query can be a
