@@ -22,11 +22,11 @@ column there; every term rarer than all of those is counted over the GIN index, 
 Both are kept by autovacuum's ANALYZE, so no table of our own has to follow upserts and deletes; while a
 new table has no statistics, everything is counted. Shares a load has made stale (until autovacuum's next
 ANALYZE) move common words' idf, which is small anyway, and can move a word across common_share. The
-candidates come from one index scan
-(their rare terms OR-ed into one tsquery), and each one's tsvector, stored out of line, is read once.
-Against the SQL that counted every df and fetched a candidate's tsvector for each term it tested, the
-rankings are identical on every SciFact and Cranfield query and the statement takes about half as long
-on SciFact (BENCHMARKS.md, "Search modes").
+candidates come from one index scan (their rare terms OR-ed into one tsquery), and each one's tsvector,
+stored out of line, is read once. Against the SQL that counted every df and fetched a candidate's
+tsvector again for each term it tested, the rankings are identical on every SciFact and Cranfield query
+and the statement's p50 is 0.48 of its old one on SciFact, 0.76 on Cranfield (BENCHMARKS.md, "Search
+modes").
 
 The query is parsed by `to_tsvector` with the collection's text search configuration (the user's words,
 stemmed, stop words dropped; no operators: quotes, dashes and `or` mean nothing, so no query can be a
