@@ -3,6 +3,7 @@ fused), over HTTP. The lexical index through a reindex + switch is checked in te
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import Counter
@@ -121,6 +122,50 @@ def test_an_exact_term_dense_search_misses_is_found_by_lexical_search(api, stack
             missed.append(word)
         assert holder in ids(search(api, word, mode="hybrid", limit=10, session=False)), word
     assert missed, "dense search found every rare word's document in its top 10"
+
+
+def test_lexical_scores_are_idf_times_cover_density_with_common_words_read_from_postgres_statistics(
+        api, stack, settings, hybrid_items):
+    """The lexical ranking recomputed here term by term, every df counted: the served SQL reads the common
+    words' df from pg_stats instead (ANALYZE samples every row of a table this small, so its shares are
+    exact) and must rank and score alike."""
+    s = settings.search
+    table = f"items_{blue(stack).collection}"
+    _, queries, _ = hybrid_items
+    with db.connect(stack.postgres_dsn) as conn:
+        conn.execute(f"ANALYZE {table}")
+        n = conn.execute("SELECT reltuples FROM pg_class WHERE relname = %s", (table,)).fetchone()[0]
+        common = set(conn.execute("SELECT most_common_elems::text::text[] FROM pg_stats WHERE tablename = %s "
+                                  "AND attname = 'lexical'", (table,)).fetchone()[0])
+
+        def df(term: str) -> int:
+            return conn.execute(f"SELECT count(*) FROM {table} WHERE lexical @@ plainto_tsquery('simple', %s)",
+                                (term,)).fetchone()[0]
+
+        def terms(query: str) -> list[str]:
+            return conn.execute("SELECT tsvector_to_array(to_tsvector(%s::regconfig, %s))",
+                                (s.text_search_config, query)).fetchone()[0]
+
+        # A query with a word pg_stats lists (df read there) and a rare one (counted, and a candidate source).
+        query = next(q for q in queries.values() if set(terms(q)) & common
+                     and any(0 < df(t) <= n * s.lexical_common_share for t in terms(q)))
+        counts = {t: df(t) for t in terms(query) if df(t) > 0}
+        idf = {t: math.log(1 + (n - d + 0.5) / (d + 0.5)) for t, d in counts.items()}
+        rare = [t for t, d in counts.items() if d <= n * s.lexical_common_share] or list(counts)
+        scores: dict[str, float] = {}
+        holders: set[str] = set()
+        for term in counts:
+            for object_id, rank in conn.execute(
+                    f"SELECT object_id, ts_rank_cd(lexical, plainto_tsquery('simple', %s), 1) FROM {table} "
+                    "WHERE lexical @@ plainto_tsquery('simple', %s) AND NOT deleted", (term, term)).fetchall():
+                scores[object_id] = scores.get(object_id, 0.0) + idf[term] * rank
+                if term in rare:
+                    holders.add(object_id)
+    expected = sorted(holders, key=lambda i: (-scores[i], i))[:50]
+    served = search(api, query, mode="lexical", limit=50, session=False)["results"]
+    assert [r["id"] for r in served] == expected
+    # pg_stats keeps shares as float4: a df read there may differ from the count in its 7th digit.
+    assert [r["score"] for r in served] == pytest.approx([scores[i] for i in expected], rel=1e-5)
 
 
 def test_hybrid_filters_and_pages(api, hybrid_items):

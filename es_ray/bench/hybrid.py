@@ -11,7 +11,8 @@ one Postgres generates on every write. Every judged test query (--split) is then
 queries) at limit 100: nDCG@10 and Recall@100 by pytrec_eval. Latency: one client, the modes
 interleaved query by query (so drift in the machine's load reaches all three alike), limit 10, no
 session recorded (the session write costs every mode the same), after a warm-up; p50 per mode and
-hybrid p50 / dense p50.
+hybrid p50 / dense p50. Then the parts alone, from this process (parts_alone): embedding, the dense
+statement at a page and at hybrid's depth, the lexical statement, the fusion.
 
 The click-learned fusion (hybrid_learned): after those measurements, the simulated users of
 configs/clicks.yaml (es_ray/demo/users.py) run `sessions_per_query` (5) hybrid sessions with clicks for
@@ -39,9 +40,12 @@ from es_ray.client import EsRayClient
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.demo.users import ClickModel, simulate_sessions
 from es_ray.inference.encoder import resolve_model_dir
+from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.stack import control
-from es_ray.store import blue_green, db, fusion_weights
+from es_ray.store import blue_green, db, fusion_weights, search as store_search
 from es_ray.store.collections import Collection, EmbeddedItem
+from es_ray.store.fusion import Fusion, fuse
 from es_ray.train.evaluation import evaluate
 from es_ray.train.fusion_promotion import learn_and_promote
 from es_ray.train.fusion_weights import NotEnoughData
@@ -74,8 +78,11 @@ def load_corpus(settings, manifest, data: Path) -> int:
                                               {"text_sha256": hashlib.sha256(text.encode()).hexdigest()}, text))
                 collection.upsert(conn, batch)
         fusion_weights.forget(conn, blue.collection)  # the default fusion first: an earlier run may have promoted one
-        # The row estimate lexical search reads (N of idf), as autovacuum's ANALYZE leaves it after a load.
-        conn.execute(sql.SQL("ANALYZE {}").format(collection.items))
+        # The table as autovacuum leaves it after a load: the row estimate and the common words' shares
+        # lexical search reads (ANALYZE), and the GIN index's pending list merged (VACUUM; a plain ANALYZE
+        # leaves it, and until autovacuum merges it every lexical search scans it: about 200 ms a query
+        # on SciFact just after a load, 12 after, EXPLAIN ANALYZE on this machine).
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(collection.items))
         return collection.count(conn)
 
 
@@ -86,6 +93,47 @@ def search(client: EsRayClient, query: str, mode: str, limit: int) -> tuple[list
     elapsed = time.perf_counter() - started
     response.raise_for_status()
     return [r["id"] for r in response.json()["results"]], elapsed
+
+
+def parts_alone(settings, manifest, texts: list[str]) -> dict:
+    """Where hybrid's extra time can go, each part timed alone in this process (one client, the parts
+    interleaved query by query, on a pooled connection set up as the replicas' are): the query's embedding
+    through Triton, the dense statement at a page of 10 (dense mode) and at hybrid's depth, the lexical
+    statement at hybrid's depth, and the fusion of the two lists in Python. What hybrid adds over dense
+    beyond these is the route's own work: the second connection and the lexical list's transaction."""
+    s = settings.search
+    with db.connect(manifest.postgres_dsn) as conn:
+        blue = blue_green.get_blue(conn)
+    collection = Collection(blue.collection, blue.dim)
+    encoder = TritonEncoder.of(manifest.triton_grpc_url, QUERY_ENCODER, blue, settings)  # as the replicas do
+    fusion = Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
+    ranking = store_search.Ranking("hybrid", fusion, s.depth, s.text_search_config, s.lexical_common_share,
+                                   s.max_query_terms)
+    timeout_ms = settings.postgres.search_timeout_ms  # each statement in a transaction with it, as served
+    pool = db.open_pool(manifest.postgres_dsn, 1, settings.postgres.hnsw_ef_search)
+    samples: dict[str, list[float]] = {k: [] for k in ("embed", "dense_10", "dense_depth", "lexical_depth", "fuse")}
+    encoder.embed_queries(texts[:5])  # this process' first call opens the channel: not timed
+    try:
+        with pool.connection() as conn:
+            for text in texts:
+                started = time.perf_counter()
+                vector = encoder.embed_queries([text])[0]
+                samples["embed"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                store_search.search(conn, collection, vector, 10, timeout_ms=timeout_ms)
+                samples["dense_10"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                dense = store_search.search(conn, collection, vector, s.depth, timeout_ms=timeout_ms)
+                samples["dense_depth"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                words = store_search.hybrid_lexical(conn, collection, ranking, text, None, timeout_ms)
+                samples["lexical_depth"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                fuse([(h.id, h.score) for h in dense], [(i, score) for i, score, _ in words], fusion)
+                samples["fuse"].append(time.perf_counter() - started)
+    finally:
+        pool.close()
+    return {k: percentiles(v) for k, v in samples.items()}
 
 
 def learn_fusion(settings, manifest, data: Path, queries: dict[str, str], qrels, judged: list[str], args) -> dict:
@@ -150,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
             for q in judged:   # latency: a page of 10, the modes interleaved
                 for mode in MODES:
                     latencies[mode].append(search(client, queries[q], mode, 10)[1])
+        parts = parts_alone(settings, manifest, [queries[q] for q in judged])
         learned = learn_fusion(settings, manifest, data, queries, qrels, judged, args)
         quality = {mode: evaluate(runs[mode], qrels) for mode in MODES}
         p50 = {mode: percentiles(latencies[mode])["p50_ms"] for mode in MODES}
@@ -161,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             "hybrid_learned": learned.pop("quality"), "learned_fusion": learned,
             "p50_ms": p50, "latency": {mode: percentiles(latencies[mode]) for mode in MODES},
             "hybrid_to_dense_p50": round(p50["hybrid"] / p50["dense"], 3),
+            "parts_p50_ms": {k: v["p50_ms"] for k, v in parts.items()}, "parts": parts,
             "settings": {"fusion": s.fusion, "rrf_k": s.rrf_k, "dense_weight": s.dense_weight,
                          "lexical_weight": s.lexical_weight, "depth": s.depth,
                          "text_search_config": s.text_search_config},

@@ -236,7 +236,10 @@ TABLES.append(("hybrid", "Search modes (test queries, whole collection, HTTP; se
     ("click-learned fusion nDCG@10 (target >= hybrid - 0.005)", _learned_fusion),
     ("p50 ms dense / lexical / hybrid (1 client)",
      lambda r: f"{r['p50_ms']['dense']} / {r['p50_ms']['lexical']} / {r['p50_ms']['hybrid']}"),
-    ("hybrid / dense p50 (target <= 1.2)", lambda r: r["hybrid_to_dense_p50"])]))
+    ("hybrid / dense p50 (target <= 1.2)", lambda r: r["hybrid_to_dense_p50"]),
+    ("parts alone, p50 ms: embed / dense at 10 / dense at depth / lexical at depth / fusion", lambda r: " / ".join(
+        str(r["parts_p50_ms"][k]) for k in ("embed", "dense_10", "dense_depth", "lexical_depth", "fuse"))
+     if "parts_p50_ms" in r else "-")]))
 COMMON: list[Column] = [("commit", lambda r: r["commit"]), ("date", lambda r: r["date"][:10]), ("machine", _machine)]
 
 
