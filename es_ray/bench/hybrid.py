@@ -136,6 +136,27 @@ def parts_alone(settings, manifest, texts: list[str]) -> dict:
     return {k: percentiles(v) for k, v in samples.items()}
 
 
+def served_fusion(client: EsRayClient, texts: list[str], settings, promoted: Fusion, timeout_s: float = 30) -> None:
+    """Waits until the replicas rank hybrid searches with the promoted fusion (they re-read it when Postgres
+    notifies them at commit): a probe query whose order the promotion changes, polled. Raises if they never do,
+    rather than measuring the default fusion under the learned one's name."""
+    s = settings.search
+    configured = Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
+    for text in texts[:50]:
+        dense = [(i, 0.0) for i in search(client, text, "dense", s.depth)[0]]
+        lexical = [(i, 0.0) for i in search(client, text, "lexical", s.depth)[0]]
+        expected = [f.id for f in fuse(dense, lexical, promoted)][:20]
+        if expected != [f.id for f in fuse(dense, lexical, configured)][:20]:
+            break
+    else:
+        return  # no probe tells the two apart: the measurement is the same under either
+    deadline = time.monotonic() + timeout_s
+    while search(client, text, "hybrid", 20)[0] != expected:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the replicas did not serve the promoted fusion within {timeout_s:g} s")
+        time.sleep(0.2)
+
+
 def learn_fusion(settings, manifest, data: Path, queries: dict[str, str], qrels, judged: list[str], args) -> dict:
     """Simulated hybrid sessions on the train queries, the learner, then hybrid on the test queries again."""
     train_qrels = read_qrels(data / "qrels" / "train.tsv")
@@ -153,10 +174,10 @@ def learn_fusion(settings, manifest, data: Path, queries: dict[str, str], qrels,
         return {**out, "quality": None, "not_learned": str(err)}
     out.update({k: outcome[k] for k in ("promoted", "fusion", "chosen", "train_scores", "heldout", "decision",
                                         "details", "mlflow_run_id")})
-    if outcome["promoted"]:
-        time.sleep(1.0)  # the replicas re-read the promoted fusion when Postgres notifies them (at commit)
     run = {}
     with EsRayClient.for_stack(manifest, timeout=60) as client:
+        if outcome["promoted"]:
+            served_fusion(client, [queries[q] for q in judged], settings, Fusion(**outcome["fusion"]))
         for q in judged:
             found, _ = search(client, queries[q], "hybrid", 100)
             run[q] = {object_id: float(100 - k) for k, object_id in enumerate(found)}
