@@ -190,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="other hnsw.ef_search values measured beside the configured one, comma separated")
     parser.add_argument("--maintenance-work-mem", default=None,
                         help="for the HNSW builds (default postgres.maintenance_work_mem); a build whose graph "
-                             "fits in it runs several times faster: 1M vectors of 384 dims need about 2 GB")
+                             "fits in it runs several times faster: 1M vectors of 384 dims fit in 3GB")
+    parser.add_argument("--scratch", default="",
+                        help="an experiment's name: the result goes to /tmp/esr-bench-scratch, not bench/results")
     parser.add_argument("--state-dir", type=Path, default=STATE)
     args = parser.parse_args(argv)
 
@@ -208,25 +210,28 @@ def main(argv: list[str] | None = None) -> None:
             shared_buffers, build_workers = conn.execute(
                 "SELECT current_setting('shared_buffers'), current_setting('max_parallel_maintenance_workers')").fetchone()
         ef_values = [int(e) for e in args.ef_search.split(",") if e]
-        sizes = [measure_size(dsn, settings, int(s), base, queries, args.noise, ef_values, work_mem)
-                 for s in args.sizes.split(",")]
+        command = (f"python -m es_ray.bench.growth --sizes {args.sizes}"
+                   + (f" --ef-search {args.ef_search}" if args.ef_search else "")
+                   + (f" --maintenance-work-mem {args.maintenance_work_mem}" if args.maintenance_work_mem else ""))
+        sizes = []
+        for n in args.sizes.split(","):
+            sizes.append(measure_size(dsn, settings, int(n), base, queries, args.noise, ef_values, work_mem))
+            p50 = [s["unfiltered"]["p50_ms"] for s in sizes]
+            result = {"benchmark": "growth", "sizes": sizes, "queries": len(queries), "base_vectors": len(base),
+                      "noise": args.noise, "hnsw_m": settings.postgres.hnsw_m,
+                      "hnsw_ef_construction": settings.postgres.hnsw_ef_construction,
+                      "ef_search": settings.postgres.hnsw_ef_search,
+                      "maintenance_work_mem": work_mem, "max_parallel_maintenance_workers": int(build_workers),
+                      "shared_buffers": shared_buffers, "shared_buffers_setting": settings.postgres.shared_buffers,
+                      "p50_largest_to_smallest": round(p50[-1] / p50[0], 2),
+                      "min_recall_at_10": min(min(s["unfiltered"]["recall_at_10"], s["filtered"]["recall_at_10"])
+                                              for s in sizes),
+                      "note": "targets: p50 at the largest size <= 1.5 x p50 at the smallest; recall@10 >= 0.95 "
+                              "(filtered included) at the configured ef_search"}
+            # written after every size: a run stopped during a large size keeps the smaller ones
+            out = write_result("growth", data.name, result, command, scratch=args.scratch)
     finally:
         postgres.stop(args.state_dir)
-    p50 = [s["unfiltered"]["p50_ms"] for s in sizes]
-    result = {"benchmark": "growth", "sizes": sizes, "queries": len(queries), "base_vectors": len(base),
-              "noise": args.noise, "hnsw_m": settings.postgres.hnsw_m,
-              "hnsw_ef_construction": settings.postgres.hnsw_ef_construction,
-              "ef_search": settings.postgres.hnsw_ef_search,
-              "maintenance_work_mem": work_mem, "max_parallel_maintenance_workers": int(build_workers),
-              "shared_buffers": shared_buffers, "shared_buffers_setting": settings.postgres.shared_buffers,
-              "p50_largest_to_smallest": round(p50[-1] / p50[0], 2),
-              "min_recall_at_10": min(min(s["unfiltered"]["recall_at_10"], s["filtered"]["recall_at_10"])
-                                      for s in sizes),
-              "note": "targets: p50 at the largest size <= 1.5 x p50 at the smallest; recall@10 >= 0.95 "
-                      "(filtered included) at the configured ef_search"}
-    out = write_result("growth", data.name, result, f"python -m es_ray.bench.growth --sizes {args.sizes}"
-                       + (f" --ef-search {args.ef_search}" if args.ef_search else "")
-                       + (f" --maintenance-work-mem {args.maintenance_work_mem}" if args.maintenance_work_mem else ""))
     print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report
 
 
