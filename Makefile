@@ -46,7 +46,7 @@ bench: venv
 	$(BIN)/python -m es_ray.bench.runtimes --ndcg torch,onnx,onnx-int8 $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.ingest $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.search $(if $(DATA),--data $(DATA))
-	$(BIN)/python -m es_ray.bench.growth --ef-search 200,400 $(if $(DATA),--data $(DATA))
+	$(BIN)/python -m es_ray.bench.growth --ef-search 40,200 $(if $(DATA),--data $(DATA))
 	$(BIN)/python -m es_ray.bench.clicks
 	$(BIN)/python -m es_ray.bench.idle --start --state-dir /tmp/esr-bench-idle
 	$(BIN)/python -m es_ray.bench.load

@@ -41,6 +41,7 @@ class PostgresSettings(BaseModel):
     hnsw_ef_construction: int = 64
     hnsw_ef_search: int = 100
     maintenance_work_mem: str = "1GB"
+    shared_buffers: str = Field("25%", pattern=r"^(\d+(\.\d+)?%|\d+\s*(kB|MB|GB|TB))$")
     pool_timeout_s: float = 5.0
     search_timeout_ms: int = Field(3000, ge=1)
 

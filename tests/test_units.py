@@ -61,6 +61,19 @@ def test_invalid_setting_is_refused(monkeypatch):
         load_settings()
 
 
+def test_shared_buffers_is_a_size_or_a_share_of_the_machine(monkeypatch):
+    import psutil
+
+    from es_ray.stack.postgres import shared_buffers_size
+
+    total_mb = psutil.virtual_memory().total / 2**20
+    assert abs(int(shared_buffers_size("25%").removesuffix("MB")) - total_mb / 4) <= 1
+    assert shared_buffers_size("2GB") == "2GB"
+    monkeypatch.setenv("ES_RAY_POSTGRES__SHARED_BUFFERS", "a lot")
+    with pytest.raises(ValueError, match="shared_buffers"):
+        load_settings()
+
+
 def test_triton_config_for_both_backends():
     python_cfg = config_pbtxt("query_encoder", 384, TritonSettings(backend="python"))
     assert 'backend: "python"' in python_cfg and "dynamic_batching" in python_cfg

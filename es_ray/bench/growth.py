@@ -9,12 +9,14 @@ one chunk stay near each other and the collection keeps real vectors' geometry (
 would make every neighbour equally far). Each item's payload has `shard` (i mod 10) for filtered
 searches that admit 10 % of the items.
 
-The HNSW index is built once after the load (m, ef_construction and maintenance_work_mem from
-configs/stack.yaml), and its build is timed. Searches run the serving path's own SQL
-(store/search.search) on a connection configured like a Serve replica's (ef_search, iterative scan) for
-the SciFact test queries, embedded in-process: p50 and p99 of the top-10, unfiltered and filtered,
-after one warm-up pass. Recall@10 compares the HNSW top-10 items with the exact top-10 over the same
-stored vectors (numpy; filtered: over the items the filter admits).
+Postgres starts as `es-ray up` starts it (postgres.shared_buffers applied). The HNSW index is built
+once after the load (m, ef_construction and maintenance_work_mem from configs/stack.yaml), and its build
+is timed, with pgvector's notice if the graph outgrew maintenance_work_mem. Searches run the serving
+path's own SQL (store/search.search) on a connection configured like a Serve replica's (ef_search,
+iterative scan) for the SciFact test queries, embedded in-process: p50 and p99 of the top-10, unfiltered
+and filtered, after one warm-up pass, and the table and index blocks one search found in shared buffers
+(hit) or read from the OS (read: its page cache here). Recall@10 compares the HNSW top-10 items with the
+exact top-10 over the same stored vectors (numpy; filtered: over the items the filter admits).
 """
 
 from __future__ import annotations
@@ -58,12 +60,16 @@ def query_vectors(data: Path, model_dir: Path, max_length: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def noisy_vectors(base: np.ndarray, n: int, noise: float, seed: int = 0) -> np.ndarray:
-    """n unit vectors: base row i mod len(base) plus Gaussian noise of norm about `noise`."""
+def noisy_vectors(base: np.ndarray, n: int, noise: float, seed: int = 0, block: int = 100_000) -> np.ndarray:
+    """n unit vectors: base row i mod len(base) plus Gaussian noise of norm about `noise`. Made a block at a
+    time, so 1M x 384 takes its own 1.5 GB and little more."""
     rng = np.random.default_rng(seed)
-    rows = base[np.arange(n) % len(base)]
-    rows = rows + rng.normal(0, noise / np.sqrt(base.shape[1]), rows.shape).astype(np.float32)
-    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    out = np.empty((n, base.shape[1]), np.float32)
+    for start in range(0, n, block):
+        rows = base[np.arange(start, min(start + block, n)) % len(base)]
+        rows = rows + rng.standard_normal(rows.shape, dtype=np.float32) * np.float32(noise / np.sqrt(base.shape[1]))
+        out[start:start + len(rows)] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return out
 
 
 def load_collection(conn, collection: Collection, vectors: np.ndarray, batch: int = 20000) -> float:
@@ -88,8 +94,6 @@ def load_collection(conn, collection: Collection, vectors: np.ndarray, batch: in
 
 def timed_searches(conn, collection: Collection, queries: np.ndarray, filter_: dict | None
                    ) -> tuple[list[float], list[list[str]]]:
-    for q in queries:  # warm-up: the index and heap into shared buffers and the page cache
-        search(conn, collection, q, 10, filter_=filter_)
     seconds, found = [], []
     for q in queries:
         started = time.perf_counter()
@@ -100,14 +104,32 @@ def timed_searches(conn, collection: Collection, queries: np.ndarray, filter_: d
     return seconds, found
 
 
-def recall_at_10(vectors: np.ndarray, queries: np.ndarray, found: list[list[str]], admitted: np.ndarray) -> float:
-    """Share of the exact top-10 (over the admitted item numbers) that the HNSW search returned."""
-    hits = 0
-    for q, ids in zip(queries, found):
-        scores = vectors[admitted] @ q
-        exact = admitted[np.argpartition(-scores, 10)[:10]]
-        hits += len({f"g{i}" for i in exact} & set(ids))
-    return hits / (10 * len(queries))
+def exact_top10(vectors: np.ndarray, queries: np.ndarray, admitted: np.ndarray) -> list[set[str]]:
+    """The exact top-10 item ids of each query over the admitted item numbers (numpy, 50 queries at a time)."""
+    subset = vectors[admitted]
+    found = []
+    for start in range(0, len(queries), 50):
+        scores = queries[start:start + 50] @ subset.T
+        found += [{f"g{admitted[j]}" for j in row} for row in np.argpartition(-scores, 10, axis=1)[:, :10]]
+    return found
+
+
+def recall_at_10(exact: list[set[str]], found: list[list[str]]) -> float:
+    """Share of the exact top-10 that the HNSW search returned."""
+    return sum(len(e & set(ids)) for e, ids in zip(exact, found)) / (10 * len(exact))
+
+
+def blocks_read(conn, collection: Collection) -> tuple[int, int]:
+    """(hit, read): the collection's table and index blocks found in shared buffers and read from the OS
+    (its page cache or disk) so far, from Postgres' I/O statistics."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.commit()  # a backend sends its counts when its transaction ends
+    row = conn.execute("""SELECT sum(coalesce(heap_blks_hit, 0) + coalesce(idx_blks_hit, 0)),
+                                 sum(coalesce(heap_blks_read, 0) + coalesce(idx_blks_read, 0))
+                          FROM pg_statio_user_tables WHERE relname = ANY(%s)""",
+                       ([f"items_{collection.name}", f"parts_{collection.name}"],)).fetchone()
+    conn.commit()
+    return int(row[0]), int(row[1])
 
 
 def measure_size(dsn: str, settings, n: int, base: np.ndarray, queries: np.ndarray, noise: float,
@@ -115,24 +137,35 @@ def measure_size(dsn: str, settings, n: int, base: np.ndarray, queries: np.ndarr
     vectors = noisy_vectors(base, n, noise)
     collection = Collection(f"growth_{n}", vectors.shape[1])
     pg = settings.postgres
+    notices: list[str] = []
     with db.connect(dsn) as conn:
         collection.drop(conn)
         load_s = load_collection(conn, collection, vectors)
+        # pgvector says when the graph outgrew maintenance_work_mem (the build then slows down several times)
+        conn.add_notice_handler(lambda diag: notices.append(diag.message_primary))
         started = time.perf_counter()
         collection.create_index(conn, pg.hnsw_m, pg.hnsw_ef_construction, work_mem=work_mem)
         build_s = time.perf_counter() - started
-    result = {"vectors": n, "copy_s": round(load_s, 1), "hnsw_build_s": round(build_s, 1)}
+        index_mb = conn.execute("SELECT pg_relation_size(%s) / 1e6", (f"parts_{collection.name}_hnsw",)).fetchone()[0]
+    result = {"vectors": n, "copy_s": round(load_s, 1), "hnsw_build_s": round(build_s, 1),
+              "index_mb": round(float(index_mb), 1), "build_notices": notices}
+    cases = (("unfiltered", None, np.arange(n)), ("filtered", FILTER, np.arange(FILTER["shard"], n, SHARDS)))
+    exact = {label: exact_top10(vectors, queries, admitted) for label, _, admitted in cases}
     # The configured ef_search first (the headline), then the others: what raising it would buy and cost.
     for ef in [pg.hnsw_ef_search] + [e for e in ef_values if e != pg.hnsw_ef_search]:
         pool = db.open_pool(dsn, 1, ef)  # configured as a Serve replica's connections
         measured = {}
         try:
             with pool.connection() as conn:
-                for label, filter_, admitted in (("unfiltered", None, np.arange(n)),
-                                                 ("filtered", FILTER, np.arange(FILTER["shard"], n, SHARDS))):
+                for label, filter_, _ in cases:
+                    timed_searches(conn, collection, queries, filter_)  # warm-up: index and heap into shared buffers
+                    before = blocks_read(conn, collection)
                     seconds, found = timed_searches(conn, collection, queries, filter_)
-                    measured[label] = {**percentiles(seconds),
-                                       "recall_at_10": round(recall_at_10(vectors, queries, found, admitted), 4)}
+                    after = blocks_read(conn, collection)
+                    measured[label] = {**percentiles(seconds), "recall_at_10": round(recall_at_10(exact[label], found), 4)}
+                    # per search: blocks found in shared buffers, and those read from the OS's page cache
+                    measured[label]["blocks_hit"] = round((after[0] - before[0]) / len(queries), 1)
+                    measured[label]["blocks_read"] = round((after[1] - before[1]) / len(queries), 1)
         finally:
             pool.close()
         if ef == pg.hnsw_ef_search:
@@ -157,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="other hnsw.ef_search values measured beside the configured one, comma separated")
     parser.add_argument("--maintenance-work-mem", default=None,
                         help="for the HNSW builds (default postgres.maintenance_work_mem); a build whose graph "
-                             "fits in it runs several times faster: 1M vectors of 384 dims need about 2 GB")
+                             "fits in it runs several times faster: 1M vectors of 384 dims fit in 3GB")
+    parser.add_argument("--scratch", default="",
+                        help="an experiment's name: the result goes to /tmp/esr-bench-scratch, not bench/results")
     parser.add_argument("--state-dir", type=Path, default=STATE)
     args = parser.parse_args(argv)
 
@@ -168,30 +203,35 @@ def main(argv: list[str] | None = None) -> None:
     m = settings.model
     base = collection_vectors(data, model_dir, m.max_length, m.chunk_overlap, m.max_chunks).chunks
     queries = query_vectors(data, model_dir, m.max_length)
-    dsn = postgres.start(args.state_dir)
+    dsn = postgres.start(args.state_dir, settings.postgres.shared_buffers)  # as `es-ray up` starts it
     try:
         db.migrate(dsn)
         with db.connect(dsn) as conn:
-            shared_buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
+            shared_buffers, build_workers = conn.execute(
+                "SELECT current_setting('shared_buffers'), current_setting('max_parallel_maintenance_workers')").fetchone()
         ef_values = [int(e) for e in args.ef_search.split(",") if e]
-        sizes = [measure_size(dsn, settings, int(s), base, queries, args.noise, ef_values, work_mem)
-                 for s in args.sizes.split(",")]
+        command = (f"python -m es_ray.bench.growth --sizes {args.sizes}"
+                   + (f" --ef-search {args.ef_search}" if args.ef_search else "")
+                   + (f" --maintenance-work-mem {args.maintenance_work_mem}" if args.maintenance_work_mem else ""))
+        sizes = []
+        for n in args.sizes.split(","):
+            sizes.append(measure_size(dsn, settings, int(n), base, queries, args.noise, ef_values, work_mem))
+            p50 = [s["unfiltered"]["p50_ms"] for s in sizes]
+            result = {"benchmark": "growth", "sizes": sizes, "queries": len(queries), "base_vectors": len(base),
+                      "noise": args.noise, "hnsw_m": settings.postgres.hnsw_m,
+                      "hnsw_ef_construction": settings.postgres.hnsw_ef_construction,
+                      "ef_search": settings.postgres.hnsw_ef_search,
+                      "maintenance_work_mem": work_mem, "max_parallel_maintenance_workers": int(build_workers),
+                      "shared_buffers": shared_buffers, "shared_buffers_setting": settings.postgres.shared_buffers,
+                      "p50_largest_to_smallest": round(p50[-1] / p50[0], 2),
+                      "min_recall_at_10": min(min(s["unfiltered"]["recall_at_10"], s["filtered"]["recall_at_10"])
+                                              for s in sizes),
+                      "note": "targets: p50 at the largest size <= 1.5 x p50 at the smallest; recall@10 >= 0.95 "
+                              "(filtered included) at the configured ef_search"}
+            # written after every size: a run stopped during a large size keeps the smaller ones
+            out = write_result("growth", data.name, result, command, scratch=args.scratch)
     finally:
         postgres.stop(args.state_dir)
-    p50 = [s["unfiltered"]["p50_ms"] for s in sizes]
-    result = {"benchmark": "growth", "sizes": sizes, "queries": len(queries), "base_vectors": len(base),
-              "noise": args.noise, "hnsw_m": settings.postgres.hnsw_m,
-              "hnsw_ef_construction": settings.postgres.hnsw_ef_construction,
-              "ef_search": settings.postgres.hnsw_ef_search,
-              "maintenance_work_mem": work_mem, "shared_buffers": shared_buffers,
-              "p50_largest_to_smallest": round(p50[-1] / p50[0], 2),
-              "min_recall_at_10": min(min(s["unfiltered"]["recall_at_10"], s["filtered"]["recall_at_10"])
-                                      for s in sizes),
-              "note": "targets: p50 at the largest size <= 1.5 x p50 at the smallest; recall@10 >= 0.95 "
-                      "(filtered included) at the configured ef_search"}
-    out = write_result("growth", data.name, result, f"python -m es_ray.bench.growth --sizes {args.sizes}"
-                       + (f" --ef-search {args.ef_search}" if args.ef_search else "")
-                       + (f" --maintenance-work-mem {args.maintenance_work_mem}" if args.maintenance_work_mem else ""))
     print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report
 
 

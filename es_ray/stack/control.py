@@ -48,7 +48,7 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
     if settings.postgres.dsn:
         manifest.postgres_dsn, manifest.postgres_started = settings.postgres.dsn, False
     else:
-        manifest.postgres_dsn, manifest.postgres_started = postgres.start(state), True
+        manifest.postgres_dsn, manifest.postgres_started = postgres.start(state, settings.postgres.shared_buffers), True
     manifest.save()
 
     # Triton

@@ -31,8 +31,9 @@ def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeou
         _configure(conn)
         if hnsw_ef_search:
             conn.execute(f"SET hnsw.ef_search = {int(hnsw_ef_search)}")
-            # Filtered HNSW queries keep scanning until enough rows pass the filter (pgvector >= 0.8).
-            conn.execute("SET hnsw.iterative_scan = strict_order")
+            # Filtered HNSW queries keep scanning until enough rows pass the filter (pgvector >= 0.8). Relaxed:
+            # a later batch's nearer rows are kept, not dropped; store/search.py sorts them into place.
+            conn.execute("SET hnsw.iterative_scan = relaxed_order")
         conn.commit()
 
     pool = ConnectionPool(dsn, min_size=1, max_size=size, configure=configure, open=True, timeout=timeout_s,
