@@ -274,6 +274,7 @@ def test_hybrid_search_serves_the_collections_promoted_fusion(api, stack, settin
         assert hybrid_until(expected) == expected
         # The session of a hybrid search records the ranks it was fused from, as with the configured fusion.
         body = search(api, query, mode="hybrid", limit=5)
+        assert body["fusion"] == promoted.label() == "rrf k=5 dense=1 lexical=4"   # pages say which ranking
         shown = api.get(f"/v1/sessions/{body['session_id']}").json()["results"]
         assert all(r["dense_rank"] or r["lexical_rank"] for r in shown)
         # ... and the learners read them back with the mode (what train/fusion_weights.py re-fuses).
@@ -285,3 +286,6 @@ def test_hybrid_search_serves_the_collections_promoted_fusion(api, stack, settin
         with db.connect(stack.postgres_dsn) as conn:
             fusion_weights.forget(conn, target.collection)
     assert hybrid_until(configured) == configured
+    assert search(api, query, mode="hybrid", limit=5, session=False)["fusion"] == \
+        f"rrf k={s.rrf_k:g} dense={s.dense_weight:g} lexical={s.lexical_weight:g}"
+    assert search(api, query, mode="dense", limit=5, session=False)["fusion"] is None

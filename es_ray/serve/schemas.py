@@ -202,6 +202,10 @@ class SearchResponse(BaseModel):
     model: str = Field(description="The model version that embedded the query, e.g. 'v1'.")
     results: list[SearchResult]
     session_id: str | None = Field(None, description="Send click events for these results to this session.")
+    fusion: str | None = Field(None, description=(
+        "Hybrid mode only: the fusion that ranked this page, e.g. 'rrf k=60 dense=1 lexical=0.5' (a fusion learned "
+        "from clicks may replace the configured one). Pages of one query follow one ranking, without duplicates "
+        "or gaps, while `model` and `fusion` stay the same; a change of either starts another ranking."))
 
 
 # --- clickstream ---------------------------------------------------------------------------------

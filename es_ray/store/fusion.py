@@ -24,6 +24,12 @@ class Fusion:
     dense_weight: float = 1.0
     lexical_weight: float = 1.0
 
+    def label(self) -> str:
+        """What a client sees of it (SearchResponse.fusion): method and parameters, e.g. 'rrf k=60 dense=1
+        lexical=0.5'; weighted fusion has no k."""
+        k = f" k={self.k:g}" if self.method == "rrf" else ""
+        return f"{self.method}{k} dense={self.dense_weight:g} lexical={self.lexical_weight:g}"
+
 
 @dataclass(frozen=True)
 class Fused:

@@ -71,6 +71,7 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
         metrics.observe("es_ray_search_latency_ms", ((searched or time.monotonic()) - started) * 1000,
                         model=blue.model_version)
     return schemas.SearchResponse(model=f"v{blue.model_version}", session_id=session_id,
+                                  fusion=ranking.fusion.label() if ranking.mode == "hybrid" else None,
                                   results=[schemas.SearchResult(id=h.id, score=h.score, payload=h.payload)
                                            for h in hits])
 
