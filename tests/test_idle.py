@@ -148,6 +148,16 @@ def test_the_ray_data_actors_stopped_are_named_as_ray_names_them():
         assert 'lifetime="detached"' in source   # the reason they outlive jobs; stopping them is still needed
 
 
+def test_the_head_runs_without_a_log_monitor_unless_configured(stack, settings):
+    """configs/stack.yaml `ray.log_monitor: false`: `ray start` leaves Ray's log monitor out (its idle cost:
+    BENCHMARKS.md "Idle stack"); the rest of Ray's processes are there."""
+    from pathlib import Path
+
+    names = [describe(p)[0] for p in stack_processes(Path(stack.state_dir))]
+    assert "raylet" in names and "gcs_server" in names
+    assert ("log_monitor.py" in names) == settings.ray.log_monitor
+
+
 def test_a_change_of_the_blue_pointer_reaches_a_watcher_by_notification(stack):
     """Replicas re-read the blue pointer when Postgres notifies a change (migration 0007), not by polling:
     with a refresh interval of minutes, only the notification can explain a read within seconds."""
