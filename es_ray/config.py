@@ -31,6 +31,7 @@ class RaySettings(BaseModel):
     metrics_export_port: int = 0
     namespace: str = "es-ray"
     batch_nice: int = Field(10, ge=0, le=19)
+    log_monitor: bool = False
     env: dict[str, str] = {}
 
 

@@ -128,6 +128,36 @@ def test_describe_names_what_each_process_does():
     assert describe(Named("/usr/bin/something"))[1].startswith("not one es-ray names")
 
 
+def test_the_ray_data_actors_stopped_are_named_as_ray_names_them():
+    """es_ray/data/ray_data_actors.py names the actors Ray 2.60's Ray Data creates; a Ray that renamed one
+    would leave it running unnoticed, so the names are read back from Ray's source."""
+    import inspect
+
+    from ray.data._internal import stats
+    from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator
+    from ray.data._internal.execution.node_trackers import actor_location
+
+    from es_ray.data.ray_data_actors import ACTORS, STATS_ACTOR
+
+    assert STATS_ACTOR == (stats.STATS_ACTOR_NAME, stats.STATS_ACTOR_NAMESPACE)
+    made_by = {"AutoscalingCoordinator": default_autoscaling_coordinator.get_or_create_autoscaling_coordinator,
+               "ActorLocationTracker": actor_location.get_or_create_actor_location_tracker}
+    for name, namespace in ACTORS[1:]:
+        source = inspect.getsource(made_by[name])
+        assert f'name="{name}"' in source and f'namespace="{namespace}"' in source
+        assert 'lifetime="detached"' in source   # the reason they outlive jobs; stopping them is still needed
+
+
+def test_the_head_runs_without_a_log_monitor_unless_configured(stack, settings):
+    """configs/stack.yaml `ray.log_monitor: false`: `ray start` leaves Ray's log monitor out (its idle cost:
+    BENCHMARKS.md "Idle stack"); the rest of Ray's processes are there."""
+    from pathlib import Path
+
+    names = [describe(p)[0] for p in stack_processes(Path(stack.state_dir))]
+    assert "raylet" in names and "gcs_server" in names
+    assert ("log_monitor.py" in names) == settings.ray.log_monitor
+
+
 def test_a_change_of_the_blue_pointer_reaches_a_watcher_by_notification(stack):
     """Replicas re-read the blue pointer when Postgres notifies a change (migration 0007), not by polling:
     with a refresh interval of minutes, only the notification can explain a read within seconds."""

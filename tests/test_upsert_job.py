@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from es_ray.data import beir
@@ -43,6 +44,29 @@ def test_bulk_upsert_job_loads_a_beir_corpus_and_can_run_again(stack, collection
     one = items[0]
     assert one["id"] in ids(search(api, one["text"][:200], limit=5))
     api.request("DELETE", "/v1/items", json={"ids": sorted(wanted)})
+    assert_ray_data_actors_stopped(stack, settings)
+
+
+def assert_ray_data_actors_stopped(stack, settings):
+    """The jobs made Ray Data's detached actors, and once no Ray Data work runs the lifecycle driver stops
+    them (es_ray/data/ray_data_actors.py; the job wakes its housekeeping at its end)."""
+    import ray
+    from ray.util.state import list_actors
+
+    from es_ray.data import ray_data_actors
+
+    ray.init(address=stack.ray_address, namespace=settings.ray.namespace, logging_level="warning",
+             log_to_driver=False)
+    try:
+        deadline = time.monotonic() + 60   # one housekeeping turn after the wake, with room for a second
+        while ray_data_actors.present() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert ray_data_actors.present() == []
+        made = {a.name for a in list_actors(address=stack.ray_dashboard_url, limit=10_000,
+                                            filters=[("state", "=", "DEAD")])}
+        assert {name for name, _ in ray_data_actors.ACTORS} <= made   # they did exist, and were stopped
+    finally:
+        ray.shutdown()
 
 
 def test_job_refuses_a_missing_input(stack):

@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         # then {"upserted", "failed"} as the last line.
         print(json.dumps({"event": "upsert.done", **done}), file=terminal)
         print(json.dumps({"upserted": written, "failed": failed}), file=terminal)
+    # Its Ray Data work is over: the driver stops Ray Data's detached actors if no other work uses them
+    # (waited for: a call still unsent when the job exits would be lost; else the next turn does it).
+    try:
+        ray.get(get_driver(args.namespace).wake_housekeeping.remote(), timeout=10)
+    except Exception as err:  # noqa: BLE001 - the items are stored; the actors only wait a turn longer
+        log.warning("upsert.wake_failed", error=str(err))
     return 1 if failed else 0
 
 

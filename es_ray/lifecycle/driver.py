@@ -15,6 +15,7 @@ import ray
 
 from es_ray import metrics
 from es_ray.config import Settings
+from es_ray.data import ray_data_actors
 from es_ray.inference import deploy, registry
 from es_ray.improve.loop import Follower, ImprovementLoop, improve_once, learning_from
 from es_ray.inference.encoder import resolve_model_dir
@@ -86,15 +87,23 @@ class LifecycleDriver:
             return True
 
     def _housekeeping(self) -> bool:
-        for step in (self.check_tasks, self.cleanup, self._export_blue):
+        for step in (self.check_tasks, self.cleanup, self._export_blue, self._stop_idle_ray_data):
             try:
                 step()
             except Exception:  # noqa: BLE001 - try again at the next interval
                 log.exception("housekeeping.failed", step=step.__name__)
         return self._tasks_active > 0  # an active task's job may die: watch it at the short interval
 
+    def _stop_idle_ray_data(self) -> None:
+        """Ray Data's detached helper actors outlive its jobs (es_ray/data/ray_data_actors.py): stopped once
+        no task of ours is active and no dataset runs anywhere in the cluster (bulk upsert jobs, a
+        replica's large upsert)."""
+        if self._tasks_active == 0:
+            ray_data_actors.stop_if_idle()
+
     def wake_housekeeping(self) -> None:
-        """A task started (here or as a Ray job of its own): watch tasks at the short interval again."""
+        """A task started (here or as a Ray job of its own): watch tasks at the short interval again. A bulk
+        upsert job calls it at its end too, so Ray Data's actors are stopped now, not at the next turn."""
         self._housekeeper.wake()
 
     def _conn(self):

@@ -13,6 +13,7 @@ notifies the same channel, and a search then reads neither from Postgres.
 
 from __future__ import annotations
 
+import select
 import threading
 
 import psycopg
@@ -55,16 +56,23 @@ class BlueWatcher:
                     conn.execute(f"LISTEN {blue_green.BLUE_CHANNEL}")
                     self._read(conn)          # what changed while nobody listened
                     while not self._stopped.is_set():
-                        # Returns at the first notification (or after refresh_s); the ones of one burst
-                        # that arrive meanwhile are taken by the next call at once: one read each burst.
-                        for _ in conn.notifies(timeout=self.refresh_s, stop_after=1):
-                            pass
+                        self._wait(conn)
                         self._read(conn)
             except Exception as err:  # noqa: BLE001 - keep the last known pointer while Postgres is away
                 # Again every retry_s (a connection attempt is cheap): the pointer is read again within
                 # about retry_s of Postgres being back.
                 log.warning("blue.watch_failed", error=str(err), retry_s=self.retry_s)
                 self._stopped.wait(self.retry_s)
+
+    def _wait(self, conn: psycopg.Connection) -> None:
+        """Until a notification (or refresh_s): one read for each burst. psycopg's own notifies(timeout=...)
+        wakes every 0.1 s to look at its deadline, ten wake-ups a second of an idle replica; select sleeps
+        until the socket has data. Those that arrived during the last read (psycopg keeps them) come
+        first; a closed connection makes the socket readable and the drain below raise."""
+        if list(conn.notifies(timeout=0)):
+            return
+        select.select([conn.fileno()], [], [], self.refresh_s)
+        list(conn.notifies(timeout=0))
 
     def _read(self, conn: psycopg.Connection) -> None:
         # Fusions first: a request that sees a new blue sees fusions read no earlier than it; a fusion

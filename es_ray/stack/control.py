@@ -89,7 +89,7 @@ def up(settings: Settings, wait_s: float = 600, display: Display | None = None) 
             manifest.save()
             ray_head.start(state, gcs_port, dashboard_port, client_port, agent_port, metrics_port,
                            settings.ray.num_cpus, settings.ray.node_ip_address,
-                           {**deployment.direct_ingress_env(settings), **settings.ray.env})
+                           {**deployment.direct_ingress_env(settings), **settings.ray.env}, settings.ray.log_monitor)
             manifest.ray_metrics_url = f"http://{settings.ray.node_ip_address}:{metrics_port}/metrics"
             manifest.ray_head_ingress = deployment.head_ingress(settings)
             # Serve's proxy, beside a direct-ingress replica: a port free now, kept while this head runs.

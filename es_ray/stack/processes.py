@@ -58,7 +58,7 @@ ROLES: list[tuple[str, str]] = [
                            "the Prometheus endpoint"),
     ("runtime_env/agent", "Ray runtime-env agent: prepares jobs' environments"),
     ("dashboard/dashboard.py", "Ray dashboard head: the job API (job submission), state API, metrics"),
-    ("log_monitor.py", "Ray log monitor: tails workers' logs for drivers"),
+    ("log_monitor.py", "Ray log monitor: tails workers' logs for drivers (off unless ray.log_monitor)"),
     ("autoscaler/_private/monitor.py", "Ray autoscaler monitor (its loop also reports the cluster's status)"),
     ("ray.util.client.server", "Ray Client proxy (ray:// connections)"),
     ("ray::ServeController", "Serve controller: reconciles deployments, health-checks replicas and proxies"),

@@ -91,8 +91,9 @@ def environment(state_dir: Path) -> dict[str, str]:
 
 def start(state_dir: Path, gcs_port: int, dashboard_port: int, client_server_port: int, agent_port: int,
           metrics_port: int, num_cpus: int = 0, node_ip_address: str = "127.0.0.1",
-          ray_env: dict[str, str] | None = None) -> None:
-    """`ray_env`: Ray's own settings (configs/stack.yaml `ray.env`), inherited by every Ray process."""
+          ray_env: dict[str, str] | None = None, log_monitor: bool = True) -> None:
+    """`ray_env`: Ray's own settings (configs/stack.yaml `ray.env`), inherited by every Ray process;
+    `log_monitor`: whether workers' output is forwarded to drivers (configs/stack.yaml `ray.log_monitor`)."""
     temp = temp_dir(state_dir)
     temp.mkdir(parents=True, exist_ok=True)
     credentials.ensure_ray_token(state_dir)
@@ -101,7 +102,7 @@ def start(state_dir: Path, gcs_port: int, dashboard_port: int, client_server_por
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                f"--ray-client-server-port={client_server_port}", f"--dashboard-agent-listen-port={agent_port}",
                f"--metrics-export-port={metrics_port}",
-               f"--temp-dir={temp}", "--disable-usage-stats"]
+               f"--temp-dir={temp}", "--disable-usage-stats", f"--include-log-monitor={str(log_monitor).lower()}"]
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
     env = {**environment(state_dir), **(ray_env or {})}
