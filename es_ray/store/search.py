@@ -9,9 +9,11 @@ items (many chunks per item), it is doubled and read again. With a user id, the 
 clicks adjusted are scored exactly with the user's vectors and merged in by score (the global stream
 is in score order too).
 
-A search runs in a transaction of its own with a `statement_timeout` (postgres.search_timeout_ms): a
-filter the planner cannot use an index for, or a database under load, ends as SearchTimeout rather
-than holding a connection and a backend for as long as the scan takes.
+A search's statements are cancelled after postgres.search_timeout_ms (`statement_timeout`): a filter the
+planner cannot use an index for, or a database under load, ends as SearchTimeout rather than holding a
+connection and a backend for as long as the scan takes. The Serve replica's search connections carry that
+timeout from the moment they open (db.open_pool) and pass timeout_ms=None; given a timeout_ms, the search
+runs in a transaction of its own that sets it (SET LOCAL) for its statements alone.
 """
 
 from __future__ import annotations
@@ -61,15 +63,19 @@ class Ranking:
 
 @contextmanager
 def _limited(conn: psycopg.Connection, timeout_ms: int | None):
-    """A transaction whose statements Postgres cancels after `timeout_ms` (SearchTimeout)."""
+    """Statements Postgres cancels after `timeout_ms` (SearchTimeout), in a transaction that sets it; with
+    None, the connection's own statement_timeout applies and no transaction is opened here."""
     try:
+        if not timeout_ms:
+            yield
+            return
         with conn.transaction():
-            if timeout_ms:
-                # SET LOCAL, as a function so the value is a parameter: it ends with this transaction.
-                conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_ms)}ms",))
+            # SET LOCAL, as a function so the value is a parameter: it ends with this transaction.
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_ms)}ms",))
             yield
     except psycopg.errors.QueryCanceled as err:
-        raise SearchTimeout(f"the search took longer than {timeout_ms} ms (postgres.search_timeout_ms) and was "
+        limit = f"{timeout_ms} ms" if timeout_ms else "its statement timeout"
+        raise SearchTimeout(f"the search took longer than {limit} (postgres.search_timeout_ms) and was "
                             "cancelled") from err
 
 
@@ -77,7 +83,7 @@ def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray,
            filter_: dict[str, Any] | None = None, user_id: str | None = None,
            timeout_ms: int | None = None) -> list[SearchHit]:
     """Items of `collection` ranked by their best chunk, page [offset, offset + limit). Every statement of
-    the search is cancelled after `timeout_ms` (SearchTimeout)."""
+    the search is cancelled after `timeout_ms` (SearchTimeout; None: the connection's statement_timeout)."""
     with _limited(conn, timeout_ms):
         return _search(conn, collection, vector, limit, offset, filter_, user_id)
 
