@@ -134,10 +134,14 @@ def _search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray
             filter_: dict[str, Any] | None, user_id: str | None) -> list[SearchHit]:
     # The API validated the filter against the stack's limits; here only Postgres' own limit applies.
     condition, params = compile_filter(filter_, column="i.payload", limits=None)
+    # The stream joins the items only to filter on their payload: every part has its item (a foreign key,
+    # deleted with it), so without a filter the join would only cost an index lookup per streamed chunk.
+    source = sql.SQL("{parts} p JOIN {items} i ON i.object_id = p.object_id" if filter_ else "{parts} p").format(
+        parts=collection.parts, items=collection.items)
     query = sql.SQL("""
         WITH stream AS (
             SELECT p.object_id, p.vector <=> %(q)s AS distance
-            FROM {parts} p JOIN {items} i ON i.object_id = p.object_id
+            FROM {source}
             WHERE NOT p.is_average AND {condition}
             ORDER BY p.vector <=> %(q)s
             LIMIT %(pool)s
@@ -150,7 +154,7 @@ def _search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray
         SELECT r.object_id, 1 - r.distance, i.payload, r.n
         FROM ranked r JOIN {items} i ON i.object_id = r.object_id
         ORDER BY r.first_position
-    """).format(parts=collection.parts, items=collection.items, condition=condition)
+    """).format(source=source, items=collection.items, condition=condition)
     q = np.asarray(vector, dtype=np.float32)
     personal = _personal_scores(conn, collection, q, user_id, condition, params) if user_id else {}
     wanted = offset + limit
