@@ -92,11 +92,11 @@ class Replica:
 
 
 def pool_size(settings: Settings) -> int:
-    """Connections one replica keeps in each of its two pools (searches', everything else's): enough for every request it works on at once (a request holds one
-    connection at a time, and none while it waits for Triton; a hybrid search takes a second one beside
-    it only when one is free at once), so a request never waits on another request of its own replica;
-    postgres.pool_size when that is larger. The blue watcher listens on a
-    connection of its own (serve/blue_watcher.py), outside the pool."""
+    """Connections one replica keeps in each of its two pools (searches', the other routes'): enough for
+    every request it works on at once (a request holds one connection at a time, and none while it waits
+    for Triton; a hybrid search takes a second one beside it only when one is free at once), so a request
+    never waits on another request of its own replica; postgres.pool_size when that is larger. The blue
+    watcher listens on a connection of its own (serve/blue_watcher.py), outside the pools."""
     needed = settings.serve.max_ongoing_requests
     if settings.postgres.pool_size < needed:
         log.info("replica.pool_sized_to_concurrency", pool_size=needed, configured=settings.postgres.pool_size,

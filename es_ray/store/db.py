@@ -7,6 +7,7 @@ from pathlib import Path
 
 import psycopg
 from psycopg import OperationalError  # noqa: F401 - re-exported for callers
+from psycopg.conninfo import conninfo_to_dict
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
@@ -44,8 +45,9 @@ def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeou
         conn.commit()
 
     kwargs: dict = {"autocommit": autocommit}
-    if statement_timeout_ms:
-        kwargs["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
+    if statement_timeout_ms:  # beside any options the DSN gives (a keyword argument would replace them)
+        given = conninfo_to_dict(dsn).get("options", "")
+        kwargs["options"] = f"{given} -c statement_timeout={int(statement_timeout_ms)}".strip()
     pool = ConnectionPool(dsn, min_size=1, max_size=size, configure=configure, open=True, timeout=timeout_s,
                           check=alive, kwargs=kwargs)
     pool.wait(timeout=30)
@@ -59,8 +61,9 @@ def alive(conn: psycopg.Connection) -> None:
     waiting on its socket while it sits idle in the pool: only then the full check runs, fails, and the pool
     opens another connection for the caller. Nothing waiting: nothing reached it since its last use. (A
     network cut that delivers no packet at all answers the round trip no better: TCP keepalives find it.)"""
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
+    waiting = select.poll()  # not select.select: a process with many files has descriptors past its 1024
+    waiting.register(conn.fileno(), select.POLLIN)
+    if waiting.poll(0):
         ConnectionPool.check_connection(conn)
 
 
