@@ -46,6 +46,7 @@ from es_ray.stack import jobs, triton
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import blue_green, clickstream, db
 from es_ray.store.collections import Collection
+from es_ray.store.search import Ranking, search_mode
 
 PLAIN_TOP10 = ("SELECT object_id, vector <=> %s AS distance FROM parts_{c} WHERE NOT is_average "
                "ORDER BY vector <=> %s LIMIT 10")
@@ -137,10 +138,15 @@ def main(argv: list[str] | None = None) -> None:
             conn.execute(sql, (vector, vector)).fetchall()
             pg_s.append(time.perf_counter() - started)
     parts = {"embed": percentiles(embed_s)["p50_ms"], "pgvector": percentiles(pg_s)["p50_ms"]}
-    # Where the overhead may go, measured here too (not parts of the ratio): the session record of a search
-    # (INSERT + COPY + commit), and the HTTP + Serve + FastAPI floor (GET /healthz answers from its cache:
-    # no dependency is asked, no body is read).
-    diagnostics = {"session_write": session_write_ms(pool, blue), "healthz": healthz_p50(manifest)}
+    # Where the overhead may go, measured here too (not parts of the ratio), on a connection like the
+    # replica's search connections (db.open_pool: autocommit, the statement timeout set when it opens): the
+    # route's own query (store/search.py: chunks grouped per item, payloads) against the plain top-10 above,
+    # the session record of a search (one INSERT), and the HTTP + Serve + FastAPI floor (GET /healthz
+    # answers from its cache: no dependency is asked, no body is read).
+    search_pool = db.open_pool(manifest.postgres_dsn, 1, settings.postgres.hnsw_ef_search,
+                               statement_timeout_ms=settings.postgres.search_timeout_ms, autocommit=True)
+    diagnostics = {"search_sql": search_sql_ms(search_pool, blue, vectors),
+                   "session_write": session_write_ms(search_pool, blue), "healthz": healthz_p50(manifest)}
 
     http_level(manifest, queries, 1, 20)  # warm-up
     levels = []
@@ -186,6 +192,17 @@ def main(argv: list[str] | None = None) -> None:
     recall.update({"benchmark": "recall", "docs": docs, "queries": len(queries)})
     out = write_result("recall", data.name, recall, f"python -m es_ray.bench.search --docs {args.docs}")
     print(json.dumps(recall, indent=2), f"\nwritten to {out}")  # noqa: T201
+
+
+def search_sql_ms(pool, blue, vectors: list[np.ndarray]) -> float:
+    """p50 ms of the search route's dense top-10 query (store/search.py) on a pooled connection."""
+    collection, took = Collection(blue.collection, blue.dim), []
+    with pool.connection() as conn:
+        for vector in vectors:
+            started = time.perf_counter()
+            search_mode(conn, collection, Ranking(), "", vector, 10)
+            took.append(time.perf_counter() - started)
+    return percentiles(took)["p50_ms"]
 
 
 def session_write_ms(pool, blue, n: int = 100) -> float:

@@ -44,8 +44,12 @@ class Replica:
         auth.configure(self.settings.auth)
         self.driver = get_driver(namespace)
         self.pool_size = pool_size(self.settings)
-        self.pool = db.open_pool(self.manifest.postgres_dsn, self.pool_size,
-                                 self.settings.postgres.hnsw_ef_search, self.settings.postgres.pool_timeout_s)
+        pg = self.settings.postgres
+        self.pool = db.open_pool(self.manifest.postgres_dsn, self.pool_size, pg.hnsw_ef_search, pg.pool_timeout_s)
+        # POST /v1/search's own connections: each statement bounded by search_timeout_ms from the moment a
+        # connection opens, autocommit (db.open_pool): a search and its session are a round trip each.
+        self.search_pool = db.open_pool(self.manifest.postgres_dsn, self.pool_size, pg.hnsw_ef_search,
+                                        pg.pool_timeout_s, statement_timeout_ms=pg.search_timeout_ms, autocommit=True)
         self.health = HealthCache(self.settings.serve.health_cache_s)
         self._check_connection_budget()
         self.blue_watcher = BlueWatcher(self.pool, self.manifest.postgres_dsn, self.settings.serve.blue_refresh_s)
@@ -68,7 +72,7 @@ class Replica:
         """Warns when the replicas' pools together could take every connection Postgres allows."""
         with self.pool.connection() as conn:
             allowed = int(conn.execute("SHOW max_connections").fetchone()[0])
-        wanted = self.settings.serve.replicas * (self.pool_size + 1)  # + each one's blue watcher
+        wanted = self.settings.serve.replicas * (2 * self.pool_size + 1)  # two pools + each one's blue watcher
         if wanted > allowed // 2:  # the driver, jobs, reindex workers and the improvement loop need theirs
             log.warning("replica.pools_near_max_connections", replicas_need=wanted, max_connections=allowed)
 
@@ -88,11 +92,11 @@ class Replica:
 
 
 def pool_size(settings: Settings) -> int:
-    """Connections one replica keeps: enough for every request it works on at once (a request holds one
-    connection at a time, and none while it waits for Triton; a hybrid search takes a second one beside
-    it only when one is free at once), so a request never waits on another request of its own replica;
-    postgres.pool_size when that is larger. The blue watcher listens on a
-    connection of its own (serve/blue_watcher.py), outside the pool."""
+    """Connections one replica keeps in each of its two pools (searches', the other routes'): enough for
+    every request it works on at once (a request holds one connection at a time, and none while it waits
+    for Triton; a hybrid search takes a second one beside it only when one is free at once), so a request
+    never waits on another request of its own replica; postgres.pool_size when that is larger. The blue
+    watcher listens on a connection of its own (serve/blue_watcher.py), outside the pools."""
     needed = settings.serve.max_ongoing_requests
     if settings.postgres.pool_size < needed:
         log.info("replica.pool_sized_to_concurrency", pool_size=needed, configured=settings.postgres.pool_size,

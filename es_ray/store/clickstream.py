@@ -5,6 +5,7 @@ nothing. The learners' readers leave out the sources configured in learning.excl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -101,24 +102,34 @@ def record_session(conn: psycopg.Connection, session_id: str, user_id: str | Non
     `list_ranks` (item id -> its rank in the dense and in the lexical list, None where absent): how search
     ranked it, what a learner of the fusion needs."""
     list_ranks = list_ranks or {}
-    with conn.transaction():
+    ranks = [list_ranks.get(object_id, (None, None)) for _, object_id in results]
+    # One statement (a round trip): the session and its shown list, the list only where the session is new.
+    # Data-modifying CTEs all run whether or not the outer SELECT reads them (PostgreSQL docs, "Data-Modifying
+    # Statements in WITH"); the shown list's foreign key is checked at the statement's end. Atomic on its own
+    # on an autocommit connection (the search route's); elsewhere in a transaction, committed here.
+    with nullcontext() if conn.autocommit else conn.transaction():
         inserted = conn.execute(
-            """INSERT INTO sessions (session_id, user_id, query, model_version, swapped_rank, source, key_name, client,
-                                     filtered, mode)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-               ON CONFLICT (session_id) DO NOTHING RETURNING session_id""",
+            """WITH new AS (
+                   INSERT INTO sessions (session_id, user_id, query, model_version, swapped_rank, source, key_name,
+                                         client, filtered, mode)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (session_id) DO NOTHING RETURNING session_id
+               ), shown AS (
+                   INSERT INTO session_results (session_id, rank, object_id, dense_rank, lexical_rank)
+                   SELECT new.session_id, r.rank, r.object_id, r.dense_rank, r.lexical_rank
+                   FROM new, unnest(%s::integer[], %s::text[], %s::integer[], %s::integer[])
+                        AS r (rank, object_id, dense_rank, lexical_rank)
+               )
+               SELECT count(*) FROM new""",
             (session_id, user_id, query, model_version, swapped_rank, provenance.source, provenance.key_name,
-             provenance.client, filtered, mode)).fetchone()
-        if inserted is None:
-            existing = get_session(conn, session_id, with_events=False)
-            if (existing.user_id, existing.query, sorted(existing.results)) != (user_id, query, sorted(results)):
-                raise Conflict(f"session {session_id} already exists with other content")
-            return False
-        with conn.cursor().copy("COPY session_results (session_id, rank, object_id, dense_rank, lexical_rank) "
-                                "FROM STDIN") as copy:
-            for rank, object_id in results:
-                copy.write_row((session_id, rank, object_id, *list_ranks.get(object_id, (None, None))))
-    return True
+             provenance.client, filtered, mode, [rank for rank, _ in results], [id for _, id in results],
+             [dense for dense, _ in ranks], [lexical for _, lexical in ranks]))
+        if inserted.fetchone()[0]:
+            return True
+        existing = get_session(conn, session_id, with_events=False)
+    if (existing.user_id, existing.query, sorted(existing.results)) != (user_id, query, sorted(results)):
+        raise Conflict(f"session {session_id} already exists with other content")
+    return False
 
 
 def get_session(conn: psycopg.Connection, session_id: str, with_events: bool = True) -> Session:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import select
 from pathlib import Path
 
 import psycopg
 from psycopg import OperationalError  # noqa: F401 - re-exported for callers
+from psycopg.conninfo import conninfo_to_dict
 from pgvector.psycopg import register_vector
 from psycopg_pool import ConnectionPool
 
@@ -23,10 +25,17 @@ def connect(dsn: str, **options) -> psycopg.Connection:
     return conn
 
 
-def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeout_s: float = 30) -> ConnectionPool:
-    """A pool that survives a Postgres restart: a connection is checked before it is handed out (a dead
-    one is replaced), and a caller waits at most timeout_s for one (PoolTimeout, an OperationalError:
-    the API answers 503 with Retry-After) instead of hanging while the database is away."""
+def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeout_s: float = 30,
+              statement_timeout_ms: int | None = None, autocommit: bool = False) -> ConnectionPool:
+    """A pool that survives a Postgres restart: a connection whose server went away is replaced before it is
+    handed out (alive() below), and a caller waits at most timeout_s for one (PoolTimeout, an
+    OperationalError: the API answers 503 with Retry-After) instead of hanging while the database is away.
+
+    statement_timeout_ms: Postgres cancels any statement on these connections that runs longer, set once
+    when a connection opens (libpq's startup options: no round trip) rather than by a SET in every request's
+    transaction. The Serve replica's search pool has it, and autocommit: a search is one statement and its
+    session record another, each atomic on its own, so a transaction around them would only add its BEGIN
+    and COMMIT round trips (reads in READ COMMITTED take a snapshot per statement either way)."""
     def configure(conn: psycopg.Connection) -> None:
         _configure(conn)
         if hnsw_ef_search:
@@ -36,10 +45,27 @@ def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeou
             conn.execute("SET hnsw.iterative_scan = relaxed_order")
         conn.commit()
 
+    kwargs: dict = {"autocommit": autocommit}
+    if statement_timeout_ms:  # beside any options the DSN gives (a keyword argument would replace them)
+        given = conninfo_to_dict(dsn).get("options", "")
+        kwargs["options"] = f"{given} -c statement_timeout={int(statement_timeout_ms)}".strip()
     pool = ConnectionPool(dsn, min_size=1, max_size=size, configure=configure, open=True, timeout=timeout_s,
-                          check=ConnectionPool.check_connection, kwargs={"autocommit": False})
+                          check=alive, kwargs=kwargs)
     pool.wait(timeout=30)
     return pool
+
+
+def alive(conn: psycopg.Connection) -> None:
+    """The pool's check before it hands a connection out, without a round trip per checkout (psycopg_pool's
+    check_connection sends an empty query every time). A connection whose server went away (Postgres
+    stopped or restarted, its backend terminated) has the server's last message or the end of the stream
+    waiting on its socket while it sits idle in the pool: only then the full check runs, fails, and the pool
+    opens another connection for the caller. Nothing waiting: nothing reached it since its last use. (A
+    network cut that delivers no packet at all answers the round trip no better: TCP keepalives find it.)"""
+    waiting = select.poll()  # not select.select: a process with many files has descriptors past its 1024
+    waiting.register(conn.fileno(), select.POLLIN)
+    if waiting.poll(0):
+        ConnectionPool.check_connection(conn)
 
 
 def migrations() -> list[tuple[int, Path]]:

@@ -14,9 +14,11 @@ chunks per item), it is doubled and read again. With a user id, the items that u
 are scored exactly with the user's vectors and merged in by score (the global stream is in score order
 too, block by block).
 
-A search runs in a transaction of its own with a `statement_timeout` (postgres.search_timeout_ms): a
-filter the planner cannot use an index for, or a database under load, ends as SearchTimeout rather
-than holding a connection and a backend for as long as the scan takes.
+A search's statements are cancelled after postgres.search_timeout_ms (`statement_timeout`): a filter the
+planner cannot use an index for, or a database under load, ends as SearchTimeout rather than holding a
+connection and a backend for as long as the scan takes. The Serve replica's search connections carry that
+timeout from the moment they open (db.open_pool) and pass timeout_ms=None; given a timeout_ms, the search
+runs in a transaction of its own that sets it (SET LOCAL) for its statements alone.
 """
 
 from __future__ import annotations
@@ -67,15 +69,19 @@ class Ranking:
 
 @contextmanager
 def _limited(conn: psycopg.Connection, timeout_ms: int | None):
-    """A transaction whose statements Postgres cancels after `timeout_ms` (SearchTimeout)."""
+    """Statements Postgres cancels after `timeout_ms` (SearchTimeout), in a transaction that sets it; with
+    None, the connection's own statement_timeout applies and no transaction is opened here."""
     try:
+        if not timeout_ms:
+            yield
+            return
         with conn.transaction():
-            if timeout_ms:
-                # SET LOCAL, as a function so the value is a parameter: it ends with this transaction.
-                conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_ms)}ms",))
+            # SET LOCAL, as a function so the value is a parameter: it ends with this transaction.
+            conn.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(timeout_ms)}ms",))
             yield
     except psycopg.errors.QueryCanceled as err:
-        raise SearchTimeout(f"the search took longer than {timeout_ms} ms (postgres.search_timeout_ms) and was "
+        limit = f"{timeout_ms} ms" if timeout_ms else "its statement timeout"
+        raise SearchTimeout(f"the search took longer than {limit} (postgres.search_timeout_ms) and was "
                             "cancelled") from err
 
 
@@ -83,7 +89,7 @@ def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray,
            filter_: dict[str, Any] | None = None, user_id: str | None = None,
            timeout_ms: int | None = None) -> list[SearchHit]:
     """Items of `collection` ranked by their best chunk, page [offset, offset + limit). Every statement of
-    the search is cancelled after `timeout_ms` (SearchTimeout)."""
+    the search is cancelled after `timeout_ms` (SearchTimeout; None: the connection's statement_timeout)."""
     with _limited(conn, timeout_ms):
         return _search(conn, collection, vector, limit, offset, filter_, user_id)
 
@@ -134,10 +140,14 @@ def _search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray
             filter_: dict[str, Any] | None, user_id: str | None) -> list[SearchHit]:
     # The API validated the filter against the stack's limits; here only Postgres' own limit applies.
     condition, params = compile_filter(filter_, column="i.payload", limits=None)
+    # The stream joins the items only to filter on their payload: every part has its item (a foreign key,
+    # deleted with it), so without a filter the join would only cost an index lookup per streamed chunk.
+    source = sql.SQL("{parts} p JOIN {items} i ON i.object_id = p.object_id" if filter_ else "{parts} p").format(
+        parts=collection.parts, items=collection.items)
     query = sql.SQL("""
         WITH stream AS (
             SELECT p.object_id, p.vector <=> %(q)s AS distance
-            FROM {parts} p JOIN {items} i ON i.object_id = p.object_id
+            FROM {source}
             WHERE NOT p.is_average AND {condition}
             ORDER BY p.vector <=> %(q)s
             LIMIT %(pool)s
@@ -154,7 +164,7 @@ def _search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray
         SELECT r.object_id, 1 - r.distance, i.payload, r.n
         FROM ranked r JOIN {items} i ON i.object_id = r.object_id
         ORDER BY r.first_position
-    """).format(parts=collection.parts, items=collection.items, condition=condition)
+    """).format(source=source, items=collection.items, condition=condition)
     q = np.asarray(vector, dtype=np.float32)
     personal = _personal_scores(conn, collection, q, user_id, condition, params) if user_id else {}
     wanted = offset + limit

@@ -2,8 +2,10 @@
 request's mode picks the ranking (store/search.py search_mode): dense, lexical (no embedding) or hybrid.
 
 The route is async and hands its blocking work (tokenise + Triton, the search, the session record) to the
-replica's threads as one call, and the search and its session share one pooled connection: one checkout (and
-its liveness round trip) instead of two. Where a search's time goes: docs/PERFORMANCE.md.
+replica's threads as one call, and the search and its session share one connection of the replica's search
+pool, whose connections carry the search's statement timeout and run in autocommit (db.open_pool): a dense
+search with its session is two round trips to Postgres, the search's SELECT and the session's INSERT. Where a
+search's time goes: docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
@@ -51,14 +53,13 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
     session_id, searched = None, None
     try:
         ranking = _ranking(state.settings.search, request.mode, state.blue_watcher.fusions.get(blue.collection))
-        collection, timeout_ms = Collection(blue.collection, blue.dim), state.settings.postgres.search_timeout_ms
-        words = _lexical_beside(state, collection, ranking, request, timeout_ms) \
-            if ranking.mode == "hybrid" else None
+        collection = Collection(blue.collection, blue.dim)
+        words = _lexical_beside(state, collection, ranking, request) if ranking.mode == "hybrid" else None
         vector = None if ranking.mode == "lexical" else \
             state.encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]  # lexical needs no model
-        with state.pool.connection() as conn:
+        with state.search_pool.connection() as conn:  # its statement timeout bounds the search
             hits = search_mode(conn, collection, ranking, request.query, vector, request.limit, request.offset,
-                               request.filter, request.user_id, timeout_ms=timeout_ms, words=words)
+                               request.filter, request.user_id, words=words)
             status, searched = "ok", time.monotonic()  # the latency metric is embed + pgvector
             if request.session and hits:
                 hits, session_id = _record_session(conn, request, who, state, client, blue, hits, ranking.mode)
@@ -76,14 +77,14 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
                                            for h in hits])
 
 
-def _lexical_beside(state: Replica, collection: Collection, ranking: Ranking, request: schemas.SearchRequest,
-                    timeout_ms: int) -> Callable[[], LexicalList] | None:
+def _lexical_beside(state: Replica, collection: Collection, ranking: Ranking,
+                    request: schemas.SearchRequest) -> Callable[[], LexicalList] | None:
     """Starts reading hybrid's lexical list on a second pooled connection, so Postgres ranks it while
     Triton embeds the query and the dense list is read (two cores: the two overlap); returns where its
     result will be. None when the pool has no connection to spare at once: then search_mode reads it
     after the dense list on the request's own connection (a full pool is not waited for: under load,
     waiting would cost more than the overlap gains)."""
-    pool = state.pool
+    pool = state.search_pool
     stats = pool.get_stats()
     if stats.get("pool_available", 0) == 0 and stats.get("pool_size", 0) >= stats.get("pool_max", 0):
         return None
@@ -94,7 +95,7 @@ def _lexical_beside(state: Replica, collection: Collection, ranking: Ranking, re
 
     def read() -> LexicalList:
         try:
-            return hybrid_lexical(conn, collection, ranking, request.query, request.filter, timeout_ms)
+            return hybrid_lexical(conn, collection, ranking, request.query, request.filter)
         finally:
             pool.putconn(conn)
 
