@@ -42,7 +42,7 @@ class PostgresSettings(BaseModel):
     hnsw_ef_construction: int = 64
     hnsw_ef_search: int = 100
     maintenance_work_mem: str = "1GB"
-    shared_buffers: str = Field("25%", pattern=r"^(\d+(\.\d+)?%|\d+\s*(kB|MB|GB|TB))$")
+    shared_buffers: str = Field("25%", pattern=r"^([1-4]?\d(\.\d+)?%|50%|\d+\s*(kB|MB|GB|TB))$")  # a share: 0-50 %
     pool_timeout_s: float = 5.0
     search_timeout_ms: int = Field(3000, ge=1)
 

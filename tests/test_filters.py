@@ -51,3 +51,16 @@ def test_deep_nesting_is_refused():
         deep = {"not": deep}
     with pytest.raises(FilterError, match="nested deeper"):
         compile_filter(deep)
+
+
+def test_personal_hits_merge_into_the_stream_without_reordering_it():
+    # The relaxed index scan's stream is sorted per block, not as a whole: merged() keeps its order, so a
+    # page computed from a longer stream starts with the page computed from a shorter one.
+    from es_ray.store.search import SearchHit, merged
+
+    stream = [SearchHit(i, s, {}) for i, s in (("a", 0.9), ("b", 0.7), ("c", 0.8), ("d", 0.6))]
+    personal = [SearchHit("p", 0.75, {}), SearchHit("q", 0.95, {})]
+    order = [h.id for h in merged(stream, personal)]
+    assert order == ["q", "a", "p", "b", "c", "d"]
+    shorter = [h.id for h in merged(stream[:2], personal)][:3]
+    assert order[:3] == shorter

@@ -62,16 +62,30 @@ def test_invalid_setting_is_refused(monkeypatch):
 
 
 def test_shared_buffers_is_a_size_or_a_share_of_the_machine(monkeypatch):
-    import psutil
-
     from es_ray.stack.postgres import shared_buffers_size
 
-    total_mb = psutil.virtual_memory().total / 2**20
-    assert abs(int(shared_buffers_size("25%").removesuffix("MB")) - total_mb / 4) <= 1
-    assert shared_buffers_size("2GB") == "2GB"
-    monkeypatch.setenv("ES_RAY_POSTGRES__SHARED_BUFFERS", "a lot")
-    with pytest.raises(ValueError, match="shared_buffers"):
-        load_settings()
+    from es_ray.stack import postgres
+
+    monkeypatch.setattr(postgres, "memory_bytes", lambda: 8 * 2**30)
+    assert shared_buffers_size("25%") == "2048MB"
+    assert shared_buffers_size("1%") == "128MB"         # never below Postgres' own default
+    monkeypatch.setattr(postgres, "memory_bytes", lambda: 256 * 2**30)
+    assert shared_buffers_size("25%") == "8192MB"       # nor above the bound for a shared machine
+    assert shared_buffers_size("2GB") == "2GB"          # a size is taken as it is
+    for bad in ("a lot", "250%", "60%"):
+        monkeypatch.setenv("ES_RAY_POSTGRES__SHARED_BUFFERS", bad)
+        with pytest.raises(ValueError, match="shared_buffers"):
+            load_settings()
+
+
+def test_a_recorded_shared_buffers_that_does_not_start_is_forgotten(tmp_path):
+    from es_ray.stack.postgres import _forget_shared_buffers, memory_bytes
+
+    assert 0 < memory_bytes()
+    (tmp_path / "postgresql.auto.conf").write_text("# ALTER SYSTEM\nshared_buffers = '900GB'\nwork_mem = '8MB'\n")
+    assert _forget_shared_buffers(tmp_path)
+    assert (tmp_path / "postgresql.auto.conf").read_text() == "# ALTER SYSTEM\nwork_mem = '8MB'\n"
+    assert not _forget_shared_buffers(tmp_path)
 
 
 def test_triton_config_for_both_backends():

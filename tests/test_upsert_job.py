@@ -55,6 +55,7 @@ def assert_ray_data_actors_stopped(stack, settings):
 
     from es_ray.data import ray_data_actors
 
+    STATS = ray_data_actors.STATS_ACTOR[0]
     ray.init(address=stack.ray_address, namespace=settings.ray.namespace, logging_level="warning",
              log_to_driver=False)
     try:
@@ -65,6 +66,18 @@ def assert_ray_data_actors_stopped(stack, settings):
         made = {a.name for a in list_actors(address=stack.ray_dashboard_url, limit=10_000,
                                             filters=[("state", "=", "DEAD")])}
         assert {name for name, _ in ray_data_actors.ACTORS} <= made   # they did exist, and were stopped
+        # A Ray Data run of ours holds them: while its lock is held nobody stops them, even when no dataset
+        # runs (this one has finished); once it is released they go.
+        with ray_data_actors.in_use(stack.postgres_dsn):
+            ray.data.range(8).materialize()
+            deadline = time.monotonic() + 20   # the stats actor hears of the end a moment after it
+            while ray_data_actors.running_datasets() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert ray_data_actors.running_datasets() == []
+            assert ray_data_actors.stop_if_idle(stack.postgres_dsn) == []
+            assert STATS in ray_data_actors.present()
+        assert STATS in ray_data_actors.stop_if_idle(stack.postgres_dsn) or STATS not in ray_data_actors.present()
+        assert STATS not in ray_data_actors.present()
     finally:
         ray.shutdown()
 

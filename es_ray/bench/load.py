@@ -452,8 +452,10 @@ def steady_and_faults(args, settings, manifest: StackManifest, api: EsRayClient)
                 time.sleep(5)
     clicks = settle_clicks(api, manifest.postgres_dsn, load)
     total_start, total_end = sum(v for v in rss_start.values() if v), sum(v for v in rss_end.values() if v)
-    command = "python -m es_ray.bench.load" + (f" --seconds {args.seconds:g}" if args.seconds != 180 else "")
-    write_result("load", "synthetic", {
+    command = "python -m es_ray.bench.load" + (" --only faults --no-faults" if args.no_faults else "") + (
+        f" --seconds {args.seconds:g}" if args.seconds != 180 else "")
+    # A steady run without faults (the 15-minute memory run) has a results file of its own beside the faults'.
+    write_result("load", "steady" if args.no_faults else "synthetic", {
         "benchmark": "load", "seconds": args.seconds, "search_clients": args.clients, "steady": steady,
         "rss_mb": {"start": rss_start, "end": rss_end, "total_start": round(total_start, 1),
                    "total_end": round(total_end, 1), "total_every_30s": totals},

@@ -178,12 +178,13 @@ def main(argv: list[str] | None = None) -> None:
               "throughput_8": eight["requests_per_s"], "fastest_throughput": fastest["queries_per_s"],
               "throughput_ratio": round(eight["requests_per_s"] / fastest["queries_per_s"], 2),
               "p99_to_p50_8": round(eight["p99_ms"] / eight["p50_ms"], 2),
-              "via_proxy": via_proxy,
+              "via_proxy": via_proxy, "ingress": "direct" if manifest.serve_proxy_url else "proxy",
               "note": "ratio = HTTP p50 / (embed p50 + pgvector p50); overhead_ms = HTTP p50 - embed p50 - "
                       "pgvector p50 (1 client); embed_to_fastest = embed p50 / one query's forward "
                       "pass in-process at 1 thread; throughput_ratio = 8-client requests/s / the fastest "
                       "forward pass's queries/s at the batch Triton formed (fastest of 1 thread and all cores)"}
-    out = write_result("search", data.name, result, f"python -m es_ray.bench.search --docs {args.docs}")
+    ingress = "ES_RAY_SERVE__INGRESS=direct " if manifest.serve_proxy_url else ""   # the configured one is proxy
+    out = write_result("search", data.name, result, f"{ingress}python -m es_ray.bench.search --docs {args.docs}")
     print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report
     if args.flamegraph:
         flame_graphs(manifest, queries, args.flamegraph, settings.serve.app_name)

@@ -12,17 +12,24 @@ at the cost of their start-up.
 When to stop them: only when the stats actor holds no dataset that is pending or running. Every
 execution registers its dataset there before it asks the other two for anything, and marks it finished
 or failed when it ends, so a job in flight keeps them alive. A job killed mid-run leaves its dataset
-"running" in the stats actor, which then keeps all three alive until Ray restarts: the safe side. A new
-execution can start in the few milliseconds between that look and the kill; it would find a dead
-tracker and fail, the same as if its node died. The lifecycle driver also never stops them while a task
-of its own (a reindex) is active.
+"running" in the stats actor, which then keeps all three alive until Ray restarts: the safe side.
+A new execution could register between that look and the kill and then meet a dead tracker, so the two
+sides also share a Postgres advisory lock: every es-ray Ray Data run (the bulk upsert job, a replica's
+large upsert) holds it shared while it runs (`in_use`), and the stop happens only under it exclusively,
+taken without waiting (`stop_if_idle`). A run that starts meanwhile waits the few milliseconds of the
+kill, and Ray Data creates the actors again. The lifecycle driver also never stops them while a task of
+its own (a reindex) is active.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import ray
 
 from es_ray.logs import get_logger
+from es_ray.store import db
 
 log = get_logger(__name__)
 
@@ -33,6 +40,15 @@ STATS_ACTOR = ("datasets_stats_actor", "_dataset_stats_actor")
 ACTORS = (STATS_ACTOR, ("AutoscalingCoordinator", "AutoscalingCoordinator"),
           ("ActorLocationTracker", "ActorLocationTracker"))
 BUSY_STATES = ("PENDING", "RUNNING")
+LOCK_KEY = 0x6573_7261_7964  # pg advisory lock key ("esrayd"): es-ray's Ray Data runs against the stop
+
+
+@contextmanager
+def in_use(dsn: str) -> Iterator[None]:
+    """Held around a Ray Data run: the actors are not stopped until it ends (its connection's close frees it)."""
+    with db.connect(dsn) as conn:
+        conn.execute("SELECT pg_advisory_lock_shared(%s)", (LOCK_KEY,))
+        yield
 
 
 def _actor(name: str, namespace: str):
@@ -56,13 +72,18 @@ def present() -> list[str]:
     return [name for name, namespace in ACTORS if _actor(name, namespace) is not None]
 
 
-def stop_if_idle() -> list[str]:
-    """Kills the three actors when no dataset is pending or running; returns the names killed."""
+def stop_if_idle(dsn: str) -> list[str]:
+    """Kills the three actors when no es-ray Ray Data run holds the lock and no dataset is pending or
+    running; returns the names killed."""
     if _actor(*STATS_ACTOR) is None:
         return []   # executions create the stats actor first: without it none ran since the last stop
-    busy = running_datasets()
-    if busy:
-        return []
+    with db.connect(dsn) as conn:
+        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+            return []   # a run of ours is in flight
+        return [] if running_datasets() else _stop()
+
+
+def _stop() -> list[str]:
     stopped = []
     for name, namespace in ACTORS:
         handle = _actor(name, namespace)

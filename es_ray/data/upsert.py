@@ -25,6 +25,7 @@ import ray
 from es_ray import metrics
 from es_ray.config import Settings
 from es_ray.console import Display
+from es_ray.data import ray_data_actors
 from es_ray.data.pipeline import parse_jsonl, upsert_dataset
 from es_ray.lifecycle.handle import get_driver
 from es_ray.logs import get_logger, to_file
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                  model_version=blue.model_version)
         dataset = ray.data.read_text(str(path)).map_batches(parse_jsonl, batch_size=1024)
         written, failed = 0, []
-        with display.bar("upsert", total=total, unit="items") as progress:
+        with display.bar("upsert", total=total, unit="items") as progress, \
+                ray_data_actors.in_use(manifest.postgres_dsn):
             for batch in upsert_dataset(dataset, settings, manifest.triton_grpc_url, manifest.postgres_dsn):
                 errors = [{"id": str(i), "error": str(e)} for i, e in zip(batch["id"], batch["error"]) if e]
                 failed.extend(errors)

@@ -99,7 +99,7 @@ class LifecycleDriver:
         no task of ours is active and no dataset runs anywhere in the cluster (bulk upsert jobs, a
         replica's large upsert)."""
         if self._tasks_active == 0:
-            ray_data_actors.stop_if_idle()
+            ray_data_actors.stop_if_idle(self.manifest.postgres_dsn)
 
     def wake_housekeeping(self) -> None:
         """A task started (here or as a Ray job of its own): watch tasks at the short interval again. A bulk

@@ -67,11 +67,14 @@ class BlueWatcher:
     def _wait(self, conn: psycopg.Connection) -> None:
         """Until a notification (or refresh_s): one read for each burst. psycopg's own notifies(timeout=...)
         wakes every 0.1 s to look at its deadline, ten wake-ups a second of an idle replica; select sleeps
-        until the socket has data. Those that arrived during the last read (psycopg keeps them) come
-        first; a closed connection makes the socket readable and the drain below raise."""
+        until the socket has data (poll, not select: a replica with many files has descriptors past
+        select's 1024). Those that arrived during the last read (psycopg keeps them) come first; a closed
+        connection makes the socket readable and the drain below raise."""
         if list(conn.notifies(timeout=0)):
             return
-        select.select([conn.fileno()], [], [], self.refresh_s)
+        waiting = select.poll()
+        waiting.register(conn.fileno(), select.POLLIN)
+        waiting.poll(self.refresh_s * 1000)
         list(conn.notifies(timeout=0))
 
     def _read(self, conn: psycopg.Connection) -> None:

@@ -17,7 +17,16 @@ def start(state_dir: Path, shared_buffers: str | None = None) -> str:
     pgdata = state_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
     started_here = not is_running(state_dir)
-    dsn = _start(pgdata)
+    try:
+        dsn = _start(pgdata)
+    except Exception:
+        # A shared_buffers this machine cannot give (the data dir moved to a smaller one, a bad value
+        # recorded earlier) must not lock the stack out: start with Postgres' own default, then apply
+        # the configured value again below.
+        if not _forget_shared_buffers(pgdata):
+            raise
+        log.warning("postgres.shared_buffers_reset", pgdata=str(pgdata), hint="the recorded value did not start")
+        dsn = _start(pgdata)
     wanted = shared_buffers_size(shared_buffers) if shared_buffers else None
     if wanted and _set_shared_buffers(dsn, wanted):
         if started_here:  # nobody is connected yet: restart now, before the stack uses it
@@ -43,13 +52,48 @@ def _start(pgdata: Path) -> str:
     return server.get_uri()
 
 
-def shared_buffers_size(spec: str) -> str:
-    """A Postgres size: `spec` as it is, or "<n>%" of this machine's memory in MB."""
-    if spec.endswith("%"):
-        import psutil
+# A share of the memory is held to these bounds: Postgres' own default below, and above a cache that
+# holds the HNSW index of about 4M vectors of 384 dims (1M: 2 GB), beyond which a dedicated, tuned
+# database is the better answer than a share of a shared machine.
+SHARE_BOUNDS_MB = (128, 8192)
 
-        return f"{int(psutil.virtual_memory().total * float(spec[:-1]) / 100 / 2**20)}MB"
+
+def shared_buffers_size(spec: str) -> str:
+    """A Postgres size: `spec` as it is, or "<n>%" of this machine's memory in MB (the container's limit
+    where a cgroup sets one below the host's memory), held to SHARE_BOUNDS_MB."""
+    if spec.endswith("%"):
+        low, high = SHARE_BOUNDS_MB
+        share = int(memory_bytes() * float(spec[:-1]) / 100 / 2**20)
+        return f"{min(max(share, low), high)}MB"
     return spec
+
+
+def memory_bytes() -> int:
+    """This machine's memory, or the cgroup (v2 or v1) limit of the process when that is lower."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(limit).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total
+
+
+def _forget_shared_buffers(pgdata: Path) -> bool:
+    """Removes a shared_buffers line ALTER SYSTEM recorded in postgresql.auto.conf; True if there was one."""
+    auto = pgdata / "postgresql.auto.conf"
+    if not auto.exists():
+        return False
+    lines = auto.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.lstrip().startswith("shared_buffers")]
+    if len(kept) == len(lines):
+        return False
+    auto.write_text("".join(kept))
+    return True
 
 
 def _set_shared_buffers(dsn: str, size: str) -> bool:

@@ -91,7 +91,7 @@ def environment(state_dir: Path) -> dict[str, str]:
 
 def start(state_dir: Path, gcs_port: int, dashboard_port: int, client_server_port: int, agent_port: int,
           metrics_port: int, num_cpus: int = 0, node_ip_address: str = "127.0.0.1",
-          ray_env: dict[str, str] | None = None, log_monitor: bool = True) -> None:
+          ray_env: dict[str, str] | None = None, log_monitor: bool = False) -> None:
     """`ray_env`: Ray's own settings (configs/stack.yaml `ray.env`), inherited by every Ray process;
     `log_monitor`: whether workers' output is forwarded to drivers (configs/stack.yaml `ray.log_monitor`)."""
     temp = temp_dir(state_dir)

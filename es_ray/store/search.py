@@ -158,7 +158,10 @@ def _search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray
                    row_number() OVER (ORDER BY (arrival - 1) / %(block)s, distance, arrival) AS position
             FROM numbered
         ), ranked AS (
-            SELECT object_id, min(distance) AS distance, min(position) AS first_position, count(*) AS n
+            -- an item scores by its chunk at its first position: a later block may hold a nearer chunk of
+            -- it (relaxed order), and a score that changed with the depth read would reorder pages
+            SELECT object_id, (array_agg(distance ORDER BY position))[1] AS distance,
+                   min(position) AS first_position, count(*) AS n
             FROM sorted GROUP BY object_id
         )
         SELECT r.object_id, 1 - r.distance, i.payload, r.n
@@ -173,12 +176,30 @@ def _search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray
         rows = conn.execute(query, {"q": q, "pool": pool, "block": BLOCK, **params}).fetchall()
         streamed = sum(r[3] for r in rows)
         hits = [SearchHit(id=r[0], score=float(r[1]), payload=r[2]) for r in rows if r[0] not in personal]
-        if len(hits) + len(personal) >= wanted or streamed < pool or pool >= MAX_POOL:
+        # The stream alone must fill the page (unless it ran out): merged with the personal hits below,
+        # the first `wanted` results then depend only on the stream's first `wanted` hits, the same rows
+        # whatever depth a later page reads.
+        if len(hits) >= wanted or streamed < pool or pool >= MAX_POOL:
             break
         pool *= 2
     if personal:
-        hits = sorted(hits + list(personal.values()), key=lambda h: (-h.score, h.id))
+        hits = merged(hits, list(personal.values()))
     return hits[offset:wanted]
+
+
+def merged(stream: list[SearchHit], personal: list[SearchHit]) -> list[SearchHit]:
+    """The stream in its own order with the personal hits (best first) slotted in before the first stream
+    hit each outscores. Not a sort of both: the stream's scores need not fall (each block of the relaxed
+    index scan is sorted, not the whole stream), and a sort would let a hit that a deeper page reads move
+    into an earlier page."""
+    pending = sorted(personal, key=lambda h: (-h.score, h.id))
+    out, j = [], 0
+    for hit in stream:
+        while j < len(pending) and pending[j].score > hit.score:
+            out.append(pending[j])
+            j += 1
+        out.append(hit)
+    return out + pending[j:]
 
 
 def _personal_scores(conn: psycopg.Connection, collection: Collection, q: np.ndarray, user_id: str,

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 
 from es_ray import metrics
-from es_ray.data import pipeline
+from es_ray.data import pipeline, ray_data_actors
 from es_ray.data import dual_write
 from es_ray.logs import get_logger
 from es_ray.serve import schemas
@@ -46,13 +46,14 @@ def _upsert_with_ray_data(state: Replica, items: list[dict[str, Any]]) -> tuple[
 
     rows = [{"id": i["id"], "text": i["text"], "payload_json": json.dumps(i["payload"])} for i in items]
     written, failed = 0, []
-    for batch in pipeline.upsert_dataset(ray.data.from_items(rows), state.settings, state.manifest.triton_grpc_url,
-                                         state.manifest.postgres_dsn):
-        for item_id, error in zip(batch["id"], batch["error"]):
-            if error:
-                failed.append({"id": str(item_id), "error": str(error)})
-            else:
-                written += 1
+    with ray_data_actors.in_use(state.manifest.postgres_dsn):   # Ray Data's actors are not stopped meanwhile
+        for batch in pipeline.upsert_dataset(ray.data.from_items(rows), state.settings,
+                                             state.manifest.triton_grpc_url, state.manifest.postgres_dsn):
+            for item_id, error in zip(batch["id"], batch["error"]):
+                if error:
+                    failed.append({"id": str(item_id), "error": str(error)})
+                else:
+                    written += 1
     return written, failed
 
 
