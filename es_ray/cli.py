@@ -252,15 +252,10 @@ def prune(state_dir: Optional[Path] = StateDir,
           verbose: bool = Verbose) -> None:
     """Prune old sessions now, as the lifecycle driver does every retention.interval_s (configs/stack.yaml:
     retention). Only sessions already learned from (or of an excluded source, past the age) are pruned."""
-    from es_ray.stack.manifest import StackManifest
     from es_ray.store import db, retention
 
     settings = load_settings(state_dir)
-    manifest = StackManifest.load(settings.state_path)
-    dsn = settings.postgres.dsn or (manifest.postgres_dsn if manifest else "")
-    if not dsn:
-        typer.echo(f"no database: postgres.dsn is empty and {settings.state_path} has no stack (es-ray up)", err=True)
-        raise typer.Exit(1)
+    dsn = _database(settings)
     with _terminal(settings, "prune", verbose) as display:
         display.step("pruning")
         totals = {"by_age": 0, "by_count": 0}
@@ -278,6 +273,18 @@ def prune(state_dir: Optional[Path] = StateDir,
                      + ("" if pruned.finished else "; more remain (run again)"))
 
 
+def _database(settings: Settings) -> str:
+    """The DSN of postgres.dsn, else of this state dir's running stack; exits 1 with a message without either."""
+    from es_ray.stack.manifest import StackManifest
+
+    manifest = StackManifest.load(settings.state_path)
+    dsn = settings.postgres.dsn or (manifest.postgres_dsn if manifest else "")
+    if not dsn:
+        typer.echo(f"no database: postgres.dsn is empty and {settings.state_path} has no stack (es-ray up)", err=True)
+        raise typer.Exit(1)
+    return dsn
+
+
 @app.command("learn-fusion")
 def learn_fusion(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose,
                  forget: bool = typer.Option(False, "--forget", help="Withdraw the blue collection's promoted "
@@ -286,16 +293,11 @@ def learn_fusion(state_dir: Optional[Path] = StateDir, verbose: bool = Verbose,
     with the fine-tune's debiasing and held-out split; it serves only if it passes the fine-tune's quality
     gate. Recorded in MLflow either way (experiment es-ray-fusion, a version of mlflow.registered_fusion).
     A promoted fusion serves instead of search.*'s until the collection is dropped or --forget."""
-    from es_ray.stack.manifest import StackManifest
     from es_ray.train.fusion_promotion import FusionNotLearnable, forget_promoted, learn_and_promote
     from es_ray.train.fusion_weights import NotEnoughData
 
     settings = load_settings(state_dir)
-    manifest = StackManifest.load(settings.state_path)
-    dsn = settings.postgres.dsn or (manifest.postgres_dsn if manifest else "")
-    if not dsn:
-        typer.echo(f"no database: postgres.dsn is empty and {settings.state_path} has no stack (es-ray up)", err=True)
-        raise typer.Exit(1)
+    dsn = _database(settings)
     with _terminal(settings, "learn-fusion", verbose) as display:
         if forget:
             collection = forget_promoted(settings, dsn)

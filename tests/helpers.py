@@ -11,6 +11,27 @@ from es_ray.bench.variants import register_variant  # noqa: F401 - shared with t
 from es_ray.stack.processes import listening_on, stack_processes
 
 
+# A filter the GIN index cannot answer: with no HNSW index every row is tested against 500 containments,
+# which takes far longer than a few milliseconds (the statement-timeout tests).
+COSTLY_FILTER = {"not": {"n": {"in": list(range(-500, 0))}}}
+
+
+def slow_collection(conn, rows: int = 2000):
+    """A collection of `rows` random 8-dim items without an HNSW index; returns it and its vectors (item
+    i{n} is vectors[n])."""
+    import numpy as np
+
+    from es_ray.store.collections import Collection, EmbeddedItem
+
+    collection = Collection("slow", 8)
+    collection.create(conn, index=False)
+    vectors = np.random.default_rng(0).normal(size=(rows, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    collection.upsert(conn, [EmbeddedItem(id=f"i{n}", payload={"n": n}, chunks=vectors[n:n + 1])
+                             for n in range(rows)])
+    return collection, vectors
+
+
 def search(api, query: str, **kwargs) -> dict:
     response = api.post("/v1/search", json={"query": query, **kwargs})
     assert response.status_code == 200, response.text

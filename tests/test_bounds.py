@@ -7,7 +7,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pydantic
 import pytest
 import ray
@@ -20,9 +19,9 @@ from es_ray.serve import errors
 from es_ray.serve.auth import Authenticator
 from es_ray.serve.health_cache import HealthCache
 from es_ray.store import db
-from es_ray.store.collections import Collection, EmbeddedItem
 from es_ray.store.filters import FilterError, compile_filter
 from es_ray.store.search import SearchTimeout, search
+from tests.helpers import COSTLY_FILTER, slow_collection
 
 # The filter of the report: 70 `in` lists of 1,000 values (140,000 query parameters: past Postgres' 65,535).
 SEVENTY_LISTS = {"and": [{"tag": {"in": [f"t{k}-{v}" for v in range(1000)]}} for k in range(70)]}
@@ -168,17 +167,9 @@ def test_a_dead_or_restarting_driver_is_503(monkeypatch, error):
 def test_a_slow_search_is_cancelled_at_its_statement_timeout(scratch_database):
     dsn = scratch_database("esr_bounds_timeout")
     db.migrate(dsn)
-    rng = np.random.default_rng(0)
     with db.connect(dsn) as conn:
-        # No HNSW index and a filter the GIN index cannot answer: every row is tested against 1,000
-        # containments, which takes far longer than 1 ms.
-        collection = Collection("slow", 8)
-        collection.create(conn, index=False)
-        vectors = rng.normal(size=(2000, 8)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        collection.upsert(conn, [EmbeddedItem(id=f"i{n}", payload={"n": n}, chunks=vectors[n:n + 1])
-                                 for n in range(2000)])
-        costly = {"not": {"n": {"in": list(range(-500, 0))}}}
+        collection, vectors = slow_collection(conn)
+        costly = COSTLY_FILTER
         with pytest.raises(SearchTimeout, match="postgres.search_timeout_ms"):
             search(conn, collection, vectors[0], 10, filter_=costly, timeout_ms=1)
         # The timeout was the search's own: the connection works and has no timeout left.

@@ -7,14 +7,13 @@ from __future__ import annotations
 import time
 from unittest import mock
 
-import numpy as np
 import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
 from es_ray.store import clickstream, db
-from es_ray.store.collections import Collection, EmbeddedItem
 from es_ray.store.search import Ranking, SearchTimeout, search_mode
+from tests.helpers import COSTLY_FILTER, slow_collection
 
 
 def test_a_terminated_connection_is_replaced_at_checkout_and_a_healthy_one_costs_no_round_trip(scratch_database):
@@ -44,15 +43,9 @@ def test_a_terminated_connection_is_replaced_at_checkout_and_a_healthy_one_costs
 def test_the_search_pool_bounds_every_statement_and_records_a_session_without_a_transaction(scratch_database):
     dsn = scratch_database("esr_pool_search")
     db.migrate(dsn)
-    rng = np.random.default_rng(0)
     with db.connect(dsn) as conn:
-        collection = Collection("slow", 8)  # no HNSW index, a filter the GIN index cannot answer: slow
-        collection.create(conn, index=False)
-        vectors = rng.normal(size=(2000, 8)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-        collection.upsert(conn, [EmbeddedItem(id=f"i{n}", payload={"n": n}, chunks=vectors[n:n + 1])
-                                 for n in range(2000)])
-    costly = {"not": {"n": {"in": list(range(-500, 0))}}}
+        collection, vectors = slow_collection(conn)
+    costly = COSTLY_FILTER
     for timeout_ms, times_out in ((20, True), (60_000, False)):
         pool = db.open_pool(dsn, 1, timeout_s=5, statement_timeout_ms=timeout_ms, autocommit=True)
         try:
