@@ -10,9 +10,9 @@ admitting 10 %, recall@10 0.911 strict against 0.988 relaxed at the same speed; 
 as the collection grows"), so the stream is sorted by distance within each block of BLOCK rows. A
 deeper page reads a longer prefix of whole blocks of the same stream, so the ranking of earlier items
 never changes: pages have no duplicates and no gaps. If a prefix holds too few distinct items (many
-chunks per item), it is doubled and read again. With a user id, the items that user's clicks adjusted
-are scored exactly with the user's vectors and merged in by score (the global stream is in score order
-too, block by block).
+chunks per item), it is doubled and read again. An item scores by its chunk at its first position. With
+a user id, the items that user's clicks adjusted are scored exactly with the user's vectors and slotted
+into the stream by score (merged(): the stream keeps its own order, which falls only block by block).
 
 A search's statements are cancelled after postgres.search_timeout_ms (`statement_timeout`): a filter the
 planner cannot use an index for, or a database under load, ends as SearchTimeout rather than holding a
@@ -88,7 +88,7 @@ def _limited(conn: psycopg.Connection, timeout_ms: int | None):
 def search(conn: psycopg.Connection, collection: Collection, vector: np.ndarray, limit: int, offset: int = 0,
            filter_: dict[str, Any] | None = None, user_id: str | None = None,
            timeout_ms: int | None = None) -> list[SearchHit]:
-    """Items of `collection` ranked by their best chunk, page [offset, offset + limit). Every statement of
+    """Items of `collection` ranked by their first chunk in the stream, page [offset, offset + limit). Every statement of
     the search is cancelled after `timeout_ms` (SearchTimeout; None: the connection's statement_timeout)."""
     with _limited(conn, timeout_ms):
         return _search(conn, collection, vector, limit, offset, filter_, user_id)
