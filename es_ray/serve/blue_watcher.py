@@ -13,7 +13,6 @@ notifies the same channel, and a search then reads neither from Postgres.
 
 from __future__ import annotations
 
-import select
 import threading
 
 import psycopg
@@ -66,15 +65,12 @@ class BlueWatcher:
 
     def _wait(self, conn: psycopg.Connection) -> None:
         """Until a notification (or refresh_s): one read for each burst. psycopg's own notifies(timeout=...)
-        wakes every 0.1 s to look at its deadline, ten wake-ups a second of an idle replica; select sleeps
-        until the socket has data (poll, not select: a replica with many files has descriptors past
-        select's 1024). Those that arrived during the last read (psycopg keeps them) come first; a closed
-        connection makes the socket readable and the drain below raise."""
+        wakes every 0.1 s to look at its deadline, ten wake-ups a second of an idle replica; this sleeps until
+        the socket has data (db.readable). Those that arrived during the last read (psycopg keeps them) come
+        first; a closed connection makes the socket readable and the drain below raise."""
         if list(conn.notifies(timeout=0)):
             return
-        waiting = select.poll()
-        waiting.register(conn.fileno(), select.POLLIN)
-        waiting.poll(self.refresh_s * 1000)
+        db.readable(conn, self.refresh_s)
         list(conn.notifies(timeout=0))
 
     def _read(self, conn: psycopg.Connection) -> None:

@@ -62,10 +62,16 @@ def alive(conn: psycopg.Connection) -> None:
     waiting on its socket while it sits idle in the pool: only then the full check runs, fails, and the pool
     opens another connection for the caller. Nothing waiting: nothing reached it since its last use. (A
     network cut that delivers no packet at all answers the round trip no better: TCP keepalives find it.)"""
-    waiting = select.poll()  # not select.select: a process with many files has descriptors past its 1024
-    waiting.register(conn.fileno(), select.POLLIN)
-    if waiting.poll(0):
+    if readable(conn, 0):
         ConnectionPool.check_connection(conn)
+
+
+def readable(conn: psycopg.Connection, timeout_s: float) -> bool:
+    """Whether the connection's socket holds something to read, waiting up to timeout_s for it. poll, not
+    select: a process with many files has descriptors past select's 1024."""
+    waiting = select.poll()
+    waiting.register(conn.fileno(), select.POLLIN)
+    return bool(waiting.poll(timeout_s * 1000))
 
 
 def migrations() -> list[tuple[int, Path]]:
