@@ -92,7 +92,7 @@ class TritonSettings(BaseModel):
     grpc_port: int = 0
     backend: str = Field("python", pattern="^(python|pytorch|onnxruntime)$")
     max_batch_size: int = 64
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 0
     instances: int = 1
     timeout_s: float = 30.0
     max_queue_size: int = Field(64, ge=1)
