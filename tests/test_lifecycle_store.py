@@ -129,6 +129,8 @@ def test_a_lock_has_one_owner_until_released_or_expired(conn):
 
 def test_a_reindex_range_records_failed_items_with_their_stage_and_is_redone(stack, settings, conn):
     """An item without a stored text fails at `read`; its range stays to do until a rerun succeeds."""
+    import ray
+
     from es_ray.lifecycle.reindex import ReindexWorker
     from es_ray.store.reindex_ranges import failures
     from es_ray.store import blue_green
@@ -147,6 +149,7 @@ def test_a_reindex_range_records_failed_items_with_their_stage_and_is_redone(sta
     worker = ReindexWorker(settings.model_dump(mode="json"), stack.triton_grpc_url, stack.postgres_dsn,
                            {**blue.__dict__, "collection": source.name}, {**blue.__dict__, "collection": green.name},
                            "test-task")
+    assert not ray.is_initialized(), "the stage, called outside Ray, started a local Ray instance"
     assert worker.reindex_range(0, None, None) == (5, 4, 1)          # read, written, failed
     count, sample = failures(conn, green.name)
     assert count == 1 and (sample[0]["id"], sample[0]["stage"]) == ("r-3", "read")

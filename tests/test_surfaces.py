@@ -176,8 +176,7 @@ def test_the_lifecycle_driver_hands_out_no_secret(stack, settings):
     from es_ray.lifecycle.handle import DRIVER_NAME
 
     secret = (credentials.auth_dir(settings.state_path) / "user_token.secret").read_text().strip()
-    if ray.is_initialized():
-        ray.shutdown()  # an earlier test's in-process Ray (a ReindexWorker's metrics start one), not the stack's
+    assert not ray.is_initialized(), "an earlier test left this process connected to a Ray instance"
     ray.init(address=stack.ray_address, namespace=settings.ray.namespace, logging_level="warning",
              log_to_driver=False)
     try:

@@ -76,7 +76,9 @@ class ReindexWorker:
             self.settings.reindex.embed_timeout_s)
         self.conn = db.connect(dsn)
         self.task_id = task_id
-        self.node_id = ray.get_runtime_context().get_node_id()  # reported per range: where the work ran
+        # Reported per range: where the work ran. Outside Ray (a test calling the stage directly) there is
+        # no node, and asking the runtime context would start a whole local Ray instance.
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {"range_no": [], "items": [], "written": [], "failed": [], "node_id": []}
