@@ -115,6 +115,22 @@ def test_triton_config_bounds_the_queue_and_pins_torch_threads():
     assert production.dynamic_batching.default_queue_policy.max_queue_size == TritonSettings().max_queue_size
 
 
+def test_only_the_item_encoder_bounds_its_queue():
+    """A queue policy turns off Triton's payload prefetching, where the batcher can sleep 500 ms with queries
+    queued (triton_repo.bounded_queue): the query encoder has none, the item encoder keeps its bound."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, bounded_queue
+
+    assert bounded_queue(ITEM_ENCODER) and not bounded_queue(QUERY_ENCODER)
+    settings = TritonSettings(backend="python", max_queue_size=7, queue_timeout_s=2.5)
+    query = text_format.Parse(config_pbtxt("query_encoder_v1", 384, settings, bounded=False),
+                              model_config_pb2.ModelConfig())
+    assert query.HasField("dynamic_batching") and not query.dynamic_batching.HasField("default_queue_policy")
+    assert query.dynamic_batching.max_queue_delay_microseconds == settings.max_queue_delay_us
+
+
 def test_python_backend_shared_memory_is_sized_from_the_largest_batch(tmp_path):
     from es_ray.stack import triton
 

@@ -65,10 +65,25 @@ def _python_path() -> str:
     return os.pathsep.join(dict.fromkeys(paths))
 
 
+def bounded_queue(encoder: str) -> bool:
+    """Whether the encoder's dynamic-batching queue is bounded (triton.max_queue_size, queue_timeout_s).
+
+    Only the item encoder's. Any queue policy (a size or a timeout) turns off Triton's payload prefetching,
+    and without it the dynamic batcher, after an execution, wakes only while the model instance already
+    waits for work again (core's dynamic_batch_scheduler.cc, WaitForPayloadSlotAvailable): when the
+    instance is not back yet, the wake-up is lost and the batcher sleeps its fixed 500 ms with requests
+    queued, unless a new request arrives. At 8 search clients all waiting on queued queries, none arrives:
+    searches stalled 0.5 s together (docs/PERFORMANCE.md, "The pause"). The query encoder's requests are
+    bounded before Triton (serve.max_ongoing_requests per replica, the driver's passes one at a time); the
+    item encoder takes bulk work from many workers, where the bound matters and a rare 0.5 s does not."""
+    return encoder == ITEM_ENCODER
+
+
 def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: int = 0,
-                 runtime: str = "torchscript") -> str:
+                 runtime: str = "torchscript", bounded: bool = True) -> str:
     """config.pbtxt for one encoder. `python` runs model.py (embedded) on the runtime's file; `pytorch`
-    (libtorch) and `onnxruntime` are a production Triton's own backends for model.pt and model.onnx."""
+    (libtorch) and `onnxruntime` are a production Triton's own backends for model.pt and model.onnx.
+    `bounded`: the queue policy below (bounded_queue)."""
     if settings.backend == "python":
         backend = 'backend: "python"'
         instance_kind = "KIND_CPU"
@@ -81,6 +96,12 @@ def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: i
         backend = f'backend: "{settings.backend}"\ndefault_model_filename: "{MODEL_FILES[runtime]}"'
         instance_kind = "KIND_AUTO"
         parameters = ""
+    policy = f"""
+  default_queue_policy {{
+    max_queue_size: {settings.max_queue_size}
+    default_timeout_microseconds: {int(settings.queue_timeout_s * 1_000_000)}
+    timeout_action: REJECT
+  }}""" if bounded else ""
     return f"""name: "{name}"
 {backend}
 max_batch_size: {settings.max_batch_size}
@@ -93,12 +114,7 @@ output [
   {{ name: "embedding__0" data_type: TYPE_FP32 dims: [ {dim} ] }}
 ]
 dynamic_batching {{
-  max_queue_delay_microseconds: {settings.max_queue_delay_us}
-  default_queue_policy {{
-    max_queue_size: {settings.max_queue_size}
-    default_timeout_microseconds: {int(settings.queue_timeout_s * 1_000_000)}
-    timeout_action: REJECT
-  }}
+  max_queue_delay_microseconds: {settings.max_queue_delay_us}{policy}
 }}
 instance_group [ {{ kind: {instance_kind} count: {settings.instances} }} ]
 {parameters}"""
@@ -135,7 +151,8 @@ def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: i
         saved.setdefault(id(module), target)
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
-                          config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime))
+                          config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime,
+                                       bounded_queue(name)))
     return [served_name(name, version) for name in ENCODERS]
 
 
@@ -147,7 +164,8 @@ def refresh_version(repo: Path, version: int, dim: int, settings: TritonSettings
         runtime = next(r for r, f in MODEL_FILES.items() if f == model_file(directory).name)
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
-                          config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime))
+                          config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime,
+                                       bounded_queue(name)))
 
 
 def _write_if_changed(path: Path, text: str) -> None:
