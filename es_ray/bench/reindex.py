@@ -11,7 +11,8 @@ re-embeds everything through Triton into a green collection and switches to it; 
 searches. The raw forward pass (same texts, batch size and max_length) is measured in the same run with
 nothing else running, after the first reindex: the model file Triton serves for the version just reindexed
 (model.runtime's export: model.onnx in ONNX Runtime on every core, bench/runtimes.served_forward), as the
-ingest benchmark does, reindex.rows_per_request rows a forward as the reindex sends them; the issue's limit is the fastest forward pass of the served model, not eager torch.
+ingest benchmark does, reindex.rows_per_request rows a forward as the reindex sends them; the issue's
+limit is the fastest forward pass of the served model, not eager torch.
 `raw_runtime` in the result says which it was (eager torch only if no served file is found).
 """
 
