@@ -1,10 +1,12 @@
-"""Ingest benchmark: documents/s through the bulk upsert job vs the raw torch forward pass.
+"""Ingest benchmark: documents/s through the bulk upsert job vs the raw forward pass of the served model.
 
     python -m es_ray.bench.ingest --data ../shared/data/scifact --docs 1000
 
 Both sides embed the same documents, chunked the same way, at the same batch size and max_length,
 one after the other in the same run (so neither competes with the other for the 2 cores). The raw
-side is the floor of what any pipeline can do here: tokenise + chunk + forward in plain torch.
+side is what the pipeline is measured against: tokenise + chunk + forward of blue's served model file
+in its runtime on every core (model.onnx in ONNX Runtime; eager torch where no served file is found,
+recorded in `raw_runtime`).
 """
 
 from __future__ import annotations

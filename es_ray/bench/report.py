@@ -48,10 +48,11 @@ TABLES: list[tuple[str, str, Callable[[dict], list[dict]], list[Column]]] = [
         ("fastest queries/s at that batch", lambda r: r["fastest_throughput"]),
         ("throughput ratio (target >= 0.6)", lambda r: r["throughput_ratio"]),
         ("p99 / p50 at 8 clients (target <= 3)", lambda r: r["p99_to_p50_8"])]),
-    ("ingest", "Ingest throughput (upsert job vs raw torch forward, same run)", lambda r: [r], [
+    ("ingest", "Ingest throughput (upsert job vs the raw forward pass, same run)", lambda r: [r], [
         ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("chunks", lambda r: r["chunks"]),
         ("batch", lambda r: r["batch_size"]), ("max_length", lambda r: r["max_length"]),
         ("job docs/s", lambda r: r["docs_per_s"]), ("raw docs/s", lambda r: r["raw_docs_per_s"]),
+        ("raw runtime", lambda r: r.get("raw_runtime", "eager torch")),
         ("ratio (target >= 0.8)", lambda r: r["ratio"]), ("job wall s", lambda r: r["job_wall_s"])]),
     ("recall", "HNSW recall@10 against exact search (same stored vectors)", lambda r: [r], [
         ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("chunk vectors", lambda r: r["vectors"]),
@@ -92,17 +93,22 @@ TABLES.append(("finetune", "Fine-tuning from simulated clicks (test queries neve
 TABLES.append(("reindex", "Reindex to a new model (Ray Data job via Triton into a green collection, then switch)",
                lambda r: [{**r, **run} for run in r["runs"]], [
     ("items", lambda r: r["items"]), ("HNSW", lambda r: r["hnsw"]), ("items/s", lambda r: r["items_per_s"]),
-    ("raw forward items/s", lambda r: r["raw_items_per_s"]), ("ratio (target >= 0.8)", lambda r: r["ratio_to_raw"]),
+    ("raw forward items/s", lambda r: r["raw_items_per_s"]),
+    ("raw runtime", lambda r: r.get("raw_runtime", "eager torch")), ("ratio (target >= 0.8)", lambda r: r["ratio_to_raw"]),
     ("index build s", lambda r: r["index_s"]), ("reindex s", lambda r: r["reindex_s"]),
     ("ms per 1k items (linear: flat)", lambda r: r["ms_per_1k_items"]),
     ("search p50 / p99 ms idle", lambda r: f"{r['search_idle']['p50_ms']} / {r['search_idle']['p99_ms']}"),
     ("during reindex", lambda r: f"{r['search_during']['p50_ms']} / {r['search_during']['p99_ms']}"),
     ("failed searches", lambda r: r["search_failures"])]))
 def _load_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
-    rows = [{**r, "phase": f"steady {r['seconds']:g} s", "window": r["steady"], "recovered": "",
-             "rss": f"{r['rss_mb']['total_start']} -> {r['rss_mb']['total_end']}",
-             "growth": f"{r['max_growth_after_warmup_pct']} % ({r['max_growth_process']}, after {r['warmup_s']} s)"
-             if r.get("max_growth_process") else "-"}]
+    if "memory_mb" in r:   # own memory (private, outside shared mappings) since s26; older results: RSS only
+        memory, start, end = r["growth_measure"], r["memory_mb"]["total_start"], r["memory_mb"]["total_end"]
+        size = f"own {start['own']} -> {end['own']}; RSS {start['rss']} -> {end['rss']}"
+    else:
+        memory, size = "RSS", f"RSS {r['rss_mb']['total_start']} -> {r['rss_mb']['total_end']}"
+    rows = [{**r, "phase": f"steady {r['seconds']:g} s", "window": r["steady"], "recovered": "", "rss": size,
+             "growth": f"{r['max_growth_after_warmup_pct']} % by {memory} ({r['max_growth_process']}, after "
+                       f"{r['warmup_s']} s)" if r.get("max_growth_process") else "-"}]
     for name, fault in r["faults"].items():
         recovered = next((v for k, v in fault.items() if k.startswith("recovered_s")), "")
         rows.append({**r, "phase": name.replace("_", " "), "window": fault["during"], "recovered": recovered, "rss": "",
@@ -119,7 +125,7 @@ TABLES.append(("load", "Load and faults (loopback; clicks lost must be 0)", _loa
     ("refused p99 ms", lambda r: r["window"]["search"].get("refused_latency", {}).get("p99_ms", "-")),
     ("click requests (failed)", lambda r: f"{r['window']['click']['requests']} ({r['window']['click']['failed']})"),
     ("upserts (failed)", lambda r: f"{r['window']['upsert']['requests']} ({r['window']['upsert']['failed']})"),
-    ("recovered s", lambda r: r["recovered"]), ("stack RSS MB start -> end", lambda r: r["rss"]),
+    ("recovered s", lambda r: r["recovered"]), ("stack MB start -> end", lambda r: r["rss"]),
     ("largest process growth after warm-up (target <= 5 %)", lambda r: r["growth"]),
     ("clicks acked / lost", lambda r: f"{r['clicks']['acknowledged']} / {r['clicks']['lost']}")]))
 TABLES.append(("load-attack", "An attacker beside normal traffic (loopback; top-10 changed must be 0)",
