@@ -22,9 +22,13 @@ def paired(a: list[dict[str, float]], b: list[dict[str, float]], seed: int = 0) 
     y = np.asarray([np.mean([run[q] for run in b]) for q in queries])
     test = stats.permutation_test((x, y), lambda u, v: np.mean(v - u), permutation_type="samples",
                                   n_resamples=10_000, random_state=seed)
-    interval = stats.bootstrap(((y - x),), np.mean, n_resamples=10_000, random_state=seed).confidence_interval
+    if np.ptp(y - x) == 0:   # every query differs alike (e.g. not at all): BCa is undefined, the interval is that
+        low = high = float((y - x)[0])
+    else:
+        interval = stats.bootstrap(((y - x),), np.mean, n_resamples=10_000, random_state=seed).confidence_interval
+        low, high = float(interval.low), float(interval.high)
     return {"mean_difference": round(float(np.mean(y - x)), 4), "p_randomisation": round(float(test.pvalue), 4),
-            "bootstrap_95": [round(float(interval.low), 4), round(float(interval.high), 4)]}
+            "bootstrap_95": [round(low, 4), round(high, 4)]}
 
 
 def gate_agreement(logs: list[dict[str, list[tuple[float, ...]]]], gate_checks: list[dict[str, Any]],
