@@ -328,7 +328,7 @@ def test_a_share_of_recorded_hybrid_searches_is_ranked_by_a_neighbouring_fusion_
         raise AssertionError("no recorded search of 5 people x 20 queries was explored")
 
     client, query, explored, expected = explored_pair()
-    with client:
+    try:
         first = search(client, query, mode="hybrid", limit=10)
         assert first["fusion"] == explored.label()
         assert set(ids(first)) == set(expected[:10])   # the first page may also have one exploration swap
@@ -337,6 +337,8 @@ def test_a_share_of_recorded_hybrid_searches_is_ranked_by_a_neighbouring_fusion_
             assert page["fusion"] == explored.label() and ids(page) == expected[offset:offset + 7]
         unrecorded = search(client, query, mode="hybrid", limit=10, offset=10, session=False)
         assert unrecorded["fusion"] == configured.label()
+    finally:
+        client.close()
     dense, lexical = lists[query]
     shown = api.get(f"/v1/sessions/{first['session_id']}").json()["results"]
     assert [r["id"] for r in shown] == ids(first)
