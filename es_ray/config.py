@@ -166,6 +166,8 @@ class SearchSettings(BaseModel):
     depth: int = Field(100, ge=1)
     learned_lexical_weights: list[NonNegativeFloat] = Field([0.25, 0.5, 0.75, 1.0, 1.5], min_length=1)
     learned_rrf_ks: list[PositiveFloat] = Field([20.0, 60.0], min_length=1)
+    fusion_explore_share: float = Field(0.2, ge=0, le=1)
+    fusion_explore_over: Literal["neighbours", "grid"] = "neighbours"
 
 
 class UpsertSettings(BaseModel):

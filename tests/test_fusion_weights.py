@@ -6,10 +6,10 @@ import datetime
 import random
 
 from es_ray.store.clickstream import LoggedSession
-from es_ray.store.fusion import Fusion, fuse
+from es_ray.store.fusion import Fusion, fuse, grid
 from es_ray.train.clicklog import split_by_query
 from es_ray.train.config import FinetuneConfig
-from es_ray.train.fusion_weights import LoggedLists, grid, learn, replayed_run
+from es_ray.train.fusion_weights import LoggedLists, learn, replayed_run
 
 START = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
 EXAMINATION = [0.81, 0.56, 0.46, 0.39, 0.29, 0.26, 0.24, 0.20, 0.20, 0.19]

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from es_ray.inference.triton_client import TritonEncoder
+from es_ray.serve.fusion_exploration import alternatives
 from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.store import blue_green, clickstream, db, fusion_weights
 from es_ray.store.fusion import Fusion
 from es_ray.store.collections import Collection
-from tests.helpers import ids, search
+from tests.helpers import ids, person, search
 
 MODES = ("dense", "lexical", "hybrid")
 INJECTION = "Robert'); DROP TABLE items_v1; SELECT pg_sleep(10);-- & !cat | dog:* <-> \"quoted\""
@@ -272,9 +273,11 @@ def test_hybrid_search_serves_the_collections_promoted_fusion(api, stack, settin
                                               Fusion("rrf", 20.0, 1.0, 0.5), "r2", 2, gate)
             assert fusion_weights.record(conn, target.collection)["mlflow_version"] == 1
         assert hybrid_until(expected) == expected
-        # The session of a hybrid search records the ranks it was fused from, as with the configured fusion.
+        pages = search(api, query, mode="hybrid", limit=5, session=False)   # never explored
+        assert pages["fusion"] == promoted.label() == "rrf k=5 dense=1 lexical=4"   # pages say which ranking
+        # The session of a hybrid search records the ranks it was fused from, as with the configured fusion
+        # (whichever fusion ranked it: a recorded search may be explored, serve/fusion_exploration.py).
         body = search(api, query, mode="hybrid", limit=5)
-        assert body["fusion"] == promoted.label() == "rrf k=5 dense=1 lexical=4"   # pages say which ranking
         shown = api.get(f"/v1/sessions/{body['session_id']}").json()["results"]
         assert all(r["dense_rank"] or r["lexical_rank"] for r in shown)
         # ... and the learners read them back with the mode (what train/fusion_weights.py re-fuses).
@@ -289,3 +292,56 @@ def test_hybrid_search_serves_the_collections_promoted_fusion(api, stack, settin
     assert search(api, query, mode="hybrid", limit=5, session=False)["fusion"] == \
         f"rrf k={s.rrf_k:g} dense={s.dense_weight:g} lexical={s.lexical_weight:g}"
     assert search(api, query, mode="dense", limit=5, session=False)["fusion"] is None
+
+
+def test_a_share_of_recorded_hybrid_searches_is_ranked_by_a_neighbouring_fusion_on_every_page(stack, api, settings,
+                                                                                             hybrid_items):
+    """Exploration (serve/fusion_exploration.py): some (query, client) pairs of recorded anonymous searches
+    are ranked by one of the configured fusion's grid neighbours, named in `fusion`; every page of that
+    query from that client follows it (no duplicates, no gaps), its session records the lists' ranks, and
+    the same search without a session is ranked by the configured fusion."""
+    s = settings.search
+    assert s.fusion_explore_share > 0
+    configured = Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
+    neighbours = {f.label(): f for f in alternatives(configured, s.learned_lexical_weights, s.learned_rrf_ks,
+                                                      s.fusion_explore_over)}
+    _, queries, _ = hybrid_items
+    lists = {}
+
+    def explored_pair():
+        # 5 people x 20 queries: at share 0.2, no pair explored (and ranked apart) has p < 1e-7.
+        for n in range(200, 205):
+            client = person(stack.serve_url, n)
+            for query in queries.values():
+                label = search(client, query, mode="hybrid", limit=7, offset=10)["fusion"]
+                assert label == configured.label() or label in neighbours, label
+                if label == configured.label():
+                    continue
+                if query not in lists:
+                    lists[query] = (ids(search(api, query, mode="dense", limit=100, session=False)),
+                                    ids(search(api, query, mode="lexical", limit=100, session=False)))
+                fusion = neighbours[label]
+                expected = rrf(*lists[query], fusion.k, fusion.dense_weight, fusion.lexical_weight)
+                if expected[:30] != rrf(*lists[query], s.rrf_k, s.dense_weight, s.lexical_weight)[:30]:
+                    return client, query, fusion, expected
+            client.close()
+        raise AssertionError("no recorded search of 5 people x 20 queries was explored")
+
+    client, query, explored, expected = explored_pair()
+    try:
+        first = search(client, query, mode="hybrid", limit=10)
+        assert first["fusion"] == explored.label()
+        assert set(ids(first)) == set(expected[:10])   # the first page may also have one exploration swap
+        for offset in (10, 17):
+            page = search(client, query, mode="hybrid", limit=7, offset=offset)
+            assert page["fusion"] == explored.label() and ids(page) == expected[offset:offset + 7]
+        unrecorded = search(client, query, mode="hybrid", limit=10, offset=10, session=False)
+        assert unrecorded["fusion"] == configured.label()
+    finally:
+        client.close()
+    dense, lexical = lists[query]
+    shown = api.get(f"/v1/sessions/{first['session_id']}").json()["results"]
+    assert [r["id"] for r in shown] == ids(first)
+    assert all((r["dense_rank"], r["lexical_rank"]) == (dense.index(r["id"]) + 1 if r["id"] in dense else None,
+                                                         lexical.index(r["id"]) + 1 if r["id"] in lexical else None)
+               for r in shown)

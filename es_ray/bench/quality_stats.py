@@ -18,13 +18,19 @@ def paired(a: list[dict[str, float]], b: list[dict[str, float]], seed: int = 0) 
     """b - a over test queries (per-query nDCG@10 averaged over runs first): a two-sided paired
     randomisation test and a 95% bootstrap interval of the mean difference (scipy.stats)."""
     queries = sorted(a[0])
-    x = np.asarray([np.mean([run[q] for run in a]) for q in queries])
-    y = np.asarray([np.mean([run[q] for run in b]) for q in queries])
+    # Rounded far below any real difference: the mean of equal values can differ from one of them in the
+    # last bit, and the tests would read that noise as a difference.
+    x = np.round([np.mean([run[q] for run in a]) for q in queries], 9)
+    y = np.round([np.mean([run[q] for run in b]) for q in queries], 9)
     test = stats.permutation_test((x, y), lambda u, v: np.mean(v - u), permutation_type="samples",
                                   n_resamples=10_000, random_state=seed)
-    interval = stats.bootstrap(((y - x),), np.mean, n_resamples=10_000, random_state=seed).confidence_interval
+    if np.ptp(y - x) == 0:   # every query differs alike (e.g. not at all): BCa is undefined, the interval is that
+        low = high = float((y - x)[0])
+    else:
+        interval = stats.bootstrap(((y - x),), np.mean, n_resamples=10_000, random_state=seed).confidence_interval
+        low, high = float(interval.low), float(interval.high)
     return {"mean_difference": round(float(np.mean(y - x)), 4), "p_randomisation": round(float(test.pvalue), 4),
-            "bootstrap_95": [round(float(interval.low), 4), round(float(interval.high), 4)]}
+            "bootstrap_95": [round(low, 4), round(high, 4)]}
 
 
 def gate_agreement(logs: list[dict[str, list[tuple[float, ...]]]], gate_checks: list[dict[str, Any]],

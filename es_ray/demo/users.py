@@ -53,10 +53,11 @@ def simulate_session(client: EsRayClient, model: ClickModel, query: str, relevan
 
 
 def simulate_sessions(url: str, queries: dict[str, str], qrels: dict[str, dict[str, int]], model: ClickModel,
-                      clients: int = 3, mode: str | None = None) -> tuple[int, int]:
+                      clients: int = 3, mode: str | None = None, first_person: int = 0) -> tuple[int, int]:
     """`sessions_per_query` searches with clicks for every query, from concurrent simulated users, each
-    session a different person from its own loopback address (demo/addresses.py), in search `mode` (None:
-    the default); returns (sessions, clicks)."""
+    session a different person from its own loopback address (demo/addresses.py), numbered from
+    `first_person` (another number, other people), in search `mode` (None: the default); returns
+    (sessions, clicks)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
@@ -68,7 +69,7 @@ def simulate_sessions(url: str, queries: dict[str, str], qrels: dict[str, dict[s
     def one(task):
         n, qid, seed = task
         # Anonymous people, one connection each: as many distinct clients to the server as sessions.
-        with EsRayClient(url, timeout=120, local_address=person_address(USERS, n)) as client:
+        with EsRayClient(url, timeout=120, local_address=person_address(USERS, first_person + n)) as client:
             return simulate_session(client, model, queries[qid], relevant[qid], random.Random(seed), mode=mode)
 
     with ThreadPoolExecutor(clients) as pool:

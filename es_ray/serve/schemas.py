@@ -204,7 +204,8 @@ class SearchResponse(BaseModel):
     session_id: str | None = Field(None, description="Send click events for these results to this session.")
     fusion: str | None = Field(None, description=(
         "Hybrid mode only: the fusion that ranked this page, e.g. 'rrf k=60 dense=1 lexical=0.5' (a fusion learned "
-        "from clicks may replace the configured one). Pages of one query follow one ranking, without duplicates "
+        "from clicks may replace the configured one, and a small share of recorded anonymous searches is ranked by "
+        "a fusion explored for that client and query, the same for all its pages). Pages of one query follow one ranking, without duplicates "
         "or gaps, while `model` and `fusion` stay the same; a change of either starts another ranking."))
 
 

@@ -55,6 +55,12 @@ def fuse(dense: list[tuple[str, float]], lexical: list[tuple[str, float]], fusio
     return sorted(fused, key=lambda f: (-f.score, f.id))
 
 
+def grid(lexical_weights: list[float], ks: list[float], dense_weight: float = 1.0) -> list[Fusion]:
+    """The RRF fusions the learner chooses from (search.learned_* in configs/stack.yaml), which search's
+    exploration (serve/fusion_exploration.py) also draws from: every (k, lexical weight) pair."""
+    return [Fusion("rrf", float(k), dense_weight, float(w)) for k in ks for w in lexical_weights]
+
+
 def rrf_score(fusion: Fusion, dense_rank: int | None, lexical_rank: int | None) -> float:
     """An item's RRF score from its 1-based rank in each list (None: not in it). The fusion learner
     (train/fusion_weights.py) re-fuses logged results with it from the ranks their sessions recorded."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import psycopg
 
@@ -41,11 +42,16 @@ class SessionBatch:
                 "sessions_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
 
 
-def read_sessions(conn: psycopg.Connection, max_sessions: int, learning: LearningSettings) -> SessionBatch:
+def read_sessions(conn: psycopg.Connection, max_sessions: int, learning: LearningSettings,
+                  since: datetime | None = None) -> SessionBatch:
     """The most recent `max_sessions` sessions with their shown results and clicks, none recorded by
     learning.exclude_sources, through the learning guards: what the fine-tune trains on and the gate
-    scores on."""
-    batch = SessionBatch.guarded(recent_sessions(conn, max_sessions, learning.exclude_sources), learning)
+    scores on. `since`: only sessions recorded from then on, taken before the guards, so that older
+    sessions count toward no guard (a benchmark learning from its own sessions alone)."""
+    logged = recent_sessions(conn, max_sessions, learning.exclude_sources)
+    if since is not None:
+        logged = [s for s in logged if s.created_at is not None and s.created_at >= since]
+    batch = SessionBatch.guarded(logged, learning)
     log.info("clicklog.read", sessions=len(batch.sessions), **{f"dropped_{k}": v for k, v in batch.dropped.items()})
     return batch
 

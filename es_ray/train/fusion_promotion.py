@@ -18,10 +18,10 @@ from es_ray.config import Settings
 from es_ray.inference import registry
 from es_ray.logs import get_logger
 from es_ray.store import blue_green, db, fusion_weights
-from es_ray.store.fusion import Fusion
+from es_ray.store.fusion import Fusion, grid
 from es_ray.train.clicklog import read_sessions
 from es_ray.train.config import FinetuneConfig, load_finetune_config
-from es_ray.train.fusion_weights import FusionLearning, grid, key, learn
+from es_ray.train.fusion_weights import FusionLearning, key, learn
 
 log = get_logger(__name__)
 EXPERIMENT = "es-ray-fusion"
@@ -38,7 +38,7 @@ def _metric(name: str) -> str:
 def learn_and_promote(settings: Settings, dsn: str, config: FinetuneConfig | None = None,
                       since: datetime | None = None) -> dict:
     """Learns the blue collection's fusion; returns what was decided (raises NotEnoughData). `since`: only
-    sessions recorded from then on (a benchmark's own)."""
+    sessions recorded from then on (a benchmark's own), before the learning guards (clicklog.read_sessions)."""
     import mlflow
 
     config = config or load_finetune_config()
@@ -52,9 +52,8 @@ def learn_and_promote(settings: Settings, dsn: str, config: FinetuneConfig | Non
             raise FusionNotLearnable("no blue collection yet: load items first")
         serving = fusion_weights.learned(conn).get(blue.collection)   # None: the configured fusion serves
         current = serving or Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
-        batch = read_sessions(conn, config.data.max_sessions, settings.learning)
-    sessions = [x for x in batch.sessions if x.model_version == blue.model_version
-                and (since is None or x.created_at >= since)]
+        batch = read_sessions(conn, config.data.max_sessions, settings.learning, since)
+    sessions = [x for x in batch.sessions if x.model_version == blue.model_version]
     learned: FusionLearning = learn(sessions, current, grid(s.learned_lexical_weights, s.learned_rrf_ks,
                                                             current.dense_weight), config)
     registry.client(registry.tracking_uri(settings))

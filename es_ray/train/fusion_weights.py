@@ -11,9 +11,16 @@ queries' labels, the best one then on the held-out queries against the current f
 (train/gate.decide, the fine-tune's metric and margin) makes it a candidate.
 
 Re-fusing only what was shown is biased two ways, and the two do not cancel in general:
-- Labels exist only for items the logging fusion put on the page: a fusion that would surface relevant
-  items never shown gets no credit for them (this favours the current fusion; the gate's comparison is
-  conservative in that direction).
+- Labels exist only for items some logged page showed: a fusion that would surface relevant items never
+  shown gets no credit for them (this favours the fusions that served; the gate's comparison is
+  conservative in that direction). If the current fusion ranked every page it would always win on its
+  own log, so search explores (serve/fusion_exploration.py): a share of anonymous hybrid searches is
+  ranked by one of the current fusion's grid neighbours, and its sessions record the items it surfaced
+  with their list ranks like any other. logged_lists takes the union of every session's shown items per
+  query, so each fusion is replayed over everything any of them showed: the bias shrinks to items that
+  neither the current fusion nor an explored one put on a page, and to queries no explored search reached.
+  A click on an item only explored pages showed teaches, like any other, once learning.min_clients
+  people clicked it (the learning guards): a query needs several explored readers before it does.
 - Under another fusion, items never shown may climb above shown ones (intruders); leaving them out would
   score every far-away fusion as if only the logged page existed (this favours change). What the ranks
   do tell: a list rank r that no shown item holds belongs to an unshown item, and if weight / (k + r)
@@ -63,10 +70,6 @@ class FusionLearning:
     def as_dict(self) -> dict:
         return {"current": asdict(self.current), "chosen": asdict(self.chosen), "train_scores": self.train_scores,
                 "heldout": self.heldout, "decision": self.decision.as_dict(), "details": self.details}
-
-
-def grid(lexical_weights: list[float], ks: list[float], dense_weight: float = 1.0) -> list[Fusion]:
-    return [Fusion("rrf", float(k), dense_weight, float(w)) for k in ks for w in lexical_weights]
 
 
 def logged_lists(sessions: list[LoggedSession]) -> dict[str, LoggedLists]:

@@ -10,6 +10,7 @@ search's time goes: docs/PERFORMANCE.md.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -19,7 +20,7 @@ from es_ray import metrics
 from es_ray.config import SearchSettings
 from es_ray.inference.triton_client import TritonUnavailable
 from es_ray.inference.triton_repo import QUERY_ENCODER
-from es_ray.serve import auth, clients, exploration, rate_limits, schemas
+from es_ray.serve import auth, clients, exploration, fusion_exploration, rate_limits, schemas
 from es_ray.serve.auth import Caller
 from es_ray.serve.errors import ServiceUnavailable
 from es_ray.serve.replica import Replica, replica
@@ -37,8 +38,11 @@ router = APIRouter()
              description="Results come best first, except that a first page recorded as an anonymous session has "
                          "one adjacent pair among its top results exchanged in a small share of searches "
                          "(serve.swap_share): these randomised swaps let es-ray learn how much attention each "
-                         "rank gets. The session records the order shown. Searches with session=false or a "
-                         "user_id are never swapped.")
+                         "rank gets. The session records the order shown. In hybrid mode, a small share of "
+                         "(query, client) pairs of recorded, anonymous, unfiltered searches is ranked by another "
+                         "fusion (search.fusion_explore_share; `fusion` names it), the same one for every page "
+                         "of that client's query: this lets es-ray learn the fusion from clicks. Searches with "
+                         "session=false or a user_id are never swapped or explored.")
 async def search(request: schemas.SearchRequest, who: Caller = Depends(auth.searcher),
                  state: Replica = Depends(replica), client: str = Depends(clients.client_identity)
                  ) -> schemas.SearchResponse:
@@ -52,7 +56,8 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
     started, status = time.monotonic(), "unavailable"
     session_id, searched = None, None
     try:
-        ranking = _ranking(state.settings.search, request.mode, state.blue_watcher.fusions.get(blue.collection))
+        ranking = _explored(state.settings.search, request, client,
+                            _ranking(state.settings.search, request.mode, state.blue_watcher.fusions.get(blue.collection)))
         collection = Collection(blue.collection, blue.dim)
         words = _lexical_beside(state, collection, ranking, request) if ranking.mode == "hybrid" else None
         vector = None if ranking.mode == "lexical" else \
@@ -108,6 +113,19 @@ def _ranking(search: SearchSettings, mode: str | None, learned: Fusion | None = 
     fusion = learned or Fusion(search.fusion, search.rrf_k, search.dense_weight, search.lexical_weight)
     return Ranking(mode or search.default_mode, fusion, search.depth, search.text_search_config,
                    search.lexical_common_share, search.max_query_terms)
+
+
+def _explored(search: SearchSettings, request: schemas.SearchRequest, client: str, ranking: Ranking) -> Ranking:
+    """The ranking, with another fusion of the learner's grid where exploration draws one for this
+    (query, client) (serve/fusion_exploration.py): anonymous, unfiltered hybrid searches that record a
+    session. Drawn before the search, from neither offset nor limit, so all its pages agree."""
+    if ranking.mode != "hybrid" or not request.session or request.user_id is not None or request.filter:
+        return ranking
+    choices = fusion_exploration.alternatives(ranking.fusion, search.learned_lexical_weights, search.learned_rrf_ks,
+                                              search.fusion_explore_over)
+    drawn = fusion_exploration.draw(auth.authenticator().derived_key("fusion exploration"), request.query,
+                                    rate_limits.client_key(client), search.fusion_explore_share, choices)
+    return ranking if drawn is None else dataclasses.replace(ranking, fusion=drawn)
 
 
 def _record_session(conn, request: schemas.SearchRequest, who: Caller, state: Replica, client: str, blue: Blue,
