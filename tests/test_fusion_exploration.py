@@ -107,13 +107,3 @@ def test_only_recorded_anonymous_unfiltered_hybrid_searches_are_explored_and_all
     # Share 0 (exploration off): nobody.
     off = SearchSettings(fusion_explore_share=0.0)
     assert all(_explored(off, _request(f"query {q}"), "127.1.0.1", ranking) == ranking for q in range(50))
-
-
-def test_the_client_is_keyed_as_the_rate_limits_count_it(secret):
-    """Two addresses of one IPv6 /64 are one client (rate_limits.client_key): one draw for both."""
-    settings = SearchSettings(fusion_explore_share=0.5)
-    ranking = _ranking(settings, "hybrid")
-    for q in range(40):
-        request = _request(f"query {q}")
-        assert _explored(settings, request, "2001:db8::1", ranking) == \
-            _explored(settings, request, "2001:db8::ffff:2", ranking)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from es_ray.config import LearningSettings, MemorySettings, load_settings
 from es_ray.improve.adjuster import VectorAdjuster
 from es_ray.improve.loop import Learning, improve_once, learning_from
+from es_ray.serve.clients import identify, trusted_networks
 from es_ray.store import clickstream, db, evidence
 from es_ray.store.clickstream import LoggedSession, Provenance
 from es_ray.store.collections import Collection, EmbeddedItem
@@ -81,6 +82,18 @@ def test_a_pair_teaches_the_fine_tune_once_three_clients_clicked_it():
     # A session without a recorded client (older than migration 2) is a client of its own.
     legacy = [session(n, None, {"g-9"}) for n in range(3)]
     assert "g-9" in positives(teaching_sessions(legacy, GUARDS).sessions)
+
+
+def test_three_addresses_of_one_ipv6_host_are_one_client_that_teaches_nothing():
+    """An ordinary IPv6 host owns a /64 and can send from any address in it: the client a session records
+    (serve/clients.py identify) is the /64, so three of its addresses are one clicker, not min_clients."""
+    nobody = trusted_networks(())
+    addresses = ("2001:db8:5:6::1", "2001:db8:5:6:aaaa::2", "2001:db8:5:6:ffff:ffff:ffff:fffe")
+    log = [s for address in addresses for s in farm(identify(address, None, nobody), 50)]
+    assert "g-9" not in positives(teaching_sessions(log, GUARDS).sessions)
+    hosts = ("2001:db8:5:6::1", "2001:db8:5:7::1", "2001:db8:5:8::1")     # three networks: three clients
+    log = [s for address in hosts for s in farm(identify(address, None, nobody), 50)]
+    assert "g-9" in positives(teaching_sessions(log, GUARDS).sessions)
 
 
 def test_one_client_brings_at_most_its_most_recent_sessions_to_a_training_set():

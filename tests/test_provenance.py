@@ -57,6 +57,18 @@ def test_the_client_is_the_peer_unless_a_trusted_proxy_forwards_it():
     assert isinstance(ipaddress.ip_address(identify("127.0.0.1", None, nobody)), ipaddress.IPv4Address)
 
 
+def test_an_ipv6_client_is_its_64_network():
+    """One host holds a whole /64: counted by address it could pass for as many clients as it likes."""
+    nobody = trusted_networks(())
+    assert identify("2001:db8:1:2:aaaa::1", None, nobody) == identify("2001:db8:1:2:bbbb::9", None, nobody) \
+        == "2001:db8:1:2::/64"
+    assert identify("2001:db8:1:3::1", None, nobody) != identify("2001:db8:1:2::1", None, nobody)
+    assert identify("::ffff:10.0.0.7", None, nobody) == "10.0.0.7"      # an IPv4 client on a dual-stack socket
+    proxies = trusted_networks(("10.0.0.0/8",))
+    assert identify("10.1.2.3", "2001:db8:1:2::77", proxies) == "2001:db8:1:2::/64"   # forwarded, too
+    assert identify("testclient", None, nobody) == "testclient"       # not an IP peer: its name as given
+
+
 def test_excluded_sources_and_trusted_proxies_are_checked_settings():
     assert LearningSettings().exclude_sources == ["unverified"]      # recorded when anyone could
     with pytest.raises(ValidationError):

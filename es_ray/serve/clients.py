@@ -1,5 +1,9 @@
 """Which client sent a request: its identity is recorded with every session, so that what one client
-taught can be told from what many did.
+taught can be told from what many did, and the rate limits and the fusion exploration count it.
+
+An IPv6 client is its /64 network: an ordinary host owns a whole /64 and can send from any address in
+it, so counting addresses would let one host pass for as many clients as it likes (the learners' distinct
+clients, learning.min_clients, and each limit per client).
 
 By default a client is its peer address. Behind a proxy (a KubeRay ingress) every peer is the proxy, so
 the address the proxy appends to X-Forwarded-For is used instead, but only when the peer is one of
@@ -18,6 +22,7 @@ from fastapi import Depends, Request
 from es_ray.serve.replica import Replica, replica
 
 FORWARDED_FOR = "X-Forwarded-For"
+IPV6_CLIENT_PREFIX = 64
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -46,7 +51,17 @@ def identify(peer: str | None, forwarded_for: str | None, trusted: tuple[Network
             if hop is None:
                 break  # not an address: the trusted hop before it is all that is known
             client = hop
-    return str(client)
+    return _counted(client)
+
+
+def _counted(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address as a client: IPv4 as itself, IPv6 as its /64 (an IPv4 client on a dual-stack socket
+    as its IPv4 address)."""
+    if address.version == 4:
+        return str(address)
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/{IPV6_CLIENT_PREFIX}", strict=False))
 
 
 async def client_identity(request: Request, state: Replica = Depends(replica)) -> str:

@@ -19,12 +19,14 @@ reading pages whose clicks teach.
 
 The draw is a keyed hash, not a random number, because pages are by offset: every page one person reads
 of one query must come from the same ranking, or pages overlap or leave gaps. HMAC-SHA256, under a key
-made from auth.user_token_secret, of the normalised query and the client as the rate limits count it
-(rate_limits.client_key) decides whether, of the query alone which fusion: the same person paging (or
+made from auth.user_token_secret, of the normalised query and the client (serve/clients.py: an IPv6
+client is its /64) decides whether, of the query alone which fusion: the same person paging (or
 searching again) sees one fusion, named in the response's `fusion` field; whether a person is explored is
-drawn independently of the others, and every explored reader of a query meets the same fusion. Nothing a
-client sends chooses the fusion, and since its own identity is in the hash, nothing it sends changes what
-anybody else sees; the secret keeps it from computing which of its queries are explored. There is no time
+drawn independently of the others, and every explored reader of a query meets the same fusion. A client
+can redraw only its own pages (by rewording its query beyond case and spacing), never choose among the
+fusions, and since its own identity is in the hash, nothing it sends changes what anybody else sees; the
+secret keeps it from computing in advance which of its queries are explored (the response says so only
+after the search). There is no time
 bucket in the hash: a bucket's edge falling between two pages of one reading would break that reading's
 paging. The draw changes with the serving fusion (a promotion moves the neighbours), which changes every
 page anyway.

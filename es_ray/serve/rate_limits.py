@@ -16,13 +16,12 @@ every request and another system that every search depends on; the limits exist 
 client can teach and cost, and a small constant factor does not change that. Keeping them in memory
 also means a restarted replica forgets its counts, which errs on the side of serving.
 
-An IPv6 client is counted by its /64 network: one host commonly holds a whole /64 and could otherwise
-take a new address for every request.
+An IPv6 client is counted by its /64 network (clients.py): one host commonly holds a whole /64 and could
+otherwise take a new address for every request.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import time
 
@@ -36,9 +35,6 @@ from es_ray.config import RateLimitSettings
 from es_ray.serve import auth, clients
 from es_ray.serve.auth import Caller
 from es_ray.serve.errors import RateLimited
-
-IPV6_CLIENT_PREFIX = 64
-
 
 def _message(name: str, limit: RateLimitItem, per: str, retry_after_s: int) -> str:
     return (f"rate limit exceeded: {limit.amount} requests per {_period(limit)} per {per} "
@@ -69,19 +65,6 @@ class RateLimiter:
         raise RateLimited(_message(name, limit, per, retry_after_s), name, retry_after_s)
 
 
-def client_key(identity: str) -> str:
-    """What a client is counted as: its identity (clients.py), an IPv6 address as its /64 network."""
-    try:
-        address = ipaddress.ip_address(identity)
-    except ValueError:
-        return identity
-    if address.version == 4:
-        return str(address)
-    if address.ipv4_mapped is not None:  # an IPv4 client on a dual-stack socket
-        return str(address.ipv4_mapped)
-    return str(ipaddress.ip_network(f"{address}/{IPV6_CLIENT_PREFIX}", strict=False))
-
-
 _limiter: RateLimiter | None = None
 
 
@@ -102,7 +85,7 @@ def limiter() -> RateLimiter:
 def _per_client(name: str):
     async def charge(who: Caller = Security(auth.caller), client: str = Depends(clients.client_identity)) -> None:
         if not who.admin:
-            limiter().charge(name, client_key(client))
+            limiter().charge(name, client)  # an IPv6 client is its /64 (clients.py)
     charge.__name__ = f"limit_{name}_per_client"
     return charge
 
