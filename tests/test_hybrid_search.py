@@ -302,7 +302,7 @@ def test_a_share_of_recorded_hybrid_searches_is_ranked_by_a_neighbouring_fusion_
     the same search without a session is ranked by the configured fusion."""
     s = settings.search
     assert s.fusion_explore_share > 0
-    configured = Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
+    configured = Fusion.configured(s)
     neighbours = {f.label(): f for f in alternatives(configured, s.learned_lexical_weights, s.learned_rrf_ks,
                                                       s.fusion_explore_over)}
     _, queries, _ = hybrid_items

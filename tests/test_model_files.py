@@ -54,10 +54,12 @@ def test_torchscript_file_is_traced_from_the_encoder(tmp_path):
 
 
 def test_production_backend_config_names_the_runtime_file():
-    onnx_cfg = triton_repo.config_pbtxt("query_encoder", 384, TritonSettings(backend="onnxruntime"), runtime="onnx")
+    onnx_cfg = triton_repo.config_pbtxt("query_encoder", 384, TritonSettings(backend="onnxruntime"), runtime="onnx",
+                                      bounded=False)
     assert 'backend: "onnxruntime"' in onnx_cfg and 'default_model_filename: "model.onnx"' in onnx_cfg
     assert "python_path" not in onnx_cfg
-    python_cfg = triton_repo.config_pbtxt("query_encoder", 384, TritonSettings(backend="python"), runtime="torchscript")
+    python_cfg = triton_repo.config_pbtxt("query_encoder", 384, TritonSettings(backend="python"), runtime="torchscript",
+                                        bounded=False)
     assert 'key: "model_filename" value: { string_value: "model.pt" }' in python_cfg
 
 

@@ -24,7 +24,8 @@ from tests.tiny_model import tiny_encoder_dir
 
 @pytest.fixture()
 def bounded_server(tmp_path):
-    """A tritonserver whose encoders queue at most one request, with a tiny encoder as version 1."""
+    """A tritonserver whose item encoder queues at most one request (the query encoder has no queue
+    policy: triton_repo.bounded_queue), with a tiny encoder as version 1."""
     settings = load_settings()
     settings.triton.max_queue_size = 1
     http_port, grpc_port = free_port(), free_port()
@@ -54,7 +55,7 @@ def test_a_full_queue_refuses_at_once_and_shared_memory_is_the_stacks_own(bounde
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
         outcomes = list(pool.map(embed, range(32)))
-    # Refused requests reach the caller as TritonUnavailable (a search answers 503 + Retry-After, errors.py).
+    # Refused requests reach the caller as TritonUnavailable (an upsert answers 503 + Retry-After, errors.py).
     assert set(outcomes) == {"answered", "queue full"}, set(outcomes)
     triton.stop(state_dir)
     assert not list(SHM_DIR.glob(f"{triton.shm_prefix(state_dir)}*")), "regions left after stop"

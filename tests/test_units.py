@@ -89,10 +89,10 @@ def test_a_recorded_shared_buffers_that_does_not_start_is_forgotten(tmp_path):
 
 
 def test_triton_config_for_both_backends():
-    python_cfg = config_pbtxt("query_encoder", 384, TritonSettings(backend="python"))
+    python_cfg = config_pbtxt("query_encoder", 384, TritonSettings(backend="python"), bounded=False)
     assert 'backend: "python"' in python_cfg and "dynamic_batching" in python_cfg
     assert "dims: [ 384 ]" in python_cfg and "python_path" in python_cfg
-    torch_cfg = config_pbtxt("query_encoder", 384, TritonSettings(backend="pytorch"))
+    torch_cfg = config_pbtxt("query_encoder", 384, TritonSettings(backend="pytorch"), bounded=False)
     assert 'backend: "pytorch"' in torch_cfg and "python_path" not in torch_cfg
     # libtorch binds tensors by the <name>__<index> convention: the same names serve both backends
     for name in ("input_ids__0", "attention_mask__1", "embedding__0"):
@@ -104,13 +104,14 @@ def test_triton_config_bounds_the_queue_and_pins_torch_threads():
     from tritonclient.grpc import model_config_pb2
 
     settings = TritonSettings(backend="python", max_queue_size=7, queue_timeout_s=2.5)
-    config = text_format.Parse(config_pbtxt("query_encoder_v1", 384, settings, torch_threads=1),
+    config = text_format.Parse(config_pbtxt("item_encoder_v1", 384, settings, torch_threads=1, bounded=True),
                                model_config_pb2.ModelConfig())  # Triton's own schema: a typo fails here
     policy = config.dynamic_batching.default_queue_policy
     assert policy.max_queue_size == 7 and policy.default_timeout_microseconds == 2_500_000
     assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
     assert config.parameters["torch_threads"].string_value == "1"
-    production = text_format.Parse(config_pbtxt("query_encoder_v1", 384, TritonSettings(backend="pytorch")),
+    production = text_format.Parse(config_pbtxt("item_encoder_v1", 384, TritonSettings(backend="pytorch"),
+                                                bounded=True),
                                    model_config_pb2.ModelConfig())
     assert production.dynamic_batching.default_queue_policy.max_queue_size == TritonSettings().max_queue_size
 

@@ -120,7 +120,7 @@ def parts_alone(settings, manifest, texts: list[str]) -> dict:
         blue = blue_green.get_blue(conn)
     collection = Collection(blue.collection, blue.dim)
     encoder = TritonEncoder.of(manifest.triton_grpc_url, QUERY_ENCODER, blue, settings)  # as the replicas do
-    fusion = Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
+    fusion = Fusion.configured(s)
     ranking = store_search.Ranking("hybrid", fusion, s.depth, s.text_search_config, s.lexical_common_share,
                                    s.max_query_terms)
     timeout_ms = settings.postgres.search_timeout_ms  # each statement in a transaction with it, as served
@@ -148,11 +148,6 @@ def parts_alone(settings, manifest, texts: list[str]) -> dict:
     finally:
         pool.close()
     return {k: percentiles(v) for k, v in samples.items()}
-
-
-def configured_fusion(settings) -> Fusion:
-    s = settings.search
-    return Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
 
 
 def served_fusion(client: EsRayClient, texts: list[str], settings, wanted: Fusion, other: Fusion,
@@ -189,7 +184,7 @@ def exploration_cost(client: EsRayClient, settings, train: dict[str, str], train
     nDCG@10 of the default fusion and of each fusion exploration may serve instead, fused here from the
     two lists as search fuses them (the exploration draws uniformly among them)."""
     s = settings.search
-    default = configured_fusion(settings)
+    default = Fusion.configured(settings.search)
     choices = alternatives(default, s.learned_lexical_weights, s.learned_rrf_ks, s.fusion_explore_over)
     runs: dict[str, dict[str, dict[str, float]]] = {f.label(): {} for f in [default, *choices]}
     for q, text in train.items():
@@ -222,7 +217,7 @@ def learn_fusion(settings, manifest, train: dict[str, str], train_qrels, queries
     where that is another fusion, with the default again: the pair is measured in one state of the stack
     (the served hybrid ranking drifted on a few queries between the first measurement and this one with
     no fusion changed, on Cranfield; `drift` in the result)."""
-    default = configured_fusion(settings)
+    default = Fusion.configured(settings.search)
     texts = [queries[q] for q in judged]
     model = dataclasses.replace(ClickModel.load(), sessions_per_query=args.sessions_per_query, seed=seed)
     since = datetime.datetime.now(datetime.timezone.utc)
@@ -301,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     seed = ClickModel.load().seed
     parser.add_argument("--click-seeds", type=int, nargs="+", default=[seed, seed + 1, seed + 2],
                         help="click model seeds: one simulation, learning and measurement of the learned fusion each")
-    args = parser.parse_args(argv)
+    args, defaults = parser.parse_args(argv), parser.parse_args(["--data", "."])
     data = args.data.resolve()
     # The simulated clicks must not also move items' vectors (the improvement loop's click memories)
     # between the default and the learned hybrid measurements: only the fusion may differ.
@@ -359,7 +354,12 @@ def main(argv: list[str] | None = None) -> None:
         result["targets"]["learned_ndcg_at_least_default"] = \
             result["hybrid_learned"]["ndcg@10"] >= result["hybrid_default_same_state"]["ndcg@10"]
         result["targets"]["learned_ndcg_never_0.005_below_default"] = min(gains) >= -0.005   # on any seed
-        command = f"python -m es_ray.bench.hybrid --data {args.data}" + (f" --split {args.split}" if args.split != "test" else "")
+        command = f"python -m es_ray.bench.hybrid --data {args.data}" + "".join(
+            f" --{flag} {value}" for flag, value, default in (
+                ("split", args.split, "test"), ("sessions-per-query", args.sessions_per_query, defaults.sessions_per_query),
+                ("clients", args.clients, defaults.clients),
+                ("click-seeds", " ".join(map(str, args.click_seeds)), " ".join(map(str, defaults.click_seeds))))
+            if value != default)   # the flags that differ from the defaults: the command reproduces the run
         path = write_result("hybrid", data.name, {**result, "split": args.split}, command,
                             scratch="" if args.split == "test" else args.split)
         print(path.read_text())

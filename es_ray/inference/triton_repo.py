@@ -74,16 +74,19 @@ def bounded_queue(encoder: str) -> bool:
     instance is not back yet, the wake-up is lost and the batcher sleeps its fixed 500 ms with requests
     queued, unless a new request arrives. At 8 search clients all waiting on queued queries, none arrives:
     searches stalled 0.5 s together (docs/PERFORMANCE.md, "The pause"). The query encoder's requests are
-    bounded before Triton (serve.max_ongoing_requests per replica, the driver's passes one at a time); the
-    item encoder takes bulk work from many workers, where the bound matters and a rare 0.5 s does not."""
+    bounded before Triton (serve.max_ongoing_requests per replica, the driver's passes one at a time, a
+    reindex's re-derived query vectors in its workers' batches); a queued query is not timed out by Triton
+    either, it waits out the client's triton.timeout_s. The item encoder takes bulk work from many
+    workers, where the bound matters and a rare 0.5 s does not."""
     return encoder == ITEM_ENCODER
 
 
 def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: int = 0,
-                 runtime: str = "torchscript", bounded: bool = True) -> str:
+                 runtime: str = "torchscript", *, bounded: bool) -> str:
     """config.pbtxt for one encoder. `python` runs model.py (embedded) on the runtime's file; `pytorch`
     (libtorch) and `onnxruntime` are a production Triton's own backends for model.pt and model.onnx.
-    `bounded`: the queue policy below (bounded_queue)."""
+    `bounded`: the queue policy below, bounded_queue(encoder): no default, so that no caller puts the
+    policy back on the query encoder by leaving it out."""
     if settings.backend == "python":
         backend = 'backend: "python"'
         instance_kind = "KIND_CPU"
@@ -152,7 +155,7 @@ def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: i
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
                           config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime,
-                                       bounded_queue(name)))
+                                       bounded=bounded_queue(name)))
     return [served_name(name, version) for name in ENCODERS]
 
 
@@ -165,7 +168,7 @@ def refresh_version(repo: Path, version: int, dim: int, settings: TritonSettings
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
                           config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime,
-                                       bounded_queue(name)))
+                                       bounded=bounded_queue(name)))
 
 
 def _write_if_changed(path: Path, text: str) -> None:

@@ -14,7 +14,10 @@ Plain Python on lists: testable without Postgres.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from es_ray.config import SearchSettings
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,11 @@ class Fusion:
     k: float = 60.0
     dense_weight: float = 1.0
     lexical_weight: float = 1.0
+
+    @classmethod
+    def configured(cls, search: "SearchSettings") -> "Fusion":
+        """The fusion configs/stack.yaml's search section names: what serves until a learned one is promoted."""
+        return cls(search.fusion, search.rrf_k, search.dense_weight, search.lexical_weight)
 
     def label(self) -> str:
         """What a client sees of it (SearchResponse.fusion): method and parameters, e.g. 'rrf k=60 dense=1

@@ -51,7 +51,7 @@ def learn_and_promote(settings: Settings, dsn: str, config: FinetuneConfig | Non
         if blue is None:
             raise FusionNotLearnable("no blue collection yet: load items first")
         serving = fusion_weights.learned(conn).get(blue.collection)   # None: the configured fusion serves
-        current = serving or Fusion(s.fusion, s.rrf_k, s.dense_weight, s.lexical_weight)
+        current = serving or Fusion.configured(s)
         batch = read_sessions(conn, config.data.max_sessions, settings.learning, since)
     sessions = [x for x in batch.sessions if x.model_version == blue.model_version]
     learned: FusionLearning = learn(sessions, current, grid(s.learned_lexical_weights, s.learned_rrf_ks,

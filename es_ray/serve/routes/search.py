@@ -110,7 +110,7 @@ def _lexical_beside(state: Replica, collection: Collection, ranking: Ranking,
 def _ranking(search: SearchSettings, mode: str | None, learned: Fusion | None = None) -> Ranking:
     """The request's mode (search.default_mode when it names none) with the collection's promoted fusion
     (learned from clicks, store/fusion_weights.py), else the configured one."""
-    fusion = learned or Fusion(search.fusion, search.rrf_k, search.dense_weight, search.lexical_weight)
+    fusion = learned or Fusion.configured(search)
     return Ranking(mode or search.default_mode, fusion, search.depth, search.text_search_config,
                    search.lexical_common_share, search.max_query_terms)
 
@@ -124,7 +124,7 @@ def _explored(search: SearchSettings, request: schemas.SearchRequest, client: st
     choices = fusion_exploration.alternatives(ranking.fusion, search.learned_lexical_weights, search.learned_rrf_ks,
                                               search.fusion_explore_over)
     drawn = fusion_exploration.draw(auth.authenticator().derived_key("fusion exploration"), request.query,
-                                    rate_limits.client_key(client), search.fusion_explore_share, choices)
+                                    client, search.fusion_explore_share, choices)
     return ranking if drawn is None else dataclasses.replace(ranking, fusion=drawn)
 
 
