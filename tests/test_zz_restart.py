@@ -80,3 +80,30 @@ def registered_versions(settings) -> list[int]:
     versions = registry.client(registry.tracking_uri(settings)).search_model_versions(
         f"name = '{settings.mlflow.registered_model}'")
     return sorted(int(v.version) for v in versions)
+
+
+@pytest.mark.restart
+def test_up_again_leaves_an_unchanged_app_alone_and_redeploys_a_changed_one(stack, settings, api, monkeypatch):
+    """`es-ray cycle` and the demo call `up` on a running stack: with the same settings and code the replica
+    stays; new settings reach a new replica, also with direct ingress (where the old app goes first, since
+    a rolling update cannot hand serve.port over), and the API answers afterwards."""
+    replica = replica_pids()
+    result = es_ray("up", "--state-dir", str(settings.state_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert replica and replica_pids() == replica
+
+    def limit_refused(limit: int) -> bool:
+        return api.post("/v1/search", json={"query": "glaciers", "limit": limit, "session": False}).status_code == 422
+
+    assert limit_refused(settings.serve.max_limit + 1)
+    try:
+        with monkeypatch.context() as env:
+            env.setenv("ES_RAY_SERVE__MAX_LIMIT", str(settings.serve.max_limit + 1))
+            result = es_ray("up", "--state-dir", str(settings.state_path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert replica_pids() and not set(replica_pids()) & set(replica)
+        assert not limit_refused(settings.serve.max_limit + 1)     # the new replica has the new setting
+    finally:
+        result = es_ray("up", "--state-dir", str(settings.state_path))  # the session's settings again
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert limit_refused(settings.serve.max_limit + 1)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, percentiles, write_result
 from es_ray.client import EsRayClient
+from es_ray.config import ServeSettings
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.inference.triton_client import TritonEncoder
@@ -183,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
                       "pgvector p50 (1 client); embed_to_fastest = embed p50 / one query's forward "
                       "pass in-process at 1 thread; throughput_ratio = 8-client requests/s / the fastest "
                       "forward pass's queries/s at the batch Triton formed (fastest of 1 thread and all cores)"}
-    ingress = "ES_RAY_SERVE__INGRESS=direct " if manifest.serve_proxy_url else ""   # the configured one is proxy
+    measured = "direct" if manifest.serve_proxy_url else "proxy"
+    # The command as run: an ingress other than configs/stack.yaml's came from the environment.
+    ingress = "" if measured == ServeSettings().ingress else f"ES_RAY_SERVE__INGRESS={measured} "
     out = write_result("search", data.name, result, f"{ingress}python -m es_ray.bench.search --docs {args.docs}")
     print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report
     if args.flamegraph:

@@ -17,6 +17,7 @@ restart explicit for such a deploy too, since a Serve config's args are part of 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 from es_ray.config import ServeSettings, Settings
@@ -30,6 +31,16 @@ DEFAULT_ARGS: dict[str, Any] = {"namespace": "es-ray", "replicas": _DEFAULTS.rep
 
 def settings_version(settings: Settings) -> str:
     return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:16]
+
+
+def deployed_version(settings: Settings) -> str:
+    """What a running app must match for `es-ray up` to leave its replica alone: the settings and es-ray's
+    own code (a new es-ray installed beside a running stack reaches the replicas at the next `up`)."""
+    package = Path(__file__).resolve().parents[1]
+    code = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        code.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return f"{settings_version(settings)}-{code.hexdigest()[:16]}"
 
 
 def app_args(settings: Settings) -> dict[str, Any]:

@@ -121,7 +121,6 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
     from ray import serve
 
     from es_ray.lifecycle.driver import start_driver
-    from es_ray.serve.app import build_app
 
     os.environ.update({k: v for k, v in ray_head.environment(Path(manifest.state_dir)).items()
                        if k.startswith(("RAY_", "HF_", "TOKENIZERS")) and not k.startswith("RAY_AUTH_")})
@@ -138,12 +137,46 @@ def _start_driver_and_serve(settings: Settings, manifest: StackManifest) -> None
         # The port is chosen where the head starts (up), so it is the one Serve keeps while the head runs.
         serve.start(http_options={"host": settings.serve.host, "port": proxy_port},
                     logging_config={"enable_access_log": False})
-        # The deployment's options come from configs/stack.yaml (serve/deployment.py); serve.run rolls the
-        # replicas over, so they start with the driver's current settings (keys, limits).
-        serve.run(build_app(deployment.app_args(settings)), name=settings.serve.app_name, route_prefix="/",
-                  blocking=False)
+        _deploy_app(settings, manifest)
     finally:
         ray.shutdown()
+
+
+def _deploy_app(settings: Settings, manifest: StackManifest) -> None:
+    """Deploys the API unless the running app has these settings and this code already: `es-ray cycle` and
+    the demo call `up` on a running stack, and a redeploy for nothing restarts the replica. The deployment's
+    options come from configs/stack.yaml (serve/deployment.py); a new app starts its replicas with the
+    driver's current settings (keys, limits)."""
+    from ray import serve
+
+    from es_ray.serve.app import build_app
+
+    name, wanted = settings.serve.app_name, deployment.deployed_version(settings)
+    status = _app_status(name)
+    if status in ("RUNNING", "DEPLOYING", "UNHEALTHY") and manifest.serve_deployed == wanted:
+        return  # Serve itself replaces an unhealthy replica of the same app
+    if status is not None and manifest.serve_proxy_url:
+        # Direct ingress: the replica itself listens on serve.port, so Serve's rolling update (the new
+        # replica first, then the old one stopped) cannot hand the port over: the new one's bind fails
+        # while the old one holds it. The old app goes first: no answer on serve.port for the seconds a
+        # replica takes to start.
+        log.warning("stack.serve_restart", app=name, status=status,
+                    reason="settings or code changed; direct ingress restarts the replica in place")
+        serve.delete(name)
+    serve.run(build_app(deployment.app_args(settings)), name=name, route_prefix="/", blocking=False)
+    manifest.serve_deployed = wanted
+    manifest.save()
+
+
+def _app_status(name: str) -> str | None:
+    """The Serve app's status (RUNNING, DEPLOYING, UNHEALTHY, DEPLOY_FAILED, DELETING), None where it is absent."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(name)
+    except Exception:  # noqa: BLE001 - no Serve controller yet: nothing runs
+        return None
+    return str(app.status) if app is not None else None
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:

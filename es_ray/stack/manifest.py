@@ -34,6 +34,7 @@ class StackManifest(BaseModel):
     mlflow_uri: str = ""
     serve_url: str = ""
     serve_proxy_url: str = ""      # Serve's proxy where it is not serve_url (serve.ingress direct): nobody calls it
+    serve_deployed: str = ""       # serve/deployment.py deployed_version of the app the last `up` deployed
 
     @classmethod
     def path(cls, state_dir: Path) -> Path:
