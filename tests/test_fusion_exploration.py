@@ -107,3 +107,52 @@ def test_only_recorded_anonymous_unfiltered_hybrid_searches_are_explored_and_all
     # Share 0 (exploration off): nobody.
     off = SearchSettings(fusion_explore_share=0.0)
     assert all(_explored(off, _request(f"query {q}"), "127.1.0.1", ranking) == ranking for q in range(50))
+
+
+def test_explored_pages_let_the_learner_see_what_the_serving_fusion_never_shows():
+    """Why exploration exists: relevant items that only the lexical list holds (rank 1 and 2 there; the two
+    lists share no item) never reach the serving fusion's top 10, so its click log cannot teach a larger
+    lexical weight; the pages a lexical-heavier neighbour ranks show them, get clicked, and the learner
+    (train/fusion_weights.py, with its held-out gate) moves toward it. The grid is this test's own: with
+    the configured one (lexical 0.5 -> 0.75) a lexical-only item needs weight 0.87 to pass the dense
+    list's 10th, so a neighbour one step away shows it only where the lists overlap."""
+    import datetime
+    import random
+
+    from es_ray.store.clickstream import LoggedSession
+    from es_ray.store.fusion import fuse
+    from es_ray.train.config import FinetuneConfig
+    from es_ray.train.fusion_weights import learn
+
+    examination = [0.81, 0.56, 0.46, 0.39, 0.29, 0.26, 0.24, 0.20, 0.20, 0.19]
+    weights = [0.25, 0.5, 1.0, 2.0]
+    choices = alternatives(CURRENT, weights, KS, "neighbours")
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+
+    def click_log(share: float) -> list[LoggedSession]:
+        rng, log = random.Random(5), []
+        for q in range(120):
+            ids = [f"q{q}-d{n}" for n in range(50)]
+            dense, lexical = ids[2:32], ids[:2] + rng.sample(ids[32:], 18)   # the relevant two: lexical only
+            for n in range(10):
+                client = f"10.0.{q}.{n}"
+                fusion = draw(KEY, f"query {q}", client, share, choices) or CURRENT
+                shown = fuse([(i, 0.0) for i in dense], [(i, 0.0) for i in lexical], fusion)[:10]
+                clicked = {f.id for rank, f in enumerate(shown, start=1)
+                           if rng.random() < examination[rank - 1] * (0.9 if f.id in ids[:2] else 0.03)}
+                log.append(LoggedSession(f"q{q}-s{n}", f"query {q}", False, start + datetime.timedelta(seconds=len(log)),
+                                         [(rank, f.id) for rank, f in enumerate(shown, start=1)], clicked,
+                                         client=client, mode="hybrid",
+                                         list_ranks={f.id: (f.dense_rank, f.lexical_rank) for f in shown}))
+        return log
+
+    unexplored = click_log(0.0)
+    assert not any(item.endswith(("-d0", "-d1")) for s in unexplored for _, item in s.shown)   # never shown
+    kept = learn(unexplored, CURRENT, grid(weights, KS), FinetuneConfig())
+    # Nothing to learn was shown: no fusion passes the gate (stray clicks on shown items are all there is).
+    assert not kept.decision.candidate, (kept.chosen, kept.decision.reason)
+    explored_log = click_log(0.2)
+    assert any(item.endswith(("-d0", "-d1")) for s in explored_log for item in s.clicked)  # shown and clicked
+    explored = learn(explored_log, CURRENT, grid(weights, KS), FinetuneConfig())
+    assert explored.chosen.lexical_weight > CURRENT.lexical_weight and explored.decision.candidate, \
+        (explored.chosen, explored.decision.reason)
