@@ -57,8 +57,10 @@ def direct_ingress_env(settings: Settings) -> dict[str, str]:
     the replica's own HTTP server takes its port from a range that holds serve.port alone. A port a
     replica gave back is free again at once (Serve's default holds it back for a load balancer to notice,
     there is none), and a stopping replica drains 2 s instead of 30, so the replica of the next `es-ray
-    up` gets serve.port quickly; until the old one has given it back, the new one fails to start and
-    Serve starts it again, up to 10 times instead of 3."""
+    up` gets serve.port quickly. Until the port can be bound again the new one fails to start and Serve
+    starts it again, up to 30 times instead of 3 (about two minutes): the replica's server binds without
+    SO_REUSEADDR, so after a replica that had connections stops, the port stays taken while they sit in
+    TIME_WAIT (60 s; seen after a killed replica and after an `up` that replaced the app)."""
     if not settings.direct_ingress:
         return {}
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
@@ -66,7 +68,7 @@ def direct_ingress_env(settings: Settings) -> dict[str, str]:
             "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(settings.serve.port + 1),  # exclusive
             "RAY_SERVE_PORT_QUARANTINE_S": "0",
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
-            "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "10"}
+            "RAY_SERVE_MAX_PER_REPLICA_RETRY_COUNT": "30"}
 
 
 def head_ingress(settings: Settings) -> str:

@@ -155,11 +155,12 @@ def _deploy_app(settings: Settings, manifest: StackManifest) -> None:
     status = _app_status(name)
     if status in ("RUNNING", "DEPLOYING", "UNHEALTHY") and manifest.serve_deployed == wanted:
         return  # Serve itself replaces an unhealthy replica of the same app
+    log.info("stack.serve_deploy", app=name, status=status, deployed=manifest.serve_deployed, wanted=wanted)
     if status is not None and manifest.serve_proxy_url:
         # Direct ingress: the replica itself listens on serve.port, so Serve's rolling update (the new
         # replica first, then the old one stopped) cannot hand the port over: the new one's bind fails
-        # while the old one holds it. The old app goes first: no answer on serve.port for the seconds a
-        # replica takes to start.
+        # while the old one holds it. The old app goes first, and serve.port answers nothing until the
+        # port can be bound again (up to a minute: deployment.direct_ingress_env).
         log.warning("stack.serve_restart", app=name, status=status,
                     reason="settings or code changed; direct ingress restarts the replica in place")
         serve.delete(name)
