@@ -56,3 +56,20 @@ def test_direct_ingress_gives_the_one_replica_serve_port_and_more_replicas_need_
     monkeypatch.setenv("ES_RAY_RAY__ADDRESS", "10.0.0.1:6379")
     external = load_settings(tmp_path / "state")
     assert not external.direct_ingress and deployment.direct_ingress_env(external) == {}
+
+
+def test_the_app_status_reads_as_serve_names_it(monkeypatch):
+    """`up` leaves a running app alone by its status: Serve's ApplicationStatus is a str enum whose str()
+    is 'ApplicationStatus.RUNNING', so a comparison with 'RUNNING' must read its value (a running app
+    once never looked running, and every `up` replaced it)."""
+    from types import SimpleNamespace
+
+    from ray import serve
+    from ray.serve.schema import ApplicationStatus
+
+    from es_ray.stack import control
+
+    monkeypatch.setattr(serve, "status", lambda: SimpleNamespace(
+        applications={"es-ray": SimpleNamespace(status=ApplicationStatus.RUNNING)}))
+    assert control._app_status("es-ray") == "RUNNING"
+    assert control._app_status("another") is None

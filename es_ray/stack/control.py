@@ -177,7 +177,8 @@ def _app_status(name: str) -> str | None:
         app = serve.status().applications.get(name)
     except Exception:  # noqa: BLE001 - no Serve controller yet: nothing runs
         return None
-    return str(app.status) if app is not None else None
+    # ApplicationStatus is a str enum: its value is the name (str() would give 'ApplicationStatus.RUNNING').
+    return app.status.value if app is not None else None
 
 
 def wait_healthy(url: str, timeout_s: float) -> None:
