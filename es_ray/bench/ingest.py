@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": round(raw_s / job_s, 3), "job_s": round(job_s, 1), "job_wall_s": round(wall_s, 1),
         "raw_s": round(raw_s, 1), "raw_runtime": served.suffix.lstrip(".") if served else "eager torch",
         "raw_threads": os.cpu_count(), "served_threads": settings.model.torch_threads,
+        "served_instances": settings.triton.item_instances,
         "note": "docs_per_s is measured inside the job (read -> embedded -> written, actor start-up included); "
                 "job_wall_s adds submission and runtime-env set-up",
     }

@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(run)
     out = {"benchmark": "reindex", "runs": runs, "raw_items_per_s": round(raw["per_s"], 2), "raw_chunks": raw["chunks"],
            "raw_runtime": raw["runtime"], "raw_model_version": raw["version"], "raw_threads": os.cpu_count(),
-           "raw_rows_per_forward": settings.reindex.rows_per_request,
+           "raw_rows_per_forward": settings.reindex.rows_per_request, "served_threads": settings.model.torch_threads,
+           "served_instances": settings.triton.item_instances,
            "hnsw": args.hnsw, "workers": settings.reindex.workers, "batch_size": settings.reindex.batch_size,
            "range_items": settings.reindex.range_items, "max_length": v1.max_length,
            "note": "items are sentences of the SciFact + Cranfield abstracts; items_per_s is the load phase (read "
