@@ -93,7 +93,8 @@ class TritonSettings(BaseModel):
     backend: str = Field("python", pattern="^(python|pytorch|onnxruntime)$")
     max_batch_size: int = 64
     max_queue_delay_us: int = 0
-    instances: int = 1
+    instances: int = Field(1, ge=1)        # the query encoder's model instances
+    item_instances: int = Field(2, ge=1)   # the item encoder's (configs/stack.yaml says why two)
     timeout_s: float = 30.0
     max_queue_size: int = Field(64, ge=1)
     queue_timeout_s: float = Field(20.0, gt=0)

@@ -42,7 +42,8 @@ def bounded_server(tmp_path):
 def test_a_full_queue_refuses_at_once_and_shared_memory_is_the_stacks_own(bounded_server):
     state_dir, grpc_url, model_dir = bounded_server
     regions = sorted(p.name for p in SHM_DIR.glob(f"{triton.shm_prefix(state_dir)}*"))
-    assert len(regions) == 2, regions  # one region per stub (query and item encoder), named by this stack
+    stubs = load_settings().triton.instances + load_settings().triton.item_instances
+    assert len(regions) == stubs, regions  # one region per stub (each encoder instance), named by this stack
     encoder = TritonEncoder(grpc_url, "item_encoder", 1, str(model_dir), 128)
     texts = ["word " * 100] * 64
 
@@ -70,11 +71,11 @@ def test_a_killed_version_server_comes_back_with_its_models_while_another_keeps_
         assert address[1]["grpc"] != address[2]["grpc"]
         killed = triton.server_pid(tmp_path, 1)
         stubs = sorted(p.pid for p in psutil.Process(killed).children())
-        assert len(stubs) == 2, stubs  # one python-backend stub per encoder
+        assert len(stubs) == settings.triton.instances + settings.triton.item_instances, stubs  # one per instance
         assert servers.deploy(1, model_dirs[1]) == address[1]  # deployed already: the same server ...
         assert sorted(p.pid for p in psutil.Process(killed).children()) == stubs  # ... and nothing reloaded
         old_regions = set(SHM_DIR.glob(f"{triton.shm_prefix(tmp_path, 1)}*"))
-        assert len(old_regions) == 2 and not old_regions & set(SHM_DIR.glob(f"{triton.shm_prefix(tmp_path, 2)}*"))
+        assert len(old_regions) == len(stubs) and not old_regions & set(SHM_DIR.glob(f"{triton.shm_prefix(tmp_path, 2)}*"))
         other = TritonEncoder(address[2]["grpc"], "query_encoder", 2, str(model_dirs[2]), 64)
         stop, answered, failed = threading.Event(), [], []
 

@@ -132,6 +132,25 @@ def test_only_the_item_encoder_bounds_its_queue():
     assert query.dynamic_batching.max_queue_delay_microseconds == settings.max_queue_delay_us
 
 
+def test_the_item_encoder_gets_its_own_instance_count(tmp_path):
+    """Bulk work keeps item_instances requests in flight, each on a one-thread stub of its own; the query
+    encoder keeps triton.instances (triton_repo.instance_count), in the configs a version's files get."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from es_ray.inference import triton_repo
+
+    for name in triton_repo.ENCODERS:   # model files as a deployed version holds them (only their names count)
+        directory = triton_repo.version_dir(tmp_path, name, 4)
+        directory.mkdir(parents=True)
+        (directory / "model.onnx").write_bytes(b"")
+    triton_repo.refresh_version(tmp_path, 4, 384, TritonSettings(backend="python", instances=1, item_instances=3), 1)
+    for name, count in (("item_encoder_v4", 3), ("query_encoder_v4", 1)):
+        config = text_format.Parse((tmp_path / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+        assert [group.count for group in config.instance_group] == [count]
+        assert config.parameters["torch_threads"].string_value == "1"   # one thread per stub either way
+
+
 def test_python_backend_shared_memory_is_sized_from_the_largest_batch(tmp_path):
     from es_ray.stack import triton
 

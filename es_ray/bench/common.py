@@ -36,6 +36,25 @@ def bench_stack(state_dir: Path = DEFAULT_STATE) -> tuple[Settings, StackManifes
     return settings, control.up(settings)
 
 
+def only_blue_live(manifest: StackManifest, timeout_s: float = 60) -> list[str]:
+    """Drops the previous collection (and stops serving its model) now, so every write reaches blue alone;
+    returns the live collections. Right after a switch the previous blue stays live for a rollback, and
+    every item write is embedded and written once per live collection (dual writes), so a load measured
+    then does the work twice: the ingest run on the reindex run's stack before s27 did. Even `cleanup now`
+    waits CLEANUP_MARGIN_S after the switch (and a busy lifecycle lock), hence the retries."""
+    from es_ray.client import EsRayClient
+    from es_ray.store import blue_green, db
+
+    deadline = time.monotonic() + timeout_s
+    with EsRayClient.for_stack(manifest) as admin, db.connect(manifest.postgres_dsn) as conn:
+        while True:
+            live = [t.collection for t in blue_green.get_state(conn).write_targets()]
+            if len(live) == 1 or time.monotonic() > deadline:
+                return live
+            admin.cleanup(now=True)
+            time.sleep(2)
+
+
 def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from es_ray.bench.common import DEFAULT_STATE, bench_stack, write_result
+from es_ray.bench.common import DEFAULT_STATE, bench_stack, only_blue_live, write_result
 from es_ray.data import beir
 from es_ray.inference.chunking import split
 from es_ray.data.corpus import read_corpus
@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     path = settings.state_path / "bench" / f"ingest-{data.name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    live = only_blue_live(manifest)
+    if len(live) != 1:   # each item would be embedded once per live collection: not what the raw side does
+        raise SystemExit(f"collections {live} take writes (a reindex or a switch's grace period): the job "
+                         f"would embed every item {len(live)} times")
     with db.connect(manifest.postgres_dsn) as conn:
         blue = blue_green.get_blue(conn)
 
@@ -96,8 +100,9 @@ def main(argv: list[str] | None = None) -> None:
         "ratio": round(raw_s / job_s, 3), "job_s": round(job_s, 1), "job_wall_s": round(wall_s, 1),
         "raw_s": round(raw_s, 1), "raw_runtime": served.suffix.lstrip(".") if served else "eager torch",
         "raw_threads": os.cpu_count(), "served_threads": settings.model.torch_threads,
+        "served_instances": settings.triton.item_instances, "live_collections": len(live),
         "note": "docs_per_s is measured inside the job (read -> embedded -> written, actor start-up included); "
-                "job_wall_s adds submission and runtime-env set-up",
+                "job_wall_s adds submission and runtime-env set-up; blue is the only live collection (no dual writes)",
     }
     out = write_result("ingest", data.name, result, f"python -m es_ray.bench.ingest --docs {args.docs}")
     print(json.dumps(result, indent=2), f"\nwritten to {out}")  # noqa: T201 - the benchmark's report

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from es_ray.bench.common import bench_stack, percentiles, write_result
+from es_ray.bench.common import bench_stack, only_blue_live, percentiles, write_result
 from es_ray.bench.ingest import raw_forward
 from es_ray.bench.variants import register_variant
 from es_ray.client import EsRayClient
@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         result = reindex(manifest, version, args.hnsw)
         stop.set()
         client.join()
-        with EsRayClient.for_stack(manifest) as admin:
-            admin.cleanup(now=True)
+        only_blue_live(manifest)   # the previous blue goes: the next size (or the ingest run after) writes once
         if not raw:   # the version just reindexed is blue now: its served file stays in the repository
             served = model_file(version_dir(triton.model_repository(settings.state_path), ITEM_ENCODER, version))
             # rows per forward as the reindex sends them (reindex.rows_per_request): rows sorted by length in
@@ -167,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         runs.append(run)
     out = {"benchmark": "reindex", "runs": runs, "raw_items_per_s": round(raw["per_s"], 2), "raw_chunks": raw["chunks"],
            "raw_runtime": raw["runtime"], "raw_model_version": raw["version"], "raw_threads": os.cpu_count(),
-           "raw_rows_per_forward": settings.reindex.rows_per_request,
+           "raw_rows_per_forward": settings.reindex.rows_per_request, "served_threads": settings.model.torch_threads,
+           "served_instances": settings.triton.item_instances,
            "hnsw": args.hnsw, "workers": settings.reindex.workers, "batch_size": settings.reindex.batch_size,
            "range_items": settings.reindex.range_items, "max_length": v1.max_length,
            "note": "items are sentences of the SciFact + Cranfield abstracts; items_per_s is the load phase (read "

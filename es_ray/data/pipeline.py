@@ -157,6 +157,12 @@ def upsert_dataset(dataset, settings: Settings, grpc_url: str, dsn: str) -> Iter
     import ray.data
 
     args = (settings.model_dump(mode="json"), grpc_url, dsn)
+    # An actor task takes whole blocks, and a JSON-lines file of a few MB is read as a handful of blocks
+    # that parsing merges into one: every item went to one embedding actor in one task (the others idle)
+    # and reached the write stage only at the end. Blocks of one embedding batch each spread the batches
+    # over the pool, and the writes start with the first write_batch_items embedded (a streaming split: no
+    # barrier, no shuffle).
+    dataset = dataset.repartition(target_num_rows_per_block=settings.upsert.batch_size)
     embedded = dataset.map_batches(
         EmbedStage, fn_constructor_args=args, batch_size=settings.upsert.batch_size,
         compute=ray.data.ActorPoolStrategy(size=settings.upsert.encoders),

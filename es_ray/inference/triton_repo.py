@@ -81,12 +81,22 @@ def bounded_queue(encoder: str) -> bool:
     return encoder == ITEM_ENCODER
 
 
+def instance_count(encoder: str, settings: TritonSettings) -> int:
+    """Model instances of the encoder: triton.item_instances for the item encoder, triton.instances for the
+    query encoder. Each instance of the python backend is a stub process running the model at
+    model.torch_threads threads, so two item-encoder instances of one thread each use two cores for bulk
+    work (two requests at once: reindex workers, upsert actors) while no stub ever runs more than one
+    thread (configs/stack.yaml)."""
+    return settings.item_instances if encoder == ITEM_ENCODER else settings.instances
+
+
 def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: int = 0,
-                 runtime: str = "torchscript", *, bounded: bool) -> str:
+                 runtime: str = "torchscript", *, bounded: bool, instances: int | None = None) -> str:
     """config.pbtxt for one encoder. `python` runs model.py (embedded) on the runtime's file; `pytorch`
     (libtorch) and `onnxruntime` are a production Triton's own backends for model.pt and model.onnx.
     `bounded`: the queue policy below, bounded_queue(encoder): no default, so that no caller puts the
-    policy back on the query encoder by leaving it out."""
+    policy back on the query encoder by leaving it out. `instances`: model instances (default
+    triton.instances; instance_count)."""
     if settings.backend == "python":
         backend = 'backend: "python"'
         instance_kind = "KIND_CPU"
@@ -119,7 +129,7 @@ output [
 dynamic_batching {{
   max_queue_delay_microseconds: {settings.max_queue_delay_us}{policy}
 }}
-instance_group [ {{ kind: {instance_kind} count: {settings.instances} }} ]
+instance_group [ {{ kind: {instance_kind} count: {instances or settings.instances} }} ]
 {parameters}"""
 
 
@@ -155,7 +165,7 @@ def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: i
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
                           config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime,
-                                       bounded=bounded_queue(name)))
+                                       bounded=bounded_queue(name), instances=instance_count(name, settings)))
     return [served_name(name, version) for name in ENCODERS]
 
 
@@ -168,7 +178,7 @@ def refresh_version(repo: Path, version: int, dim: int, settings: TritonSettings
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
                           config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime,
-                                       bounded=bounded_queue(name)))
+                                       bounded=bounded_queue(name), instances=instance_count(name, settings)))
 
 
 def _write_if_changed(path: Path, text: str) -> None:
