@@ -117,7 +117,8 @@ class LifecycleDriver:
     def stack(self) -> dict[str, Any]:
         """Addresses and settings for jobs and replicas; no secrets (start_driver leaves them out): any
         caller of the actor would read them."""
-        return {"settings": self.settings.model_dump(mode="json"), "manifest": self.manifest.model_dump()}
+        return {"settings": self.settings.model_dump(mode="json"),
+                "manifest": self.manifest.model_dump(exclude={"serve_deployed"})}  # as start_driver compares it
 
     def blue(self) -> dict[str, Any] | None:
         with self._conn() as conn:
@@ -380,13 +381,16 @@ def start_driver(settings: Settings, manifest: StackManifest):
     (its state is in Postgres, so nothing is lost). It gets the settings without secrets: an actor's
     arguments can be read by whoever can reach the cluster, and stack() hands them to every caller."""
     settings = credentials.without_secrets(settings)
+    # What the Serve app was deployed with (serve_deployed) changes at every deploy and is no address:
+    # left out, or every `up` would replace the driver.
+    addresses = manifest.model_dump(exclude={"serve_deployed"})
     try:
         running = ray.get_actor(DRIVER_NAME, namespace=settings.ray.namespace)
-        wanted = {"settings": settings.model_dump(mode="json"), "manifest": manifest.model_dump()}
+        wanted = {"settings": settings.model_dump(mode="json"), "manifest": addresses}
         if ray.get(running.stack.remote(), timeout=60) != wanted:
             ray.kill(running, no_restart=True)
             log.info("lifecycle.driver_replaced", reason="settings or stack addresses changed")
     except ValueError:
         pass  # none running
     return LifecycleDriver.options(name=DRIVER_NAME, namespace=settings.ray.namespace, lifetime="detached",
-                                   get_if_exists=True).remote(settings.model_dump(mode="json"), manifest.model_dump())
+                                   get_if_exists=True).remote(settings.model_dump(mode="json"), addresses)

@@ -42,7 +42,7 @@ class Replica:
         self.manifest = StackManifest.model_validate(stack["manifest"])
         schemas.configure_limits(self.settings.serve)
         auth.configure(self.settings.auth)
-        self.driver = get_driver(namespace)
+        self.namespace = namespace
         self.pool_size = pool_size(self.settings)
         pg = self.settings.postgres
         self.pool = db.open_pool(self.manifest.postgres_dsn, self.pool_size, pg.hnsw_ef_search, pg.pool_timeout_s)
@@ -67,6 +67,14 @@ class Replica:
         threads with the task that started them, and Serve runs each request as a task of its own, so that
         started (and stopped) a thread per request (docs/PERFORMANCE.md)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(fn, *args))
+
+    @property
+    def driver(self):
+        """The lifecycle driver, looked up by name at each call: `es-ray up` replaces it when the settings or
+        addresses change, and a killed one is started again, while this replica may live on (an `up` with
+        the same settings and code leaves it alone); a handle kept from the start would point at a dead
+        actor. Only the lifecycle, task and health routes call it."""
+        return get_driver(self.namespace)
 
     def _check_connection_budget(self) -> None:
         """Warns when the replicas' pools together could take every connection Postgres allows."""
