@@ -68,6 +68,7 @@ class Authenticator:
         self.settings = settings
         self._hashes = [(entry.name, bytes.fromhex(entry.sha256)) for entry in settings.api_keys]
         self._secret = settings.user_token_secret.encode()
+        self._derived: dict[str, bytes] = {}   # derived_key's, made once per purpose (search asks every time)
 
     def key_name(self, key: str | None) -> str | None:
         """The configured name of a valid key, else None. Every hash is compared, so the time taken
@@ -122,8 +123,10 @@ class Authenticator:
     def derived_key(self, purpose: str) -> bytes:
         """A key of its own for `purpose` (e.g. search's fusion exploration), made from the secret: it is
         never shown, so nobody can compute what it decides. Empty when the secret is."""
-        return hmac.new(self._secret, f"es-ray key: {purpose}".encode(), hashlib.sha256).digest() \
-            if self._secret else b""
+        if purpose not in self._derived:
+            self._derived[purpose] = hmac.new(self._secret, f"es-ray key: {purpose}".encode(),
+                                              hashlib.sha256).digest() if self._secret else b""
+        return self._derived[purpose]
 
     def _sign(self, body: str) -> str:
         return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest())

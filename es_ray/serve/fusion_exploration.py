@@ -70,7 +70,7 @@ def draw(key: bytes, query: str, client: str, share: float, choices: list[Fusion
     depends on the query alone (uniform over queries): every explored reader of one query sees the same
     other fusion, so an item only it surfaces gathers clicks from several people, as the learning guards
     ask before a click teaches (learning.min_clients), instead of being spread over all the choices.
-    `client`: the identity as the rate limits key it. No key (no secret): never."""
+    `client`: the client identity (serve/clients.py, an IPv6 client as its /64). No key (no secret): never."""
     if not key or not choices or share <= 0:
         return None
     # The normalised query holds no newline (whitespace is collapsed), so each message is unambiguous.

@@ -36,6 +36,7 @@ from es_ray.serve import auth, clients
 from es_ray.serve.auth import Caller
 from es_ray.serve.errors import RateLimited
 
+
 def _message(name: str, limit: RateLimitItem, per: str, retry_after_s: int) -> str:
     return (f"rate limit exceeded: {limit.amount} requests per {_period(limit)} per {per} "
             f"(serve.rate_limits.{name}); retry in {retry_after_s} s")
