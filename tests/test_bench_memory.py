@@ -9,7 +9,7 @@ import os
 
 import psutil
 
-from es_ray.bench.load import group_of, growth_after_warmup, memory_mb, private_kb
+from es_ray.bench.load import group_of, growth_after_warmup, growth_by_half, memory_mb, private_kb
 
 MB = 2**20
 
@@ -44,3 +44,14 @@ def test_growth_per_measure_and_per_part_of_the_stack():
     assert [group_of(n) for n in ("postgres: checkpointer  [9]", "stub query_encoder_v1 [8]", "raylet [3]",
                                   "ray::LifecycleDriver [7]", "python3.11 [6]")] == \
         ["postgres", "triton", "ray", "es-ray", "other"]
+
+
+def test_growth_by_half_tells_a_leak_from_a_cache_that_fills():
+    series = {"leak [1]": [(0, 100.0), (300, 100.0), (600, 110.0), (900, 121.0)],      # the same pace throughout
+              "cache [2]": [(0, 100.0), (300, 100.0), (600, 108.0), (900, 108.1)],    # fills, then holds
+              "gone [3]": [(0, 50.0), (300, None), (600, None), (900, None)],
+              "short [4]": [(600, 10.0), (900, 10.0)]}                              # too few samples to split
+    halves = growth_by_half(series, warmup_s=300)
+    assert list(halves) == ["leak [1]", "cache [2]"]
+    assert halves["leak [1]"] == {"first": 10.0, "second": 10.0, "whole": 21.0}
+    assert halves["cache [2]"]["first"] == 8.0 and halves["cache [2]"]["second"] == 0.1
