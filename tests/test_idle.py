@@ -126,6 +126,12 @@ def test_describe_names_what_each_process_does():
     stub = describe(Named("/s/triton_python_backend_stub", "/state/triton/models/query_encoder_v3/1/model.py"))
     assert stub[0] == "stub query_encoder_v3" and "stub" in stub[1]
     assert describe(Named("/usr/bin/something"))[1].startswith("not one es-ray names")
+    # a dashboard module's title, whole or split at its spaces: the module is named, so memory and CPU
+    # reports say which of the dashboard's processes it is
+    for words in (["ray-dashboard-NodeHead-0 (/venv/bin/python -u dashboard.py)"],
+                  ["ray-dashboard-NodeHead-0", "(/venv/bin/python", "-u", "dashboard.py)"]):
+        name, role = describe(Named(*words))
+        assert name == "ray-dashboard-NodeHead-0" and role.startswith("a module of Ray's dashboard")
 
 
 def test_the_ray_data_actors_stopped_are_named_as_ray_names_them():

@@ -92,7 +92,9 @@ def describe(process: psutil.Process) -> tuple[str, str]:
     line = " ".join(words)
     for marker, role in ROLES:
         if marker in line:
-            name = words[0] if words[0].startswith(("ray::", "postgres: ")) else marker.rsplit("/", 1)[-1]
+            # a process that names itself (Ray's workers and dashboard modules, Postgres's) is called that
+            titled = words[0].startswith(("ray::", "postgres: ", "ray-dashboard-"))
+            name = words[0].split(" (")[0] if titled else marker.rsplit("/", 1)[-1]
             if marker == "triton_python_backend_stub" and len(words) > 1:
                 name = f"stub {Path(words[1]).parent.parent.name}"  # the model's directory in the repository
             return name[:60], role
