@@ -173,6 +173,7 @@ class SearchSettings(BaseModel):
 
 class UpsertSettings(BaseModel):
     batch_size: int = 32
+    rows_per_request: int = Field(16, ge=1)
     encoders: int = 1
     write_batch_items: int = 256
 

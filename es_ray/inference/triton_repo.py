@@ -19,12 +19,12 @@ import shutil
 import site
 import sysconfig
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from es_ray.config import TritonSettings
-from es_ray.inference.encoder import export_onnx, trace
+
+if TYPE_CHECKING:
+    from torch import nn
 
 QUERY_ENCODER = "query_encoder"
 ITEM_ENCODER = "item_encoder"
@@ -134,7 +134,13 @@ instance_group [ {{ kind: {instance_kind} count: {instances or settings.instance
 
 
 def save_model(module: nn.Module, path: Path, runtime: str) -> None:
-    """The encoder as `runtime`'s file: exported to ONNX, or traced to TorchScript (a TorchScript module as is)."""
+    """The encoder as `runtime`'s file: exported to ONNX, or traced to TorchScript (a TorchScript module as is).
+    torch is imported here, not with the module: the clients that only read names from it (every Ray Data
+    actor that sends token ids to Triton) start without it."""
+    import torch
+
+    from es_ray.inference.encoder import export_onnx, trace
+
     if runtime == "onnx":
         export_onnx(module, path)
     else:
