@@ -143,6 +143,8 @@ def test_triton_config_bounds_the_queue_and_pins_torch_threads():
     assert policy.max_queue_size == 7 and policy.default_timeout_microseconds == 2_500_000
     assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
     assert config.parameters["torch_threads"].string_value == "1"
+    # the stub shrinks ONNX Runtime's arena only after runs above this many tokens (configs/stack.yaml)
+    assert config.parameters["arena_shrink_above_tokens"].string_value == str(settings.arena_shrink_above_tokens)
     production = text_format.Parse(config_pbtxt("item_encoder_v1", 384, TritonSettings(backend="pytorch"),
                                                 bounded=True),
                                    model_config_pb2.ModelConfig())

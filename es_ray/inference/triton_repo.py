@@ -104,6 +104,8 @@ def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: i
             f'parameters: {{ key: "python_path" value: {{ string_value: "{_python_path()}" }} }}\n'
             f'parameters: {{ key: "torch_threads" value: {{ string_value: "{torch_threads}" }} }}\n'
             f'parameters: {{ key: "model_filename" value: {{ string_value: "{MODEL_FILES[runtime]}" }} }}\n'
+            f'parameters: {{ key: "arena_shrink_above_tokens" value: {{ string_value: '
+            f'"{settings.arena_shrink_above_tokens}" }} }}\n'
         )
     else:
         backend = f'backend: "{settings.backend}"\ndefault_model_filename: "{MODEL_FILES[runtime]}"'
