@@ -25,3 +25,21 @@ def test_served_embedding_equals_local_model(stack, settings):
         cosine = (served * local).sum(axis=1) / (np.linalg.norm(served, axis=1) * np.linalg.norm(local, axis=1))
         assert served.shape == (4, 384)
         assert cosine.min() > 0.9999, cosine
+
+
+def test_requests_in_flight_return_every_row_in_order(stack, settings):
+    """An item encoder keeps several requests in flight (one per item-encoder instance): the rows come
+    back in the order sent, whichever request finished first, as one request at a time returns them."""
+    with db.connect(stack.postgres_dsn) as conn:
+        blue = blue_green.get_blue(conn)
+    address = grpc_address(blue, stack.triton_grpc_url)
+    # lengths that differ per request, so the requests take different times
+    texts = [("Transcription factors regulate gene expression. " * (1 + (k * 7) % 23))[:1500] for k in range(23)]
+    one, several = (TritonEncoder(address, "item_encoder", blue.model_version, blue.source_dir, blue.max_length,
+                                  max_batch_size=4, in_flight=n) for n in (1, 3))
+    assert TritonEncoder.of(stack.triton_grpc_url, "item_encoder", blue, settings).in_flight == \
+        settings.triton.item_instances
+    chunks, in_order = one.embed_chunks(texts, settings.model.chunk_overlap, settings.model.max_chunks)
+    _, overlapped = several.embed_chunks(texts, settings.model.chunk_overlap, settings.model.max_chunks)
+    assert len(chunks.owner) == len(in_order) == len(overlapped) > 6   # several requests of 4 rows
+    assert np.abs(in_order - overlapped).max() < 1e-5

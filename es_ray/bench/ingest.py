@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         blue = blue_green.get_blue(conn)
 
     served = model_file(version_dir(triton.model_repository(settings.state_path), ITEM_ENCODER, blue.model_version))
+    # rows per forward as the job sends them (upsert.rows_per_request), as the reindex benchmark does
     raw_s, chunks = raw_forward([i["text"] for i in items], blue.source_dir, settings.upsert.batch_size,
-                                settings.triton.max_batch_size, blue.max_length, settings.model.chunk_overlap,
+                                settings.upsert.rows_per_request, blue.max_length, settings.model.chunk_overlap,
                                 settings.model.max_chunks, served)
     started = time.perf_counter()
     status, logs = jobs.submit_and_wait(manifest, f"python -m es_ray.data.upsert --input {path}", echo_logs=False)
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     job_s = float(done["seconds"])
     result = {
         "benchmark": "ingest", "docs": len(items), "chunks": chunks, "batch_size": settings.upsert.batch_size,
-        "max_length": blue.max_length, "encoders": settings.upsert.encoders,
+        "rows_per_request": settings.upsert.rows_per_request, "max_length": blue.max_length,
+        "encoders": settings.upsert.encoders,
         "docs_per_s": round(len(items) / job_s, 2), "raw_docs_per_s": round(len(items) / raw_s, 2),
         "ratio": round(raw_s / job_s, 3), "job_s": round(job_s, 1), "job_wall_s": round(wall_s, 1),
         "raw_s": round(raw_s, 1), "raw_runtime": served.suffix.lstrip(".") if served else "eager torch",

@@ -157,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
                    "runtime": served.suffix.lstrip(".") if served else "eager torch"}
         raw_per_s = raw["per_s"]
         run = {"items": result["items"], "items_per_s": result["items_per_s"], "load_s": result["load_s"],
+               "first_range_s": result.get("first_range_s"),
                "index_s": result["index_s"], "reindex_s": result["seconds"],
                "ms_per_1k_items": round(1000 * 1000 * result["seconds"] / result["items"], 1),
                "ratio_to_raw": round(result["items_per_s"] / raw_per_s, 3),

@@ -70,7 +70,8 @@ TABLES: list[tuple[str, str, Callable[[dict], list[dict]], list[Column]]] = [
         ("p99 / p50 at 8 clients (target <= 3)", lambda r: r["p99_to_p50_8"])]),
     ("ingest", "Ingest throughput (upsert job vs the raw forward pass, same run)", lambda r: [r], [
         ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("chunks", lambda r: r["chunks"]),
-        ("batch", lambda r: r["batch_size"]), ("max_length", lambda r: r["max_length"]),
+        ("batch", lambda r: r["batch_size"]), ("rows a request", lambda r: r.get("rows_per_request", 64)),
+        ("max_length", lambda r: r["max_length"]),
         ("job docs/s", lambda r: r["docs_per_s"]), ("raw docs/s", lambda r: r["raw_docs_per_s"]),
         ("raw runtime", lambda r: r.get("raw_runtime", "eager torch")),
         ("ratio (target >= 0.8)", lambda r: r["ratio"]), ("job wall s", lambda r: r["job_wall_s"])]),
@@ -115,6 +116,7 @@ TABLES.append(("reindex", "Reindex to a new model (Ray Data job via Triton into 
     ("items", lambda r: r["items"]), ("HNSW", lambda r: r["hnsw"]), ("items/s", lambda r: r["items_per_s"]),
     ("raw forward items/s", lambda r: r["raw_items_per_s"]),
     ("raw runtime", lambda r: r.get("raw_runtime", "eager torch")), ("ratio (target >= 0.8)", lambda r: r["ratio_to_raw"]),
+    ("first range s", lambda r: r.get("first_range_s") or ""),
     ("index build s", lambda r: r["index_s"]), ("reindex s", lambda r: r["reindex_s"]),
     ("ms per 1k items (linear: flat)", lambda r: r["ms_per_1k_items"]),
     ("search p50 / p99 ms idle", lambda r: f"{r['search_idle']['p50_ms']} / {r['search_idle']['p99_ms']}"),

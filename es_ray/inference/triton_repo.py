@@ -19,12 +19,12 @@ import shutil
 import site
 import sysconfig
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from es_ray.config import TritonSettings
-from es_ray.inference.encoder import export_onnx, trace
+
+if TYPE_CHECKING:
+    from torch import nn
 
 QUERY_ENCODER = "query_encoder"
 ITEM_ENCODER = "item_encoder"
@@ -104,6 +104,8 @@ def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: i
             f'parameters: {{ key: "python_path" value: {{ string_value: "{_python_path()}" }} }}\n'
             f'parameters: {{ key: "torch_threads" value: {{ string_value: "{torch_threads}" }} }}\n'
             f'parameters: {{ key: "model_filename" value: {{ string_value: "{MODEL_FILES[runtime]}" }} }}\n'
+            f'parameters: {{ key: "arena_shrink_above_tokens" value: {{ string_value: '
+            f'"{settings.arena_shrink_above_tokens}" }} }}\n'
         )
     else:
         backend = f'backend: "{settings.backend}"\ndefault_model_filename: "{MODEL_FILES[runtime]}"'
@@ -134,7 +136,13 @@ instance_group [ {{ kind: {instance_kind} count: {instances or settings.instance
 
 
 def save_model(module: nn.Module, path: Path, runtime: str) -> None:
-    """The encoder as `runtime`'s file: exported to ONNX, or traced to TorchScript (a TorchScript module as is)."""
+    """The encoder as `runtime`'s file: exported to ONNX, or traced to TorchScript (a TorchScript module as is).
+    torch is imported here, not with the module: the clients that only read names from it (every Ray Data
+    actor that sends token ids to Triton) start without it."""
+    import torch
+
+    from es_ray.inference.encoder import export_onnx, trace
+
     if runtime == "onnx":
         export_onnx(module, path)
     else:

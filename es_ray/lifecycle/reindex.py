@@ -32,20 +32,19 @@ from typing import Any, Callable
 import numpy as np
 import ray
 
-from es_ray import metrics, retries
+from es_ray import metrics
 from es_ray.config import Settings
-from es_ray.data.pipeline import embed
 from es_ray.improve.loop import improvement_lock, learning_from, rederive
 from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.inference.triton_client import TritonEncoder
-from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER
+from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.logs import get_logger
-from es_ray.priority import run_as_batch
+from es_ray.lifecycle.reindex_worker import ReindexWorker
 from es_ray.lifecycle.switching import SwitchRefused, drop_green
 from es_ray.lifecycle.task_job import TaskJob, run_as_task
 from es_ray.store import blue_green, clickstream, db, fusion_weights, locks, reindex_ranges, tasks
 from es_ray.store.blue_green import Target
-from es_ray.store.collections import Collection, EmbeddedItem, collection_name
+from es_ray.store.collections import Collection, collection_name
 from es_ray.store.lexical import LexicalIndex
 
 log = get_logger("es_ray.lifecycle.reindex")
@@ -54,101 +53,6 @@ POOL_START_TIMEOUT_S = 600  # how long the worker pool may take to start (Ray Da
 
 class ReindexIncomplete(RuntimeError):
     pass
-
-
-# --- the Ray Data stage -------------------------------------------------------------------------------
-
-class ReindexWorker:
-    """Actor-pool stage, one key range per call: read (blue) -> embed (Triton, new model) -> write (green).
-    With `copy_vectors` (the new version's item tower is blue's) the model's vectors are copied instead
-    of computed again: the same items, versions and checkpoints, no forward pass."""
-
-    def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str, source: dict[str, Any],
-                 green: dict[str, Any], task_id: str, copy_vectors: bool = False):
-        self.settings = Settings.model_validate(settings)
-        run_as_batch(self.settings.ray.batch_nice)
-        self.source, self.green = Target(**source), Target(**green)
-        self.copy_vectors = copy_vectors
-        # Small requests with a patient deadline: the writes and searches served meanwhile share Triton's
-        # queue and must not wait behind big batches; a reindex can wait.
-        self.encoder = None if copy_vectors else TritonEncoder.of(
-            grpc_url, ITEM_ENCODER, self.green, self.settings, self.settings.reindex.rows_per_request,
-            self.settings.reindex.embed_timeout_s)
-        self.conn = db.connect(dsn)
-        self.task_id = task_id
-        # Reported per range: where the work ran. Outside Ray (a test calling the stage directly) there is
-        # no node, and asking the runtime context would start a whole local Ray instance.
-        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {"range_no": [], "items": [], "written": [], "failed": [], "node_id": []}
-        for k, range_no in enumerate(batch["range_no"]):
-            after, last = batch["after_id"][k], batch["last_id"][k]
-            items, written, failed = self.reindex_range(int(range_no), after or None, last or None)
-            for key, value in (("range_no", int(range_no)), ("items", items), ("written", written), ("failed", failed),
-                               ("node_id", self.node_id)):
-                out[key].append(value)
-        return out
-
-    def reindex_range(self, range_no: int, after: str | None, last: str | None) -> tuple[int, int, int]:
-        source = Collection(self.source.collection, self.source.dim)
-        green = Collection(self.green.collection, self.green.dim)
-        stored = source.read_range(self.conn, after, last)
-        failed = [(i.id, "read", "no stored text: the item was written before es-ray kept texts; upsert it again")
-                  for i in stored if i.text is None]
-        todo = [i for i in stored if i.text is not None]
-        if self.copy_vectors:
-            return self.copy_range(source, green, stored, range_no)
-        embedded: list[EmbeddedItem] = []
-        size = self.settings.reindex.batch_size
-        embed_retried = retries.retrying(self.settings.retries.embed, "reindex.embed")
-        for start in range(0, len(todo), size):
-            part = todo[start:start + size]
-            try:
-                embedded += embed_retried(embed, self.encoder, self.settings, [i.id for i in part],
-                                          [i.text for i in part], [i.payload for i in part])
-            except Exception as err:  # noqa: BLE001 - after the last try: recorded per item (a later pass retries)
-                failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
-        return self.finish(green, embedded, stored, failed, range_no)
-
-    def copy_range(self, source: Collection, green: Collection, stored: list, range_no: int) -> tuple[int, int, int]:
-        """The range's items with the model's own chunk vectors (before click memories: those are derived
-        again for green at the end)."""
-        vectors = source.chunk_vectors(self.conn, [i.id for i in stored], model=True)
-        copies = [EmbeddedItem(id=i.id, payload=i.payload, source=i.source, text=i.text,
-                               chunks=np.stack([v for _, v in vectors[i.id]]))
-                  for i in stored if vectors.get(i.id)]
-        failed = [(i.id, "read", "no vectors stored for this item") for i in stored if not vectors.get(i.id)]
-        return self.finish(green, copies, stored, failed, range_no)
-
-    def finish(self, green: Collection, items: list[EmbeddedItem], stored: list, failed: list[tuple[str, str, str]],
-               range_no: int) -> tuple[int, int, int]:
-        """Writes the range (`write`); where the write itself fails, every item of the range is recorded
-        as failed. Returns (items read, written, failed)."""
-        try:
-            written = self.write(green, items, {i.id: i.version for i in stored}, failed, range_no, len(stored))
-        except Exception as err:  # noqa: BLE001
-            failed = [(i.id, "write", f"{type(err).__name__}: {err}") for i in stored]
-            reindex_ranges.record_failures(self.conn, green.name, self.task_id, failed)
-            written = 0
-        return len(stored), written, len(failed)
-
-    def write(self, green: Collection, embedded: list[EmbeddedItem], versions: dict[str, int],
-              failed: list[tuple[str, str, str]], range_no: int, n_items: int) -> int:
-        """Writes the range's copies, its failures and (if none failed) its checkpoint in one transaction;
-        tried again (`retries.reindex_write`) when Postgres breaks a deadlock with a concurrent dual write by
-        aborting this one."""
-
-        def attempt() -> int:
-            with self.conn.transaction():
-                written = green.upsert(self.conn, embedded, versions)
-                reindex_ranges.clear_failures(self.conn, green.name, [i.id for i in embedded])
-                reindex_ranges.record_failures(self.conn, green.name, self.task_id, failed)
-                if not failed:
-                    reindex_ranges.mark_done(self.conn, green.name, range_no, n_items)
-            return written
-
-        return retries.retrying(self.settings.retries.reindex_write, "reindex.write")(attempt)
 
 
 # --- the job ------------------------------------------------------------------------------------------
@@ -288,6 +192,7 @@ def load_ranges(settings: Settings, manifest, conn, task_id: str, targets: tuple
              "failed": 0}
     progress({"stage": "reindexing", **state})
     started = time.monotonic()
+    first_range_s = None  # the pool's start plus one range: the load's fixed cost, in every result
     new_items = 0
     nodes: dict[str, int] = {}  # Ray node id -> ranges its workers ran (this run)
     # The pool starts whole before the first range is handed out, so ranges spread over its actors (and
@@ -300,6 +205,7 @@ def load_ranges(settings: Settings, manifest, conn, task_id: str, targets: tuple
         state["failed"] = 0
         dataset = range_dataset(settings, manifest, pending, task_id, targets, copy_vectors)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            first_range_s = first_range_s or time.monotonic() - started
             new_items += count_batch(batch, state, nodes, green.collection)
             rate = new_items / max(time.monotonic() - started, 1e-9)
             state["items_done"] = items_before + new_items
@@ -309,6 +215,7 @@ def load_ranges(settings: Settings, manifest, conn, task_id: str, targets: tuple
             gauges.set(state)
     load_s = time.monotonic() - started
     return {"resumed_from_ranges": done_before, "load_s": round(load_s, 1),
+            "first_range_s": round(first_range_s, 1) if first_range_s else None,
             "items_per_s": round(new_items / max(load_s, 1e-9), 2), "nodes": nodes}
 
 
