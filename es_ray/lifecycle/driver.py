@@ -35,7 +35,14 @@ from es_ray.store.lexical import LexicalIndex
 log = get_logger(__name__)
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=4)
+METHOD_THREADS = 4  # calls the actor runs at once (max_concurrency)
+LOOPS = 4           # its own threads: housekeeper, Triton keeper, retention, improvement loop
+# How long a caller waits for a connection while Postgres is away, before the error: short, so that
+# health() reports it well within the replica's 10-s wait, and a loop's pass fails and backs off.
+POOL_TIMEOUT_S = 5.0
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=METHOD_THREADS)
 class LifecycleDriver:
     """Threaded actor (max_concurrency): a long improvement pass never blocks health or blue reads."""
 
@@ -49,6 +56,14 @@ class LifecycleDriver:
         else:  # embedded: each version in a tritonserver of its own, its address recorded for the clients
             self.deployer = VersionServers(self.settings, state_dir, self._record_address)
         db.migrate(self.manifest.postgres_dsn)
+        # One pool for the driver's life, not a connection per call: every connection costs Postgres a
+        # backend process, and pgvector's register_vector makes eight adapter classes for each connection
+        # that are never freed (23 KiB each time; the driver grew 0.4 MB a minute under load, BENCHMARKS.md
+        # "The 15-minute memory run"). Room for every thread at once, so no call waits for another's; the
+        # extra connections close after 10 idle minutes. Not waited for: the driver starts while Postgres
+        # restarts too, and the pool connects when it is back.
+        self._pool = db.open_pool(self.manifest.postgres_dsn, size=METHOD_THREADS + LOOPS, timeout_s=POOL_TIMEOUT_S,
+                                  autocommit=True, wait=False)
         self._improvement: ImprovementLoop | None = None
         self._encoders: dict[int, TritonEncoder] = {}  # query encoders by model version (blue's, green's)
         # After a restart, put the blue model back into Triton if Triton lost it, and finish (or
@@ -107,7 +122,8 @@ class LifecycleDriver:
         self._housekeeper.wake()
 
     def _conn(self):
-        return db.connect(self.manifest.postgres_dsn)
+        """A pooled autocommit connection for a `with` block (given back at its end)."""
+        return self._pool.connection()
 
     def _export_blue(self) -> None:
         blue = self.blue()

@@ -26,7 +26,7 @@ def connect(dsn: str, **options) -> psycopg.Connection:
 
 
 def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeout_s: float = 30,
-              statement_timeout_ms: int | None = None, autocommit: bool = False) -> ConnectionPool:
+              statement_timeout_ms: int | None = None, autocommit: bool = False, wait: bool = True) -> ConnectionPool:
     """A pool that survives a Postgres restart: a connection whose server went away is replaced before it is
     handed out (alive() below), and a caller waits at most timeout_s for one (PoolTimeout, an
     OperationalError: the API answers 503 with Retry-After) instead of hanging while the database is away.
@@ -35,7 +35,10 @@ def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeou
     when a connection opens (libpq's startup options: no round trip) rather than by a SET in every request's
     transaction. The Serve replica's search pool has it, and autocommit: a search is one statement and its
     session record another, each atomic on its own, so a transaction around them would only add its BEGIN
-    and COMMIT round trips (reads in READ COMMITTED take a snapshot per statement either way)."""
+    and COMMIT round trips (reads in READ COMMITTED take a snapshot per statement either way).
+
+    wait: return once the first connection is open (PoolTimeout after 30 s without one); False returns at
+    once and the pool connects in the background, for an owner that must start while Postgres is away."""
     def configure(conn: psycopg.Connection) -> None:
         _configure(conn)
         if hnsw_ef_search:
@@ -51,7 +54,8 @@ def open_pool(dsn: str, size: int = 4, hnsw_ef_search: int | None = None, timeou
         kwargs["options"] = f"{given} -c statement_timeout={int(statement_timeout_ms)}".strip()
     pool = ConnectionPool(dsn, min_size=1, max_size=size, configure=configure, open=True, timeout=timeout_s,
                           check=alive, kwargs=kwargs)
-    pool.wait(timeout=30)
+    if wait:
+        pool.wait(timeout=30)
     return pool
 
 
