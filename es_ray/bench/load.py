@@ -378,6 +378,10 @@ def growth_after_warmup(warm: dict[str, dict], end: dict[str, dict], warmup_s: f
             "max_growth_process": headline["max_process"], "growth_by_measure": by_measure}
 
 
+def _pct(before: float, after: float) -> float:
+    return round(100 * (after / before - 1), 1)
+
+
 def growth_by_half(series: dict[str, list[tuple[float, float | None]]], warmup_s: float, top: int = 6) -> dict:
     """For the processes that grew most after the warm-up, their own memory's growth in % over the first and
     the second half of the time after it: a leak grows about as much in both, a cache or an allocator arena
@@ -389,8 +393,8 @@ def growth_by_half(series: dict[str, list[tuple[float, float | None]]], warmup_s
             continue
         middle = after[0][0] + (after[-1][0] - after[0][0]) / 2
         mid = min(after, key=lambda point: abs(point[0] - middle))
-        pct = lambda start, end: round(100 * (end[1] / start[1] - 1), 1)  # noqa: E731
-        halves[name] = {"first": pct(after[0], mid), "second": pct(mid, after[-1]), "whole": pct(after[0], after[-1])}
+        (_, start), (_, middle_mb), (_, end) = after[0], mid, after[-1]
+        halves[name] = {"first": _pct(start, middle_mb), "second": _pct(middle_mb, end), "whole": _pct(start, end)}
     return dict(sorted(halves.items(), key=lambda item: -item[1]["whole"])[:top])
 
 
