@@ -129,7 +129,7 @@ class ServeSettings(BaseModel):
     port: int = 8000
     app_name: str = "es-ray"
     replicas: int = Field(1, ge=1)
-    ingress: Literal["direct", "proxy"] = "proxy"
+    ingress: Literal["direct", "proxy"] = "direct"
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=1)
     num_cpus: float = Field(0.0, ge=0)

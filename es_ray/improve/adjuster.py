@@ -23,12 +23,14 @@ after every step (the index is cosine). Works on plain tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from es_ray.config import AdjusterSettings
+
+if TYPE_CHECKING:
+    import torch
 
 CLICKED, SKIPPED, IRRELEVANT = 0, 1, 2
 
@@ -58,6 +60,9 @@ class VectorAdjuster:
         return self.config.model_dump()
 
     def compute_loss(self, vectors: torch.Tensor, anchors: torch.Tensor, ex: Examples) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
         c = self.config
         q = torch.as_tensor(ex.queries, dtype=vectors.dtype)
         chunk = torch.as_tensor(ex.chunk, dtype=torch.long)
@@ -81,6 +86,11 @@ class VectorAdjuster:
         """New (normalised) vectors for `vectors`, anchored at `anchors` (the model's vectors)."""
         if len(examples.kind) == 0:
             return vectors
+        # torch is imported here, not with the module: the Serve replica imports this module (its undo
+        # route, through improve.loop) and never adjusts, and torch costs it 1.1 s of start and its memory.
+        import torch
+        import torch.nn.functional as F
+
         v = torch.tensor(vectors, dtype=torch.float32, requires_grad=True)
         a = torch.as_tensor(anchors, dtype=torch.float32)
         # Evidence adds up: a chunk clicked in 5 sessions moves further than one clicked once (a lone

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from es_ray.serve import deployment, errors, rate_limits, schemas
+from es_ray.serve import deployment, errors, port_reuse, rate_limits, schemas
 from es_ray.serve.limits import BodySizeLimit
 from es_ray.serve.replica import Replica
 from es_ray.serve.routes import health, improvement, items, lifecycle, search, sessions, tasks, users, web_page
@@ -47,6 +47,8 @@ class SearchAPI:
         self.replica = Replica(namespace)
         # Here, not in Replica: rate_limits imports replica.py (through clients.py), so replica.py cannot import it.
         rate_limits.configure(self.replica.settings.serve.rate_limits)
+        # before Serve starts the direct-ingress server, which it does once this returns
+        port_reuse.bind_replica_port_with_reuse_address()
 
 
 def search_api(args: dict[str, Any]) -> serve.Deployment:

@@ -57,10 +57,10 @@ def direct_ingress_env(settings: Settings) -> dict[str, str]:
     the replica's own HTTP server takes its port from a range that holds serve.port alone. A port a
     replica gave back is free again at once (Serve's default holds it back for a load balancer to notice,
     there is none), and a stopping replica drains 2 s instead of 30, so the replica of the next `es-ray
-    up` gets serve.port quickly. Until the port can be bound again the new one fails to start and Serve
-    starts it again, up to 30 times instead of 3 (about two minutes): the replica's server binds without
-    SO_REUSEADDR, so after a replica that had connections stops, the port stays taken while they sit in
-    TIME_WAIT (60 s; seen after a killed replica and after an `up` that replaced the app)."""
+    up` gets serve.port quickly. The replica binds it with SO_REUSEADDR (port_reuse.py), so the old one's
+    closing connections do not hold it; where the port is still taken (a replica of an es-ray before that
+    change, whose connections sit in TIME_WAIT for 60 s), the new one fails to start and Serve starts it
+    again, up to 30 times instead of 3 (about two minutes)."""
     if not settings.direct_ingress:
         return {}
     return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",

@@ -160,7 +160,7 @@ def _deploy_app(settings: Settings, manifest: StackManifest) -> None:
         # Direct ingress: the replica itself listens on serve.port, so Serve's rolling update (the new
         # replica first, then the old one stopped) cannot hand the port over: the new one's bind fails
         # while the old one holds it. The old app goes first, and serve.port answers nothing until the
-        # port can be bound again (up to a minute: deployment.direct_ingress_env).
+        # new replica has started (it binds over the old one's closing connections: serve/port_reuse.py).
         log.warning("stack.serve_restart", app=name, status=status,
                     reason="settings or code changed; direct ingress restarts the replica in place")
         serve.delete(name)
