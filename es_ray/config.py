@@ -133,6 +133,7 @@ class ServeSettings(BaseModel):
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int = Field(64, ge=1)
     num_cpus: float = Field(0.0, ge=0)
+    health_check_period_s: float = Field(2.0, gt=0)
     max_limit: int = 100
     max_offset: int = 10000
     max_id_length: int = 512

@@ -19,6 +19,7 @@ def test_the_deployment_takes_its_options_from_stack_yaml(monkeypatch, tmp_path)
     assert (api.num_replicas, api.max_ongoing_requests) == (settings.serve.replicas, settings.serve.max_ongoing_requests)
     assert api.max_queued_requests == settings.serve.max_queued_requests == 64
     assert api.ray_actor_options["num_cpus"] == settings.serve.num_cpus
+    assert api._deployment_config.health_check_period_s == settings.serve.health_check_period_s == 2
     assert (settings.serve.replicas, settings.serve.max_ongoing_requests, settings.serve.num_cpus) == (1, 16, 0)
     monkeypatch.setenv("ES_RAY_SERVE__REPLICAS", "3")
     monkeypatch.setenv("ES_RAY_SERVE__INGRESS", "proxy")  # more than one replica: behind Serve's proxy

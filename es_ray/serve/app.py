@@ -60,6 +60,7 @@ def search_api(args: dict[str, Any]) -> serve.Deployment:
     return SearchAPI.options(num_replicas=int(args["replicas"]),
                              max_ongoing_requests=int(args["max_ongoing_requests"]),
                              max_queued_requests=int(args["max_queued_requests"]),
+                             health_check_period_s=float(args["health_check_period_s"]),
                              backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
                              # no access log line per request (as serve.start's global setting, which a
                              # deployment does not inherit): es-ray's own logs and metrics record requests

@@ -1,7 +1,7 @@
 """How `es-ray up` deploys the API: the deployment's options and its settings version.
 
 configs/stack.yaml's `serve:` section is the one source of what the stack deploys (replicas, ingress,
-max_ongoing_requests, max_queued_requests, num_cpus beside host, port and the limits): it is typed, and every key can be
+max_ongoing_requests, max_queued_requests, num_cpus, health_check_period_s beside host, port and the limits): it is typed, and every key can be
 overridden from the environment as every other stack setting. A second Serve YAML for the same app
 would need rules for which file wins, so there is none; a cluster deployment (KubeRay) writes its
 Serve config in its own manifest and passes the same args to build_app.
@@ -26,7 +26,9 @@ _DEFAULTS = ServeSettings()
 DEFAULT_ARGS: dict[str, Any] = {"namespace": "es-ray", "replicas": _DEFAULTS.replicas,
                                 "max_ongoing_requests": _DEFAULTS.max_ongoing_requests,
                                 "max_queued_requests": _DEFAULTS.max_queued_requests,
-                                "num_cpus": _DEFAULTS.num_cpus, "on_head": False, "settings_version": ""}
+                                "num_cpus": _DEFAULTS.num_cpus,
+                                "health_check_period_s": _DEFAULTS.health_check_period_s,
+                                "on_head": False, "settings_version": ""}
 
 
 def settings_version(settings: Settings) -> str:
@@ -48,6 +50,7 @@ def app_args(settings: Settings) -> dict[str, Any]:
     return {"namespace": settings.ray.namespace, "replicas": settings.serve.replicas,
             "max_ongoing_requests": settings.serve.max_ongoing_requests,
             "max_queued_requests": settings.serve.max_queued_requests, "num_cpus": settings.serve.num_cpus,
+            "health_check_period_s": settings.serve.health_check_period_s,
             # direct ingress: only the head's environment has it, and serve.port is the head's
             "on_head": settings.direct_ingress, "settings_version": settings_version(settings)}
 
