@@ -23,7 +23,11 @@ mappings ("own"), with its USS and RSS beside it. Not RSS: a Postgres backend's 
 shared-buffer page it has touched, which grows while the 6 GB cache warms though the backend's own memory
 does not. Not USS alone either: the kernel calls a page private when one process alone maps it, whatever
 the mapping, so shared memory only one process has touched is in its USS (the postmaster's 66-103 MB of
-it, the checkpointer's pages in the 15-minute run; growth_after_warmup).
+it, the checkpointer's pages in the 15-minute run; growth_after_warmup). A process forked from another (Ray's
+dashboard modules from its forkserver, Postgres's from the postmaster) shares its parent's pages until one of
+them writes to one; the copy is then the writer's own, new memory that the figure rightly counts (Ray's
+NodeHead module: about 1 MB of them at 10 minutes of its life, idle or under load; BENCHMARKS.md).
+Growth percentages are from kB: the MB are rounded to 0.1, which alone would make a 0.3 MB process 0 or 33 %.
 """
 
 from __future__ import annotations
