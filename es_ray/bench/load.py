@@ -23,7 +23,11 @@ mappings ("own"), with its USS and RSS beside it. Not RSS: a Postgres backend's 
 shared-buffer page it has touched, which grows while the 6 GB cache warms though the backend's own memory
 does not. Not USS alone either: the kernel calls a page private when one process alone maps it, whatever
 the mapping, so shared memory only one process has touched is in its USS (the postmaster's 66-103 MB of
-it, the checkpointer's pages in the 15-minute run; growth_after_warmup).
+it, the checkpointer's pages in the 15-minute run; growth_after_warmup). A process forked from another (Ray's
+dashboard modules from its forkserver, Postgres's from the postmaster) shares its parent's pages until one of
+them writes to one; the copy is then the writer's own, new memory that the figure rightly counts (Ray's
+NodeHead module: about 1 MB of them at 10 minutes of its life, idle or under load; BENCHMARKS.md).
+Growth percentages are from kB: the MB are rounded to 0.1, which alone would make a 0.3 MB process 0 or 33 %.
 """
 
 from __future__ import annotations
@@ -313,18 +317,23 @@ def private_kb(pid: int) -> tuple[int, int]:
     return total, in_shared
 
 
+MEASURES = ("own", "uss", "rss")
+
+
 def memory_mb(processes: dict[str, psutil.Process]) -> dict[str, dict[str, float | None]]:
-    """Each process's memory in MB (None for one gone): `own`, its private pages outside shared mappings
-    (the growth figure), `uss` (all its private pages, shared mappings' included) and `rss`."""
+    """Each process's memory (None for one gone): `own`, its private pages outside shared mappings (the
+    growth figure), `uss` (all its private pages, shared mappings' included) and `rss`, in MB to read
+    (0.1 MB) and in kB (`own_kb`, ...) for the growth: at 0.1 MB a 0.33 MB process that gains 10 kB would
+    read 0.3 -> 0.4 MB, 33 %, where it grew 3 %."""
     sizes = {}
     for name, process in processes.items():
         try:
             uss, in_shared = private_kb(process.pid)
-            rss = process.memory_info().rss
-            sizes[name] = {"own": round((uss - in_shared) / 2**10, 1), "uss": round(uss / 2**10, 1),
-                           "rss": round(rss / 2**20, 1)}
+            kb = {"own": uss - in_shared, "uss": uss, "rss": process.memory_info().rss // 2**10}
+            sizes[name] = {**{m: round(kb[m] / 2**10, 1) for m in MEASURES},
+                           **{f"{m}_kb": kb[m] for m in MEASURES}}
         except (OSError, psutil.Error):
-            sizes[name] = {"own": None, "uss": None, "rss": None}
+            sizes[name] = {**{m: None for m in MEASURES}, **{f"{m}_kb": None for m in MEASURES}}
     return sizes
 
 
@@ -355,17 +364,18 @@ def growth_after_warmup(warm: dict[str, dict], end: dict[str, dict], warmup_s: f
     kernel counts a shared-buffer page that one backend alone maps as that backend's private page. The
     private pages outside shared mappings are what a process holds for itself (heap, stacks, arenas)."""
     by_measure = {}
-    for measure in ("own", "uss", "rss"):
-        before = {name: size[measure] for name, size in warm.items()}
-        after = {name: size[measure] for name, size in end.items()}
-        growth = {name: round(100 * (after[name] / size - 1), 1) for name, size in before.items()
-                  if size and after.get(name)}
+    for measure in MEASURES:
+        # the percentages from kB, never from the rounded MB (memory_mb)
+        before = {name: size[f"{measure}_kb"] for name, size in warm.items()}
+        after = {name: size[f"{measure}_kb"] for name, size in end.items()}
+        growth = {name: _pct(size, after[name]) for name, size in before.items() if size and after.get(name)}
         largest = sorted(growth.items(), key=lambda item: -item[1])
         groups: dict[str, tuple[str, float]] = {}
         for name, pct in largest:
             groups.setdefault(group_of(name), (name, pct))
-        # a 2 MB backend that gains 1 MB grew 50 %: the megabytes beside the percentages
-        grown_mb = sorted(((name, round(after[name] - size, 1)) for name, size in before.items()
+        # a 2 MB backend that gains 1 MB grew 50 %: the megabytes beside the percentages (to 0.01 MB, so a
+        # small process's few kB do not read 0.0)
+        grown_mb = sorted(((name, round((after[name] - size) / 2**10, 2)) for name, size in before.items()
                            if size and after.get(name)), key=lambda item: -item[1])
         by_measure[measure] = {"largest_pct": dict(largest[:8]), "largest_mb": dict(grown_mb[:8]),
                                "max_pct": largest[0][1] if largest else None,
@@ -382,19 +392,19 @@ def _pct(before: float, after: float) -> float:
     return round(100 * (after / before - 1), 1)
 
 
-def growth_by_half(series: dict[str, list[tuple[float, float | None]]], warmup_s: float, top: int = 6) -> dict:
+def growth_by_half(series: dict[str, list[tuple[float, int | None]]], warmup_s: float, top: int = 6) -> dict:
     """For the processes that grew most after the warm-up, their own memory's growth in % over the first and
-    the second half of the time after it: a leak grows about as much in both, a cache or an allocator arena
-    that fills grows less in the second (or not at all)."""
+    the second half of the time after it (from the series in kB, own_kb_every_30s): a leak grows about as
+    much in both, a cache or an allocator arena that fills grows less in the second (or not at all)."""
     halves = {}
     for name, points in series.items():
-        after = [(t, mb) for t, mb in points if t >= warmup_s and mb]
+        after = [(t, kb) for t, kb in points if t >= warmup_s and kb]
         if len(after) < 3:
             continue
         middle = after[0][0] + (after[-1][0] - after[0][0]) / 2
         mid = min(after, key=lambda point: abs(point[0] - middle))
-        (_, start), (_, middle_mb), (_, end) = after[0], mid, after[-1]
-        halves[name] = {"first": _pct(start, middle_mb), "second": _pct(middle_mb, end), "whole": _pct(start, end)}
+        (_, start), (_, middle_kb), (_, end) = after[0], mid, after[-1]
+        halves[name] = {"first": _pct(start, middle_kb), "second": _pct(middle_kb, end), "whole": _pct(start, end)}
     return dict(sorted(halves.items(), key=lambda item: -item[1]["whole"])[:top])
 
 
@@ -528,13 +538,13 @@ def steady_and_faults(args, settings, manifest: StackManifest, api: EsRayClient)
         return sizes
 
     def totals_of(sizes: dict[str, dict]) -> dict[str, float]:
-        return {m: round(sum(v[m] for v in sizes.values() if v[m]), 1) for m in ("own", "uss", "rss")}
+        return {m: round(sum(v[m] for v in sizes.values() if v[m]), 1) for m in MEASURES}
 
     mem_start = sample()
     totals = [(0.0, totals_of(mem_start))]   # (seconds, the stack's MB by each measure) as it runs
-    # each process's own MB at every sample: a growth that flattens (a cache or an arena filling) is told
+    # each process's own kB at every sample: a growth that flattens (a cache or an arena filling) is told
     # from one that keeps its pace (a leak) only by its shape, which the start and end alone do not show
-    own_series = {name: [(0.0, size["own"])] for name, size in mem_start.items()}
+    own_series = {name: [(0.0, size["own_kb"])] for name, size in mem_start.items()}
     # Growth counts from the end of the warm-up (caches, pools and arenas fill in the first minutes): the
     # issue's bound is 5 % after the first 5 minutes of a 15-minute run; a shorter run uses its first third.
     warmup_s, mem_warm = min(args.warmup_seconds, args.seconds / 3), None
@@ -547,7 +557,7 @@ def steady_and_faults(args, settings, manifest: StackManifest, api: EsRayClient)
             at = round(time.monotonic() - started)
             totals.append((at, totals_of(sizes)))
             for name, size in sizes.items():
-                own_series.setdefault(name, []).append((at, size["own"]))
+                own_series.setdefault(name, []).append((at, size["own_kb"]))
             if mem_warm is None and time.monotonic() - started >= warmup_s:
                 mem_warm = sizes
         steady_end = time.monotonic()
@@ -569,14 +579,15 @@ def steady_and_faults(args, settings, manifest: StackManifest, api: EsRayClient)
     write_result("load", "steady" if args.no_faults else "synthetic", {
         "benchmark": "load", "seconds": args.seconds, "search_clients": args.clients, "steady": steady,
         "memory_mb": {"start": mem_start, "end": mem_end, "total_start": totals_of(mem_start),
-                      "total_end": totals_of(mem_end), "total_every_30s": totals, "own_every_30s": own_series},
+                      "total_end": totals_of(mem_end), "total_every_30s": totals, "own_kb_every_30s": own_series},
         "sampler": {"processes": len(processes), "samples": len(sampler_cpu),
                     "cpu_ms_per_sample": round(1000 * float(np.mean(sampler_cpu)), 1)},
         **growth_after_warmup(mem_warm or mem_start, mem_end, warmup_s),
         "growth_by_half_pct": growth_by_half(own_series, warmup_s),
         "note": "memory_mb per process: own = private pages outside shared mappings (the growth figure), uss = "
                 "all private pages (psutil's USS), rss; a shared-buffer page only one Postgres process maps is in "
-                "its USS, and RSS counts every shared page it touched, so neither is the process's own memory",
+                "its USS, and RSS counts every shared page it touched, so neither is the process's own memory; "
+                "each also in kB (own_kb, ...): the growth percentages are from kB, the MB are rounded to 0.1",
         "faults": faults, "clicks": clicks}, command)
 
 
