@@ -15,8 +15,7 @@ or failed when it ends, so a job in flight keeps them alive. A job killed mid-ru
 "running" in the stats actor, which then keeps all three alive until Ray restarts: the safe side.
 A new execution could register between that look and the kill and then meet a dead tracker, so the two
 sides also share a Postgres advisory lock: every es-ray Ray Data run (the bulk upsert job, a replica's
-large upsert; a reindex from before it deploys its version, when it starts the actors early, to the end of
-its load) holds it shared while it runs (`in_use`), and the stop happens only under it exclusively,
+large upsert) holds it shared while it runs (`in_use`), and the stop happens only under it exclusively,
 taken without waiting (`stop_if_idle`). A run that starts meanwhile waits the few milliseconds of the
 kill, and Ray Data creates the actors again. The lifecycle driver also never stops them while a task of
 its own (a reindex) is active.
@@ -50,25 +49,6 @@ def in_use(dsn: str) -> Iterator[None]:
     with db.connect(dsn) as conn:
         conn.execute("SELECT pg_advisory_lock_shared(%s)", (LOCK_KEY,))
         yield
-
-
-def start_early() -> None:
-    """Creates the three actors now, without waiting for them, for a job that has work of its own before
-    its Ray Data run: they boot meanwhile instead of beside the run's own actors. A reindex deploys its
-    model version first (seconds in which the CPU is half idle: BENCHMARKS.md, "Ray Data's helpers start
-    early"); on 2 cores the three processes' start (about 1.5 s of a core each) otherwise fell inside the
-    load, competing with the worker pool's start. Ray Data's own get-or-create functions make them
-    (named and detached, `get_if_exists`), so its run finds these. Call it inside `in_use`, or the
-    lifecycle driver may stop them before the run begins."""
-    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-        get_or_create_autoscaling_coordinator,
-    )
-    from ray.data._internal.execution.node_trackers.actor_location import get_or_create_actor_location_tracker
-    from ray.data._internal.stats import get_or_create_stats_actor
-
-    for create in (get_or_create_stats_actor, get_or_create_autoscaling_coordinator,
-                   get_or_create_actor_location_tracker):
-        create()
 
 
 def _actor(name: str, namespace: str):

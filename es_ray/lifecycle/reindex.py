@@ -34,7 +34,6 @@ import ray
 
 from es_ray import metrics
 from es_ray.config import Settings
-from es_ray.data import ray_data_actors
 from es_ray.improve.loop import improvement_lock, learning_from, rederive
 from es_ray.inference.encoder import item_tower_fingerprint
 from es_ray.inference.triton_client import TritonEncoder
@@ -145,21 +144,17 @@ def reindex(settings: Settings, manifest, driver, task_id: str, version: int,
     returns what was done, for the task's result."""
     started = time.monotonic()
     conn = db.connect(manifest.postgres_dsn)
-    # Ray Data's helper actors boot while the version deploys, not beside the worker pool at the load's
-    # start; held in use until the load is done, so the lifecycle driver does not stop them meanwhile.
-    with ray_data_actors.in_use(manifest.postgres_dsn):
-        ray_data_actors.start_early()
-        blue, green = prepare_green(settings, driver, conn, version, progress)
-        source = Collection(blue.collection, blue.dim)
-        n_ranges = reindex_ranges.plan(conn, source, green.collection, settings.reindex.range_items)
-        todo = reindex_ranges.pending(conn, green.collection)
-        total_items = source.count(conn)
-        log.info("reindex.start", task_id=task_id, source=blue.collection, green=green.collection,
-                 ranges=n_ranges, pending=len(todo), items=total_items)
-        copy_vectors = reuses_item_vectors(settings, blue, green)
-        log.info("reindex.item_vectors", mode="copied" if copy_vectors else "embedded")
-        loaded = load_ranges(settings, manifest, conn, task_id, (blue, green), copy_vectors, n_ranges,
-                             total_items, progress)
+    blue, green = prepare_green(settings, driver, conn, version, progress)
+    source = Collection(blue.collection, blue.dim)
+    n_ranges = reindex_ranges.plan(conn, source, green.collection, settings.reindex.range_items)
+    todo = reindex_ranges.pending(conn, green.collection)
+    total_items = source.count(conn)
+    log.info("reindex.start", task_id=task_id, source=blue.collection, green=green.collection, ranges=n_ranges,
+             pending=len(todo), items=total_items)
+    copy_vectors = reuses_item_vectors(settings, blue, green)
+    log.info("reindex.item_vectors", mode="copied" if copy_vectors else "embedded")
+    loaded = load_ranges(settings, manifest, conn, task_id, (blue, green), copy_vectors, n_ranges, total_items,
+                         progress)
     check_complete(conn, source, green)
     index_s = build_index(settings, conn, green, progress)
     adjustments = carry_adjustments(settings, manifest, conn, green, progress)
