@@ -105,9 +105,10 @@ class UpsertStage:
     (id, error) row per item, so one failed batch never stops a load.
 
     Embedding and writing in one actor (there were two stages, the vectors pickled through Ray's object
-    store to a write actor) saves a worker process: on 2 cores every process a job starts costs its start
-    (BENCHMARKS.md, "Ingest: one stage"). The writes overlap Triton anyway: while one actor writes, the
-    other's requests keep the item encoder's instances busy."""
+    store to a write actor) saves a worker process: on 2 cores every process a job starts is paid in the
+    job's start, about 1.5 s of a core each (BENCHMARKS.md, "One upsert stage, the arena shrunk once
+    idle"). The writes overlap Triton anyway: while one actor writes, the other's requests keep the item
+    encoder's instances busy."""
 
     def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str):
         self.settings = Settings.model_validate(settings)
