@@ -100,6 +100,7 @@ class TritonSettings(BaseModel):
     queue_timeout_s: float = Field(20.0, gt=0)
     shm_batches: int = Field(16, ge=1)
     arena_shrink_above_tokens: int = Field(1024, ge=0)
+    arena_shrink_idle_s: float = Field(1.0, ge=0)
     reconcile_interval_s: float = 2.0
     reconcile_max_interval_s: float = 8.0
 
@@ -177,7 +178,6 @@ class UpsertSettings(BaseModel):
     batch_size: int = 32
     rows_per_request: int = Field(16, ge=1)
     encoders: int = 1
-    write_batch_items: int = 256
 
 
 class AdjusterSettings(BaseModel):

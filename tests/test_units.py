@@ -160,6 +160,8 @@ def test_triton_config_bounds_the_queue_and_pins_torch_threads():
     assert config.parameters["torch_threads"].string_value == "1"
     # the stub shrinks ONNX Runtime's arena only after runs above this many tokens (configs/stack.yaml)
     assert config.parameters["arena_shrink_above_tokens"].string_value == str(settings.arena_shrink_above_tokens)
+    # ... and once it has run nothing for this long (tests/test_arena_shrink.py)
+    assert float(config.parameters["arena_shrink_idle_s"].string_value) == settings.arena_shrink_idle_s
     production = text_format.Parse(config_pbtxt("item_encoder_v1", 384, TritonSettings(backend="pytorch"),
                                                 bounded=True),
                                    model_config_pb2.ModelConfig())

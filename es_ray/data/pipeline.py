@@ -1,16 +1,15 @@
 """The upsert pipeline: items -> chunks -> token ids -> Triton (item encoder) -> vectors -> COPY.
 
-The same two stages run in-process for small HTTP bodies (`upsert_now`) and as Ray Data stages for
-bulk loads and large bodies (`upsert_dataset`): `EmbedStage` calls Triton from an actor pool,
-`WriteStage` writes with COPY and reports per-item failures, so one bad batch never stops a load.
-Writes go to every live collection (data/dual_write.py), each embedded by its own model.
+The same steps run in-process for small HTTP bodies (`upsert_now`) and as a Ray Data stage for bulk
+loads and large bodies (`upsert_dataset`): `UpsertStage` actors call Triton and write with COPY, and
+report per-item failures, so one bad batch never stops a load. Writes go to every live collection
+(data/dual_write.py), each embedded by its own model.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 import threading
 from contextlib import nullcontext
 from typing import Any, Iterator
@@ -20,7 +19,6 @@ import numpy as np
 from es_ray.config import Settings
 from es_ray.inference.triton_client import TritonEncoder, grpc_address
 from es_ray.inference.triton_repo import ITEM_ENCODER
-from es_ray.data import dual_write
 from es_ray.data.dual_write import write_items
 from es_ray.logs import get_logger
 from es_ray.priority import run_as_batch
@@ -101,9 +99,16 @@ def parse_jsonl(batch: dict[str, np.ndarray]) -> dict[str, list]:
     return out
 
 
-class EmbedStage:
-    """Actor-pool stage: embeds each batch with the model of every live collection (read per batch, so
-    a long load follows a switch); outputs the embeddings pickled per item."""
+class UpsertStage:
+    """Actor-pool stage: embeds each batch with the model of every live collection (read per batch, so a
+    long load follows a switch) and writes it to all of them with COPY, as `upsert_now` does; outputs one
+    (id, error) row per item, so one failed batch never stops a load.
+
+    Embedding and writing in one actor (there were two stages, the vectors pickled through Ray's object
+    store to a write actor) saves a worker process: on 2 cores every process a job starts is paid in the
+    job's start, about 1.5 s of a core each (BENCHMARKS.md, "One upsert stage, the arena shrunk once
+    idle"). The writes overlap Triton anyway: while one actor writes, the other's requests keep the item
+    encoder's instances busy."""
 
     def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str):
         self.settings = Settings.model_validate(settings)
@@ -114,43 +119,13 @@ class EmbedStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         items = [{"id": str(i), "text": str(t), "payload": json.loads(p)}
                  for i, t, p in zip(batch["id"], batch["text"], batch["payload_json"])]
-        out: dict[str, list] = {"id": [i["id"] for i in items], "text": [i["text"] for i in items],
-                                "payload_json": list(batch["payload_json"]), "embedded": [], "error": []}
+        ids = [i["id"] for i in items]
         try:
-            per_version = dual_write.embed_for_live(lambda: nullcontext(self.conn), items, self.encoders.embed_for, {})
-            for k in range(len(items)):
-                out["embedded"].append(pickle.dumps({v: embedded[k] for v, embedded in per_version.items()}))
-                out["error"].append("")
-        except Exception as err:  # noqa: BLE001 - recorded per item by the write stage
-            out["embedded"] = [b""] * len(items)
-            out["error"] = [f"embed: {type(err).__name__}: {err}"] * len(items)
-        return out
-
-
-class WriteStage:
-    """Actor-pool stage: writes to every live collection with COPY; outputs one (id, error) row per item."""
-
-    def __init__(self, settings: dict[str, Any], grpc_url: str, dsn: str):
-        self.encoders = Encoders(Settings.model_validate(settings), grpc_url)  # for a collection added meanwhile
-        run_as_batch(self.encoders.settings.ray.batch_nice)
-        self.conn = db.connect(dsn)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        ids = [str(i) for i in batch["id"]]
-        errors = [str(e) for e in batch["error"]]
-        ok = [k for k in range(len(ids)) if not errors[k]]
-        items = [{"id": ids[k], "text": str(batch["text"][k]), "payload": json.loads(batch["payload_json"][k])}
-                 for k in ok]
-        embedded: dict[int, list[EmbeddedItem]] = {}
-        for k in ok:
-            for version, item in pickle.loads(batch["embedded"][k]).items():
-                embedded.setdefault(version, []).append(item)
-        try:
-            write_items(lambda: nullcontext(self.conn), items, self.encoders.embed_for,
-                        self.encoders.settings.retries.write, embedded)
-        except Exception as err:  # noqa: BLE001
-            errors = [e or f"write: {type(err).__name__}: {err}" for e in errors]
-        return {"id": ids, "error": errors}
+            write_items(lambda: nullcontext(self.conn), items, self.encoders.embed_for, self.settings.retries.write)
+        except Exception as err:  # noqa: BLE001 - reported per item, never swallowed silently
+            log.warning("upsert.batch_failed", items=len(items), error=str(err))
+            return {"id": ids, "error": [f"{type(err).__name__}: {err}"] * len(ids)}
+        return {"id": ids, "error": [""] * len(ids)}
 
 
 def upsert_dataset(dataset, settings: Settings, grpc_url: str, dsn: str) -> Iterator[dict[str, list]]:
@@ -164,11 +139,8 @@ def upsert_dataset(dataset, settings: Settings, grpc_url: str, dsn: str) -> Iter
     # over the pool, and the writes start with the first write_batch_items embedded (a streaming split: no
     # barrier, no shuffle).
     dataset = dataset.repartition(target_num_rows_per_block=settings.upsert.batch_size)
-    embedded = dataset.map_batches(
-        EmbedStage, fn_constructor_args=args, batch_size=settings.upsert.batch_size,
+    written = dataset.map_batches(
+        UpsertStage, fn_constructor_args=args, batch_size=settings.upsert.batch_size,
         compute=ray.data.ActorPoolStrategy(size=settings.upsert.encoders),
-        num_cpus=0.25)  # the model runs in Triton; these actors tokenise and wait on the network
-    written = embedded.map_batches(
-        WriteStage, fn_constructor_args=args, batch_size=settings.upsert.write_batch_items,
-        compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25)
+        num_cpus=0.25)  # the model runs in Triton; these actors tokenise, wait on the network and COPY
     yield from written.iter_batches(batch_size=None, batch_format="numpy")

@@ -106,6 +106,7 @@ def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: i
             f'parameters: {{ key: "model_filename" value: {{ string_value: "{MODEL_FILES[runtime]}" }} }}\n'
             f'parameters: {{ key: "arena_shrink_above_tokens" value: {{ string_value: '
             f'"{settings.arena_shrink_above_tokens}" }} }}\n'
+            f'parameters: {{ key: "arena_shrink_idle_s" value: {{ string_value: "{settings.arena_shrink_idle_s}" }} }}\n'
         )
     else:
         backend = f'backend: "{settings.backend}"\ndefault_model_filename: "{MODEL_FILES[runtime]}"'

@@ -28,14 +28,19 @@ class TritonPythonModel:
         threads = int(params.get("torch_threads", "0"))  # 0: the runtime's default (every core)
         path = os.path.join(args["model_repository"], args["model_version"], params.get("model_filename", "model.pt"))
         if path.endswith(".onnx"):
-            self.run = self._onnx(path, threads, int(params.get("arena_shrink_above_tokens", "0")))
+            self.run = self._onnx(path, threads, int(params.get("arena_shrink_above_tokens", "0")),
+                                  float(params.get("arena_shrink_idle_s", "0")))
         else:
             self.run = self._torchscript(path, threads, args)
 
-    def _onnx(self, path, threads, shrink_above_tokens):
+    def _onnx(self, path, threads, shrink_above_tokens, shrink_idle_s):
         # torch is never imported here: a stub that runs ONNX Runtime alone is hundreds of MB smaller.
+        import threading
+        import time
+
         import onnxruntime
 
+        np = self.np
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
@@ -44,15 +49,49 @@ class TritonPythonModel:
         names = [i.name for i in session.get_inputs()]
         # The memory arena keeps allocations between runs, but left alone it also keeps its peak for
         # good: an item encoder that embedded batches of 64 x 256 tokens held 1.1 GB while idle. Shrinking
-        # it after a run gives that back (BENCHMARKS.md, "Idle stack"), at a cost: the next run allocates
-        # and faults its pages in again, 7.5 % more CPU per run at 16 x 40 tokens (a reindex request) and
-        # 5 % at 16 x 256. So only a run of more than arena_shrink_above_tokens tokens shrinks it: smaller
-        # runs keep an arena no larger than their own peak (about 40 MB above the loaded session at
-        # 16 x 64), and the next large run's shrink frees it with its own.
+        # it gives that back (BENCHMARKS.md, "Idle stack"), at a cost: the next run allocates and faults
+        # its pages in again, 7.5 % more CPU per run at 16 x 40 tokens (a reindex request) and 5-7.6 % at
+        # 16 x 256 (an ingest request). So only a run of more than arena_shrink_above_tokens tokens asks
+        # for a shrink (smaller runs keep an arena no larger than their own peak, about 40 MB above the
+        # loaded session at 16 x 64), and the shrink waits until the stub has run nothing for
+        # arena_shrink_idle_s: during bulk work the next large run reuses the arena, and once the work
+        # stops a one-token run with the shrink option gives it back (0: shrink at the end of the large
+        # run itself). ONNX Runtime's sessions are thread-safe: a request that arrives meanwhile runs beside
+        # the shrink, which frees only memory no run holds.
         shrink = onnxruntime.RunOptions()
         shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        return lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))),
-                                             shrink if ids.size > shrink_above_tokens else None)[0]
+        if shrink_idle_s <= 0:
+            return lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))),
+                                                 shrink if ids.size > shrink_above_tokens else None)[0]
+        state = {"running": 0, "last_end": 0.0, "pending": False}
+        changed = threading.Condition()
+        one_token = dict(zip(names, (np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.int64))))
+
+        def shrink_when_idle():
+            while True:
+                with changed:
+                    while not state["pending"]:
+                        changed.wait()
+                    while state["running"] or time.monotonic() < state["last_end"] + shrink_idle_s:
+                        changed.wait(None if state["running"] else state["last_end"] + shrink_idle_s - time.monotonic())
+                    state["pending"] = False
+                session.run(None, one_token, shrink)
+
+        threading.Thread(target=shrink_when_idle, name="arena-shrink", daemon=True).start()
+
+        def run(ids, mask):
+            with changed:
+                state["running"] += 1
+            try:
+                return session.run(None, dict(zip(names, (ids, mask))))[0]
+            finally:
+                with changed:
+                    state["running"] -= 1
+                    state["last_end"] = time.monotonic()
+                    state["pending"] = state["pending"] or ids.size > shrink_above_tokens
+                    changed.notify()
+
+        return run
 
     def _torchscript(self, path, threads, args):
         import torch
