@@ -134,10 +134,9 @@ def upsert_dataset(dataset, settings: Settings, grpc_url: str, dsn: str) -> Iter
 
     args = (settings.model_dump(mode="json"), grpc_url, dsn)
     # An actor task takes whole blocks, and a JSON-lines file of a few MB is read as a handful of blocks
-    # that parsing merges into one: every item went to one embedding actor in one task (the others idle)
-    # and reached the write stage only at the end. Blocks of one embedding batch each spread the batches
-    # over the pool, and the writes start with the first write_batch_items embedded (a streaming split: no
-    # barrier, no shuffle).
+    # that parsing merges into one: every item went to one actor in one task (the others idle). Blocks of
+    # one batch each spread the batches over the pool, and each is written as soon as it is embedded (a
+    # streaming split: no barrier, no shuffle).
     dataset = dataset.repartition(target_num_rows_per_block=settings.upsert.batch_size)
     written = dataset.map_batches(
         UpsertStage, fn_constructor_args=args, batch_size=settings.upsert.batch_size,
