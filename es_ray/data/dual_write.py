@@ -56,16 +56,14 @@ def embed_for_live(connect: Connect, items: list[dict[str, Any]], embed_for: Emb
     return embedded
 
 
-def write_items(connect: Connect, items: list[dict[str, Any]], embed_for: EmbedFor, policy: RetryPolicy,
-                embedded: dict[int, list[EmbeddedItem]] | None = None) -> int:
+def write_items(connect: Connect, items: list[dict[str, Any]], embed_for: EmbedFor, policy: RetryPolicy) -> int:
     """Upserts `items` into every live collection; returns how many the blue collection took.
 
-    Embeddings are made first, with no connection held (one set per model version, reused from
-    `embedded` when the caller has them); then one transaction writes them. If a collection for another
-    model appeared meanwhile, its embeddings are made and the transaction is tried again (`policy`: the
-    stack's `retries.write`).
+    Embeddings are made first, with no connection held (one set per model version); then one transaction
+    writes them. If a collection for another model appeared meanwhile, its embeddings are made and the
+    transaction is tried again (`policy`: the stack's `retries.write`).
     """
-    embedded = dict(embedded or {})
+    embedded: dict[int, list[EmbeddedItem]] = {}
 
     def attempt() -> int:
         embed_for_live(connect, items, embed_for, embedded)

@@ -70,11 +70,11 @@ class ReindexWorker:
         source = Collection(self.source.collection, self.source.dim)
         green = Collection(self.green.collection, self.green.dim)
         stored = source.read_range(self.conn, after, last)
+        if self.copy_vectors:  # vectors copied: no text needed
+            return self.copy_range(source, green, stored, range_no)
         failed = [(i.id, "read", "no stored text: the item was written before es-ray kept texts; upsert it again")
                   for i in stored if i.text is None]
         todo = [i for i in stored if i.text is not None]
-        if self.copy_vectors:
-            return self.copy_range(source, green, stored, range_no)
         embedded: list[EmbeddedItem] = []
         size = self.settings.reindex.batch_size
         embed_retried = retries.retrying(self.settings.retries.embed, "reindex.embed")
