@@ -136,7 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     for size in sizes:
         grow_blue(manifest.postgres_dsn, texts[:size], v1.dim)
         idle, idle_failures = search_latency(manifest)
-        version = register_variant(settings, seed=1000 + size)
+        # A seed of its own on a reused stack too: the same seed twice makes the same item tower, whose
+        # vectors the reindex would copy instead of embedding them.
+        with db.connect(manifest.postgres_dsn) as conn:
+            registered = len(blue_green.list_models(conn))
+        version = register_variant(settings, seed=1000 * registered + size)
         stop = threading.Event()
         during: dict = {}
         client = threading.Thread(target=lambda: during.update(

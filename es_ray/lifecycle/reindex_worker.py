@@ -67,11 +67,13 @@ class ReindexWorker:
         return out
 
     def reindex_range(self, range_no: int, after: str | None, last: str | None) -> tuple[int, int, int]:
+        started = time.monotonic()
         source = Collection(self.source.collection, self.source.dim)
         green = Collection(self.green.collection, self.green.dim)
         stored = source.read_range(self.conn, after, last)
         if self.copy_vectors:  # vectors copied: no text needed
             return self.copy_range(source, green, stored, range_no)
+        read_s = time.monotonic() - started
         failed = [(i.id, "read", "no stored text: the item was written before es-ray kept texts; upsert it again")
                   for i in stored if i.text is None]
         todo = [i for i in stored if i.text is not None]
@@ -85,7 +87,13 @@ class ReindexWorker:
                                           [i.text for i in part], [i.payload for i in part])
             except Exception as err:  # noqa: BLE001 - after the last try: recorded per item (a later pass retries)
                 failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
-        return self.finish(green, embedded, stored, failed, range_no)
+        embed_s = time.monotonic() - started - read_s
+        outcome = self.finish(green, embedded, stored, failed, range_no)
+        # One line per range: where a range's time goes (the job's progress only counts ranges).
+        log.info("reindex.range_done", range_no=range_no, items=len(stored), failed=outcome[2],
+                 read_s=round(read_s, 2), embed_s=round(embed_s, 2),
+                 write_s=round(time.monotonic() - started - read_s - embed_s, 2))
+        return outcome
 
     def copy_range(self, source: Collection, green: Collection, stored: list, range_no: int) -> tuple[int, int, int]:
         """The range's items with the model's own chunk vectors (before click memories: those are derived
