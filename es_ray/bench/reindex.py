@@ -34,6 +34,7 @@ from es_ray.bench.common import bench_stack, only_blue_live, percentiles, write_
 from es_ray.bench.ingest import raw_forward
 from es_ray.bench.variants import register_variant
 from es_ray.client import EsRayClient
+from es_ray.config import Settings
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus
 from es_ray.inference.triton_repo import ITEM_ENCODER, model_file, version_dir
@@ -58,8 +59,9 @@ def sentences(data_dirs: list[Path], n: int) -> list[str]:
     return texts
 
 
-def grow_blue(dsn: str, texts: list[str], dim: int, batch: int = 2000) -> None:
-    """Writes items bench-<i> for every text not yet stored, with random placeholder vectors."""
+def grow_blue(settings: Settings, dsn: str, texts: list[str], dim: int, batch: int = 2000) -> None:
+    """Writes items bench-<i> for every text not yet stored, with random placeholder vectors, then builds
+    blue's HNSW index as the stack builds one (postgres.hnsw_m, hnsw_ef_construction, maintenance_work_mem)."""
     with db.connect(dsn) as conn:
         blue = blue_green.get_blue(conn)
         collection = Collection(blue.collection, blue.dim)
@@ -75,8 +77,8 @@ def grow_blue(dsn: str, texts: list[str], dim: int, batch: int = 2000) -> None:
             collection.upsert(conn, [EmbeddedItem(f"bench-{start + k:07d}", {"n": start + k}, vectors[k],
                                                   {"text_sha256": hashlib.sha256(t.encode()).hexdigest()}, t)
                                      for k, t in enumerate(chunk)])
-        conn.execute("SET maintenance_work_mem = '1GB'")
-        collection.create_index(conn)
+        collection.create_index(conn, settings.postgres.hnsw_m, settings.postgres.hnsw_ef_construction,
+                                work_mem=settings.postgres.maintenance_work_mem)
 
 
 def search_latency(manifest: StackManifest, stop: threading.Event | None = None, n: int = 100,
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     raw: dict = {}
     runs = []
     for size in sizes:
-        grow_blue(manifest.postgres_dsn, texts[:size], v1.dim)
+        grow_blue(settings, manifest.postgres_dsn, texts[:size], v1.dim)
         idle, idle_failures = search_latency(manifest)
         # A seed of its own on a reused stack too: the same seed twice makes the same item tower, whose
         # vectors the reindex would copy instead of embedding them.
