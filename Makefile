@@ -38,8 +38,9 @@ browser:
 		     "install Debian's chromium package, or tests/test_web_page.py is skipped"; \
 	fi
 
+# --durations: the slowest tests at the end of every run (the suite's time budget is 20 minutes on 2 cores).
 test: venv browser
-	$(BIN)/python -m pytest -q -rs tests
+	$(BIN)/python -m pytest -q -rs --durations=15 tests
 
 # Benchmarks start their own stack under /tmp; results go to bench/results/*.json and BENCHMARKS.md.
 bench: venv
