@@ -73,7 +73,7 @@ class ReindexWorker:
         stored = source.read_range(self.conn, after, last)
         if self.copy_vectors:  # vectors copied: no text needed
             return self.copy_range(source, green, stored, range_no)
-        read_s = time.monotonic() - started
+        read_at = time.monotonic()
         failed = [(i.id, "read", "no stored text: the item was written before es-ray kept texts; upsert it again")
                   for i in stored if i.text is None]
         todo = [i for i in stored if i.text is not None]
@@ -87,12 +87,12 @@ class ReindexWorker:
                                           [i.text for i in part], [i.payload for i in part])
             except Exception as err:  # noqa: BLE001 - after the last try: recorded per item (a later pass retries)
                 failed += [(i.id, "embed", f"{type(err).__name__}: {err}") for i in part]
-        embed_s = time.monotonic() - started - read_s
+        embedded_at = time.monotonic()
         outcome = self.finish(green, embedded, stored, failed, range_no)
         # One line per range: where a range's time goes (the job's progress only counts ranges).
         log.info("reindex.range_done", range_no=range_no, items=len(stored), failed=outcome[2],
-                 read_s=round(read_s, 2), embed_s=round(embed_s, 2),
-                 write_s=round(time.monotonic() - started - read_s - embed_s, 2))
+                 read_s=round(read_at - started, 2), embed_s=round(embedded_at - read_at, 2),
+                 write_s=round(time.monotonic() - embedded_at, 2))
         return outcome
 
     def copy_range(self, source: Collection, green: Collection, stored: list, range_no: int) -> tuple[int, int, int]:
