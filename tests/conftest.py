@@ -43,7 +43,7 @@ def _keep_logs(state_dir: Path) -> None:
     """After a failed test, copies the stack's own logs out of the state dir (removed below) and shows
     the end of Triton's: a component that died mid-session says why only there."""
     keep = Path(tempfile.mkdtemp(prefix="esr-test-logs-", dir="/tmp"))
-    for pattern in ("triton/*.log", "triton/servers/*/*.log", "postgres/log", "ray/session_latest/logs/*.log",
+    for pattern in ("logs/*.log", "triton/*.log", "triton/servers/*/*.log", "postgres/log", "ray/session_latest/logs/*.log",
                     "ray/session_latest/logs/*.err", "ray/session_latest/logs/*.out",
                     "ray/session_latest/logs/serve/*.log"):
         for path in state_dir.glob(pattern):
@@ -92,7 +92,7 @@ def settings():
         "RAY_gcs_rpc_server_reconnect_timeout_s": "300",
     })
     yield load_settings(state_dir)
-    if FAILED:
+    if FAILED or os.environ.get("ES_RAY_KEEP_TEST_LOGS"):  # =1 keeps them after a passing run too
         _keep_logs(state_dir)
     shutil.rmtree(state_dir, ignore_errors=True)
 

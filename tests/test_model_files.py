@@ -92,3 +92,55 @@ def test_a_child_process_exports_both_towers_of_a_version(tmp_path):
     with pytest.raises(RuntimeError, match="exporting version 3"):
         export.write_version(repo, 3, tmp_path / "missing", 32, TritonSettings(), 1, "onnx")
     assert not triton_repo.has_version(repo, 3)
+
+
+def test_a_later_tower_of_the_same_architecture_takes_the_exported_graph_with_its_own_weights(tmp_path):
+    """A new version's ONNX file is the earlier export's graph with the new weights (onnx_refit.py), and
+    embeds as its own torch module does; another architecture, or a graph its weights do not fit, is
+    exported in full."""
+    import json
+
+    from es_ray.inference import onnx_refit
+
+    first, second = (load_encoder(tiny_encoder_dir(tmp_path / f"tiny-{seed}", seed=seed)) for seed in (0, 1))
+    repo = tmp_path / "repo"
+    made = triton_repo.write_version(repo, 1, {"query_encoder": first, "item_encoder": first}, 32, TritonSettings(),
+                                     runtime="onnx")
+    assert made == {"query_encoder_v1": "exported", "item_encoder_v1": "linked"}
+    made = triton_repo.write_version(repo, 2, {"query_encoder": second, "item_encoder": first}, 32, TritonSettings(),
+                                     runtime="onnx")
+    assert made["query_encoder_v2"].startswith("refit from ") and made["item_encoder_v2"].startswith("refit from ")
+    for name, encoder in (("query_encoder", second), ("item_encoder", first)):
+        session = onnxruntime.InferenceSession(str(triton_repo.version_dir(repo, name, 2) / "model.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        for batch, width in ((1, 9), (4, 33)):
+            ids, mask = _inputs(batch, width, seed=width)
+            with torch.inference_mode():
+                local = encoder(ids, mask).numpy()
+            np.testing.assert_allclose(session.run(None, dict(zip(INPUT_NAMES, (ids.numpy(), mask.numpy()))))[0],
+                                       local, atol=1e-5)
+
+    # Three layers instead of two: another architecture, exported in full.
+    from transformers import BertConfig, BertModel
+
+    from es_ray.inference.encoder import SentenceEncoder
+
+    config = BertConfig(vocab_size=first.transformer.config.vocab_size, hidden_size=32, num_hidden_layers=3,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    deeper = SentenceEncoder(BertModel(config)).eval()
+    assert triton_repo.write_version(repo, 3, {"query_encoder": deeper, "item_encoder": deeper}, 32, TritonSettings(),
+                                     runtime="onnx")["query_encoder_v3"] == "exported"
+    # A record that claims the architecture of a graph whose weights are other shapes: not taken.
+    wider = SentenceEncoder(BertModel(BertConfig(**{**config.to_dict(), "hidden_size": 48, "intermediate_size": 96,
+                                                    "num_hidden_layers": 2}))).eval()
+    for path in repo.glob(f"*/*/{onnx_refit.RECORD}"):
+        path.write_text(json.dumps({"architecture": onnx_refit.architecture(wider)}))
+    made = triton_repo.write_version(repo, 4, {"query_encoder": wider, "item_encoder": wider}, 48, TritonSettings(),
+                                     runtime="onnx")
+    assert made["query_encoder_v4"].startswith("exported (the graph of ") and "did not fit" in made["query_encoder_v4"]
+    ids, mask = _inputs(2, 11, seed=5)
+    session = onnxruntime.InferenceSession(str(triton_repo.version_dir(repo, "query_encoder", 4) / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        np.testing.assert_allclose(session.run(None, dict(zip(INPUT_NAMES, (ids.numpy(), mask.numpy()))))[0],
+                                   wider(ids, mask).numpy(), atol=1e-5)

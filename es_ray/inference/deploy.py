@@ -31,10 +31,10 @@ def write(settings: Settings, repo: Path, version: int, model_dir: Path) -> None
     """Exports both encoders of `version` into the repository (model.runtime's files), unless they are there already."""
     if not triton_repo.has_version(repo, version):
         started = time.monotonic()
-        export.write_version(repo, version, Path(model_dir), model_dim(model_dir), settings.triton,
-                             settings.model.torch_threads, settings.model.runtime, settings.ray.batch_nice)
+        made = export.write_version(repo, version, Path(model_dir), model_dim(model_dir), settings.triton,
+                                    settings.model.torch_threads, settings.model.runtime, settings.ray.batch_nice)
         log.info("deploy.exported", version=version, runtime=settings.model.runtime,
-                 seconds=round(time.monotonic() - started, 2))
+                 seconds=round(time.monotonic() - started, 2), files=made)
     else:  # deployed by an earlier es-ray or with other settings: its config and model.py as they are now
         triton_repo.refresh_version(repo, version, model_dim(model_dir), settings.triton, settings.model.torch_threads)
 

@@ -23,9 +23,10 @@ TIMEOUT_S = 600  # an ONNX export of MiniLM takes about 10 s on 2 cores; a large
 
 
 def write_version(repo: Path, version: int, model_dir: Path, dim: int, triton: TritonSettings, torch_threads: int,
-                  runtime: str, nice: int = 0) -> None:
+                  runtime: str, nice: int = 0) -> dict[str, str]:
     """Both encoders of `version` written into `repo` as `runtime`'s files, by a child process running at
-    niceness `nice` (an export is batch work: it must not take the cores from the servers carrying traffic)."""
+    niceness `nice` (an export is batch work: it must not take the cores from the servers carrying traffic).
+    Returns {Triton model name: how its file was made} (triton_repo.write_version)."""
     request = {"repo": str(repo), "version": version, "model_dir": str(model_dir), "dim": dim,
                "triton": triton.model_dump(), "torch_threads": torch_threads, "runtime": runtime, "nice": nice}
     env = dict(os.environ)  # the child imports this es_ray, wherever it was imported from
@@ -35,9 +36,10 @@ def write_version(repo: Path, version: int, model_dir: Path, dim: int, triton: T
                           capture_output=True, text=True, timeout=TIMEOUT_S)
     if done.returncode != 0:
         raise RuntimeError(f"exporting version {version} ({runtime}) failed: {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _write(request: dict) -> None:
+def _write(request: dict) -> dict[str, str]:
     from es_ray.inference import triton_repo
     from es_ray.inference.encoder import load_encoder, query_tower_dir
 
@@ -45,7 +47,7 @@ def _write(request: dict) -> None:
     item_tower = load_encoder(model_dir)
     query_dir = query_tower_dir(model_dir)
     query_tower = item_tower if query_dir == model_dir else load_encoder(query_dir)
-    triton_repo.write_version(Path(request["repo"]), request["version"],
+    return triton_repo.write_version(Path(request["repo"]), request["version"],
                               {triton_repo.QUERY_ENCODER: query_tower, triton_repo.ITEM_ENCODER: item_tower},
                               request["dim"], TritonSettings(**request["triton"]), request["torch_threads"],
                               request["runtime"])
@@ -56,4 +58,4 @@ if __name__ == "__main__":
 
     arguments = json.loads(sys.argv[1])
     run_as_batch(arguments.get("nice", 0))
-    _write(arguments)
+    print(json.dumps(_write(arguments)))  # the last line of stdout: the parent's answer

@@ -136,25 +136,44 @@ instance_group [ {{ kind: {instance_kind} count: {instances or settings.instance
 {parameters}"""
 
 
-def save_model(module: nn.Module, path: Path, runtime: str) -> None:
-    """The encoder as `runtime`'s file: exported to ONNX, or traced to TorchScript (a TorchScript module as is).
+def save_model(module: nn.Module, path: Path, runtime: str, repo: Path | None = None) -> str:
+    """The encoder as `runtime`'s file: exported to ONNX (or the graph of an earlier export of the same
+    architecture in `repo` with this encoder's weights, onnx_refit.py), or traced to TorchScript (a
+    TorchScript module as is). Returns how, for the deploy's log: "exported", "refit from <model>/<version>", ...
     torch is imported here, not with the module: the clients that only read names from it (every Ray Data
     actor that sends token ids to Triton) start without it."""
     import torch
 
+    from es_ray.inference import onnx_refit
     from es_ray.inference.encoder import export_onnx, trace
 
-    if runtime == "onnx":
-        export_onnx(module, path)
-    else:
+    if runtime != "onnx":
         torch.jit.save(module if isinstance(module, torch.jit.ScriptModule) else trace(module), str(path))
+        return "traced"
+    digest = onnx_refit.architecture(module)
+    graph = onnx_refit.find_graph(repo, digest) if repo is not None else None
+    if graph is not None:
+        source = f"{graph.parent.parent.name}/{graph.parent.name}"
+        try:
+            if onnx_refit.refit(graph, module, path):
+                return f"refit from {source}"
+            why = "its weights did not fit"
+        except Exception as error:  # noqa: BLE001 - a graph removed meanwhile, or one that cannot be read
+            why = f"{type(error).__name__}: {error}"[:200]
+        export_onnx(module, path)
+        return f"exported (the graph of {source} was not taken: {why})"
+    export_onnx(module, path)
+    return "exported"
 
 
 def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: int,
-                  settings: TritonSettings, torch_threads: int = 0, runtime: str = "torchscript") -> list[str]:
+                  settings: TritonSettings, torch_threads: int = 0, runtime: str = "torchscript") -> dict[str, str]:
     """Writes both encoders' entries for `version` from {model name: encoder module} as `runtime`'s file;
-    a module shared by both is saved once and hard-linked. Returns the Triton model names written."""
+    a module shared by both is saved once and hard-linked. Returns {Triton model name: how its file was made}."""
+    from es_ray.inference import onnx_refit
+
     saved: dict[int, Path] = {}
+    made: dict[str, str] = {}
     for name in ENCODERS:
         directory = version_dir(repo, name, version)
         directory.mkdir(parents=True, exist_ok=True)
@@ -167,15 +186,19 @@ def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: i
                 os.link(saved[id(module)], tmp)
             except OSError:
                 shutil.copy(saved[id(module)], tmp)
+            how = "linked"
         else:
-            save_model(module, tmp, runtime)
+            how = save_model(module, tmp, runtime, repo)
         tmp.replace(target)
+        if runtime == "onnx":  # what a later version of this architecture can take the graph from
+            onnx_refit.record(target, onnx_refit.architecture(module))
         saved.setdefault(id(module), target)
+        made[served_name(name, version)] = how
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
                           config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime,
                                        bounded=bounded_queue(name), instances=instance_count(name, settings)))
-    return [served_name(name, version) for name in ENCODERS]
+    return made
 
 
 def refresh_version(repo: Path, version: int, dim: int, settings: TritonSettings, torch_threads: int) -> None:
