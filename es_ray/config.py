@@ -144,7 +144,6 @@ class ServeSettings(BaseModel):
     max_payload_depth: int = 32
     max_body_bytes: int = 16 * 1024 * 1024
     max_search_body_bytes: int = Field(256 * 1024, ge=1024)
-    large_upsert_items: int = 256
     blue_refresh_s: float = Field(30.0, gt=0)
     swap_share: float = Field(0.25, ge=0, le=1)
     swap_max_rank: int = Field(10, ge=2)

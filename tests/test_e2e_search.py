@@ -177,8 +177,8 @@ def test_reupsert_replaces_and_delete_removes(api, stack):
         assert conn.execute("SELECT count(*) FROM parts_v1 WHERE object_id = 'r-1'").fetchone()[0] == 0
 
 
-def test_large_body_runs_through_the_ray_data_pipeline(api, stack, settings):
-    n = settings.serve.large_upsert_items + 20
+def test_a_body_of_the_largest_size_is_upserted_and_deleted_whole(api, stack, settings):
+    n = settings.serve.max_items_per_request
     items = [{"id": f"bulk-{i}", "text": f"Bulk item number {i} about topic {i % 7}", "payload": {"n": i}}
              for i in range(n)]
     response = api.put("/v1/items", json={"items": items})

@@ -1,7 +1,7 @@
 """The upsert pipeline: items -> chunks -> token ids -> Triton (item encoder) -> vectors -> COPY.
 
-The same steps run in-process for small HTTP bodies (`upsert_now`) and as a Ray Data stage for bulk
-loads and large bodies (`upsert_dataset`): `UpsertStage` actors call Triton and write with COPY, and
+The same steps run in the Serve replica for HTTP bodies (`upsert_now`) and as a Ray Data stage for bulk
+loads (`upsert_dataset`, es_ray/data/upsert.py): `UpsertStage` actors call Triton and write with COPY, and
 report per-item failures, so one bad batch never stops a load. Writes go to every live collection
 (data/dual_write.py), each embedded by its own model.
 """
