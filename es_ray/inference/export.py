@@ -48,9 +48,9 @@ def _write(request: dict) -> dict[str, str]:
     query_dir = query_tower_dir(model_dir)
     query_tower = item_tower if query_dir == model_dir else load_encoder(query_dir)
     return triton_repo.write_version(Path(request["repo"]), request["version"],
-                              {triton_repo.QUERY_ENCODER: query_tower, triton_repo.ITEM_ENCODER: item_tower},
-                              request["dim"], TritonSettings(**request["triton"]), request["torch_threads"],
-                              request["runtime"])
+                                     {triton_repo.QUERY_ENCODER: query_tower, triton_repo.ITEM_ENCODER: item_tower},
+                                     request["dim"], TritonSettings(**request["triton"]), request["torch_threads"],
+                                     request["runtime"])
 
 
 if __name__ == "__main__":
