@@ -1,6 +1,6 @@
 """Serving before batch work: batch processes give the CPU to Triton and the Serve replicas first.
 
-On a small machine a fine-tune (its Ray Train workers), a reindex or a large upsert (their Ray Data
+On a small machine a fine-tune (its Ray Train workers), a reindex or a bulk upsert (their Ray Data
 actors) would otherwise take the cores the search path needs: in issue 17 the demo's Triton aborted
 during a fine-tune, its python backend stubs starved of CPU. Every place where batch work starts calls
 `run_as_batch` once with `ray.batch_nice` (configs/stack.yaml). Triton and the replicas stay at 0.

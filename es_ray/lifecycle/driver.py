@@ -111,8 +111,7 @@ class LifecycleDriver:
 
     def _stop_idle_ray_data(self) -> None:
         """Ray Data's detached helper actors outlive its jobs (es_ray/data/ray_data_actors.py): stopped once
-        no task of ours is active and no dataset runs anywhere in the cluster (bulk upsert jobs, a
-        replica's large upsert)."""
+        no task of ours is active and no dataset runs anywhere in the cluster (bulk upsert jobs)."""
         if self._tasks_active == 0:
             ray_data_actors.stop_if_idle(self.manifest.postgres_dsn)
 
