@@ -40,8 +40,8 @@ def pytest_runtest_logreport(report):
 
 
 def _keep_logs(state_dir: Path) -> None:
-    """After a failed test, copies the stack's own logs out of the state dir (removed below) and shows
-    the end of Triton's: a component that died mid-session says why only there."""
+    """After a failed test (or with ES_RAY_KEEP_TEST_LOGS=1), copies the stack's own logs out of the state
+    dir (removed below) and shows the end of Triton's: a component that died mid-session says why only there."""
     keep = Path(tempfile.mkdtemp(prefix="esr-test-logs-", dir="/tmp"))
     for pattern in ("logs/*.log", "triton/*.log", "triton/servers/*/*.log", "postgres/log", "ray/session_latest/logs/*.log",
                     "ray/session_latest/logs/*.err", "ray/session_latest/logs/*.out",

@@ -136,10 +136,10 @@ instance_group [ {{ kind: {instance_kind} count: {instances or settings.instance
 {parameters}"""
 
 
-def save_model(module: nn.Module, path: Path, runtime: str, repo: Path | None = None) -> str:
-    """The encoder as `runtime`'s file: exported to ONNX (or the graph of an earlier export of the same
-    architecture in `repo` with this encoder's weights, onnx_refit.py), or traced to TorchScript (a
-    TorchScript module as is). Returns how, for the deploy's log: "exported", "refit from <model>/<version>", ...
+def save_model(module: nn.Module, path: Path, runtime: str, graph: Path | None = None) -> str:
+    """The encoder as `runtime`'s file: exported to ONNX (or `graph`, an earlier export of the same
+    architecture, with this encoder's weights: onnx_refit.py), or traced to TorchScript (a TorchScript
+    module as is). Returns how, for the deploy's log: "exported", "refit from <model>/<version>", ...
     torch is imported here, not with the module: the clients that only read names from it (every Ray Data
     actor that sends token ids to Triton) start without it."""
     import torch
@@ -150,8 +150,7 @@ def save_model(module: nn.Module, path: Path, runtime: str, repo: Path | None = 
     if runtime != "onnx":
         torch.jit.save(module if isinstance(module, torch.jit.ScriptModule) else trace(module), str(path))
         return "traced"
-    digest = onnx_refit.architecture(module)
-    graph = onnx_refit.find_graph(repo, digest) if repo is not None else None
+    how = "exported"
     if graph is not None:
         source = f"{graph.parent.parent.name}/{graph.parent.name}"
         try:
@@ -160,10 +159,9 @@ def save_model(module: nn.Module, path: Path, runtime: str, repo: Path | None = 
             why = "its weights did not fit"
         except Exception as error:  # noqa: BLE001 - a graph removed meanwhile, or one that cannot be read
             why = f"{type(error).__name__}: {error}"[:200]
-        export_onnx(module, path)
-        return f"exported (the graph of {source} was not taken: {why})"
+        how = f"exported (the graph of {source} was not taken: {why})"
     export_onnx(module, path)
-    return "exported"
+    return how
 
 
 def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: int,
@@ -181,6 +179,7 @@ def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: i
         tmp = directory / f"{MODEL_FILES[runtime]}.tmp"
         tmp.unlink(missing_ok=True)
         module = towers[name]
+        digest = onnx_refit.architecture(module) if runtime == "onnx" else None
         if id(module) in saved:
             try:
                 os.link(saved[id(module)], tmp)
@@ -188,10 +187,10 @@ def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: i
                 shutil.copy(saved[id(module)], tmp)
             how = "linked"
         else:
-            how = save_model(module, tmp, runtime, repo)
+            how = save_model(module, tmp, runtime, onnx_refit.find_graph(repo, digest) if digest else None)
         tmp.replace(target)
-        if runtime == "onnx":  # what a later version of this architecture can take the graph from
-            onnx_refit.record(target, onnx_refit.architecture(module))
+        if digest:  # what a later version of this architecture can take the graph from
+            onnx_refit.record(target, digest)
         saved.setdefault(id(module), target)
         made[served_name(name, version)] = how
         shutil.copy(TEMPLATE, directory / "model.py")

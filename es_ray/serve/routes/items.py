@@ -26,7 +26,7 @@ def upsert(request: schemas.UpsertRequest, state: Replica = Depends(replica)) ->
     state.blue()  # 503 while the stack bootstraps
     items = [item.model_dump() for item in request.items]
     started = time.monotonic()
-    # In the replica, whatever the body's size (at most limits.max_items_per_request): a Ray Data run
+    # In the replica, whatever the body's size (at most serve.max_items_per_request): a Ray Data run
     # here cost 41-52 s for 276 short items and 304 s for 1,000 SciFact abstracts against 0.9-1.0 s and
     # 93 s in the replica (BENCHMARKS.md). Bulk loads are the Ray Data job (es_ray/data/upsert.py).
     written, failed = pipeline.upsert_now(state.item_encoders, state.pool, state.settings, items)
