@@ -53,7 +53,7 @@ def _search_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
 TABLES: list[tuple[str, str, Callable[[dict], list[dict]], list[Column]]] = [
     ("search", "Search latency (HTTP end to end vs its parts, same run)", _search_rows, [
         ("dataset", lambda r: r["dataset"]), ("docs", lambda r: r["docs"]), ("clients", lambda r: r["clients"]),
-        ("p50 ms", lambda r: r["p50_ms"]), ("p99 ms", lambda r: r["p99_ms"]), ("req/s", lambda r: r["requests_per_s"]),
+        ("p50 ms", lambda r: r["p50_ms"]), ("p99 ms", lambda r: r["p99_ms"]), ("req/s", lambda r: r.get("requests_per_s", "-")),
         ("embed p50 ms", lambda r: r["embed"]), ("pgvector p50 ms", lambda r: r["pgvector"]),
         ("ratio (target <= 1.3)", lambda r: r["ratio"])]),
     ("search", "Search against the model's own speed (same run; issue 17's targets)",

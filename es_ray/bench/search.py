@@ -4,15 +4,17 @@ and HNSW recall@10.
     python -m es_ray.bench.search --data ../shared/data/scifact [--flamegraph docs]
 
 Runs against the benchmark stack (loads --docs documents through the upsert job if the collection
-holds fewer). In the same run it times the parts alone: the Triton query-embedding call (tokenise +
-gRPC) and the plain pgvector HNSW top-10 query, and reports ratio = end-to-end p50 / (sum of part
-p50s) and overhead_ms = end-to-end p50 - the part p50s (what the serving path itself costs: HTTP,
+holds fewer). At 1 client it times the parts in turn with each search (one_client): the Triton
+query-embedding call (tokenise + gRPC) and the plain pgvector top-10 query, and reports ratio =
+end-to-end p50 / (sum of part p50s) and overhead_ms = end-to-end p50 - the part p50s (what the serving path itself costs: HTTP,
 Ray Serve, FastAPI, auth, the session record). Beside them, the fastest forward pass of the blue query
 encoder in this process (fastest_query_forward_ms): embed_to_fastest = served embedding p50 / one
 query's forward pass, and throughput_ratio = 8-client requests/s / the forward pass's queries/s at the
 batch size Triton's dynamic batcher formed during the 8-client level (its statistics: inferences /
 executions). Recall compares the HNSW top-10 (at the configured ef_search) with exact search over the
-same stored vectors, for every test query.
+same stored vectors, for every test query. The HTTP clients are bench/http_load.py's (the standard
+library's http.client: the load shares the machine it measures); at 1 client each search is also sent
+with es-ray's httpx client, whose p50 and CPU per request the result reports beside (with_httpx_client).
 
 --flamegraph DIR: afterwards, one more 8-client level (not in the results) with py-spy recording the
 Serve replica and the Serve proxy: DIR/flamegraph-search-replica.svg and DIR/flamegraph-search-proxy.svg.
@@ -36,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, percentiles, write_result
+from es_ray.bench.http_load import LeanClient
 from es_ray.client import EsRayClient
 from es_ray.config import ServeSettings
 from es_ray.data import beir
@@ -73,20 +76,21 @@ def load_if_needed(settings, manifest, data: Path, docs: int) -> int:
 
 def http_level(manifest: StackManifest, queries: list[str], clients: int, per_client: int) -> dict:
     """`clients` threads sending `per_client` searches each, back to back, with the API key: this measures
-    the service's capacity, and a client this fast is what the per-client rate limits refuse."""
+    the service's capacity, and a client this fast is what the per-client rate limits refuse. Each thread
+    is a LeanClient (bench/http_load.py)."""
     latencies: list[float] = []
     failures = [0]
     lock = threading.Lock()
 
     def worker(offset: int) -> None:
-        with EsRayClient.for_stack(manifest, timeout=60) as client:
+        with LeanClient.for_stack(manifest) as client:
             mine = []
             for k in range(per_client):
-                request = client.search_request(queries[(offset * per_client + k) % len(queries)], limit=10)
+                request = EsRayClient.search_request(queries[(offset * per_client + k) % len(queries)], limit=10)
                 started = time.perf_counter()  # the exchange alone, as an HTTP client sees it: no parsing
-                response = client.send("POST", "/v1/search", request)
+                status = client.send("POST", "/v1/search", request)
                 mine.append(time.perf_counter() - started)
-                if response.status_code != 200:
+                if status != 200:
                     failures[0] += 1
             with lock:
                 latencies.extend(mine)
@@ -100,6 +104,11 @@ def http_level(manifest: StackManifest, queries: list[str], clients: int, per_cl
     wall = time.perf_counter() - started
     return {"clients": clients, **percentiles(latencies), "requests_per_s": round(len(latencies) / wall, 1),
             "failed": failures[0]}
+
+
+def status_of(answer) -> int:
+    """LeanClient.send answers the status; EsRayClient.send the httpx response."""
+    return answer if isinstance(answer, int) else answer.status_code
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,45 +130,29 @@ def main(argv: list[str] | None = None) -> None:
     with db.connect(manifest.postgres_dsn) as conn:
         blue = blue_green.get_blue(conn)
 
-    # The parts alone, measured in this run.
     encoder = TritonEncoder.of(manifest.triton_grpc_url, QUERY_ENCODER, blue, settings)  # as the Serve replica does
     for query in queries[:5]:
         encoder.embed_queries([query])  # warm-up
-    embed_s, vectors = [], []
-    for query in tqdm(queries[:args.requests], desc="embed alone"):
-        started = time.perf_counter()
-        vectors.append(encoder.embed_queries([query])[0])
-        embed_s.append(time.perf_counter() - started)
     pool = db.open_pool(manifest.postgres_dsn, 1, settings.postgres.hnsw_ef_search)
-    pg_s = []
-    with pool.connection() as conn:
-        sql = PLAIN_TOP10.format(c=blue.collection)
-        for vector in tqdm(vectors, desc="pgvector alone"):
-            started = time.perf_counter()
-            conn.execute(sql, (vector, vector)).fetchall()
-            pg_s.append(time.perf_counter() - started)
-    parts = {"embed": percentiles(embed_s)["p50_ms"], "pgvector": percentiles(pg_s)["p50_ms"]}
-    # Where the overhead may go, measured here too (not parts of the ratio), on a connection like the
-    # replica's search connections (db.open_pool: autocommit, the statement timeout set when it opens): the
-    # route's own query (store/search.py: chunks grouped per item, payloads) against the plain top-10 above,
-    # the session record of a search (one INSERT), and the HTTP + Serve + FastAPI floor (GET /healthz
-    # answers from its cache: no dependency is asked, no body is read).
+    # The route's own query and the session record run on a connection like the replica's search
+    # connections (db.open_pool: autocommit, the statement timeout set when it opens).
     search_pool = db.open_pool(manifest.postgres_dsn, 1, settings.postgres.hnsw_ef_search,
                                statement_timeout_ms=settings.postgres.search_timeout_ms, autocommit=True)
-    diagnostics = {"search_sql": search_sql_ms(search_pool, blue, vectors),
-                   "session_write": session_write_ms(search_pool, blue), "healthz": healthz_p50(manifest)}
-
     http_level(manifest, queries, 1, 20)  # warm-up
-    levels = []
-    for clients in (1, 8):
-        before, cpu = batcher_counts(encoder), cpu_seconds()
-        # 8 clients send 4x the requests of one (800 at the default): a p99 of 200 would be its 2nd slowest
-        level = http_level(manifest, queries, clients, args.requests if clients == 1 else max(args.requests // 2, 25))
-        level["cpu_ms_per_request"] = cpu_per_request(cpu, cpu_seconds(), level["n"])
-        level["ratio"] = round(level["p50_ms"] / (parts["embed"] + parts["pgvector"]), 2)
-        level["triton_batch"] = formed_batch(before, batcher_counts(encoder))
-        levels.append(level)
-    one, eight = levels
+    one, parts, diagnostics, with_httpx = one_client(manifest, encoder, pool, search_pool, blue, queries,
+                                                     args.requests)
+    # Where the overhead may go besides (not parts of the ratio): the session record of a search (one
+    # INSERT) and the HTTP + Serve + FastAPI floor (GET /healthz answers from its cache: no dependency is
+    # asked, no body is read).
+    diagnostics.update(session_write=session_write_ms(search_pool, blue), healthz=healthz_p50(manifest))
+
+    before, cpu = batcher_counts(encoder), cpu_seconds()
+    # 8 clients send 4x the requests of one (800 at the default): a p99 of 200 would be its 2nd slowest
+    eight = http_level(manifest, queries, 8, max(args.requests // 2, 25))
+    eight["cpu_ms_per_request"] = cpu_per_request(cpu, cpu_seconds(), eight["n"])
+    eight["ratio"] = round(eight["p50_ms"] / (parts["embed"] + parts["pgvector"]), 2)
+    eight["triton_batch"] = formed_batch(before, batcher_counts(encoder))
+    levels = [one, eight]
     # serve.ingress direct: the same 1-client level through Serve's proxy, which still runs beside the
     # replica, tells in this run what the hop through it costs.
     via_proxy = None
@@ -179,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
               "throughput_8": eight["requests_per_s"], "fastest_throughput": fastest["queries_per_s"],
               "throughput_ratio": round(eight["requests_per_s"] / fastest["queries_per_s"], 2),
               "p99_to_p50_8": round(eight["p99_ms"] / eight["p50_ms"], 2),
-              "via_proxy": via_proxy, "ingress": "direct" if manifest.serve_proxy_url else "proxy",
+              "via_proxy": via_proxy, "with_httpx_client": with_httpx, "client": "http.client (bench/http_load.py)",
+              "ingress": "direct" if manifest.serve_proxy_url else "proxy",
               "note": "ratio = HTTP p50 / (embed p50 + pgvector p50); overhead_ms = HTTP p50 - embed p50 - "
                       "pgvector p50 (1 client); embed_to_fastest = embed p50 / one query's forward "
                       "pass in-process at 1 thread; throughput_ratio = 8-client requests/s / the fastest "
@@ -198,15 +192,48 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(recall, indent=2), f"\nwritten to {out}")  # noqa: T201
 
 
-def search_sql_ms(pool, blue, vectors: list[np.ndarray]) -> float:
-    """p50 ms of the search route's dense top-10 query (store/search.py) on a pooled connection."""
-    collection, took = Collection(blue.collection, blue.dim), []
-    with pool.connection() as conn:
-        for vector in vectors:
+def one_client(manifest: StackManifest, encoder: TritonEncoder, pool, search_pool, blue, queries: list[str],
+               n: int) -> tuple[dict, dict, dict, dict]:
+    """The 1-client level and its parts, each query's exchanges back to back: the served embedding call
+    (tokenise + Triton, as the replica makes it), the plain pgvector top-10 with its vector, the route's
+    own query (store/search.py: chunks grouped per item, payloads), and the whole search over HTTP with
+    the benchmark's client and with es-ray's httpx client (which of the two goes first alternates). The
+    machine's speed drifts by 10-40 % between minutes on this machine kind; measured in turn, every part
+    sees the same drift, and the overhead (a difference of p50s) is not one phase against another.
+    Returns (level, parts, diagnostics, the httpx client's figures)."""
+    took: dict[str, list[float]] = {k: [] for k in ("embed", "pgvector", "search_sql", "lean", "httpx")}
+    client_cpu: dict[str, list[float]] = {"lean": [], "httpx": []}
+    failures = 0
+    collection, plain = Collection(blue.collection, blue.dim), PLAIN_TOP10.format(c=blue.collection)
+    with LeanClient.for_stack(manifest) as lean, EsRayClient.for_stack(manifest, timeout=60) as rich, \
+            pool.connection() as conn, search_pool.connection() as search_conn:
+        for k in tqdm(range(n), desc="1 client, parts in turn"):
+            query = queries[k % len(queries)]
             started = time.perf_counter()
-            search_mode(conn, collection, Ranking(), "", vector, 10)
-            took.append(time.perf_counter() - started)
-    return percentiles(took)["p50_ms"]
+            vector = encoder.embed_queries([query])[0]
+            took["embed"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            conn.execute(plain, (vector, vector)).fetchall()
+            took["pgvector"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            search_mode(search_conn, collection, Ranking(), "", vector, 10)
+            took["search_sql"].append(time.perf_counter() - started)
+            request = EsRayClient.search_request(query, limit=10)
+            order = (("lean", lean), ("httpx", rich)) if k % 2 == 0 else (("httpx", rich), ("lean", lean))
+            for name, client in order:
+                cpu, started = time.thread_time(), time.perf_counter()  # the exchange alone: no parsing
+                status = status_of(client.send("POST", "/v1/search", request))
+                took[name].append(time.perf_counter() - started)
+                client_cpu[name].append(time.thread_time() - cpu)
+                failures += name == "lean" and status != 200
+    p50 = {name: percentiles(samples)["p50_ms"] for name, samples in took.items()}
+    parts = {"embed": p50["embed"], "pgvector": p50["pgvector"]}
+    level = {"clients": 1, **percentiles(took["lean"]), "failed": failures,
+             "ratio": round(p50["lean"] / (parts["embed"] + parts["pgvector"]), 2), "triton_batch": 1.0}
+    with_httpx = {"p50_ms": p50["httpx"], "overhead_ms": round(p50["httpx"] - parts["embed"] - parts["pgvector"], 2),
+                  "client_cpu_ms": percentiles(client_cpu["httpx"])["p50_ms"],
+                  "lean_client_cpu_ms": percentiles(client_cpu["lean"])["p50_ms"]}
+    return level, parts, {"search_sql": p50["search_sql"]}, with_httpx
 
 
 def session_write_ms(pool, blue, n: int = 100) -> float:
@@ -224,7 +251,7 @@ def session_write_ms(pool, blue, n: int = 100) -> float:
 
 
 def healthz_p50(manifest: StackManifest, n: int = 200) -> float:
-    with EsRayClient.for_stack(manifest, timeout=60) as client:
+    with LeanClient.for_stack(manifest) as client:
         client.send("GET", "/healthz")
         took = []
         for _ in range(n):
