@@ -22,7 +22,7 @@ def kind(process: psutil.Process) -> str:
     name = describe(process)[0]
     if name.startswith("postgres: ") and not name.startswith(("postgres: checkpointer", "postgres: walwriter")):
         return "postgres backends"
-    if name.startswith("ray::"):  # a Ray worker's title names the method it runs: ray::ServeController.listen_for_change
+    if name.startswith("ray::"):  # a worker's title names the method it runs: ray::ServeController.listen_for_change
         return re.sub(r"\.[A-Za-z_]\w*$", "", name)
     return re.sub(r"_v\d+$", "", name)  # stub item_encoder_v7 -> stub item_encoder
 

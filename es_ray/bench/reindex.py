@@ -9,10 +9,11 @@ more). For each size the blue collection is grown to that many items by writing 
 double the run), a new model version is registered (v1 with weight noise), and `POST /v1/tasks/reindex`
 re-embeds everything through Triton into a green collection and switches to it; meanwhile one client
 searches. The raw forward pass (same texts, batch size and max_length; the fastest of three passes over
-the first 1,000) is measured in the same run with nothing else running, after the first reindex: the model file Triton serves for the version just reindexed
-(model.runtime's export: model.onnx in ONNX Runtime on every core, bench/runtimes.served_forward), as the
-ingest benchmark does, reindex.rows_per_request rows a forward as the reindex sends them; the issue's
-limit is the fastest forward pass of the served model, not eager torch.
+the first 1,000) is measured in the same run with nothing else running, after the first reindex: the
+model file Triton serves for the version just reindexed (model.runtime's export: model.onnx in ONNX
+Runtime on every core, bench/runtimes.served_forward), as the ingest benchmark does,
+reindex.rows_per_request rows a forward as the reindex sends them; the issue's limit is the fastest
+forward pass of the served model, not eager torch.
 `raw_runtime` in the result says which it was (eager torch only if no served file is found).
 """
 
@@ -197,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
            "range_items": settings.reindex.range_items, "max_length": v1.max_length,
            "note": "items are sentences of the SciFact + Cranfield abstracts; items_per_s is the load phase (read "
                    "-> Triton -> COPY), reindex_s adds the HNSW build, re-derived adjustments and the switch; one "
-                   "search client (0.2 s think time) runs during the reindex; cpu_during_load: each kind of process's share "
-                   "of the machine (every core) during the load"}
+                   "search client (0.2 s think time) runs during the reindex; cpu_during_load: each kind of "
+                   "process's share of the machine (every core) during the load"}
     path = write_result(f"reindex-{args.hnsw}", "+".join(d.name for d in data_dirs), out,
                         f"python -m es_ray.bench.reindex --sizes {args.sizes} --hnsw {args.hnsw}")
     print(json.dumps(out, indent=2), f"\nwritten to {path}")  # noqa: T201 - the benchmark's report
