@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             # groups of 16 pad far less than groups of 64, so 64 made the raw side slower than the pipeline
             # The fastest of --raw-passes passes over the same texts: a pass at two threads on two cores
             # slows down with anything else that runs meanwhile (a switch's cleanup, autovacuum after the
-            # load), and single passes measured 99-125 items/s on one stack within half an hour.
+            # load), and passes measured 87-127 items/s on one stack within an hour (BENCHMARKS.md).
             passes = [raw_forward(texts[:args.raw_items], v1.source_dir, settings.reindex.batch_size,
                                   settings.reindex.rows_per_request, v1.max_length, settings.model.chunk_overlap,
                                   settings.model.max_chunks, served) for _ in range(args.raw_passes)]

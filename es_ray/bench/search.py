@@ -178,8 +178,8 @@ def main(argv: list[str] | None = None) -> None:
               "ingress": "direct" if manifest.serve_proxy_url else "proxy",
               "note": "ratio = HTTP p50 / (embed p50 + pgvector p50); overhead_ms = HTTP p50 - embed p50 - "
                       "pgvector p50 (1 client, each search's parts timed in turn with it; "
-                      "diagnostics_p50_ms.pgvector_in_a_loop: the same top-10s back to back); embed_to_fastest = embed p50 / one query's forward "
-                      "pass in-process at 1 thread; throughput_ratio = 8-client requests/s / the fastest "
+                      "diagnostics_p50_ms.pgvector_in_a_loop: the same top-10s back to back); embed_to_fastest = "
+                      "embed p50 / one query's forward pass in-process at 1 thread; throughput_ratio = 8-client requests/s / the fastest "
                       "forward pass's queries/s at the batch Triton formed (fastest of 1 thread and all cores)"}
     measured = "direct" if manifest.serve_proxy_url else "proxy"
     # The command as run: an ingress other than configs/stack.yaml's came from the environment.
