@@ -43,3 +43,35 @@ def test_requests_in_flight_return_every_row_in_order(stack, settings):
     _, overlapped = several.embed_chunks(texts, settings.model.chunk_overlap, settings.model.max_chunks)
     assert len(chunks.owner) == len(in_order) == len(overlapped) > 6   # several requests of 4 rows
     assert np.abs(in_order - overlapped).max() < 1e-5
+
+
+def test_queries_of_different_lengths_share_a_forward_pass(stack, settings):
+    """The query encoder's batches are ragged (triton_repo.ragged_batches): queries sent unpadded and at
+    once, each of its own length, are merged into fewer forward passes than requests, and each comes
+    back with the vector it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with db.connect(stack.postgres_dsn) as conn:
+        blue = blue_green.get_blue(conn)
+    encoder = TritonEncoder.of(stack.triton_grpc_url, "query_encoder", blue, settings)
+    assert encoder.query_pad_multiple == 1
+    queries = [" ".join(["protein folding"] * k) for k in range(1, 17)]   # 16 lengths: no two shapes alike
+    alone = np.concatenate([encoder.embed_queries([q]) for q in queries])
+
+    def counts() -> tuple[int, int]:
+        stats = encoder.client.get_inference_statistics(encoder.model_name, encoder.model_version, as_json=True)
+        model = stats["model_stats"][0]
+        return int(model.get("inference_count", 0)), int(model.get("execution_count", 0))
+
+    # Rounds of 16 requests at once until one was batched: the first request of a round runs alone, and
+    # the others queue behind it while it does.
+    for _ in range(5):
+        inferences, executions = counts()
+        with ThreadPoolExecutor(len(queries)) as pool:
+            together = np.concatenate(list(pool.map(lambda q: encoder.embed_queries([q]), queries)))
+        inferences, executions = (now - before for now, before in zip(counts(), (inferences, executions)))
+        assert inferences == len(queries)
+        assert np.abs(together - alone).max() < 1e-4
+        if executions < inferences:
+            break
+    assert executions < inferences, "16 queries of 16 lengths sent at once never shared a forward pass"

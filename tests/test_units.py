@@ -168,6 +168,33 @@ def test_triton_config_bounds_the_queue_and_pins_torch_threads():
     assert production.dynamic_batching.default_queue_policy.max_queue_size == TritonSettings().max_queue_size
 
 
+def test_only_the_embedded_query_encoder_takes_ragged_batches():
+    """The python backend's stub pads a batch itself, so its query encoder lets Triton batch queries of any
+    length and clients send them unpadded (triton_repo.ragged_batches); a production backend batches only
+    equal shapes, so queries stay padded there; the item encoder is never ragged."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from es_ray.config import Settings
+    from es_ray.inference.triton_client import query_padding
+    from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, ragged_batches
+
+    def ragged_inputs(encoder: str, backend: str) -> list[bool]:
+        settings = TritonSettings(backend=backend)
+        config = text_format.Parse(config_pbtxt(f"{encoder}_v1", 384, settings, bounded=False,
+                                                ragged=ragged_batches(encoder, settings)),
+                                   model_config_pb2.ModelConfig())
+        return [i.allow_ragged_batch for i in config.input]
+
+    assert ragged_inputs(QUERY_ENCODER, "python") == [True, True]
+    assert ragged_inputs(ITEM_ENCODER, "python") == [False, False]
+    for backend in ("onnxruntime", "pytorch"):
+        assert ragged_inputs(QUERY_ENCODER, backend) == ragged_inputs(ITEM_ENCODER, backend) == [False, False]
+    embedded = Settings(model={"query_pad_multiple": 16})
+    production = Settings(model={"query_pad_multiple": 16}, triton={"backend": "onnxruntime"})
+    assert query_padding(embedded) == 1 and query_padding(production) == 16
+
+
 def test_only_the_item_encoder_bounds_its_queue():
     """A queue policy turns off Triton's payload prefetching, where the batcher can sleep 500 ms with queries
     queued (triton_repo.bounded_queue): the query encoder has none, the item encoder keeps its bound."""

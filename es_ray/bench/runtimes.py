@@ -7,7 +7,7 @@ runtime runs the same SciFact inputs, one after the other in one run, with 2 thr
 - ingest: batches of upsert.batch_size texts, chunked at model.max_length, rows sorted by length and
   sent triton.max_batch_size at a time (what the upsert job does);
 - reindex: batches of reindex.batch_size texts, reindex.rows_per_request rows at a time;
-- one query: test queries one by one, padded to a multiple of model.query_pad_multiple tokens.
+- one query: test queries one by one, padded as the search path pads them (triton_client.query_padding).
 Tokenising and chunking is the same for every runtime and done before the clocks start.
 torchscript is `encoder.trace` (what the python backend serves with model.runtime torchscript), onnx is
 `encoder.export_onnx` run by ONNX Runtime with every graph optimisation, onnx-int8 its dynamic int8
@@ -38,6 +38,7 @@ from es_ray.data.corpus import read_corpus, read_qrels, read_queries
 from es_ray.inference.chunking import split
 from es_ray.inference.encoder import (INPUT_NAMES, default_model_dir, export_onnx, load_encoder, load_tokenizer,
                                       trace)
+from es_ray.inference.triton_client import query_padding
 from es_ray.train.evaluation import evaluate
 
 RUNTIMES = ("torch", "torchscript", "onnx", "onnx-int8")
@@ -118,7 +119,7 @@ def batches(tokenizer, texts: list[str], batch_texts: int, rows: int, settings) 
 def query_inputs(tokenizer, queries: list[str], settings) -> list[tuple[np.ndarray, np.ndarray]]:
     """One request per query, padded as the search path pads it (es_ray/inference/triton_client.py)."""
     encoded = [tokenizer([q], max_length=settings.model.max_length, truncation=True, padding=True,
-                         pad_to_multiple_of=settings.model.query_pad_multiple, return_tensors="np") for q in queries]
+                         pad_to_multiple_of=query_padding(settings), return_tensors="np") for q in queries]
     return [(e["input_ids"].astype(np.int64), e["attention_mask"].astype(np.int64)) for e in encoded]
 
 
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "runtimes", "docs": len(texts), "queries": len(query_requests), "threads": args.threads,
         "max_length": settings.model.max_length, "ingest_batch": settings.upsert.batch_size,
         "ingest_rows": settings.triton.max_batch_size, "reindex_batch": settings.reindex.batch_size,
-        "reindex_rows": settings.reindex.rows_per_request, "query_pad_multiple": settings.model.query_pad_multiple,
+        "reindex_rows": settings.reindex.rows_per_request, "query_pad_multiple": query_padding(settings),
         "chunks": {shape: int(sum(len(ids) for ids, _ in requests)) for shape, requests in shapes.items()},
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "exporter": "torch.onnx.export(dynamo=True)", "prepare_s": round(prepare_s, 1),

@@ -44,7 +44,7 @@ from es_ray.client import EsRayClient
 from es_ray.config import ServeSettings
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
-from es_ray.inference.triton_client import TritonEncoder
+from es_ray.inference.triton_client import TritonEncoder, query_padding
 from es_ray.inference.encoder import load_tokenizer
 from es_ray.inference.triton_repo import QUERY_ENCODER, model_file, version_dir
 from es_ray.stack import jobs, triton
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                      "overhead_ms": round(level["p50_ms"] - parts["embed"] - parts["pgvector"], 2)}
     repository = triton.model_repository(settings.state_path)
     model_path = model_file(version_dir(repository, QUERY_ENCODER, blue.model_version))
-    fastest = fastest_forward(model_path, blue.source_dir, blue.max_length, settings.model.query_pad_multiple,
+    fastest = fastest_forward(model_path, blue.source_dir, blue.max_length, query_padding(settings),
                               queries, eight["triton_batch"])
     result = {"benchmark": "search", "docs": docs, "p50_ms": one["p50_ms"], "p99_ms": one["p99_ms"], "clients": 1,
               "parts_p50_ms": parts, "diagnostics_p50_ms": diagnostics, "ratio": one["ratio"], "levels": levels,

@@ -16,7 +16,7 @@ import tritonclient.grpc as triton_grpc
 
 from es_ray.inference.chunking import Chunks, split
 from es_ray.inference.tokenizer import load_tokenizer
-from es_ray.inference.triton_repo import ITEM_ENCODER, served_name
+from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, ragged_batches, served_name
 
 
 def channel_args() -> list[tuple[str, int]]:
@@ -43,6 +43,12 @@ def grpc_address(target, stack_url: str) -> str:
     return address
 
 
+def query_padding(settings) -> int:
+    """The multiple of tokens queries are padded to: 1 (their own length) where the query encoder's batches
+    may be ragged (triton_repo.ragged_batches), else model.query_pad_multiple, so that equal shapes meet."""
+    return 1 if ragged_batches(QUERY_ENCODER, settings.triton) else settings.model.query_pad_multiple
+
+
 class TritonUnavailable(RuntimeError):
     """Triton did not answer or failed the request."""
 
@@ -62,8 +68,9 @@ class TritonEncoder:
         # Requests one embed_ids call keeps in flight at once (see embed_ids).
         self.in_flight = max(1, in_flight)
         self.tokenizer_dir = tokenizer_dir
-        # Queries are padded to a multiple of this many tokens: Triton's dynamic batcher only merges
-        # requests of one shape, so concurrent short queries can share a forward pass.
+        # Queries are padded to a multiple of this many tokens where Triton's dynamic batcher merges only
+        # requests of one shape, so concurrent short queries can share a forward pass (1: batches may be
+        # ragged, query_padding).
         self.query_pad_multiple = query_pad_multiple
         self._idle_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
         self._idle_tokenizers.put(load_tokenizer(tokenizer_dir))
@@ -79,7 +86,7 @@ class TritonEncoder:
         range of a reindex, a single upsert actor) keeps every instance busy; a query is one request."""
         return cls(grpc_address(target, url), model_name, target.model_version, target.source_dir, target.max_length,
                    max_batch_size or settings.triton.max_batch_size, timeout_s or settings.triton.timeout_s,
-                   settings.model.query_pad_multiple,
+                   query_padding(settings),
                    settings.triton.item_instances if model_name == ITEM_ENCODER else 1)
 
     @contextmanager
