@@ -146,9 +146,11 @@ class Traffic:
                 n += 1
 
     def _search(self) -> None:
-        with httpx.Client(base_url=self.serve_url, timeout=60) as anon:
+        # With the API key: an anonymous client's rate limit (serve.rate_limits.search) would refuse this
+        # loop once searches are fast, and the 429s would follow into the next tests from this address.
+        with httpx.Client(base_url=self.serve_url, headers={"X-API-Key": self.api_key}, timeout=60) as searcher:
             while not self.stop.is_set():
-                response = anon.post("/v1/search", json={"query": "tidal marsh sediment", "limit": 5})
+                response = searcher.post("/v1/search", json={"query": "tidal marsh sediment", "limit": 5})
                 if response.status_code != 200:
                     self.errors.append(f"search: {response.status_code} {response.text[:200]}")
                 elif response.json()["session_id"]:
