@@ -150,6 +150,14 @@ instance_group [ {{ kind: {instance_kind} count: {instances or settings.instance
 {parameters}"""
 
 
+def encoder_config(encoder: str, version: int, dim: int, settings: TritonSettings, torch_threads: int,
+                   runtime: str) -> str:
+    """config.pbtxt of one encoder of a version, with that encoder's queue bound, instances and batching."""
+    return config_pbtxt(served_name(encoder, version), dim, settings, torch_threads, runtime,
+                        bounded=bounded_queue(encoder), instances=instance_count(encoder, settings),
+                        ragged=ragged_batches(encoder, settings))
+
+
 def save_model(module: nn.Module, path: Path, runtime: str, graph: Path | None = None) -> str:
     """The encoder as `runtime`'s file: exported to ONNX (or `graph`, an earlier export of the same
     architecture, with this encoder's weights: onnx_refit.py), or traced to TorchScript (a TorchScript
@@ -209,9 +217,7 @@ def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: i
         made[served_name(name, version)] = how
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
-                          config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime,
-                                       bounded=bounded_queue(name), instances=instance_count(name, settings),
-                                       ragged=ragged_batches(name, settings)))
+                          encoder_config(name, version, dim, settings, torch_threads, runtime))
     return made
 
 
@@ -223,9 +229,7 @@ def refresh_version(repo: Path, version: int, dim: int, settings: TritonSettings
         runtime = next(r for r, f in MODEL_FILES.items() if f == model_file(directory).name)
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
-                          config_pbtxt(served_name(name, version), dim, settings, torch_threads, runtime,
-                                       bounded=bounded_queue(name), instances=instance_count(name, settings),
-                                       ragged=ragged_batches(name, settings)))
+                          encoder_config(name, version, dim, settings, torch_threads, runtime))
 
 
 def _write_if_changed(path: Path, text: str) -> None:
