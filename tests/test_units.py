@@ -63,6 +63,32 @@ def test_the_tokenizer_is_the_one_autotokenizer_loads(tokenizer):
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
 
 
+
+@pytest.mark.parametrize("pad_multiple", [1, 16])
+def test_query_rows_are_what_transformers_call_returns(tokenizer, pad_multiple):
+    """rows_tokenizer (the served path's query tokenising) sets truncation and padding once on a copy of the
+    Rust tokenizer: its rows must equal transformers' call, long text truncated, short padded, from any
+    number of threads at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from es_ray.inference.tokenizer import rows_tokenizer
+
+    rows = rows_tokenizer(default_model_dir(), max_length=32, pad_multiple=pad_multiple)
+    texts = ["What causes lift on an aircraft wing?", "Ünïcödé тексты и 中文 also embed.", "x",
+             " ".join(f"word{i}" for i in range(300))]
+    for batch in ([texts[0]], texts[1:3], texts):
+        ids, mask = rows(batch)
+        expected = tokenizer(batch, max_length=32, truncation=True, padding=True, pad_to_multiple_of=pad_multiple,
+                             return_tensors="np")
+        assert ids.dtype == mask.dtype == np.int64
+        assert np.array_equal(ids, expected["input_ids"]) and np.array_equal(mask, expected["attention_mask"])
+    assert rows(texts)[0].shape == (4, 32)  # the long text is cut at max_length, the others padded to it
+    assert rows([])[0].shape == (0, 0)
+    # request threads share it: many at once, each its own answer
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: rows([texts[i % 3]])[0], range(200)))
+    assert all(np.array_equal(a, rows([texts[i % 3]])[0]) for i, a in enumerate(answers))
+
 def _heavy_modules_after(imports: str, tokenizer_module: str) -> list[str]:
     """torch and transformers, where a fresh interpreter holds them after `import imports` and a tokenizer
     loaded through `tokenizer_module`'s load_tokenizer."""

@@ -1,8 +1,10 @@
 """Embedding through Triton: tokenise here, send token ids over gRPC, receive normalised vectors.
 
-The gRPC client is thread-safe, so one encoder serves every request thread of a replica; a fast
-tokenizer refuses concurrent calls, so threads borrow one from a small pool (request threads come
-and go, so a per-thread tokenizer would be loaded again for nearly every request).
+The gRPC client is thread-safe, so one encoder serves every request thread of a replica. Queries go
+through one tokenising function whose settings never change, which threads share
+(tokenizer.rows_tokenizer); chunking calls transformers' tokenizer, which refuses concurrent calls, so
+threads borrow one from a small pool (request threads come and go, so a per-thread tokenizer would be
+loaded again for nearly every request).
 """
 
 from __future__ import annotations
@@ -10,12 +12,13 @@ from __future__ import annotations
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import cached_property
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
 
 from es_ray.inference.chunking import Chunks, split
-from es_ray.inference.tokenizer import load_tokenizer
+from es_ray.inference.tokenizer import load_tokenizer, rows_tokenizer
 from es_ray.inference.triton_repo import ITEM_ENCODER, QUERY_ENCODER, ragged_batches, served_name
 
 
@@ -72,8 +75,8 @@ class TritonEncoder:
         # requests of one shape, so concurrent short queries can share a forward pass (1: batches may be
         # ragged, query_padding).
         self.query_pad_multiple = query_pad_multiple
+        # Loaded at first use: a query encoder tokenises through query_rows and never borrows one.
         self._idle_tokenizers: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle_tokenizers.put(load_tokenizer(tokenizer_dir))
         self.client = triton_grpc.InferenceServerClient(url, channel_args=channel_args())
 
     @classmethod
@@ -136,13 +139,14 @@ class TritonEncoder:
             raise TritonUnavailable(f"Triton {self.model_name} v{self.model_version}: {err}") from err
         return result.as_numpy("embedding__0")
 
+    @cached_property
+    def query_rows(self):
+        """texts -> token-id rows as queries are sent (tokenizer.rows_tokenizer; shared by every thread)."""
+        return rows_tokenizer(self.tokenizer_dir, self.max_length, self.query_pad_multiple)
+
     def embed_queries(self, texts: list[str]) -> np.ndarray:
         """One vector per text, truncated to max_length tokens (queries are short)."""
-        with self.tokenizer() as tokenizer:
-            encoded = tokenizer(texts, max_length=self.max_length, truncation=True, padding=True,
-                                pad_to_multiple_of=self.query_pad_multiple, return_tensors="np")
-        return self.embed_ids(encoded["input_ids"].astype(np.int64), encoded["attention_mask"].astype(np.int64),
-                              trim=False)
+        return self.embed_ids(*self.query_rows(texts), trim=False)
 
     def embed_chunks(self, texts: list[str], overlap: int, max_chunks: int) -> tuple[Chunks, np.ndarray]:
         """Splits long texts into chunks and embeds every chunk; returns the chunks and their vectors."""
