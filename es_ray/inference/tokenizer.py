@@ -41,11 +41,11 @@ def rows_tokenizer(model_dir: str | os.PathLike, max_length: int, pad_multiple: 
     builds a BatchEncoding): half of a short query's tokenising, more right after a forward pass has
     filled the caches (BENCHMARKS.md, "The served call's fixed cost"). Truncation and padding are set once
     here, so request threads may share the function: the Rust tokenizer refuses only concurrent changes of
-    its settings. A directory without a fast tokenizer keeps transformers' own call."""
+    its settings. A directory without a fast tokenizer, or without a pad token, keeps transformers' own call."""
     import numpy as np
 
     tokenizer = load_tokenizer(model_dir)
-    if not getattr(tokenizer, "is_fast", False):
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.pad_token_id is None:  # no pad: transformers says why
         def slow(texts: list[str]):
             encoded = tokenizer(texts, max_length=max_length, truncation=True, padding=True,
                                 pad_to_multiple_of=pad_multiple, return_tensors="np")
@@ -55,9 +55,11 @@ def rows_tokenizer(model_dir: str | os.PathLike, max_length: int, pad_multiple: 
     from tokenizers import Tokenizer
 
     rust = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: the original stays transformers'
+    rust.encode_special_tokens = tokenizer.split_special_tokens  # the one setting the copy does not carry
     rust.enable_truncation(max_length, direction=tokenizer.truncation_side)
-    rust.enable_padding(direction=tokenizer.padding_side, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token,
-                        pad_type_id=tokenizer.pad_token_type_id, pad_to_multiple_of=pad_multiple if pad_multiple > 1 else None)
+    rust.enable_padding(direction=tokenizer.padding_side, pad_id=tokenizer.pad_token_id,
+                        pad_token=tokenizer.pad_token, pad_type_id=tokenizer.pad_token_type_id,
+                        pad_to_multiple_of=pad_multiple if pad_multiple > 1 else None)
 
     def fast(texts: list[str]):
         if not texts:
