@@ -63,7 +63,6 @@ def test_the_tokenizer_is_the_one_autotokenizer_loads(tokenizer):
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
 
 
-
 @pytest.mark.parametrize("pad_multiple", [1, 16])
 def test_query_rows_are_what_transformers_call_returns(tokenizer, pad_multiple):
     """rows_tokenizer (the served path's query tokenising) sets truncation and padding once on a copy of the
