@@ -117,6 +117,7 @@ class ModelSettings(BaseModel):
     chunk_overlap: int = Field(32, ge=0)
     max_chunks: int = Field(16, ge=1)
     torch_threads: int = Field(1, ge=0)
+    lone_query_threads: int = Field(2, ge=0)
     query_pad_multiple: int = Field(16, ge=1)
     runtime: Literal["onnx", "torchscript"] = "onnx"
 

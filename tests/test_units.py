@@ -257,7 +257,8 @@ def test_only_the_item_encoder_bounds_its_queue():
 
 def test_the_item_encoder_gets_its_own_instance_count(tmp_path):
     """Bulk work keeps item_instances requests in flight, each on a one-thread stub of its own; the query
-    encoder keeps triton.instances (triton_repo.instance_count), in the configs a version's files get."""
+    encoder keeps triton.instances (triton_repo.instance_count), in the configs a version's files get; only
+    the query encoder's lone requests run on more threads (model.lone_query_threads)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -267,11 +268,14 @@ def test_the_item_encoder_gets_its_own_instance_count(tmp_path):
         directory = triton_repo.version_dir(tmp_path, name, 4)
         directory.mkdir(parents=True)
         (directory / "model.onnx").write_bytes(b"")
-    triton_repo.refresh_version(tmp_path, 4, 384, TritonSettings(backend="python", instances=1, item_instances=3), 1)
-    for name, count in (("item_encoder_v4", 3), ("query_encoder_v4", 1)):
+    triton_repo.refresh_version(tmp_path, 4, 384, TritonSettings(backend="python", instances=1, item_instances=3), 1,
+                                lone_query_threads=2)
+    for name, count, lone in (("item_encoder_v4", 3, "0"), ("query_encoder_v4", 1, "2")):
         config = text_format.Parse((tmp_path / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
         assert [group.count for group in config.instance_group] == [count]
-        assert config.parameters["torch_threads"].string_value == "1"   # one thread per stub either way
+        assert config.parameters["torch_threads"].string_value == "1"   # one thread per batch either way
+        # only a query that Triton hands over alone runs on more (templates/triton_model.py)
+        assert config.parameters["lone_request_threads"].string_value == lone
 
 
 def test_python_backend_shared_memory_is_sized_from_the_largest_batch(tmp_path):

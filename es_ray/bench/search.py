@@ -8,8 +8,8 @@ holds fewer). At 1 client it times the parts in turn with each search (one_clien
 query-embedding call (tokenise + gRPC) and the plain pgvector top-10 query, and reports ratio =
 end-to-end p50 / (sum of part p50s) and overhead_ms = end-to-end p50 - the part p50s (what the
 serving path itself costs: HTTP, Ray Serve, FastAPI, auth, the session record). Beside them, the
-fastest forward pass of the blue query encoder in this process (fastest_query_forward_ms):
-embed_to_fastest = served embedding p50 / one query's forward pass, and throughput_ratio = 8-client
+fastest forward pass of the blue query encoder in this process (fastest_query_forward_ms, the faster
+of 1 thread and every core): embed_to_fastest = served embedding p50 / one query's forward pass, and throughput_ratio = 8-client
 requests/s / the forward pass's queries/s at the batch size Triton's dynamic batcher formed during
 the 8-client level (its statistics: inferences / executions). Recall compares the HNSW top-10 (at
 the configured ef_search) with exact search over the same stored vectors, for every test query.
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> None:
               "note": "ratio = HTTP p50 / (embed p50 + pgvector p50); overhead_ms = HTTP p50 - embed p50 - "
                       "pgvector p50 (1 client, each search's parts timed in turn with it; "
                       "diagnostics_p50_ms.pgvector_in_a_loop: the same top-10s back to back); embed_to_fastest = "
-                      "embed p50 / one query's forward pass in-process at 1 thread; throughput_ratio = 8-client requests/s / the fastest "
-                      "forward pass's queries/s at the batch Triton formed (fastest of 1 thread and all cores)"}
+                      "embed p50 / one query's forward pass in-process; throughput_ratio = 8-client requests/s / the forward "
+                      "pass's queries/s at the batch Triton formed (each forward pass the faster of 1 thread and all cores)"}
     measured = "direct" if manifest.serve_proxy_url else "proxy"
     # The command as run: an ingress other than configs/stack.yaml's came from the environment.
     ingress = "" if measured == ServeSettings().ingress else f"ES_RAY_SERVE__INGRESS={measured} "
@@ -350,10 +350,12 @@ def _forward(path: Path, threads: int):
 
 
 def fastest_forward(model_path: Path, tokenizer_dir: str, max_length: int, pad_multiple: int, queries: list[str],
-                    batch: float) -> dict:
-    """One query's forward pass (p50 over many queries, 1 thread) and the queries/s of forward passes at
-    the batch size Triton formed, at 1 thread and at every core (the faster counts), each tokenised as the
-    served path tokenises (padded to a multiple of pad_multiple)."""
+                    batch: float, rounds: int = 3) -> dict:
+    """One query's forward pass (p50 over many queries) and the queries/s of forward passes at the batch
+    size Triton formed, each at 1 thread and at every core (the faster counts: the issue's limit is the
+    fastest pass on the machine, whatever the stub is set to), each tokenised as the served path tokenises
+    (padded to a multiple of pad_multiple). Thread counts take turns over `rounds` rounds and each keeps
+    its best round: two threads need both cores, and a slow minute must not make the limit look slower."""
     tokenizer = load_tokenizer(tokenizer_dir)
 
     def encoded(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -361,17 +363,20 @@ def fastest_forward(model_path: Path, tokenizer_dir: str, max_length: int, pad_m
                         pad_to_multiple_of=pad_multiple, return_tensors="np")
         return out["input_ids"].astype(np.int64), out["attention_mask"].astype(np.int64)
 
-    single = [fastest_query_forward_ms(model_path, *encoded([q]), threads=1, repeats=5) for q in queries[:60]]
     size = max(1, round(batch))
     batches = [queries[i:i + size] for i in range(0, min(len(queries), 20 * size), size)]
     batches = [b for b in batches if len(b) == size]
-    per_threads = {}
-    for threads in sorted({1, os.cpu_count() or 1}):
-        ms = float(np.median([fastest_query_forward_ms(model_path, *encoded(b), threads=threads, repeats=5)
-                              for b in batches]))
-        per_threads[threads] = round(size * 1000 / ms, 1)
+    query_ms, per_threads = {}, {}
+    for _ in range(rounds):
+        for threads in sorted({1, os.cpu_count() or 1}):
+            one = float(np.median([fastest_query_forward_ms(model_path, *encoded([q]), threads=threads, repeats=5)
+                                   for q in queries[:60]]))
+            query_ms[threads] = round(min(one, query_ms.get(threads, one)), 2)
+            ms = float(np.median([fastest_query_forward_ms(model_path, *encoded(b), threads=threads, repeats=5)
+                                  for b in batches]))
+            per_threads[threads] = max(round(size * 1000 / ms, 1), per_threads.get(threads, 0.0))
     return {"runtime": "onnx" if model_path.suffix == ".onnx" else "torchscript",
-            "query_ms": round(float(np.median(single)), 2), "batch": size,
+            "query_ms": min(query_ms.values()), "query_ms_by_threads": query_ms, "batch": size,
             "queries_per_s_by_threads": per_threads, "queries_per_s": max(per_threads.values())}
 
 

@@ -32,11 +32,13 @@ def write(settings: Settings, repo: Path, version: int, model_dir: Path) -> None
     if not triton_repo.has_version(repo, version):
         started = time.monotonic()
         made = export.write_version(repo, version, Path(model_dir), model_dim(model_dir), settings.triton,
-                                    settings.model.torch_threads, settings.model.runtime, settings.ray.batch_nice)
+                                    settings.model.torch_threads, settings.model.runtime, settings.ray.batch_nice,
+                                    settings.model.lone_query_threads)
         log.info("deploy.exported", version=version, runtime=settings.model.runtime,
                  seconds=round(time.monotonic() - started, 2), files=made)
     else:  # deployed by an earlier es-ray or with other settings: its config and model.py as they are now
-        triton_repo.refresh_version(repo, version, model_dim(model_dir), settings.triton, settings.model.torch_threads)
+        triton_repo.refresh_version(repo, version, model_dim(model_dir), settings.triton, settings.model.torch_threads,
+                                    settings.model.lone_query_threads)
 
 
 def deploy(settings: Settings, repo: Path, triton_http_url: str, version: int, model_dir: Path,

@@ -23,12 +23,13 @@ TIMEOUT_S = 600  # an ONNX export of MiniLM takes about 10 s on 2 cores; a large
 
 
 def write_version(repo: Path, version: int, model_dir: Path, dim: int, triton: TritonSettings, torch_threads: int,
-                  runtime: str, nice: int = 0) -> dict[str, str]:
+                  runtime: str, nice: int = 0, lone_query_threads: int = 0) -> dict[str, str]:
     """Both encoders of `version` written into `repo` as `runtime`'s files, by a child process running at
     niceness `nice` (an export is batch work: it must not take the cores from the servers carrying traffic).
     Returns {Triton model name: how its file was made} (triton_repo.write_version)."""
     request = {"repo": str(repo), "version": version, "model_dir": str(model_dir), "dim": dim,
-               "triton": triton.model_dump(), "torch_threads": torch_threads, "runtime": runtime, "nice": nice}
+               "triton": triton.model_dump(), "torch_threads": torch_threads, "runtime": runtime, "nice": nice,
+               "lone_query_threads": lone_query_threads}
     env = dict(os.environ)  # the child imports this es_ray, wherever it was imported from
     package_root = str(Path(es_ray.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
@@ -50,7 +51,7 @@ def _write(request: dict) -> dict[str, str]:
     return triton_repo.write_version(Path(request["repo"]), request["version"],
                                      {triton_repo.QUERY_ENCODER: query_tower, triton_repo.ITEM_ENCODER: item_tower},
                                      request["dim"], TritonSettings(**request["triton"]), request["torch_threads"],
-                                     request["runtime"])
+                                     request["runtime"], request.get("lone_query_threads", 0))
 
 
 if __name__ == "__main__":

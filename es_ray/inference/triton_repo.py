@@ -104,12 +104,14 @@ def instance_count(encoder: str, settings: TritonSettings) -> int:
 
 def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: int = 0,
                  runtime: str = "torchscript", *, bounded: bool, instances: int | None = None,
-                 ragged: bool = False) -> str:
+                 ragged: bool = False, lone_request_threads: int = 0) -> str:
     """config.pbtxt for one encoder. `python` runs model.py (embedded) on the runtime's file; `pytorch`
     (libtorch) and `onnxruntime` are a production Triton's own backends for model.pt and model.onnx.
     `bounded`: the queue policy below, bounded_queue(encoder): no default, so that no caller puts the
     policy back on the query encoder by leaving it out. `instances`: model instances (default
-    triton.instances; instance_count). `ragged`: requests of any length share a batch (ragged_batches)."""
+    triton.instances; instance_count). `ragged`: requests of any length share a batch (ragged_batches).
+    `lone_request_threads` (python backend, ONNX Runtime; 0: none): the threads a lone request runs on
+    (templates/triton_model.py)."""
     if settings.backend == "python":
         backend = 'backend: "python"'
         instance_kind = "KIND_CPU"
@@ -120,6 +122,7 @@ def config_pbtxt(name: str, dim: int, settings: TritonSettings, torch_threads: i
             f'parameters: {{ key: "arena_shrink_above_tokens" value: {{ string_value: '
             f'"{settings.arena_shrink_above_tokens}" }} }}\n'
             f'parameters: {{ key: "arena_shrink_idle_s" value: {{ string_value: "{settings.arena_shrink_idle_s}" }} }}\n'
+            f'parameters: {{ key: "lone_request_threads" value: {{ string_value: "{lone_request_threads}" }} }}\n'
         )
     else:
         backend = f'backend: "{settings.backend}"\ndefault_model_filename: "{MODEL_FILES[runtime]}"'
@@ -151,11 +154,13 @@ instance_group [ {{ kind: {instance_kind} count: {instances or settings.instance
 
 
 def encoder_config(encoder: str, version: int, dim: int, settings: TritonSettings, torch_threads: int,
-                   runtime: str) -> str:
-    """config.pbtxt of one encoder of a version, with that encoder's queue bound, instances and batching."""
+                   runtime: str, lone_query_threads: int = 0) -> str:
+    """config.pbtxt of one encoder of a version, with that encoder's queue bound, instances, batching and
+    threads (lone_query_threads: what the query encoder's lone requests run on, templates/triton_model.py)."""
     return config_pbtxt(served_name(encoder, version), dim, settings, torch_threads, runtime,
                         bounded=bounded_queue(encoder), instances=instance_count(encoder, settings),
-                        ragged=ragged_batches(encoder, settings))
+                        ragged=ragged_batches(encoder, settings),
+                        lone_request_threads=lone_query_threads if encoder == QUERY_ENCODER else 0)
 
 
 def save_model(module: nn.Module, path: Path, runtime: str, graph: Path | None = None) -> str:
@@ -187,7 +192,8 @@ def save_model(module: nn.Module, path: Path, runtime: str, graph: Path | None =
 
 
 def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: int,
-                  settings: TritonSettings, torch_threads: int = 0, runtime: str = "torchscript") -> dict[str, str]:
+                  settings: TritonSettings, torch_threads: int = 0, runtime: str = "torchscript",
+                  lone_query_threads: int = 0) -> dict[str, str]:
     """Writes both encoders' entries for `version` from {model name: encoder module} as `runtime`'s file;
     a module shared by both is saved once and hard-linked. Returns {Triton model name: how its file was made}."""
     from es_ray.inference import onnx_refit
@@ -217,11 +223,12 @@ def write_version(repo: Path, version: int, towers: dict[str, nn.Module], dim: i
         made[served_name(name, version)] = how
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
-                          encoder_config(name, version, dim, settings, torch_threads, runtime))
+                          encoder_config(name, version, dim, settings, torch_threads, runtime, lone_query_threads))
     return made
 
 
-def refresh_version(repo: Path, version: int, dim: int, settings: TritonSettings, torch_threads: int) -> None:
+def refresh_version(repo: Path, version: int, dim: int, settings: TritonSettings, torch_threads: int,
+                    lone_query_threads: int = 0) -> None:
     """A version already in the repository gets this es-ray's model.py and config.pbtxt (queue bounds,
     threads, ...) for the model file it holds; Triton reads them at its next load of the version."""
     for name in ENCODERS:
@@ -229,7 +236,7 @@ def refresh_version(repo: Path, version: int, dim: int, settings: TritonSettings
         runtime = next(r for r, f in MODEL_FILES.items() if f == model_file(directory).name)
         shutil.copy(TEMPLATE, directory / "model.py")
         _write_if_changed(directory.parent / "config.pbtxt",
-                          encoder_config(name, version, dim, settings, torch_threads, runtime))
+                          encoder_config(name, version, dim, settings, torch_threads, runtime, lone_query_threads))
 
 
 def _write_if_changed(path: Path, text: str) -> None:

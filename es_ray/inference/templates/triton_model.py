@@ -28,12 +28,14 @@ class TritonPythonModel:
         threads = int(params.get("torch_threads", "0"))  # 0: the runtime's default (every core)
         path = os.path.join(args["model_repository"], args["model_version"], params.get("model_filename", "model.pt"))
         if path.endswith(".onnx"):
-            self.run = self._onnx(path, threads, int(params.get("arena_shrink_above_tokens", "0")),
+            self.run = self._onnx(path, threads, int(params.get("lone_request_threads", "0")),
+                                  int(params.get("arena_shrink_above_tokens", "0")),
                                   float(params.get("arena_shrink_idle_s", "0")))
         else:
-            self.run = self._torchscript(path, threads, args)
+            run = self._torchscript(path, threads, args)
+            self.run = lambda ids, mask, lone: run(ids, mask)
 
-    def _onnx(self, path, threads, shrink_above_tokens, shrink_idle_s):
+    def _onnx(self, path, threads, lone_threads, shrink_above_tokens, shrink_idle_s):
         # torch is never imported here: a stub that runs ONNX Runtime alone is hundreds of MB smaller.
         import threading
         import time
@@ -41,11 +43,24 @@ class TritonPythonModel:
         import onnxruntime
 
         np = self.np
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+        def session_with(intra_op_threads):
+            options = onnxruntime.SessionOptions()
+            options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = intra_op_threads
+            options.inter_op_num_threads = 1
+            # The pool's threads spin while a run hands work between them (waking a sleeping thread for
+            # each of a query's ~100 parallel sections is what made two threads no faster than one), and
+            # stop when the run returns: left spinning, they burned a core between requests.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+            return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+        session = session_with(threads)
+        # A lone request (Triton found nothing else queued, so the machine has room: a query at low load)
+        # runs on lone_threads threads, where they make it faster; a batch runs on `threads`, where more
+        # threads would take the cores from the rest of the stack under load (BENCHMARKS.md, "A lone query
+        # on both cores"). A second session of the same file: about its weights' size more memory.
+        lone = session_with(lone_threads) if lone_threads and lone_threads != threads else session
         names = [i.name for i in session.get_inputs()]
         # The memory arena keeps allocations between runs, but left alone it also keeps its peak for
         # good: an item encoder that embedded batches of 64 x 256 tokens held 1.1 GB while idle. Shrinking
@@ -61,8 +76,8 @@ class TritonPythonModel:
         shrink = onnxruntime.RunOptions()
         shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         if shrink_idle_s <= 0:
-            return lambda ids, mask: session.run(None, dict(zip(names, (ids, mask))),
-                                                 shrink if ids.size > shrink_above_tokens else None)[0]
+            return lambda ids, mask, alone: (lone if alone else session).run(
+                None, dict(zip(names, (ids, mask))), shrink if ids.size > shrink_above_tokens else None)[0]
         state = {"running": 0, "last_end": 0.0, "pending": False}
         changed = threading.Condition()
         one_token = dict(zip(names, (np.zeros((1, 1), dtype=np.int64), np.ones((1, 1), dtype=np.int64))))
@@ -75,15 +90,16 @@ class TritonPythonModel:
                     while state["running"] or time.monotonic() < state["last_end"] + shrink_idle_s:
                         changed.wait(None if state["running"] else state["last_end"] + shrink_idle_s - time.monotonic())
                     state["pending"] = False
-                session.run(None, one_token, shrink)
+                for each in [session] if lone is session else [session, lone]:
+                    each.run(None, one_token, shrink)
 
         threading.Thread(target=shrink_when_idle, name="arena-shrink", daemon=True).start()
 
-        def run(ids, mask):
+        def run(ids, mask, alone):
             with changed:
                 state["running"] += 1
             try:
-                return session.run(None, dict(zip(names, (ids, mask))))[0]
+                return (lone if alone else session).run(None, dict(zip(names, (ids, mask))))[0]
             finally:
                 with changed:
                     state["running"] -= 1
@@ -120,7 +136,8 @@ class TritonPythonModel:
             width = max(a.shape[1] for a in ids)
             padded_ids = np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in ids])
             padded_mask = np.concatenate([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in masks])
-        out = self.run(padded_ids.astype(np.int64, copy=False), padded_mask.astype(np.int64, copy=False))
+        out = self.run(padded_ids.astype(np.int64, copy=False), padded_mask.astype(np.int64, copy=False),
+                       len(requests) == 1)
         responses, start = [], 0
         for a in ids:
             rows = out[start:start + a.shape[0]]
