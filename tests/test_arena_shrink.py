@@ -170,9 +170,9 @@ def test_a_lone_request_runs_on_more_threads_and_a_batch_on_the_stub_threads(stu
     assert [shape for shape, _ in batch.runs] == [(4, 12)]
 
 
-@pytest.mark.parametrize("lone_threads", [0, 1])   # none, or the stub's own thread count
-def test_without_lone_threads_every_request_runs_on_one_session(stub, lone_threads):
-    run, sessions, model = stub(shrink_above_tokens=1024, idle_s=0.3, threads=1, lone_threads=lone_threads)
+@pytest.mark.parametrize("threads, lone_threads", [(1, 0), (1, 1), (0, 2)])  # none; no more than a batch's
+def test_without_more_lone_threads_every_request_runs_on_one_session(stub, threads, lone_threads):
+    run, sessions, model = stub(shrink_above_tokens=1024, idle_s=0.3, threads=threads, lone_threads=lone_threads)
     assert len(sessions) == 1
     model.execute([Request(1, 12)])
     model.execute([Request(1, 12), Request(1, 5)])

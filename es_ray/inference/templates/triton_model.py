@@ -59,8 +59,9 @@ class TritonPythonModel:
         # A lone request (Triton found nothing else queued, so the machine has room: a query at low load)
         # runs on lone_threads threads, where they make it faster; a batch runs on `threads`, where more
         # threads would take the cores from the rest of the stack under load (BENCHMARKS.md, "A lone query
-        # on both cores"). A second session of the same file: about its weights' size more memory.
-        lone = session_with(lone_threads) if lone_threads and lone_threads != threads else session
+        # on both cores"). A second session of the same file: about its weights' size more memory, so only
+        # where it has more threads than the first (threads 0: ONNX Runtime's default, every core already).
+        lone = session_with(lone_threads) if threads and lone_threads > threads else session
         names = [i.name for i in session.get_inputs()]
         # The memory arena keeps allocations between runs, but left alone it also keeps its peak for
         # good: an item encoder that embedded batches of 64 x 256 tokens held 1.1 GB while idle. Shrinking
