@@ -166,8 +166,18 @@ def test_a_lone_request_runs_on_more_threads_and_a_batch_on_the_stub_threads(stu
     assert [o.shape for o in out] == [(1, 4)]
     out = model.execute([Request(1, 12), Request(2, 7), Request(1, 9)])   # a batch: padded to 12, one run
     assert [o.shape for o in out] == [(1, 4), (2, 4), (1, 4)]
+    out = model.execute([Request(16, 9)])         # alone but many rows: background work, not a search
+    assert [o.shape for o in out] == [(16, 4)]
     assert [shape for shape, _ in lone.runs] == [(1, 12)]
-    assert [shape for shape, _ in batch.runs] == [(4, 12)]
+    assert [shape for shape, _ in batch.runs] == [(4, 12), (16, 9)]
+
+
+def test_a_lone_query_without_the_idle_shrink_thread_runs_on_the_lone_session(stub):
+    run, (batch, lone), model = stub(shrink_above_tokens=1024, idle_s=0, threads=1, lone_threads=2)
+    model.execute([Request(1, 12)])
+    model.execute([Request(1, 12), Request(1, 3)])
+    assert [shape for shape, _ in lone.runs] == [(1, 12)]
+    assert [shape for shape, _ in batch.runs] == [(2, 12)]
 
 
 @pytest.mark.parametrize("threads, lone_threads", [(1, 0), (1, 1), (0, 2)])  # none; no more than a batch's

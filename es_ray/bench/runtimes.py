@@ -45,7 +45,9 @@ RUNTIMES = ("torch", "torchscript", "onnx", "onnx-int8")
 
 
 def onnx_session(path: Path, threads: int) -> onnxruntime.InferenceSession:
-    """What the python backend builds from model.onnx: every graph optimisation, `threads` intra-op threads."""
+    """What the python backend builds from model.onnx: every graph optimisation, `threads` intra-op threads;
+    its pool spins as ONNX Runtime's default has it (the stub stops the spinning after each run, which
+    costs nothing back to back: BENCHMARKS.md, "A lone query on both cores")."""
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads

@@ -8,8 +8,8 @@ holds fewer). At 1 client it times the parts in turn with each search (one_clien
 query-embedding call (tokenise + gRPC) and the plain pgvector top-10 query, and reports ratio =
 end-to-end p50 / (sum of part p50s) and overhead_ms = end-to-end p50 - the part p50s (what the
 serving path itself costs: HTTP, Ray Serve, FastAPI, auth, the session record). Beside them, the
-fastest forward pass of the blue query encoder in this process (fastest_query_forward_ms, the faster
-of 1 thread and every core): embed_to_fastest = served embedding p50 / one query's forward pass, and throughput_ratio = 8-client
+fastest forward pass of the blue query encoder in this process (fastest_forward: the faster of 1 thread
+and every core, each timed by fastest_query_forward_ms): embed_to_fastest = served embedding p50 / one query's forward pass, and throughput_ratio = 8-client
 requests/s / the forward pass's queries/s at the batch size Triton's dynamic batcher formed during
 the 8-client level (its statistics: inferences / executions). Recall compares the HNSW top-10 (at
 the configured ef_search) with exact search over the same stored vectors, for every test query.
@@ -367,7 +367,7 @@ def fastest_forward(model_path: Path, tokenizer_dir: str, max_length: int, pad_m
     batches = [queries[i:i + size] for i in range(0, min(len(queries), 20 * size), size)]
     batches = [b for b in batches if len(b) == size]
     query_ms, per_threads = {}, {}
-    for _ in range(rounds):
+    for _ in range(max(1, rounds)):
         for threads in sorted({1, os.cpu_count() or 1}):
             one = float(np.median([fastest_query_forward_ms(model_path, *encoded([q]), threads=threads, repeats=5)
                                    for q in queries[:60]]))

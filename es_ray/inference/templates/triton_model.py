@@ -56,10 +56,10 @@ class TritonPythonModel:
             return onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
         session = session_with(threads)
-        # A lone request (Triton found nothing else queued, so the machine has room: a query at low load)
-        # runs on lone_threads threads, where they make it faster; a batch runs on `threads`, where more
-        # threads would take the cores from the rest of the stack under load (BENCHMARKS.md, "A lone query
-        # on both cores"). A second session of the same file: about its weights' size more memory, so only
+        # A lone one-row request (Triton found nothing else in this model's queue: a search's query at low
+        # load) runs on lone_threads threads, where they make it faster; a batch, or a request of many rows
+        # (background work: the improvement loop's queries), runs on `threads`, where more threads would
+        # take the cores from the rest of the stack (BENCHMARKS.md, "A lone query on both cores"). A second session of the same file: about its weights' size more memory, so only
         # where it has more threads than the first (threads 0: ONNX Runtime's default, every core already).
         lone = session_with(lone_threads) if threads and lone_threads > threads else session
         names = [i.name for i in session.get_inputs()]
@@ -138,7 +138,7 @@ class TritonPythonModel:
             padded_ids = np.concatenate([np.pad(a, ((0, 0), (0, width - a.shape[1]))) for a in ids])
             padded_mask = np.concatenate([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in masks])
         out = self.run(padded_ids.astype(np.int64, copy=False), padded_mask.astype(np.int64, copy=False),
-                       len(requests) == 1)
+                       len(requests) == 1 and padded_ids.shape[0] == 1)
         responses, start = [], 0
         for a in ids:
             rows = out[start:start + a.shape[0]]
