@@ -33,7 +33,7 @@ class TritonPythonModel:
                                   float(params.get("arena_shrink_idle_s", "0")))
         else:
             run = self._torchscript(path, threads, args)
-            self.run = lambda ids, mask, lone: run(ids, mask)
+            self.run = lambda ids, mask, alone: run(ids, mask)  # torch: one thread setting per process
 
     def _onnx(self, path, threads, lone_threads, shrink_above_tokens, shrink_idle_s):
         # torch is never imported here: a stub that runs ONNX Runtime alone is hundreds of MB smaller.
@@ -59,8 +59,9 @@ class TritonPythonModel:
         # A lone one-row request (Triton found nothing else in this model's queue: a search's query at low
         # load) runs on lone_threads threads, where they make it faster; a batch, or a request of many rows
         # (background work: the improvement loop's queries), runs on `threads`, where more threads would
-        # take the cores from the rest of the stack (BENCHMARKS.md, "A lone query on both cores"). A second session of the same file: about its weights' size more memory, so only
-        # where it has more threads than the first (threads 0: ONNX Runtime's default, every core already).
+        # take the cores from the rest of the stack (BENCHMARKS.md, "A lone query on both cores"). A second
+        # session of the same file costs about its weights' size in memory, so there is one only where it
+        # has more threads than the first (threads 0: ONNX Runtime's default, every core already).
         lone = session_with(lone_threads) if threads and lone_threads > threads else session
         names = [i.name for i in session.get_inputs()]
         # The memory arena keeps allocations between runs, but left alone it also keeps its peak for
