@@ -78,12 +78,14 @@ def timed(fn, *args, **kwargs) -> float:
     return time.perf_counter() - started
 
 
-def write_result(name: str, dataset: str, result: dict[str, Any], command: str, scratch: str = "") -> Path:
+def write_result(name: str, dataset: str, result: dict[str, Any], command: str, scratch: str = "",
+                 machine_info: dict[str, Any] | None = None) -> Path:
     """bench/results/<name>-<dataset>.json and the tables in BENCHMARKS.md; with `scratch` (an experiment's
-    name) /tmp/esr-bench-scratch/<name>-<dataset>-<scratch>.json instead, the report untouched."""
+    name) /tmp/esr-bench-scratch/<name>-<dataset>-<scratch>.json instead, the report untouched.
+    `machine_info`: the machine it was measured on, where that is not this one (bench/gpu.py)."""
     result = {**result, "dataset": dataset, "commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "command": command}
+              "machine": machine_info or machine(), "command": command}
     folder = SCRATCH if scratch else RESULTS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{dataset}{'-' + scratch if scratch else ''}.json"

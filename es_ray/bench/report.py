@@ -238,6 +238,15 @@ TABLES.append(("runtimes", "Model runtimes (same SciFact inputs, one run, median
                                                           f" / {r['query_vs_torchscript']}"),
     ("min cosine to torch: docs / queries", lambda r: f"{r['cosine_docs_min']} / {r['cosine_queries_min']}"),
     ("test nDCG@10", lambda r: r.get("test_ndcg@10", "-"))]))
+TABLES.append(("gpu", "Embedding on a GPU (CUDA torch, fp32; es-ray's encoding stage against the raw forward pass there, "
+                      "best of interleaved rounds)", lambda r: [r], [
+    ("gpu", lambda r: r["gpu"]), ("torch", lambda r: r["torch"]), ("docs", lambda r: r["docs"]),
+    ("chunks", lambda r: r["chunks"]), ("batch x rows", lambda r: f"{r['batch_size']} x {r['rows_per_request']}"),
+    ("ingest docs/s (workers)", lambda r: f"{r['ingest_docs_per_s']} ({r['workers']}); 1: {r['ingest_one_worker_docs_per_s']}"),
+    ("raw docs/s", lambda r: r["raw_docs_per_s"]), ("ingest / raw", lambda r: r["ingest_ratio"]),
+    ("tokenise docs/s", lambda r: r["tokenise_docs_per_s"]),
+    ("query p50 ms: path / raw", lambda r: f"{r['query_p50_ms']} / {r['raw_query_p50_ms']}"),
+    ("query path / raw", lambda r: r["query_ratio"])]))
 TABLES.append(("idle", "Idle stack (every process of the state dir's stack, sampled over the window)", lambda r: [r], [
     ("stack", lambda r: r["stack"]), ("window s", lambda r: r["seconds"]), ("processes", lambda r: r["processes"]),
     ("cores busy (target <= 0.10)", lambda r: r["core_fraction"]),
