@@ -39,3 +39,21 @@ def test_measure_reports_both_sides_and_their_ratios(tmp_path):
     ratio = result["ingest_docs_per_s"] / result["raw_docs_per_s"]  # each side's best round
     assert abs(result["ingest_ratio"] - ratio) <= 0.01 * ratio + 0.002
     assert result["query_ratio"] > 0 and result["raw_query_p50_ms"] > 0
+
+
+def test_prepare_writes_the_benchmarks_sample_and_a_half_precision_model(tmp_path):
+    from pathlib import Path
+
+    from es_ray.bench.gpu import prepare
+    from es_ray.data.corpus import read_corpus
+
+    collection = Path(__file__).parent / "fixtures" / "collection"
+    model_dir = tiny_encoder_dir(tmp_path / "tiny")
+    prepare(tmp_path / "out", collection, model_dir, docs=5)
+    sample = list(read_corpus(tmp_path / "out" / "collection" / "corpus.jsonl"))
+    assert len(sample) == 5 and {i["id"] for i in sample} <= {i["id"] for i in read_corpus(collection / "corpus.jsonl")}
+    assert (tmp_path / "out" / "collection" / "qrels" / "test.tsv").exists()
+    widened = load_encoder(tmp_path / "out" / "model").float()
+    original = load_encoder(model_dir)
+    for (name, a), (_, b) in zip(widened.state_dict().items(), original.state_dict().items()):
+        torch.testing.assert_close(a, b.half().float(), msg=name)  # the same weights, rounded to fp16

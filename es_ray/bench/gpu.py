@@ -1,7 +1,8 @@
 """GPU check: the embedding stages of ingest and search on a CUDA torch, against the raw forward pass there.
 
-    python -m es_ray.bench.gpu --data DIR --model DIR --out gpu.json        # where a CUDA torch is
-    python -m es_ray.bench.gpu --record gpu.json --command "..."            # here: into bench/results
+    python -m es_ray.bench.gpu --prepare .gpu                               # here: what travels
+    python -m es_ray.bench.gpu --data .gpu/scifact --model .gpu/model --out gpu.json   # where a CUDA torch is
+    python -m es_ray.bench.gpu --record gpu.json                            # here: into bench/results
 
 Issue 17 asks, where a session is lent a GPU machine, for ingest and search measured there with a CUDA
 torch made on that machine (never the project's pins) as ratios to the raw forward pass on that GPU;
@@ -17,6 +18,12 @@ encoding stage of each path in one process, the model in fp32 as Triton serves i
   a production Triton's backends batch queries), the copies and the forward pass; raw: the forward pass
   of the same ids already on the GPU.
 Every timing synchronises the GPU. Rounds interleave the two sides; each keeps its best round.
+
+A device machine takes 64 MiB of files: --prepare writes the ingest benchmark's sample of the collection
+(--docs documents, its queries and test judgements) and the model with fp16 weights (45 MB; widened back to
+fp32 there: the same shapes and speed, vectors within fp16 rounding of the served ones). The config's
+pydantic packages travel as wheels (`pip download` for Python 3.12), installed into a venv made there over
+the machine's own CUDA torch.
 """
 
 from __future__ import annotations
@@ -188,6 +195,32 @@ def measure(model_dir: Path, texts: list[str], queries: list[str], settings, dev
     }
 
 
+def prepare(folder: Path, data: Path | None, model_dir: Path | None, docs: int) -> None:
+    """folder/<collection>: the sample the benchmark embeds (raw BEIR lines), the queries and the test
+    judgements; folder/model: the encoder with fp16 weights and its tokenizer."""
+    import shutil
+
+    from es_ray.data import beir
+    from es_ray.inference.encoder import resolve_model_dir
+
+    settings = load_settings()
+    data = beir.locate(data, settings.state_path)
+    corpus = list(read_corpus(data / "corpus.jsonl"))
+    random.Random(1).shuffle(corpus)
+    keep = {item["id"] for item in corpus[:docs]}
+    sample = folder / data.name
+    (sample / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(data / "corpus.jsonl") as lines:
+        (sample / "corpus.jsonl").write_text("".join(line for line in lines if json.loads(line)["_id"] in keep))
+    shutil.copy(data / "queries.jsonl", sample / "queries.jsonl")
+    shutil.copy(data / "qrels" / "test.tsv", sample / "qrels" / "test.tsv")
+    source = resolve_model_dir(model_dir or settings.model.source)
+    load_encoder(source).transformer.half().save_pretrained(str(folder / "model"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / "model" / name)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, help="BEIR directory: corpus.jsonl, queries.jsonl, qrels/test.tsv")
@@ -196,14 +229,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, help="where the result is written (JSON)")
+    parser.add_argument("--prepare", type=Path, help="write the collection's sample and the fp16 model here")
     parser.add_argument("--record", type=Path, help="a result measured elsewhere, written to bench/results here")
-    parser.add_argument("--command", default="python -m es_ray.bench.gpu", help="with --record: the command it ran")
     args = parser.parse_args(argv)
+    if args.prepare:
+        prepare(args.prepare, args.data, args.model, args.docs)
+        return
     if args.record:
         from es_ray.bench.common import write_result
 
         result = json.loads(args.record.read_text())
-        print(write_result("gpu", result.pop("dataset"), result, args.command, machine_info=result.pop("machine")))  # noqa: T201
+        command = (f"python -m es_ray.bench.gpu --data DIR --model DIR --docs {result['docs']} "
+                   f"--rounds {result['rounds']}")
+        print(write_result("gpu", result.pop("dataset"), result, command, machine_info=result.pop("machine")))  # noqa: T201
         return
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark runs where a CUDA torch sees a GPU")
