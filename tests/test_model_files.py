@@ -41,6 +41,27 @@ def test_onnx_file_embeds_as_torch_at_any_batch_and_length(tmp_path):
         np.testing.assert_allclose(served, local, atol=1e-5)
 
 
+def test_linear_weights_are_stored_as_their_matmul_reads_them(tmp_path):
+    """No Transpose of a weight is left for ONNX Runtime to fold at load (it would keep both copies): every
+    Linear's weight is stored transposed under <parameter>::T, and the graph computes as before."""
+    import onnx
+
+    from es_ray.inference.encoder import export_onnx
+    from es_ray.inference.onnx_refit import TRANSPOSED, fold_weight_transposes
+
+    encoder = load_encoder(tiny_encoder_dir(tmp_path / "tiny"))
+    model = onnx.load(str(export_onnx(encoder, tmp_path / "model.onnx")))
+    stored = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in stored]
+    linears = {name for name, module in encoder.named_modules()  # BERT's pooler is not in the graph: mean pooling
+               if isinstance(module, torch.nn.Linear) and ".pooler." not in name}
+    assert linears and {f"{name}.weight{TRANSPOSED}" for name in linears} <= set(stored)
+    for name in linears:
+        weight = encoder.get_submodule(name).weight
+        assert stored[f"{name}.weight{TRANSPOSED}"] == tuple(weight.shape[::-1]) and f"{name}.weight" not in stored
+    assert fold_weight_transposes(tmp_path / "model.onnx") == 0  # nothing left to fold the second time
+
+
 def test_torchscript_file_is_traced_from_the_encoder(tmp_path):
     encoder = load_encoder(tiny_encoder_dir(tmp_path / "tiny"))
     repo = tmp_path / "repo"

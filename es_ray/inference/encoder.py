@@ -102,9 +102,12 @@ OUTPUT_NAME = "embedding__0"
 def export_onnx(encoder: SentenceEncoder, path: str | os.PathLike) -> Path:
     """The encoder (transformer, mean pooling, L2 norm) as one ONNX file, with torch's maintained
     exporter (`torch.onnx.export`, dynamo); batch and sequence length stay dynamic. Not optimised: every
-    weight stays an initializer under its parameter's name, so a later version of the same architecture
-    takes this graph with its own weights (onnx_refit.py). ONNX Runtime folds and fuses the graph itself
-    when it loads it (ORT_ENABLE_ALL; measured here: the same speed as the exporter's optimised graph)."""
+    weight stays an initializer under its parameter's name (a Linear's stored transposed, as its MatMul
+    reads it: onnx_refit.fold_weight_transposes), so a later version of the same architecture takes this
+    graph with its own weights (onnx_refit.py). ONNX Runtime folds and fuses the graph itself when it loads
+    it (ORT_ENABLE_ALL; measured here: the same speed as the exporter's optimised graph)."""
+    from es_ray.inference.onnx_refit import fold_weight_transposes
+
     from torch.export import Dim
 
     example_ids = torch.randint(100, 1000, (2, 16), dtype=torch.long)
@@ -117,4 +120,5 @@ def export_onnx(encoder: SentenceEncoder, path: str | os.PathLike) -> Path:
                                     input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
                                     external_data=False, verbose=False, optimize=False)
     program.save(str(path))
+    fold_weight_transposes(Path(path))
     return Path(path)

@@ -7,12 +7,18 @@ graph `encoder.export_onnx` writes keeps every weight as an initializer under it
 config and the exporter's version). A later tower of the same architecture copies that graph, puts its own
 parameters in place of the initializers of the same name, and is kept only if ONNX Runtime then computes
 what torch computes on a small batch; anything else falls back to a full export.
+
+The exported graph reaches each Linear's weight through a Transpose. ONNX Runtime folds those when it
+loads the graph, but keeps the weights as stored beside the transposed copies: for MiniLM 32-44 MB more per
+session, with the same vectors and speed (BENCHMARKS.md, "Weights stored as the MatMul reads them").
+`fold_weight_transposes` stores such a weight transposed, as `<parameter>::T`, before any session loads it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,9 +26,11 @@ if TYPE_CHECKING:
     from es_ray.inference.encoder import SentenceEncoder
 
 RECORD = "export.json"  # beside model.onnx: {"architecture": digest}
+TRANSPOSED = "::T"      # an initializer <parameter>::T holds that 2-D parameter transposed (no torch name has "::")
 # Config keys that differ between a parent and its fine-tuned copy without changing the graph.
 _NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures"}
-_EXPORTER = "torch.onnx.export dynamo, optimize=False"  # what export_onnx writes; a change makes new digests
+_EXPORTER = "torch.onnx.export dynamo, optimize=False, weight transposes folded"  # what export_onnx writes;
+# a change makes new digests
 
 
 def architecture(encoder: SentenceEncoder) -> str:
@@ -52,6 +60,7 @@ def find_graph(repo: Path, digest: str) -> Path | None:
 def refit(graph: Path, encoder: SentenceEncoder, path: Path) -> bool:
     """Writes `graph` with `encoder`'s weights to `path`; False (and nothing usable at `path`) when the
     weights do not fit the graph or the result does not compute what the encoder computes."""
+    import numpy as np
     import onnx
     from onnx import numpy_helper
 
@@ -59,17 +68,50 @@ def refit(graph: Path, encoder: SentenceEncoder, path: Path) -> bool:
     weights = encoder.state_dict()
     replaced = 0
     for initializer in model.graph.initializer:
-        tensor = weights.get(initializer.name)
+        transposed = initializer.name.endswith(TRANSPOSED)
+        tensor = weights.get(initializer.name.removesuffix(TRANSPOSED))
         if tensor is None:
             continue  # a constant of the graph itself (position ids, shapes)
-        if tuple(initializer.dims) != tuple(tensor.shape):
+        array = tensor.detach().cpu().numpy()
+        array = np.ascontiguousarray(array.T) if transposed else array
+        if tuple(initializer.dims) != array.shape:
             return False
-        initializer.CopyFrom(numpy_helper.from_array(tensor.detach().cpu().numpy(), initializer.name))
+        initializer.CopyFrom(numpy_helper.from_array(array, initializer.name))
         replaced += 1
     if replaced == 0:
         return False
     onnx.save(model, str(path))
     return computes_as_torch(path, encoder)
+
+
+def fold_weight_transposes(path: Path) -> int:
+    """Rewrites the ONNX file at `path` with every Transpose of a 2-D weight (used by nothing else) replaced by
+    the weight stored transposed as `<name>::T`, which the Transpose's readers then take; returns how many."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    readers = Counter(name for node in graph.node for name in node.input)
+    folded = 0
+    for node in list(graph.node):
+        weight = initializers.get(node.input[0]) if node.op_type == "Transpose" else None
+        perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
+        if weight is None or len(weight.dims) != 2 or readers[weight.name] != 1 or perm not in ([], [[1, 0]]):
+            continue
+        name = weight.name + TRANSPOSED
+        graph.initializer.remove(weight)
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), name))
+        for reader in graph.node:
+            reader.input[:] = [name if x == node.output[0] else x for x in reader.input]
+        for info in [v for v in graph.value_info if v.name == node.output[0]]:
+            graph.value_info.remove(info)
+        graph.node.remove(node)
+        folded += 1
+    onnx.save(model, str(path))
+    return folded
 
 
 def computes_as_torch(path: Path, encoder: SentenceEncoder, atol: float = 1e-4) -> bool:
