@@ -78,6 +78,14 @@ def assert_ray_data_actors_stopped(stack, settings):
             assert STATS in ray_data_actors.present()
         assert STATS in ray_data_actors.stop_if_idle(stack.postgres_dsn) or STATS not in ray_data_actors.present()
         assert STATS not in ray_data_actors.present()
+        # Ray Train's trials make the coordinator alone (a fine-tune leaves no stats actor): stopped too.
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+
+        ray.get(get_or_create_autoscaling_coordinator().__ray_ready__.remote(), timeout=60)
+        # []: the driver's housekeeping, which calls the same function, stopped it first
+        assert ray_data_actors.stop_if_idle(stack.postgres_dsn) in (["AutoscalingCoordinator"], [])
+        assert ray_data_actors.present() == []
     finally:
         ray.shutdown()
 

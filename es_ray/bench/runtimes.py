@@ -82,8 +82,8 @@ def encoders(model_dir: Path, folder: Path, threads: int) -> dict[str, Encode]:
     fp32, int8 = folder / "model.onnx", folder / "model-int8.onnx"
     export_onnx(eager, fp32)
     # Weights to int8, activations quantised on the fly: no calibration data needed. The served graph is
-    # not optimised (its weights reach MatMul through a Transpose, which quantize_dynamic skips): ONNX
-    # Runtime's pre-processing folds it first, as its quantisation guide says.
+    # not optimised (constants and shapes unfolded): ONNX Runtime's pre-processing folds it first, as its
+    # quantisation guide says.
     folded = folder / "model-folded.onnx"
     quant_pre_process(str(fp32), str(folded), skip_symbolic_shape=True)
     quantize_dynamic(str(folded), str(int8), weight_type=QuantType.QInt8)

@@ -7,7 +7,9 @@ each map actor runs on). They are detached on purpose, so that every driver of t
 each and none dies with the job that made it; no DataContext field or environment variable avoids them.
 So they outlive the last job: three idle Ray workers (after a demo 0.0235 of a core and 303 MiB PSS
 together, BENCHMARKS.md "Idle stack"). The next execution creates them again by name (`get_if_exists`),
-at the cost of their start-up.
+at the cost of their start-up. Ray Train does the same with the autoscaling coordinator alone, in every
+trial of a fine-tune (it sends the coordinator its workers' resource requests, and only logs a warning
+if it has gone), so that one can be left without the stats actor beside it.
 
 When to stop them: only when the stats actor holds no dataset that is pending or running. Every
 execution registers its dataset there before it asks the other two for anything, and marks it finished
@@ -74,9 +76,10 @@ def present() -> list[str]:
 
 def stop_if_idle(dsn: str) -> list[str]:
     """Kills the three actors when no es-ray Ray Data run holds the lock and no dataset is pending or
-    running; returns the names killed."""
-    if _actor(*STATS_ACTOR) is None:
-        return []   # executions create the stats actor first: without it none ran since the last stop
+    running (none, where the stats actor is not there: a Ray Train run made the coordinator alone); returns
+    the names killed."""
+    if not present():
+        return []   # none ran since the last stop
     with db.connect(dsn) as conn:
         if not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
             return []   # a run of ours is in flight
