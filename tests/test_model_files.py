@@ -59,7 +59,38 @@ def test_linear_weights_are_stored_as_their_matmul_reads_them(tmp_path):
     for name in linears:
         weight = encoder.get_submodule(name).weight
         assert stored[f"{name}.weight{TRANSPOSED}"] == tuple(weight.shape[::-1]) and f"{name}.weight" not in stored
-    assert fold_weight_transposes(tmp_path / "model.onnx") == 0  # nothing left to fold the second time
+    assert fold_weight_transposes(model) == 0  # nothing left to fold the second time
+
+
+def test_a_graph_exported_before_the_fold_is_taken_and_folded(tmp_path, monkeypatch):
+    """A repository written by an es-ray that stored weights as the exporter left them: the next version of
+    that architecture takes its graph (the same digest) and is written folded."""
+    import onnx
+
+    from es_ray.inference import onnx_refit
+
+    first, second = (load_encoder(tiny_encoder_dir(tmp_path / f"tiny-{seed}", seed=seed)) for seed in (0, 1))
+    repo = tmp_path / "repo"
+    with monkeypatch.context() as earlier:
+        earlier.setattr(onnx_refit, "fold_weight_transposes", lambda model: 0)
+        triton_repo.write_version(repo, 1, {"query_encoder": first, "item_encoder": first}, 32, TritonSettings(),
+                                  runtime="onnx")
+    names = {i.name for i in onnx.load(str(triton_repo.version_dir(repo, "query_encoder", 1) / "model.onnx"))
+             .graph.initializer}
+    assert not any(n.endswith(onnx_refit.TRANSPOSED) for n in names)
+    made = triton_repo.write_version(repo, 2, {"query_encoder": second, "item_encoder": second}, 32,
+                                     TritonSettings(), runtime="onnx")
+    assert made["query_encoder_v2"].startswith("refit from ")
+    path = triton_repo.version_dir(repo, "query_encoder", 2) / "model.onnx"
+    graph = onnx.load(str(path)).graph
+    stored = {i.name for i in graph.initializer}
+    assert any(n.endswith(onnx_refit.TRANSPOSED) for n in stored)
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in stored]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, mask = _inputs(3, 21, seed=3)
+    with torch.inference_mode():
+        np.testing.assert_allclose(session.run(None, dict(zip(INPUT_NAMES, (ids.numpy(), mask.numpy()))))[0],
+                                   second(ids, mask).numpy(), atol=1e-5)
 
 
 def test_torchscript_file_is_traced_from_the_encoder(tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -210,8 +211,9 @@ def prepare(folder: Path, data: Path | None, model_dir: Path | None, docs: int) 
     keep = {item["id"] for item in corpus[:docs]}
     sample = folder / data.name
     (sample / "qrels").mkdir(parents=True, exist_ok=True)
-    with open(data / "corpus.jsonl") as lines:
-        (sample / "corpus.jsonl").write_text("".join(line for line in lines if json.loads(line)["_id"] in keep))
+    with open(data / "corpus.jsonl") as lines:   # the raw lines, as read_corpus reads them (ids as text)
+        (sample / "corpus.jsonl").write_text("".join(line for line in lines
+                                                     if line.strip() and str(json.loads(line)["_id"]) in keep))
     shutil.copy(data / "queries.jsonl", sample / "queries.jsonl")
     shutil.copy(data / "qrels" / "test.tsv", sample / "qrels" / "test.tsv")
     source = resolve_model_dir(model_dir or settings.model.source)
@@ -239,8 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         from es_ray.bench.common import write_result
 
         result = json.loads(args.record.read_text())
-        command = (f"python -m es_ray.bench.gpu --data DIR --model DIR --docs {result['docs']} "
-                   f"--rounds {result['rounds']}")
+        command = result.pop("command", f"python -m es_ray.bench.gpu --docs {result['docs']} --rounds {result['rounds']}")
         print(write_result("gpu", result.pop("dataset"), result, command, machine_info=result.pop("machine")))  # noqa: T201
         return
     if not torch.cuda.is_available():
@@ -254,7 +255,8 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args.model, texts, test, settings, torch.device("cuda"), args.rounds)
     from es_ray.stack.host import machine
 
-    result |= {"dataset": args.data.name, "machine": {**machine(), "gpu": result["gpu"]}}
+    result |= {"dataset": args.data.name, "machine": {**machine(), "gpu": result["gpu"]},
+               "command": "python -m es_ray.bench.gpu " + " ".join(sys.argv[1:] if argv is None else argv)}
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.write_text(text + "\n")

@@ -68,8 +68,10 @@ def synthetic_sessions(queries: dict[str, str], qrels: dict[str, dict[str, int]]
     return SessionBatch(sessions)
 
 
-def _fine_tune_as_batch(settings: dict, nice: int, overrides: dict, batch, items, texts, parent) -> dict:
-    """A fine-tune in a Ray worker of its own, lowered to `nice` first as a task job lowers itself."""
+def _fine_tune_as_batch(settings: dict, nice: int, dsn: str, overrides: dict, batch, items, texts, parent) -> dict:
+    """A fine-tune in a Ray worker of its own, lowered to `nice` first as a task job lowers itself, holding
+    Ray's helper actors as the fine-tune job does (es_ray/data/ray_data_actors.py)."""
+    from es_ray.data import ray_data_actors
     from es_ray.priority import run_as_batch
     from es_ray.train.finetune import fine_tune
 
@@ -77,7 +79,8 @@ def _fine_tune_as_batch(settings: dict, nice: int, overrides: dict, batch, items
     run_as_batch(nice)
     (settings.state_path / "mlflow").mkdir(parents=True, exist_ok=True)  # its sqlite store's folder
     started = time.monotonic()
-    result = fine_tune(settings, load_finetune_config(overrides=overrides), batch, items, texts, parent)
+    with ray_data_actors.in_use(dsn):
+        result = fine_tune(settings, load_finetune_config(overrides=overrides), batch, items, texts, parent)
     return {"seconds": round(time.monotonic() - started, 1), "trials": len(result["trials"])}
 
 
@@ -147,7 +150,8 @@ def measure(args, name: str, batch_nice: int, prepared: dict) -> dict:
         for _ in range(args.rounds):
             with NiceSeen(Path(manifest.state_dir)) as seen:
                 since = time.monotonic()
-                run = ray.get(job.remote(prepared["scratch"], batch_nice, FINETUNE, *prepared["finetune_args"]))
+                run = ray.get(job.remote(prepared["scratch"], batch_nice, manifest.postgres_dsn, FINETUNE,
+                                        *prepared["finetune_args"]))
                 until = time.monotonic()
             out["runs"].append({**run, "nice_seen": seen.report(), "search": window(load, since, until)})
             print(name, out["runs"][-1], flush=True)  # noqa: T201 - the benchmark's progress

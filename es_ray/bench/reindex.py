@@ -142,8 +142,6 @@ def main(argv: list[str] | None = None) -> None:
     texts = sentences(data_dirs, sizes[-1])
     with db.connect(manifest.postgres_dsn) as conn:
         v1 = blue_green.get_model(conn, 1)
-
-    with db.connect(manifest.postgres_dsn) as conn:
         stored = Collection(blue_green.get_blue(conn).collection, v1.dim).count(conn)
     if stored > sizes[0]:   # a reindex embeds every blue item: the size would not be the one measured
         raise SystemExit(f"blue already holds {stored} items, more than the size {sizes[0]}: a reindex embeds all "

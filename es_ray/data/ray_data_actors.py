@@ -16,8 +16,9 @@ execution registers its dataset there before it asks the other two for anything,
 or failed when it ends, so a job in flight keeps them alive. A job killed mid-run leaves its dataset
 "running" in the stats actor, which then keeps all three alive until Ray restarts: the safe side.
 A new execution could register between that look and the kill and then meet a dead tracker, so the two
-sides also share a Postgres advisory lock: every es-ray Ray Data run (the bulk upsert job) holds it
-shared while it runs (`in_use`), and the stop happens only under it exclusively,
+sides also share a Postgres advisory lock: every es-ray Ray Data run (the bulk upsert job) and Ray Train
+run (a fine-tune's trials) holds it shared while it runs (`in_use`), and the stop happens only under it
+exclusively,
 taken without waiting (`stop_if_idle`). A run that starts meanwhile waits the few milliseconds of the
 kill, and Ray Data creates the actors again. The lifecycle driver also never stops them while a task of
 its own (a reindex) is active.
@@ -47,7 +48,8 @@ LOCK_KEY = 0x6573_7261_7964  # pg advisory lock key ("esrayd"): es-ray's Ray Dat
 
 @contextmanager
 def in_use(dsn: str) -> Iterator[None]:
-    """Held around a Ray Data run: the actors are not stopped until it ends (its connection's close frees it)."""
+    """Held around a Ray Data or Ray Train run: the actors are not stopped until it ends (its connection's
+    close frees it)."""
     with db.connect(dsn) as conn:
         conn.execute("SELECT pg_advisory_lock_shared(%s)", (LOCK_KEY,))
         yield

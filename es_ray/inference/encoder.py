@@ -106,6 +106,8 @@ def export_onnx(encoder: SentenceEncoder, path: str | os.PathLike) -> Path:
     reads it: onnx_refit.fold_weight_transposes), so a later version of the same architecture takes this
     graph with its own weights (onnx_refit.py). ONNX Runtime folds and fuses the graph itself when it loads
     it (ORT_ENABLE_ALL; measured here: the same speed as the exporter's optimised graph)."""
+    import onnx
+
     from es_ray.inference.onnx_refit import fold_weight_transposes
 
     from torch.export import Dim
@@ -119,6 +121,7 @@ def export_onnx(encoder: SentenceEncoder, path: str | os.PathLike) -> Path:
         program = torch.onnx.export(encoder, (example_ids, example_mask), dynamo=True, dynamic_shapes=shapes,
                                     input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
                                     external_data=False, verbose=False, optimize=False)
-    program.save(str(path))
-    fold_weight_transposes(Path(path))
+    model = program.model_proto
+    fold_weight_transposes(model)
+    onnx.save(model, str(path))
     return Path(path)

@@ -10,8 +10,9 @@ what torch computes on a small batch; anything else falls back to a full export.
 
 The exported graph reaches each Linear's weight through a Transpose. ONNX Runtime folds those when it
 loads the graph, but keeps the weights as stored beside the transposed copies: for MiniLM 32-44 MB more per
-session, with the same vectors and speed (BENCHMARKS.md, "Weights stored as the MatMul reads them").
-`fold_weight_transposes` stores such a weight transposed, as `<parameter>::T`, before any session loads it.
+session (about 41 MB), with the same vectors and speed (BENCHMARKS.md, "Weights stored as the MatMul reads
+them"). `fold_weight_transposes` stores such a weight transposed, as `<parameter>::T`, before any session
+loads it: in every export, and in every refit, so a graph exported before it was folded is still taken.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import onnx
+
     from es_ray.inference.encoder import SentenceEncoder
 
 RECORD = "export.json"  # beside model.onnx: {"architecture": digest}
 TRANSPOSED = "::T"      # an initializer <parameter>::T holds that 2-D parameter transposed (no torch name has "::")
 # Config keys that differ between a parent and its fine-tuned copy without changing the graph.
 _NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "architectures"}
-_EXPORTER = "torch.onnx.export dynamo, optimize=False, weight transposes folded"  # what export_onnx writes;
-# a change makes new digests
+_EXPORTER = "torch.onnx.export dynamo, optimize=False"  # what export_onnx writes; a change makes new digests
 
 
 def architecture(encoder: SentenceEncoder) -> str:
@@ -80,26 +82,31 @@ def refit(graph: Path, encoder: SentenceEncoder, path: Path) -> bool:
         replaced += 1
     if replaced == 0:
         return False
+    fold_weight_transposes(model)  # a graph exported before the fold (no ::T yet) is folded now
     onnx.save(model, str(path))
     return computes_as_torch(path, encoder)
 
 
-def fold_weight_transposes(path: Path) -> int:
-    """Rewrites the ONNX file at `path` with every Transpose of a 2-D weight (used by nothing else) replaced by
-    the weight stored transposed as `<name>::T`, which the Transpose's readers then take; returns how many."""
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """Replaces, in `model`, every Transpose of a 2-D weight (read by nothing else) by the weight stored
+    transposed as `<name>::T`, which the Transpose's readers then take; returns how many. A graph with
+    subgraphs (If, Loop, Scan) is left as it is: names there are not followed."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
     graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0
     initializers = {i.name: i for i in graph.initializer}
     readers = Counter(name for node in graph.node for name in node.input)
+    outputs = {o.name for o in graph.output}
     folded = 0
     for node in list(graph.node):
         weight = initializers.get(node.input[0]) if node.op_type == "Transpose" else None
         perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
-        if weight is None or len(weight.dims) != 2 or readers[weight.name] != 1 or perm not in ([], [[1, 0]]):
+        if (weight is None or len(weight.dims) != 2 or readers[weight.name] != 1 or perm not in ([], [[1, 0]])
+                or node.output[0] in outputs):
             continue
         name = weight.name + TRANSPOSED
         graph.initializer.remove(weight)
@@ -110,7 +117,6 @@ def fold_weight_transposes(path: Path) -> int:
             graph.value_info.remove(info)
         graph.node.remove(node)
         folded += 1
-    onnx.save(model, str(path))
     return folded
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from es_ray.data import ray_data_actors
 from es_ray.inference import registry
 from es_ray.lifecycle.task_job import JobRefused, TaskJob, run_as_task
 from es_ray.store import blue_green, db, tasks
@@ -35,7 +36,8 @@ def run(settings, manifest, config, progress) -> dict[str, Any]:
         items = load_item_vectors(conn, collection, batch, config.data.eval_corpus_items, config.data.split_seed)
         texts = collection.texts(conn, items.ids) if config.train.corpus_share > 0 else {}
     parent = ParentModel(blue.model_version, Path(blue.source_dir), blue.dim, blue.max_length)
-    result = fine_tune(settings, config, batch, items, texts, parent, progress)
+    with ray_data_actors.in_use(manifest.postgres_dsn):  # its trials use the autoscaling coordinator
+        result = fine_tune(settings, config, batch, items, texts, parent, progress)
     with db.connect(manifest.postgres_dsn) as conn:
         state = "candidate" if result["candidate"] else "rejected"
         blue_green.save_model(conn, blue_green.ModelRecord(result["version"], registry.model_uri(settings, result["version"]),
