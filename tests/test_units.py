@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from es_ray.config import TritonSettings, load_settings
-from es_ray.inference.chunking import split
+from es_ray.inference.chunking import forward_passes, split
 from es_ray.inference.encoder import default_model_dir, load_tokenizer
 from es_ray.inference.triton_repo import config_pbtxt
 from es_ray.train.evaluation import evaluate
@@ -36,6 +36,21 @@ def test_chunks_overlap_and_cover_the_whole_text(tokenizer):
     # neighbours share tokens (the stride)
     first_tail = decoded[0].split()[-2:]
     assert any(t in decoded[1] for t in first_tail)
+
+
+def test_forward_passes_take_every_chunk_once_longest_first_each_as_wide_as_its_longest(tokenizer):
+    texts = [" ".join(f"w{i}" for i in range(n)) for n in (3, 40, 9, 200, 1, 25, 60)]
+    chunks = split(tokenizer, texts, max_length=32, overlap=4, max_chunks=16)
+    passes = forward_passes(chunks, rows=4)
+    picked = np.concatenate([rows for rows, _, _ in passes])
+    assert sorted(picked.tolist()) == list(range(len(chunks.input_ids)))  # every chunk once
+    lengths = chunks.attention_mask.sum(axis=1)[picked]
+    assert (np.diff(lengths) <= 0).all()                                  # longest first
+    for rows, ids, mask in passes:
+        own = chunks.attention_mask[rows].sum(axis=1)
+        assert len(rows) <= 4 and ids.shape == mask.shape == (len(rows), own.max())
+        assert (mask.sum(axis=1) == own).all()                            # no token of a row cut
+        np.testing.assert_array_equal(ids, chunks.input_ids[rows][:, :ids.shape[1]])
 
 
 def test_max_chunks_caps_and_reports_truncation(tokenizer):

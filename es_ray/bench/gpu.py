@@ -42,7 +42,7 @@ import torch
 
 from es_ray.config import load_settings
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
-from es_ray.inference.chunking import split
+from es_ray.inference.chunking import forward_passes, split
 from es_ray.inference.encoder import SentenceEncoder, load_encoder, load_tokenizer
 from es_ray.inference.tokenizer import rows_tokenizer
 
@@ -50,19 +50,6 @@ from es_ray.inference.tokenizer import rows_tokenizer
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def forward_inputs(chunks, rows: int) -> list[np.ndarray]:
-    """The row indices of each forward pass for one batch's chunks: longest first, `rows` at a time."""
-    order = np.argsort(-chunks.attention_mask.sum(axis=1), kind="stable")
-    return [order[start:start + rows] for start in range(0, len(order), rows)]
-
-
-def trimmed(chunks, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The picked rows, as wide as the longest of them."""
-    mask = chunks.attention_mask[picked]
-    width = int(mask.sum(axis=1).max())
-    return np.ascontiguousarray(chunks.input_ids[picked][:, :width]), np.ascontiguousarray(mask[:, :width])
 
 
 def ingest_path(encoder: SentenceEncoder, model_dir: Path, texts: list[str], batch_items: int, rows: int,
@@ -76,8 +63,8 @@ def ingest_path(encoder: SentenceEncoder, model_dir: Path, texts: list[str], bat
         for index in range(worker, len(batches), workers):
             chunks = split(tokenizers[worker], batches[index], model.max_length, model.chunk_overlap, model.max_chunks)
             vectors = None
-            for picked in forward_inputs(chunks, rows):
-                ids, mask = (torch.from_numpy(a).to(device) for a in trimmed(chunks, picked))
+            for picked, *arrays in forward_passes(chunks, rows):
+                ids, mask = (torch.from_numpy(a).to(device) for a in arrays)
                 with torch.inference_mode():
                     out = encoder(ids, mask).cpu().numpy()
                 if vectors is None:
@@ -102,8 +89,7 @@ def raw_inputs(model_dir: Path, texts: list[str], batch_items: int, rows: int, m
     for start in range(0, len(texts), batch_items):
         chunks = split(tokenizer, texts[start:start + batch_items], model.max_length, model.chunk_overlap,
                        model.max_chunks)
-        inputs += [tuple(torch.from_numpy(a).to(device) for a in trimmed(chunks, picked))
-                   for picked in forward_inputs(chunks, rows)]
+        inputs += [tuple(torch.from_numpy(a).to(device) for a in arrays) for _, *arrays in forward_passes(chunks, rows)]
     return inputs
 
 

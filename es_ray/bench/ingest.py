@@ -19,13 +19,12 @@ import re
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from es_ray.bench.common import DEFAULT_STATE, bench_stack, only_blue_live, write_result
 from es_ray.data import beir
-from es_ray.inference.chunking import split
+from es_ray.inference.chunking import forward_passes, split
 from es_ray.data.corpus import read_corpus
 from es_ray.inference.encoder import load_encoder, load_tokenizer
 from es_ray.inference.triton_repo import ITEM_ENCODER, model_file, version_dir
@@ -50,13 +49,9 @@ def raw_forward(texts: list[str], model_dir: str, batch_items: int, max_rows: in
     with torch.inference_mode():
         for start in tqdm(range(0, len(texts), batch_items), desc="raw forward", unit="batch"):
             chunks = split(tokenizer, texts[start:start + batch_items], max_length, overlap, max_chunks)
-            order = np.argsort(-chunks.attention_mask.sum(axis=1), kind="stable")
-            for row in range(0, len(order), max_rows):
-                rows = order[row:row + max_rows]
-                mask = chunks.attention_mask[rows]
-                width = int(mask.sum(axis=1).max())
-                forward(np.ascontiguousarray(chunks.input_ids[rows][:, :width]), np.ascontiguousarray(mask[:, :width]))
-            chunks_total += len(order)
+            for _, ids, mask in forward_passes(chunks, max_rows):
+                forward(ids, mask)
+            chunks_total += len(chunks.input_ids)
     return time.perf_counter() - started, chunks_total
 
 

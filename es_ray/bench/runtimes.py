@@ -35,7 +35,7 @@ from es_ray.bench.corpus_vectors import Encode, collection_vectors
 from es_ray.config import load_settings
 from es_ray.data import beir
 from es_ray.data.corpus import read_corpus, read_qrels, read_queries
-from es_ray.inference.chunking import split
+from es_ray.inference.chunking import forward_passes, split
 from es_ray.inference.encoder import (INPUT_NAMES, default_model_dir, export_onnx, load_encoder, load_tokenizer,
                                       trace)
 from es_ray.inference.triton_client import query_padding
@@ -109,12 +109,7 @@ def batches(tokenizer, texts: list[str], batch_texts: int, rows: int, settings) 
     for start in range(0, len(texts), batch_texts):
         chunks = split(tokenizer, texts[start:start + batch_texts], model.max_length, model.chunk_overlap,
                        model.max_chunks)
-        order = np.argsort(-chunks.attention_mask.sum(axis=1), kind="stable")
-        for row in range(0, len(order), rows):
-            picked = order[row:row + rows]
-            mask = chunks.attention_mask[picked]
-            width = int(mask.sum(axis=1).max())
-            out.append((np.ascontiguousarray(chunks.input_ids[picked][:, :width]), np.ascontiguousarray(mask[:, :width])))
+        out += [(ids, mask) for _, ids, mask in forward_passes(chunks, rows)]
     return out
 
 

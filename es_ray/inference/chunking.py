@@ -37,3 +37,17 @@ def split(tokenizer, texts: list[str], max_length: int, overlap: int, max_chunks
     truncated = [bool(((owner == t) & ~keep).any()) for t in range(len(texts))]
     return Chunks(encoded["input_ids"][keep].astype(np.int64), encoded["attention_mask"][keep].astype(np.int64),
                   owner[keep], truncated)
+
+
+def forward_passes(chunks: Chunks, rows: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A batch's chunks as the bulk pipelines send them: longest first (similar lengths share a pass and pad
+    little), `rows` a pass, each as wide as its longest row. (row indices into `chunks`, input ids, mask)."""
+    order = np.argsort(-chunks.attention_mask.sum(axis=1), kind="stable")
+    passes = []
+    for start in range(0, len(order), rows):
+        picked = order[start:start + rows]
+        mask = chunks.attention_mask[picked]
+        width = int(mask.sum(axis=1).max())
+        passes.append((picked, np.ascontiguousarray(chunks.input_ids[picked][:, :width]),
+                       np.ascontiguousarray(mask[:, :width])))
+    return passes
