@@ -150,6 +150,7 @@ class ServeSettings(BaseModel):
     swap_max_rank: int = Field(10, ge=2)
     filter_limits: FilterLimits = FilterLimits()
     health_cache_s: float = Field(2.0, ge=0)
+    query_cache_entries: int = Field(1024, ge=0)
     rate_limits: RateLimitSettings = RateLimitSettings()
     max_results_per_session: int = Field(100, ge=1)
 

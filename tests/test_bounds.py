@@ -7,6 +7,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pydantic
 import pytest
 import ray
@@ -18,8 +19,10 @@ from es_ray.data.dual_write import LifecycleMoved
 from es_ray.serve import errors
 from es_ray.serve.auth import Authenticator
 from es_ray.serve.health_cache import HealthCache
+from es_ray.serve.query_vectors import QueryVectors
 from es_ray.store import db
 from es_ray.store.filters import FilterError, compile_filter
+from es_ray.store.blue_green import Target
 from es_ray.store.search import SearchTimeout, search
 from tests.helpers import COSTLY_FILTER, slow_collection
 
@@ -113,6 +116,52 @@ def test_before_the_first_check_requests_wait_for_it_instead_of_checking_again()
     with ThreadPoolExecutor(8) as pool:
         assert list(pool.map(lambda _: cache.get(check), range(8))) == ["ok"] * 8
     assert len(calls) == 1
+
+
+# --- query vectors kept by text (serve/query_vectors.py) -------------------------------------------
+
+def blue_of(version: int) -> Target:
+    return Target(version, f"items_v{version}", 4, f"/models/v{version}", 256)
+
+
+class CountingEncoder:
+    """embed(blue, text): a vector that differs on every call, as Triton's may in its last bits."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, str]] = []
+
+    def __call__(self, blue: Target, text: str) -> np.ndarray:
+        self.calls.append((blue.model_version, text))
+        return np.full(4, len(self.calls), dtype=np.float32)
+
+
+def test_a_repeated_query_gets_the_same_vector_and_nobody_can_change_it():
+    encoder = CountingEncoder()
+    vectors = QueryVectors(encoder, entries=8)
+    first = vectors.get(blue_of(1), "sleep and memory")
+    assert all(vectors.get(blue_of(1), "sleep and memory") is first for _ in range(5))
+    assert encoder.calls == [(1, "sleep and memory")]
+    with pytest.raises(ValueError):
+        first[0] = 0.0  # read-only: every later search of the text ranks by it
+    # Another model version, or another text, is embedded afresh.
+    assert vectors.get(blue_of(2), "sleep and memory")[0] == 2.0
+    assert vectors.get(blue_of(1), "sleep and memory!")[0] == 3.0
+    assert len(encoder.calls) == 3
+
+
+def test_query_vectors_keep_at_most_their_entries_and_zero_keeps_none():
+    encoder = CountingEncoder()
+    vectors = QueryVectors(encoder, entries=3)
+    for n in range(1000):  # a client sending a thousand distinct texts
+        vectors.get(blue_of(1), f"query {n}")
+    assert vectors.get(blue_of(1), "query 999")[0] == 1000.0  # recent: kept
+    assert vectors.get(blue_of(1), "query 0")[0] == 1001.0  # least recently used: dropped, embedded again
+    assert vectors._cached.cache_info().currsize == 3
+    none_kept = CountingEncoder()
+    off = QueryVectors(none_kept, entries=0)
+    off.get(blue_of(1), "q")
+    off.get(blue_of(1), "q")
+    assert none_kept.calls == [(1, "q"), (1, "q")]
 
 
 # --- errors that were 500s (serve/errors.py, serve/auth.py) ----------------------------------------

@@ -26,6 +26,10 @@ SCRATCH = Path("/tmp/esr-bench-scratch")
 
 def bench_stack(state_dir: Path = DEFAULT_STATE) -> tuple[Settings, StackManifest]:
     """Starts (or reuses) the benchmark stack: its own state dir and ports, never the user's `.es-ray/`."""
+    # A replica keeps the vectors of recent query texts (serve.query_cache_entries); the benchmarks cycle
+    # through a few hundred queries, so they would time cache hits, not the embedding call. Off here: every
+    # search a benchmark sends is embedded, as a text the replica has not seen.
+    os.environ.setdefault("ES_RAY_SERVE__QUERY_CACHE_ENTRIES", "0")
     manifest = StackManifest.load(state_dir)
     if manifest is None:
         os.environ.setdefault("ES_RAY_SERVE__PORT", str(free_port()))

@@ -66,6 +66,13 @@ QUERIES = ["protein folding", "immune response", "gene expression in cancer", "v
            "antibiotic resistance", "sleep and memory", "insulin signalling", "viral replication"]
 
 
+def tagged(query: str, tag: str) -> str:
+    """`query` with a tag no other request of the load carries. A replica keeps the vectors of recent query
+    texts (serve.query_cache_entries): a load that repeated its texts would stop reaching Triton after the
+    first few, and a fault of Triton's would reach no search."""
+    return f"{query} {tag}"
+
+
 @dataclass
 class Outcome:
     status: int          # 0: no HTTP answer (connection refused or reset)
@@ -91,6 +98,7 @@ class Load:
     upserts: list[Outcome] = field(default_factory=list)
     acked: set[str] = field(default_factory=set)                        # event ids answered 200
     unacked: dict[str, tuple[str, str]] = field(default_factory=dict)   # event id -> (session, item)
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:8])      # tags this load's queries (tagged)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def __enter__(self) -> "Load":
@@ -125,17 +133,19 @@ class Load:
         with EsRayClient(self.url, api_key=self.api_key, timeout=60) as client:
             k = n
             while not self.stop.is_set():
+                query = tagged(QUERIES[k % len(QUERIES)], f"{self.run}.s{n}.{k}")
                 self._request(client, self.searches, "POST", "/v1/search",
-                              client.search_request(QUERIES[k % len(QUERIES)], limit=10, session=False))
+                              client.search_request(query, limit=10, session=False))
                 k += 1
                 self.stop.wait(self.think_s)
 
     def _click(self, n: int) -> None:
-        rng = random.Random(n)
+        rng, k = random.Random(n), 0
         with EsRayClient(self.url, api_key=self.api_key, timeout=60) as client:
             while not self.stop.is_set():
-                shown = self._request(client, self.clicks, "POST", "/v1/search",
-                                      client.search_request(rng.choice(QUERIES), limit=5))
+                k += 1
+                query = tagged(rng.choice(QUERIES), f"{self.run}.c{n}.{k}")
+                shown = self._request(client, self.clicks, "POST", "/v1/search", client.search_request(query, limit=5))
                 if shown is None or shown.status_code != 200 or not shown.json()["session_id"]:
                     self.stop.wait(0.1)
                     continue

@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
               "throughput_8": eight["requests_per_s"], "fastest_throughput": fastest["queries_per_s"],
               "throughput_ratio": round(eight["requests_per_s"] / fastest["queries_per_s"], 2),
               "p99_to_p50_8": round(eight["p99_ms"] / eight["p50_ms"], 2),
+              "query_cache_entries": settings.serve.query_cache_entries,  # 0: every search embedded (bench_stack)
               "via_proxy": via_proxy, "with_httpx_client": with_httpx, "client": "http.client (bench/http_load.py)",
               "ingress": "direct" if manifest.serve_proxy_url else "proxy",
               "note": "ratio = HTTP p50 / (embed p50 + pgvector p50); overhead_ms = HTTP p50 - embed p50 - "

@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
+import numpy as np
 import ray
 from ray import serve
 
@@ -22,11 +23,13 @@ from es_ray.config import Settings
 from es_ray.data import pipeline
 from es_ray.logs import get_logger
 from es_ray.inference.triton_client import TritonEncoder, grpc_address
+from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.lifecycle.handle import get_driver
 from es_ray.serve import auth, schemas
 from es_ray.serve.blue_watcher import BlueWatcher
 from es_ray.serve.errors import ServiceUnavailable
 from es_ray.serve.health_cache import HealthCache
+from es_ray.serve.query_vectors import QueryVectors
 from es_ray.stack.credentials import with_user_token_secret
 from es_ray.stack.manifest import StackManifest
 from es_ray.store import db
@@ -55,6 +58,8 @@ class Replica:
         self.blue_watcher = BlueWatcher(self.pool, self.manifest.postgres_dsn, self.settings.serve.blue_refresh_s)
         self._encoders: dict[tuple[str, int, str], TritonEncoder] = {}
         self._lock = threading.Lock()
+        # Every page of a query ranks by one vector; a repeated query skips Triton (serve/query_vectors.py).
+        self.query_vectors = QueryVectors(self._embed_query, self.settings.serve.query_cache_entries)
         self.random = random.Random()
         self.item_encoders = pipeline.Encoders(self.settings, self.manifest.triton_grpc_url)
         # Threads of its own for a request's blocking work (run_blocking), as many as requests run at once.
@@ -90,6 +95,9 @@ class Replica:
             if key not in self._encoders:
                 self._encoders[key] = TritonEncoder.of(self.manifest.triton_grpc_url, name, blue, self.settings)
             return self._encoders[key]
+
+    def _embed_query(self, blue: Blue, text: str) -> np.ndarray:
+        return self.encoder(QUERY_ENCODER, blue).embed_queries([text])[0]
 
     def blue(self) -> Blue:
         """The blue pointer as of now; 503 while the stack bootstraps."""

@@ -19,7 +19,6 @@ from fastapi import APIRouter, Depends
 from es_ray import metrics
 from es_ray.config import SearchSettings
 from es_ray.inference.triton_client import TritonUnavailable
-from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.serve import auth, clients, exploration, fusion_exploration, rate_limits, schemas
 from es_ray.serve.auth import Caller
 from es_ray.serve.errors import ServiceUnavailable
@@ -60,8 +59,7 @@ def _search(request: schemas.SearchRequest, who: Caller, state: Replica, client:
                             _ranking(state.settings.search, request.mode, state.blue_watcher.fusions.get(blue.collection)))
         collection = Collection(blue.collection, blue.dim)
         words = _lexical_beside(state, collection, ranking, request) if ranking.mode == "hybrid" else None
-        vector = None if ranking.mode == "lexical" else \
-            state.encoder(QUERY_ENCODER, blue).embed_queries([request.query])[0]  # lexical needs no model
+        vector = None if ranking.mode == "lexical" else state.query_vectors.get(blue, request.query)  # lexical: none
         with state.search_pool.connection() as conn:  # its statement timeout bounds the search
             hits = search_mode(conn, collection, ranking, request.query, vector, request.limit, request.offset,
                                request.filter, request.user_id, words=words)
