@@ -8,6 +8,7 @@ import pytest
 from es_ray.config import TritonSettings, load_settings
 from es_ray.inference.chunking import forward_passes, split
 from es_ray.inference.encoder import default_model_dir, load_tokenizer
+from es_ray.inference.triton_client import RecentEncoders
 from es_ray.inference.triton_repo import config_pbtxt
 from es_ray.train.evaluation import evaluate
 
@@ -315,3 +316,27 @@ def test_metrics_match_hand_computed_values():
     assert scores["mrr@10"] == pytest.approx(0.75)
     assert scores["recall@10"] == pytest.approx(1.0)
     assert scores["queries"] == 2
+
+
+def test_encoders_are_kept_for_the_versions_used_lately_only():
+    """A long-lived replica or driver meets every version ever deployed: it keeps the encoders (a gRPC
+    channel and a tokenizer each) of the last three versions it used, however many it has seen."""
+    made = []
+
+    def maker(version: int, name: str):
+        return lambda: made.append((version, name)) or object()
+
+    encoders = RecentEncoders(keep=3)
+    blue_query = encoders.get(1, "query", maker(1, "query"))
+    assert encoders.get(1, "query", maker(1, "query")) is blue_query  # made once
+    encoders.get(1, "item", maker(1, "item"))  # another encoder of the same version
+    for version in range(2, 30):  # deploys, each used
+        encoders.get(version, "query", maker(version, "query"))
+    assert encoders.versions() == [27, 28, 29]
+    assert len(made) == 30
+    # A version used again (a rollback) is made again once, then kept while in use; the least recent goes.
+    rolled_back = encoders.get(1, "query", maker(1, "query"))
+    assert rolled_back is not blue_query and encoders.get(1, "query", maker(1, "query")) is rolled_back
+    encoders.get(29, "query", maker(29, "query"))
+    assert encoders.versions() == [28, 1, 29] and len(made) == 31
+

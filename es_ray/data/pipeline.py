@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from contextlib import nullcontext
 from typing import Any, Iterator
 
 import numpy as np
 
 from es_ray.config import Settings
-from es_ray.inference.triton_client import TritonEncoder, grpc_address
+from es_ray.inference.triton_client import RecentEncoders, TritonEncoder, grpc_address
 from es_ray.inference.triton_repo import ITEM_ENCODER
 from es_ray.data.dual_write import write_items
 from es_ray.logs import get_logger
@@ -47,18 +46,14 @@ def embed(encoder: TritonEncoder, settings: Settings, ids: list[str], texts: lis
 
 
 class Encoders:
-    """Item-encoder clients by model version, made on first use."""
+    """Item-encoder clients by model version, made on first use (those of the versions used lately)."""
 
     def __init__(self, settings: Settings, grpc_url: str):
-        self.settings, self.grpc_url, self._clients = settings, grpc_url, {}
-        self._lock = threading.Lock()
+        self.settings, self.grpc_url, self._clients = settings, grpc_url, RecentEncoders()
 
     def embed_for(self, target: Target, items: list[dict[str, Any]]) -> list[EmbeddedItem]:
-        key = (target.model_version, grpc_address(target, self.grpc_url))  # a redeployed version moves
-        with self._lock:
-            if key not in self._clients:
-                self._clients[key] = item_encoder(self.settings, self.grpc_url, target)
-            client = self._clients[key]
+        address = grpc_address(target, self.grpc_url)  # a redeployed version moves
+        client = self._clients.get(target.model_version, address, lambda: item_encoder(self.settings, self.grpc_url, target))
         return embed(client, self.settings, [i["id"] for i in items], [i["text"] for i in items],
                      [i["payload"] for i in items])
 

@@ -10,9 +10,12 @@ loaded again for nearly every request).
 from __future__ import annotations
 
 import queue
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cached_property
+from typing import Callable, Hashable
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
@@ -168,3 +171,32 @@ class TritonEncoder:
 
     def close(self) -> None:
         self.client.close()
+
+
+class RecentEncoders:
+    """Encoders made once per key and kept for the `keep` model versions used most recently (blue, green,
+    previous). A long-lived process (a Serve replica, the lifecycle driver) meets every version ever
+    deployed, and an encoder holds a gRPC channel and a tokenizer (about 13 MiB with the query tokenizer),
+    so keeping every one grew the process with each deploy. A caller still holding a dropped encoder keeps
+    it until its call returns; tritonclient closes the channel when the client is collected."""
+
+    def __init__(self, keep: int = 3):
+        self.keep = keep
+        self._by_version: OrderedDict[int, dict[Hashable, TritonEncoder]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, version: int, key: Hashable, make: Callable[[], TritonEncoder]) -> TritonEncoder:
+        """The encoder of `version` under `key` (its encoder name, its address), made by `make()` at first use."""
+        with self._lock:
+            encoders = self._by_version.setdefault(version, {})
+            self._by_version.move_to_end(version)
+            if key not in encoders:
+                encoders[key] = make()
+                while len(self._by_version) > self.keep:
+                    self._by_version.popitem(last=False)
+            return encoders[key]
+
+    def versions(self) -> list[int]:
+        """Versions with encoders kept, least recently used first."""
+        with self._lock:
+            return list(self._by_version)

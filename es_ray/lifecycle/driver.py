@@ -19,7 +19,7 @@ from es_ray.data import ray_data_actors
 from es_ray.inference import deploy, registry
 from es_ray.improve.loop import Follower, ImprovementLoop, improve_once, learning_from
 from es_ray.inference.encoder import resolve_model_dir
-from es_ray.inference.triton_client import TritonEncoder, grpc_address
+from es_ray.inference.triton_client import RecentEncoders, TritonEncoder, grpc_address
 from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.lifecycle import switching
 from es_ray.lifecycle.handle import DRIVER_NAME, UnknownModel
@@ -65,7 +65,7 @@ class LifecycleDriver:
         self._pool = db.open_pool(self.manifest.postgres_dsn, size=METHOD_THREADS + LOOPS, timeout_s=POOL_TIMEOUT_S,
                                   autocommit=True, wait=False)
         self._improvement: ImprovementLoop | None = None
-        self._encoders: dict[int, TritonEncoder] = {}  # query encoders by model version (blue's, green's)
+        self._encoders = RecentEncoders()  # query encoders of the versions used lately (blue's, green's)
         # After a restart, put the blue model back into Triton if Triton lost it, and finish (or
         # abort) a switch the previous incarnation recorded but did not complete.
         if self.blue() is not None:
@@ -221,10 +221,9 @@ class LifecycleDriver:
 
     def _query_encoder(self, target):
         """One query encoder per live version (blue's and green's), made once."""
-        key = (target.model_version, grpc_address(target, self.manifest.triton_grpc_url))  # a redeployed version moves
-        if key not in self._encoders:
-            self._encoders[key] = TritonEncoder.of(self.manifest.triton_grpc_url, QUERY_ENCODER, target, self.settings)
-        return self._encoders[key]
+        address = grpc_address(target, self.manifest.triton_grpc_url)  # a redeployed version moves
+        return self._encoders.get(target.model_version, address, lambda: TritonEncoder.of(
+            self.manifest.triton_grpc_url, QUERY_ENCODER, target, self.settings))
 
     # --- tasks: fine-tune and reindex, each a Ray job ------------------------------------------------
 

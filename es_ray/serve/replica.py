@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -22,7 +21,7 @@ from ray import serve
 from es_ray.config import Settings
 from es_ray.data import pipeline
 from es_ray.logs import get_logger
-from es_ray.inference.triton_client import TritonEncoder, grpc_address
+from es_ray.inference.triton_client import RecentEncoders, TritonEncoder, grpc_address
 from es_ray.inference.triton_repo import QUERY_ENCODER
 from es_ray.lifecycle.handle import get_driver
 from es_ray.serve import auth, schemas
@@ -56,8 +55,7 @@ class Replica:
         self.health = HealthCache(self.settings.serve.health_cache_s)
         self._check_connection_budget()
         self.blue_watcher = BlueWatcher(self.pool, self.manifest.postgres_dsn, self.settings.serve.blue_refresh_s)
-        self._encoders: dict[tuple[str, int, str], TritonEncoder] = {}
-        self._lock = threading.Lock()
+        self._encoders = RecentEncoders()
         # Every page of a query ranks by one vector; a repeated query skips Triton (serve/query_vectors.py).
         self.query_vectors = QueryVectors(self._embed_query, self.settings.serve.query_cache_entries)
         self.random = random.Random()
@@ -90,11 +88,8 @@ class Replica:
             log.warning("replica.pools_near_max_connections", replicas_need=wanted, max_connections=allowed)
 
     def encoder(self, name: str, blue: Blue) -> TritonEncoder:
-        key = (name, blue.model_version, grpc_address(blue, self.manifest.triton_grpc_url))
-        with self._lock:
-            if key not in self._encoders:
-                self._encoders[key] = TritonEncoder.of(self.manifest.triton_grpc_url, name, blue, self.settings)
-            return self._encoders[key]
+        return self._encoders.get(blue.model_version, (name, grpc_address(blue, self.manifest.triton_grpc_url)),
+                                  lambda: TritonEncoder.of(self.manifest.triton_grpc_url, name, blue, self.settings))
 
     def _embed_query(self, blue: Blue, text: str) -> np.ndarray:
         return self.encoder(QUERY_ENCODER, blue).embed_queries([text])[0]
