@@ -327,16 +327,19 @@ def test_encoders_are_kept_for_the_versions_used_lately_only():
         return lambda: made.append((version, name)) or object()
 
     encoders = RecentEncoders(keep=3)
-    blue_query = encoders.get(1, "query", maker(1, "query"))
-    assert encoders.get(1, "query", maker(1, "query")) is blue_query  # made once
-    encoders.get(1, "item", maker(1, "item"))  # another encoder of the same version
+    blue_query = encoders.get(1, "host:1", maker(1, "query"), "query")
+    assert encoders.get(1, "host:1", maker(1, "query"), "query") is blue_query  # made once
+    encoders.get(1, "host:1", maker(1, "item"), "item")  # another encoder of the same version
     for version in range(2, 30):  # deploys, each used
-        encoders.get(version, "query", maker(version, "query"))
+        encoders.get(version, "host:1", maker(version, "query"), "query")
     assert encoders.versions() == [27, 28, 29]
     assert len(made) == 30
     # A version used again (a rollback) is made again once, then kept while in use; the least recent goes.
-    rolled_back = encoders.get(1, "query", maker(1, "query"))
-    assert rolled_back is not blue_query and encoders.get(1, "query", maker(1, "query")) is rolled_back
-    encoders.get(29, "query", maker(29, "query"))
+    rolled_back = encoders.get(1, "host:1", maker(1, "query"), "query")
+    assert rolled_back is not blue_query and encoders.get(1, "host:1", maker(1, "query"), "query") is rolled_back
+    encoders.get(29, "host:1", maker(29, "query"), "query")
     assert encoders.versions() == [28, 1, 29] and len(made) == 31
-
+    # A version redeployed elsewhere gets a new encoder in place of the old one, not beside it.
+    moved = encoders.get(29, "host:2", maker(29, "query"), "query")
+    assert encoders.get(29, "host:2", maker(29, "query"), "query") is moved and len(made) == 32
+    assert encoders._by_version[29] == {"query": ("host:2", moved)}

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cached_property
-from typing import Callable, Hashable
+from typing import Callable
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
@@ -174,27 +174,30 @@ class TritonEncoder:
 
 
 class RecentEncoders:
-    """Encoders made once per key and kept for the `keep` model versions used most recently (blue, green,
-    previous). A long-lived process (a Serve replica, the lifecycle driver) meets every version ever
-    deployed, and an encoder holds a gRPC channel and a tokenizer (about 13 MiB with the query tokenizer),
-    so keeping every one grew the process with each deploy. A caller still holding a dropped encoder keeps
-    it until its call returns; tritonclient closes the channel when the client is collected."""
+    """Encoders made once per model version, encoder name and address, kept for the `keep` versions used
+    most recently (blue, green, previous). A long-lived process (a Serve replica, the lifecycle driver)
+    meets every version ever deployed, and an encoder holds a gRPC channel and a tokenizer (about 13 MiB
+    with the query tokenizer), so keeping every one grew the process with each deploy. A caller still
+    holding a dropped encoder keeps it until its call returns; tritonclient closes the channel when the
+    client is collected."""
 
     def __init__(self, keep: int = 3):
         self.keep = keep
-        self._by_version: OrderedDict[int, dict[Hashable, TritonEncoder]] = OrderedDict()
+        self._by_version: OrderedDict[int, dict[str, tuple[str, TritonEncoder]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, version: int, key: Hashable, make: Callable[[], TritonEncoder]) -> TritonEncoder:
-        """The encoder of `version` under `key` (its encoder name, its address), made by `make()` at first use."""
+    def get(self, version: int, address: str, make: Callable[[], TritonEncoder], name: str = "") -> TritonEncoder:
+        """The encoder `name` of `version` served at `address`, made by `make()` at first use, and again where
+        the version moved to another address (redeployed: the old one's server is gone)."""
         with self._lock:
             encoders = self._by_version.setdefault(version, {})
             self._by_version.move_to_end(version)
-            if key not in encoders:
-                encoders[key] = make()
+            kept = encoders.get(name)
+            if kept is None or kept[0] != address:
+                kept = encoders[name] = (address, make())
                 while len(self._by_version) > self.keep:
                     self._by_version.popitem(last=False)
-            return encoders[key]
+            return kept[1]
 
     def versions(self) -> list[int]:
         """Versions with encoders kept, least recently used first."""

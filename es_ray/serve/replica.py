@@ -88,8 +88,8 @@ class Replica:
             log.warning("replica.pools_near_max_connections", replicas_need=wanted, max_connections=allowed)
 
     def encoder(self, name: str, blue: Blue) -> TritonEncoder:
-        return self._encoders.get(blue.model_version, (name, grpc_address(blue, self.manifest.triton_grpc_url)),
-                                  lambda: TritonEncoder.of(self.manifest.triton_grpc_url, name, blue, self.settings))
+        return self._encoders.get(blue.model_version, grpc_address(blue, self.manifest.triton_grpc_url),
+                                  lambda: TritonEncoder.of(self.manifest.triton_grpc_url, name, blue, self.settings), name)
 
     def _embed_query(self, blue: Blue, text: str) -> np.ndarray:
         return self.encoder(QUERY_ENCODER, blue).embed_queries([text])[0]
