@@ -101,7 +101,7 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     initializers = {i.name: i for i in graph.initializer}
     readers = Counter(name for node in graph.node for name in node.input)
     outputs = {o.name for o in graph.output}
-    folded = 0
+    renamed = {}  # a folded Transpose's output -> the transposed weight its readers take instead
     for node in list(graph.node):
         weight = initializers.get(node.input[0]) if node.op_type == "Transpose" else None
         perm = [list(a.ints) for a in node.attribute if a.name == "perm"]
@@ -111,13 +111,14 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
         name = weight.name + TRANSPOSED
         graph.initializer.remove(weight)
         graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), name))
-        for reader in graph.node:
-            reader.input[:] = [name if x == node.output[0] else x for x in reader.input]
-        for info in [v for v in graph.value_info if v.name == node.output[0]]:
-            graph.value_info.remove(info)
+        renamed[node.output[0]] = name
         graph.node.remove(node)
-        folded += 1
-    return folded
+    if renamed:
+        for reader in graph.node:
+            reader.input[:] = [renamed.get(x, x) for x in reader.input]
+        for info in [v for v in graph.value_info if v.name in renamed]:
+            graph.value_info.remove(info)
+    return len(renamed)
 
 
 def computes_as_torch(path: Path, encoder: SentenceEncoder, atol: float = 1e-4) -> bool:
