@@ -184,3 +184,44 @@ def test_a_change_of_the_blue_pointer_reaches_a_watcher_by_notification(stack):
     finally:
         watcher.stop()
         pool.close()
+
+
+def test_each_thread_shows_its_cpu_and_how_often_it_wakes():
+    """The idle benchmark's per-thread view (es_ray/bench/idle.py `_threads`): a thread that computes shows
+    its CPU, one that sleeps in short steps shows its wakeups and next to no CPU."""
+    import os
+
+    from es_ray.bench.idle import _threads
+
+    ids: dict[str, int] = {}
+    done = threading.Event()
+
+    def compute():
+        ids["compute"] = threading.get_native_id()
+        started = time.thread_time()
+        while time.thread_time() - started < 0.3:
+            pass
+        done.wait(10)
+
+    def nap():
+        ids["nap"] = threading.get_native_id()
+        for _ in range(60):
+            time.sleep(0.002)
+        done.wait(10)
+
+    workers = [threading.Thread(target=compute), threading.Thread(target=nap)]
+    for worker in workers:
+        worker.start()
+    try:
+        assert wait_for(lambda: len(ids) == 2)
+        time.sleep(0.6)  # both done with their work, both still alive
+        threads = _threads(os.getpid())
+        _, compute_cpu, _ = threads[ids["compute"]]
+        _, nap_cpu, nap_wakeups = threads[ids["nap"]]
+        assert compute_cpu >= 0.25            # CPU counted in clock ticks (10 ms)
+        assert nap_wakeups >= 60 and nap_cpu < 0.1
+        assert threads[threading.get_native_id()][0]   # every thread has its name (comm) read
+    finally:
+        done.set()
+        for worker in workers:
+            worker.join()
