@@ -5,6 +5,7 @@
 Each model version's embedded tritonserver runs under one, so a crashed or killed server is back within
 seconds, with its models (they are on its command line: es_ray/stack/triton.py). SIGTERM or SIGINT stops the child
 and then the supervisor. Restarts back off (1 s doubling to 30 s) while the child keeps dying young.
+In between it sleeps until the child exits or a signal comes (no polling: an idle stack wakes it never).
 The child runs in a process group of its own, and whatever of that group outlives it is killed: a
 tritonserver that dies leaves its python backend stubs (hundreds of MB each) running otherwise.
 With --shm-prefix, the files in /dev/shm whose names start with it are removed whenever the child has
@@ -22,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from es_ray.logs import get_logger
 
@@ -33,16 +35,27 @@ STABLE_S = 60.0   # a child that lived this long resets the back-off
 MAX_BACKOFF_S = 30.0
 
 
+def _set_when_done(wait: Callable[[], object], event: threading.Event, name: str) -> None:
+    """Sets `event` once `wait()` returns, from a thread of its own: the supervisor sleeps until its child
+    exits or it is told to stop, whichever comes first, instead of checking a few times a second."""
+    threading.Thread(target=lambda: (wait(), event.set()), name=name, daemon=True).start()
+
+
 def supervise(name: str, command: list[str], child_pid_file: Path, stop: threading.Event,
               shm_prefix: str = "") -> int:
     backoff, restarts = 1.0, 0
+    wake = threading.Event()
+    _set_when_done(stop.wait, wake, "stop-watch")
     while not stop.is_set():
         started = time.monotonic()
         child = subprocess.Popen(command, start_new_session=True)
         child_pid_file.write_text(str(child.pid))
         log.info("supervisor.started", name=name, pid=child.pid, restarts=restarts)
+        _set_when_done(child.wait, wake, f"wait-{child.pid}")
         while child.poll() is None:
-            if stop.wait(0.2):
+            wake.wait()
+            wake.clear()
+            if stop.is_set():
                 child.terminate()
                 try:
                     child.wait(timeout=20)
